@@ -1,0 +1,1 @@
+//! The engine: KV cache and batched generation.

@@ -1,0 +1,19 @@
+//! loraplane-server: one base model, many LoRA adapters, one batched forward pass.
+//!
+//! The crate is layered like the request path:
+//! - [`model`]: configs, weight loaders (HF safetensors, GGUF), tokenizer and chat template, and the
+//!   Llama-family forward pass over a mixed batch of sequences.
+//! - [`adapter`]: PEFT LoRA adapters, validated against the base model at load.
+//! - [`engine`]: the KV cache and the batch runner that turns requests into forward passes.
+//! - [`backend`]: the compute primitives (CPU GEMM, norms, attention) the model calls.
+#![deny(missing_docs)]
+
+pub mod adapter;
+pub mod backend;
+pub mod engine;
+pub mod error;
+pub mod model;
+pub mod tensor;
+
+pub use error::{Error, Result};
+pub use tensor::Tensor;

@@ -1,0 +1,1 @@
+//! GGUF model files: parsing, dequantization and conversion to the HF layout.
