@@ -1,1 +1,274 @@
-//! PEFT LoRA adapters.
+//! PEFT LoRA adapters: `adapter_config.json` + `adapter_model.safetensors`, validated against the
+//! base model at load so that a bad adapter is refused with a reason instead of failing mid-batch.
+//!
+//! An adapter contributes `y += s * (x Aᵀ) Bᵀ` to each targeted projection, with
+//! `s = alpha / r` (or `alpha / sqrt(r)` with rsLoRA). Weights are never merged into the base.
+
+mod peft_config;
+
+use std::path::{Path, PathBuf};
+
+pub use peft_config::{PeftConfig, TargetModules};
+
+use crate::error::{Error, Result};
+use crate::model::ModelConfig;
+use crate::tensor::Tensor;
+
+/// The projections a LoRA adapter may target, in the order the forward pass applies them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LoraTarget {
+    /// `self_attn.q_proj`
+    QProj,
+    /// `self_attn.k_proj`
+    KProj,
+    /// `self_attn.v_proj`
+    VProj,
+    /// `self_attn.o_proj`
+    OProj,
+    /// `mlp.gate_proj`
+    GateProj,
+    /// `mlp.up_proj`
+    UpProj,
+    /// `mlp.down_proj`
+    DownProj,
+}
+
+impl LoraTarget {
+    /// Every supported target.
+    pub const ALL: [LoraTarget; 7] = [
+        LoraTarget::QProj,
+        LoraTarget::KProj,
+        LoraTarget::VProj,
+        LoraTarget::OProj,
+        LoraTarget::GateProj,
+        LoraTarget::UpProj,
+        LoraTarget::DownProj,
+    ];
+
+    /// The module's short name (`q_proj`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            LoraTarget::QProj => "q_proj",
+            LoraTarget::KProj => "k_proj",
+            LoraTarget::VProj => "v_proj",
+            LoraTarget::OProj => "o_proj",
+            LoraTarget::GateProj => "gate_proj",
+            LoraTarget::UpProj => "up_proj",
+            LoraTarget::DownProj => "down_proj",
+        }
+    }
+
+    /// Parses a short module name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.name() == name)
+    }
+
+    /// The parent module in HF naming (`self_attn` or `mlp`).
+    pub fn parent(self) -> &'static str {
+        match self {
+            LoraTarget::QProj | LoraTarget::KProj | LoraTarget::VProj | LoraTarget::OProj => "self_attn",
+            _ => "mlp",
+        }
+    }
+
+    /// Position in per-layer arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// `(in_features, out_features)` of the targeted projection.
+    pub fn shape(self, c: &ModelConfig) -> (usize, usize) {
+        match self {
+            LoraTarget::QProj => (c.hidden_size, c.q_dim()),
+            LoraTarget::KProj | LoraTarget::VProj => (c.hidden_size, c.kv_dim()),
+            LoraTarget::OProj => (c.q_dim(), c.hidden_size),
+            LoraTarget::GateProj | LoraTarget::UpProj => (c.hidden_size, c.intermediate_size),
+            LoraTarget::DownProj => (c.intermediate_size, c.hidden_size),
+        }
+    }
+}
+
+/// The two low-rank factors of one adapted projection.
+#[derive(Clone, Debug)]
+pub struct LoraWeights {
+    /// Down-projection `A`: `[r, in_features]`.
+    pub a: Tensor,
+    /// Up-projection `B`: `[out_features, r]`.
+    pub b: Tensor,
+}
+
+/// A loaded, validated LoRA adapter.
+#[derive(Debug)]
+pub struct LoraAdapter {
+    /// The name requests use to select it.
+    pub name: String,
+    /// Directory it was loaded from.
+    pub path: PathBuf,
+    /// LoRA rank `r`.
+    pub rank: usize,
+    /// `lora_alpha`.
+    pub alpha: f32,
+    /// Factor applied to the low-rank product.
+    pub scaling: f32,
+    /// Targets present in at least one layer, sorted.
+    pub targets: Vec<LoraTarget>,
+    /// Per layer, per [`LoraTarget::index`], the factors when that projection is adapted.
+    pub layers: Vec<[Option<LoraWeights>; 7]>,
+}
+
+impl LoraAdapter {
+    /// Loads the PEFT adapter in `dir` for a base model with `config`.
+    pub fn load(name: &str, dir: &Path, config: &ModelConfig) -> Result<Self> {
+        if !dir.exists() {
+            return Err(Error::adapter(dir, "directory does not exist"));
+        }
+        if !dir.is_dir() {
+            return Err(Error::adapter(dir, "is a file, expected a PEFT adapter directory"));
+        }
+        let peft = PeftConfig::from_dir(dir)?;
+        let scaling = peft.scaling();
+        let weights_path = dir.join("adapter_model.safetensors");
+        if !weights_path.exists() {
+            let reason = if dir.join("adapter_model.bin").exists() {
+                "adapter_model.bin (pickle) is not supported; save the adapter with safetensors"
+            } else {
+                "adapter_model.safetensors is missing"
+            };
+            return Err(Error::adapter(dir, reason));
+        }
+        let bytes = std::fs::read(&weights_path).map_err(|e| Error::io(&weights_path, e))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| Error::adapter(&weights_path, format!("not a safetensors file: {e}")))?;
+
+        let mut layers: Vec<[Option<LoraWeights>; 7]> = (0..config.num_layers).map(|_| Default::default()).collect();
+        let mut pending: std::collections::HashMap<(usize, LoraTarget), (Option<Tensor>, Option<Tensor>)> =
+            Default::default();
+        for (key, view) in st.tensors() {
+            let (layer, target, is_a) = parse_key(&key).map_err(|reason| Error::adapter(&weights_path, reason))?;
+            if layer >= config.num_layers {
+                return Err(Error::adapter(
+                    &weights_path,
+                    format!("{key}: layer {layer} does not exist (base model has {} layers)", config.num_layers),
+                ));
+            }
+            if !peft.targets_module(layer, target) {
+                return Err(Error::adapter(
+                    &weights_path,
+                    format!("{key}: module is not selected by target_modules {}", peft.target_modules),
+                ));
+            }
+            let t = crate::model::weights::tensor_from_view(&view)
+                .map_err(|reason| Error::adapter(&weights_path, format!("{key}: {reason}")))?;
+            if !t.all_finite() {
+                return Err(Error::adapter(&weights_path, format!("{key}: contains NaN or infinite values")));
+            }
+            let (in_f, out_f) = target.shape(config);
+            let want = if is_a { vec![peft.r, in_f] } else { vec![out_f, peft.r] };
+            if t.shape != want {
+                return Err(Error::adapter(
+                    &weights_path,
+                    format!(
+                        "{key}: shape {:?} does not match the base model (expected {want:?} for r={})",
+                        t.shape, peft.r
+                    ),
+                ));
+            }
+            let slot = pending.entry((layer, target)).or_default();
+            if is_a {
+                slot.0 = Some(t);
+            } else {
+                slot.1 = Some(t);
+            }
+        }
+        let mut targets = std::collections::BTreeSet::new();
+        for ((layer, target), pair) in pending {
+            match pair {
+                (Some(a), Some(b)) => {
+                    targets.insert(target);
+                    layers[layer][target.index()] = Some(LoraWeights { a, b });
+                }
+                (a, _) => {
+                    let missing = if a.is_none() { "lora_A" } else { "lora_B" };
+                    return Err(Error::adapter(
+                        &weights_path,
+                        format!("layer {layer} {}: {missing} weight is missing", target.name()),
+                    ));
+                }
+            }
+        }
+        if targets.is_empty() {
+            return Err(Error::adapter(&weights_path, "contains no LoRA weights"));
+        }
+        Ok(Self {
+            name: name.to_string(),
+            path: dir.to_path_buf(),
+            rank: peft.r,
+            alpha: peft.lora_alpha,
+            scaling,
+            targets: targets.into_iter().collect(),
+            layers,
+        })
+    }
+
+    /// Bytes of weights this adapter holds (for memory caps).
+    pub fn size_bytes(&self) -> usize {
+        let per_weights = |w: &LoraWeights| (w.a.data.len() + w.b.data.len()) * std::mem::size_of::<f32>();
+        self.layers.iter().flatten().flatten().map(per_weights).sum()
+    }
+}
+
+/// Splits a PEFT tensor name into (layer, target, is_lora_A).
+///
+/// Accepts `base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_{A|B}[.{adapter}].weight`.
+fn parse_key(key: &str) -> std::result::Result<(usize, LoraTarget, bool), String> {
+    let unsupported = || {
+        format!(
+            "tensor {key:?} is not a supported LoRA weight (supported targets: {})",
+            LoraTarget::ALL.map(|t| t.name()).join(", ")
+        )
+    };
+    let rest = key
+        .strip_prefix("base_model.model.model.layers.")
+        .or_else(|| key.strip_prefix("base_model.model.layers."))
+        .ok_or_else(unsupported)?;
+    let parts: Vec<&str> = rest.split('.').collect();
+    // [i, parent, proj, lora_X, (adapter_name,)? weight]
+    if parts.len() < 5 || parts.last() != Some(&"weight") {
+        return Err(unsupported());
+    }
+    let layer: usize = parts[0].parse().map_err(|_| unsupported())?;
+    let target = LoraTarget::from_name(parts[2]).ok_or_else(unsupported)?;
+    if parts[1] != target.parent() {
+        return Err(unsupported());
+    }
+    let is_a = match parts[3] {
+        "lora_A" => true,
+        "lora_B" => false,
+        "lora_magnitude_vector" => return Err(format!("tensor {key:?}: DoRA is not supported")),
+        _ => return Err(unsupported()),
+    };
+    if parts.len() > 6 {
+        return Err(unsupported());
+    }
+    Ok((layer, target, is_a))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_peft_tensor_names() {
+        assert_eq!(
+            parse_key("base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight").unwrap(),
+            (3, LoraTarget::QProj, true)
+        );
+        assert_eq!(
+            parse_key("base_model.model.model.layers.0.mlp.down_proj.lora_B.weight").unwrap(),
+            (0, LoraTarget::DownProj, false)
+        );
+        assert!(parse_key("base_model.model.lm_head.lora_A.weight").unwrap_err().contains("not a supported"));
+        assert!(parse_key("base_model.model.model.layers.0.mlp.q_proj.lora_A.weight").is_err());
+        assert!(parse_key("base_model.model.model.embed_tokens.lora_embedding_A").is_err());
+    }
+}

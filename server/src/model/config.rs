@@ -57,6 +57,8 @@ pub struct ModelConfig {
     pub rope_scaling: Option<Llama3RopeScaling>,
     /// Longest context the model supports.
     pub max_position_embeddings: usize,
+    /// Mistral-style sliding attention window (keys within the last `w` positions).
+    pub sliding_window: Option<usize>,
     /// `lm_head` shares the embedding matrix.
     pub tie_word_embeddings: bool,
     /// q/k/v projections carry a bias (Qwen2).
@@ -114,6 +116,8 @@ struct HfConfig {
     max_position_embeddings: usize,
     #[serde(default)]
     tie_word_embeddings: bool,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
     attention_bias: Option<bool>,
     hidden_act: Option<String>,
     bos_token_id: Option<u32>,
@@ -208,6 +212,11 @@ impl HfConfig {
             rope_theta,
             rope_scaling,
             max_position_embeddings: self.max_position_embeddings,
+            // Qwen2 configs carry a window but only use it with use_sliding_window.
+            sliding_window: match arch {
+                Architecture::Qwen2 if self.use_sliding_window != Some(true) => None,
+                _ => self.sliding_window,
+            },
             tie_word_embeddings: self.tie_word_embeddings,
             attention_bias,
             bos_token_id: self.bos_token_id,

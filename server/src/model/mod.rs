@@ -2,6 +2,9 @@
 
 pub mod config;
 pub mod gguf;
+pub mod llama;
 pub mod tokenizer;
+pub mod weights;
 
 pub use config::{Architecture, ModelConfig};
+pub use llama::LlamaModel;
