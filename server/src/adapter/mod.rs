@@ -210,6 +210,47 @@ impl LoraAdapter {
         })
     }
 
+    /// A random adapter of rank `rank` on `targets` (for benchmarks and `--load-format dummy`).
+    ///
+    /// Values come from a fixed-seed generator, scaled so the delta is small but not zero.
+    pub fn dummy(name: &str, config: &ModelConfig, rank: usize, targets: &[LoraTarget], seed: u64) -> Self {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
+        let mut next = move || {
+            // xorshift64*: cheap, deterministic, good enough for benchmark weights.
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            let v = state.wrapping_mul(0x2545_F491_4F6C_DD1D);
+            (v >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let mut rand = |shape: Vec<usize>, scale: f32| {
+            let n = shape.iter().product();
+            Tensor::new(shape, (0..n).map(|_| next() * scale).collect())
+        };
+        let layers = (0..config.num_layers)
+            .map(|_| {
+                let mut l: [Option<LoraWeights>; 7] = Default::default();
+                for &t in targets {
+                    let (in_f, out_f) = t.shape(config);
+                    l[t.index()] = Some(LoraWeights { a: rand(vec![rank, in_f], 0.1), b: rand(vec![out_f, rank], 0.1) });
+                }
+                l
+            })
+            .collect();
+        let mut targets = targets.to_vec();
+        targets.sort();
+        targets.dedup();
+        Self {
+            name: name.to_string(),
+            path: PathBuf::from(format!("dummy://{name}")),
+            rank,
+            alpha: rank as f32,
+            scaling: 1.0,
+            targets,
+            layers,
+        }
+    }
+
     /// Bytes of weights this adapter holds (for memory caps).
     pub fn size_bytes(&self) -> usize {
         let per_weights = |w: &LoraWeights| (w.a.data.len() + w.b.data.len()) * std::mem::size_of::<f32>();
