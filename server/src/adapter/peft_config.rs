@@ -12,8 +12,9 @@ use crate::error::{Error, Result};
 /// Which modules an adapter targets, as PEFT writes `target_modules`.
 #[derive(Clone, Debug)]
 pub enum TargetModules {
-    /// Module names; a module matches when its name equals one or ends with `.{name}`.
-    List(Vec<LoraTarget>),
+    /// Module names; a module matches when its full name equals one or ends with `.{name}`
+    /// (PEFT's rule, so both `q_proj` and `model.layers.0.self_attn.q_proj` work).
+    List(Vec<String>),
     /// A regex that must match the full module name (`model.layers.0.self_attn.q_proj`).
     Regex(Regex),
     /// `"all-linear"`: every linear layer but the output head.
@@ -23,7 +24,7 @@ pub enum TargetModules {
 impl fmt::Display for TargetModules {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            TargetModules::List(l) => write!(f, "{:?}", l.iter().map(|t| t.name()).collect::<Vec<_>>()),
+            TargetModules::List(l) => write!(f, "{l:?}"),
             TargetModules::Regex(r) => write!(f, "{:?}", r.as_str()),
             TargetModules::AllLinear => f.write_str("\"all-linear\""),
         }
@@ -64,6 +65,10 @@ struct RawConfig {
     modules_to_save: Option<serde_json::Value>,
     layers_to_transform: Option<serde_json::Value>,
     bias: Option<String>,
+    #[serde(default)]
+    lora_bias: bool,
+    exclude_modules: Option<serde_json::Value>,
+    layer_replication: Option<serde_json::Value>,
     #[serde(default)]
     fan_in_fan_out: bool,
     base_model_name_or_path: Option<String>,
@@ -111,6 +116,14 @@ impl PeftConfig {
                 return Err(format!("bias={b:?} is not supported (only \"none\")"));
             }
         }
+        if raw.lora_bias {
+            return Err("lora_bias=true is not supported".into());
+        }
+        for (key, value) in [("exclude_modules", &raw.exclude_modules), ("layer_replication", &raw.layer_replication)] {
+            if !matches!(value, None | Some(serde_json::Value::Null)) {
+                return Err(format!("{key} is not supported yet"));
+            }
+        }
         match &raw.modules_to_save {
             None | Some(serde_json::Value::Null) => {}
             Some(serde_json::Value::Array(a)) if a.is_empty() => {}
@@ -154,7 +167,10 @@ impl PeftConfig {
             }
         }
         match &self.target_modules {
-            TargetModules::List(l) => l.contains(&target),
+            TargetModules::List(l) => {
+                let full = module_name(layer, target);
+                l.iter().any(|t| full == *t || full.ends_with(&format!(".{t}")))
+            }
             TargetModules::AllLinear => true,
             TargetModules::Regex(re) => re.is_match(&module_name(layer, target)),
         }
@@ -188,13 +204,13 @@ fn parse_targets(v: &serde_json::Value) -> std::result::Result<TargetModules, St
             let mut out = Vec::new();
             for item in items {
                 let name = item.as_str().ok_or_else(|| format!("target_modules item {item} is not a string"))?;
-                // PEFT matches on the last dotted component(s); accept `self_attn.q_proj` too.
+                // PEFT matches suffixes; the last component names the projection.
                 let short = name.rsplit('.').next().unwrap_or(name);
-                let t = LoraTarget::from_name(short).ok_or_else(|| {
-                    format!("target module {name:?} is not supported (supported: {})", supported())
-                })?;
-                if !out.contains(&t) {
-                    out.push(t);
+                if LoraTarget::from_name(short).is_none() {
+                    return Err(format!("target module {name:?} is not supported (supported: {})", supported()));
+                }
+                if !out.iter().any(|o| o == name) {
+                    out.push(name.to_string());
                 }
             }
             if out.is_empty() {
@@ -228,6 +244,15 @@ mod tests {
         assert!(c.targets_module(0, LoraTarget::GateProj));
         assert!(!c.targets_module(0, LoraTarget::DownProj));
         assert!(!c.targets_module(0, LoraTarget::QProj));
+    }
+
+    #[test]
+    fn list_targets_match_suffixes_like_peft() {
+        let c = parse(r#"{"r":2,"lora_alpha":2,"target_modules":["model.layers.1.self_attn.q_proj","down_proj"]}"#)
+            .unwrap();
+        assert!(c.targets_module(1, LoraTarget::QProj));
+        assert!(!c.targets_module(0, LoraTarget::QProj), "full paths select one layer");
+        assert!(c.targets_module(0, LoraTarget::DownProj) && c.targets_module(5, LoraTarget::DownProj));
     }
 
     #[test]
