@@ -1,1 +1,0 @@
-//! Tokenization and chat templates.
