@@ -12,6 +12,7 @@ use loraplane_server::backend::cpu::log_softmax;
 use loraplane_server::engine::generate::{generate_greedy, GenRequest};
 use loraplane_server::engine::{KvCache, SeqCache};
 use loraplane_server::model::llama::{LogitsWanted, SeqInput};
+use loraplane_server::model::loader::load_model;
 use loraplane_server::model::weights::load_hf_weights;
 use loraplane_server::model::{LlamaModel, ModelConfig};
 use loraplane_tests::{fixture, max_abs_diff, read_safetensors, RefTensor};
@@ -249,3 +250,26 @@ fn model_variants_match_transformers() {
     }
 }
 
+
+#[test]
+fn tokenizer_and_chat_template_match_transformers() {
+    let r = Reference::load();
+    let m = load_model(&fixture("tiny/llama")).unwrap();
+    for (p, prompt) in r.json["prompts"].as_array().unwrap().iter().enumerate() {
+        if let Some(text) = prompt["text"].as_str() {
+            let ids = m.tokenizer.encode(text, false).unwrap();
+            assert_eq!(ids, r.prompt(p), "prompt {p} tokenization");
+        }
+    }
+    for t in r.json["tokenization"].as_array().unwrap() {
+        let text = t["text"].as_str().unwrap();
+        let want: Vec<u32> = t["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        assert_eq!(m.tokenizer.encode(text, false).unwrap(), want, "tokenizing {text:?}");
+        assert_eq!(m.tokenizer.decode(&want, false).unwrap(), t["decoded"].as_str().unwrap());
+    }
+    let chat = &r.json["chat"];
+    let messages: Vec<loraplane_server::model::tokenizer::ChatMessage> =
+        serde_json::from_value(chat["messages"].clone()).unwrap();
+    let rendered = m.tokenizer.apply_chat_template(&messages, true).unwrap();
+    assert_eq!(rendered, chat["rendered"].as_str().unwrap());
+}

@@ -174,14 +174,14 @@ impl HfConfig {
             return Err("hidden_size, num_attention_heads and num_hidden_layers must be positive".into());
         }
         let num_kv_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
-        if num_kv_heads == 0 || self.num_attention_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0 || !self.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({num_kv_heads})",
                 self.num_attention_heads
             ));
         }
         let head_dim = self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads);
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return Err(format!("head_dim {head_dim} must be even for RoPE"));
         }
         let mut rope_theta = self.rope_theta;
