@@ -1,1 +1,0 @@
-//! GGUF model files: parsing, dequantization and conversion to the HF layout.
