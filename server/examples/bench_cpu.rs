@@ -15,13 +15,24 @@ use loraplane_server::model::loader::load_model;
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let model_path = PathBuf::from(args.next().unwrap_or_else(|| "models/SmolLM2-135M-Instruct.Q4_1.gguf".into()));
+    let model_path = PathBuf::from(
+        args.next()
+            .unwrap_or_else(|| "models/SmolLM2-135M-Instruct.Q4_1.gguf".into()),
+    );
     let prompt_len: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(128);
     let decode_tokens: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(32);
     let loaded = load_model(&model_path)?;
     let config = loaded.model.config().clone();
     let adapters: Vec<Arc<LoraAdapter>> = (0..8)
-        .map(|i| Arc::new(LoraAdapter::dummy(&format!("a{i}"), &config, 16, &LoraTarget::ALL, i)))
+        .map(|i| {
+            Arc::new(LoraAdapter::dummy(
+                &format!("a{i}"),
+                &config,
+                16,
+                &LoraTarget::ALL,
+                i,
+            ))
+        })
         .collect();
     println!(
         "model {} | threads {} | prompt {prompt_len} tokens | decode {decode_tokens} tokens",
@@ -37,7 +48,9 @@ fn main() -> anyhow::Result<()> {
             let reqs: Vec<GenRequest> = (0..batch)
                 .map(|i| GenRequest {
                     // Distinct prompts so nothing is shared between rows.
-                    prompt: (0..prompt_len).map(|t| ((t * 31 + i * 7 + 100) % config.vocab_size) as u32).collect(),
+                    prompt: (0..prompt_len)
+                        .map(|t| ((t * 31 + i * 7 + 100) % config.vocab_size) as u32)
+                        .collect(),
                     adapter: (distinct > 0).then(|| adapters[i % distinct].clone()),
                     max_new_tokens: 1,
                     stop_token_ids: vec![],
@@ -48,8 +61,13 @@ fn main() -> anyhow::Result<()> {
             let t = Instant::now();
             generate_greedy(&loaded.model, &mut kv, &reqs)?;
             let prefill = (batch * prompt_len) as f64 / t.elapsed().as_secs_f64();
-            let reqs: Vec<GenRequest> =
-                reqs.into_iter().map(|r| GenRequest { max_new_tokens: decode_tokens + 1, ..r }).collect();
+            let reqs: Vec<GenRequest> = reqs
+                .into_iter()
+                .map(|r| GenRequest {
+                    max_new_tokens: decode_tokens + 1,
+                    ..r
+                })
+                .collect();
             let t = Instant::now();
             generate_greedy(&loaded.model, &mut kv, &reqs)?;
             // Subtract the prefill measured above to isolate the decode steps.

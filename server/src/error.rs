@@ -35,12 +35,18 @@ pub enum Error {
 impl Error {
     /// An I/O error on `path`.
     pub fn io(path: &Path, source: std::io::Error) -> Self {
-        Error::Io { path: path.to_path_buf(), source }
+        Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 
     /// An adapter refusal naming `path`.
     pub fn adapter(path: &Path, reason: impl Into<String>) -> Self {
-        Error::Adapter { path: path.to_path_buf(), reason: reason.into() }
+        Error::Adapter {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }
     }
 }
 

@@ -16,7 +16,11 @@ use loraplane_server::model::loader::load_model;
 use loraplane_server::model::tokenizer::ChatMessage;
 
 #[derive(Parser)]
-#[command(name = "loraplane-server", version, about = "Serve many LoRA adapters on one base model")]
+#[command(
+    name = "loraplane-server",
+    version,
+    about = "Serve many LoRA adapters on one base model"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -77,7 +81,11 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         adapters.insert(name.to_string(), Arc::new(a));
     }
     if args.lora.len() > args.prompt.len() {
-        bail!("--lora is given {} times but there are only {} prompts", args.lora.len(), args.prompt.len());
+        bail!(
+            "--lora is given {} times but there are only {} prompts",
+            args.lora.len(),
+            args.prompt.len()
+        );
     }
     let mut reqs = Vec::new();
     for (i, prompt) in args.prompt.iter().enumerate() {
@@ -91,7 +99,10 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             ),
         };
         let text = if args.chat {
-            let msg = ChatMessage { role: "user".into(), content: prompt.clone() };
+            let msg = ChatMessage {
+                role: "user".into(),
+                content: prompt.clone(),
+            };
             loaded.tokenizer.apply_chat_template(&[msg], true)?
         } else {
             prompt.clone()

@@ -2,9 +2,9 @@
 
 use std::path::Path;
 
+use crate::common::fixture;
 use loraplane_server::adapter::LoraAdapter;
 use loraplane_server::model::ModelConfig;
-use loraplane_tests::fixture;
 
 fn config(model: &str) -> ModelConfig {
     ModelConfig::from_hf_file(&fixture(&format!("tiny/{model}/config.json"))).unwrap()
@@ -29,7 +29,7 @@ fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
 /// Rewrites the adapter's weights through `edit(name, shape, values)`.
 fn edit_weights(dir: &Path, edit: impl Fn(&str, &mut Vec<usize>, &mut Vec<f32>)) {
     let p = dir.join("adapter_model.safetensors");
-    let tensors = loraplane_tests::read_safetensors(&p);
+    let tensors = crate::common::read_safetensors(&p);
     let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (name, t) in tensors {
         let mut shape = t.shape.clone();
@@ -39,7 +39,12 @@ fn edit_weights(dir: &Path, edit: impl Fn(&str, &mut Vec<usize>, &mut Vec<f32>))
     }
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = owned
         .iter()
-        .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap()))
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, &p).unwrap();
 }
@@ -53,7 +58,10 @@ fn refusal(dir: &Path, cfg: &ModelConfig) -> String {
 
 fn assert_refused(dir: &Path, cfg: &ModelConfig, reason: &str) {
     let msg = refusal(dir, cfg);
-    assert!(msg.contains(&dir.display().to_string()), "error does not name the path: {msg}");
+    assert!(
+        msg.contains(&dir.display().to_string()),
+        "error does not name the path: {msg}"
+    );
     assert!(msg.contains(reason), "error {msg:?} does not say {reason:?}");
 }
 
@@ -64,8 +72,15 @@ fn fixture_adapters_load_with_their_scaling_and_targets() {
     assert_eq!((a.rank, a.targets.len(), a.scaling), (16, 7, 0.5));
     let a = LoraAdapter::load("mlp", &fixture("tiny/adapters/mlp_r8_rslora"), &cfg).unwrap();
     assert_eq!(a.rank, 8);
-    assert!((a.scaling - 16.0 / 8f32.sqrt()).abs() < 1e-6, "rslora scaling {}", a.scaling);
-    assert_eq!(a.targets.iter().map(|t| t.name()).collect::<Vec<_>>(), ["gate_proj", "up_proj", "down_proj"]);
+    assert!(
+        (a.scaling - 16.0 / 8f32.sqrt()).abs() < 1e-6,
+        "rslora scaling {}",
+        a.scaling
+    );
+    assert_eq!(
+        a.targets.iter().map(|t| t.name()).collect::<Vec<_>>(),
+        ["gate_proj", "up_proj", "down_proj"]
+    );
 }
 
 #[test]
@@ -86,19 +101,32 @@ fn missing_paths_and_files_are_refused() {
 #[test]
 fn unsupported_configs_are_refused() {
     let cfg = config("llama");
-    let cases: [(&str, Box<dyn Fn(&mut serde_json::Value)>); 5] = [
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: [(&str, Edit); 5] = [
         ("use_dora", Box::new(|v| v["use_dora"] = true.into())),
         ("rank r must be positive", Box::new(|v| v["r"] = 0.into())),
-        ("embed_tokens", Box::new(|v| v["target_modules"] = serde_json::json!(["q_proj", "embed_tokens"]))),
-        ("lm_head", Box::new(|v| v["target_modules"] = serde_json::json!(["lm_head"]))),
-        ("not selected by target_modules", Box::new(|v| v["target_modules"] = serde_json::json!(["k_proj"]))),
+        (
+            "embed_tokens",
+            Box::new(|v| v["target_modules"] = serde_json::json!(["q_proj", "embed_tokens"])),
+        ),
+        (
+            "lm_head",
+            Box::new(|v| v["target_modules"] = serde_json::json!(["lm_head"])),
+        ),
+        (
+            "not selected by target_modules",
+            Box::new(|v| v["target_modules"] = serde_json::json!(["k_proj"])),
+        ),
     ];
     for (reason, edit) in cases {
         let d = copy_adapter("qv_r2");
         edit_config(d.path(), |v| edit(v));
         let msg = refusal(d.path(), &cfg);
         assert!(msg.contains(reason), "expected {reason:?}, got {msg:?}");
-        assert!(msg.contains(&d.path().display().to_string()), "error does not name the path: {msg}");
+        assert!(
+            msg.contains(&d.path().display().to_string()),
+            "error does not name the path: {msg}"
+        );
     }
 }
 

@@ -1,4 +1,8 @@
 //! loraplane integration tests, one module per area (ripgrep style: a single test binary).
 
+mod common;
+
 mod adapters;
+mod default_model;
+mod gguf;
 mod numerics;

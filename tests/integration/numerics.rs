@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::common::{fixture, max_abs_diff, read_safetensors, RefTensor};
 use loraplane_server::adapter::LoraAdapter;
 use loraplane_server::backend::cpu::log_softmax;
 use loraplane_server::engine::generate::{generate_greedy, GenRequest};
@@ -15,7 +16,6 @@ use loraplane_server::model::llama::{LogitsWanted, SeqInput};
 use loraplane_server::model::loader::load_model;
 use loraplane_server::model::weights::load_hf_weights;
 use loraplane_server::model::{LlamaModel, ModelConfig};
-use loraplane_tests::{fixture, max_abs_diff, read_safetensors, RefTensor};
 
 const TOL: f64 = 1e-4;
 const MARGIN: f64 = 1e-3;
@@ -30,10 +30,15 @@ impl Reference {
     fn load() -> Self {
         let tensors = read_safetensors(&fixture("tiny/reference.safetensors"));
         let text = std::fs::read_to_string(fixture("tiny/reference.json")).unwrap();
-        Self { tensors, json: serde_json::from_str(&text).unwrap() }
+        Self {
+            tensors,
+            json: serde_json::from_str(&text).unwrap(),
+        }
     }
     fn get(&self, name: &str) -> &RefTensor {
-        self.tensors.get(name).unwrap_or_else(|| panic!("reference has no {name}"))
+        self.tensors
+            .get(name)
+            .unwrap_or_else(|| panic!("reference has no {name}"))
     }
     fn num_prompts(&self) -> usize {
         self.json["prompts"].as_array().unwrap().len()
@@ -47,7 +52,8 @@ impl Reference {
 fn model(name: &str) -> LlamaModel {
     let dir = fixture(&format!("tiny/{name}"));
     let config = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
-    LlamaModel::from_tensors(config, load_hf_weights(&dir).unwrap()).unwrap_or_else(|e| panic!("loading {name}: {e}"))
+    LlamaModel::from_tensors(config, load_hf_weights(&dir).unwrap())
+        .unwrap_or_else(|e| panic!("loading {name}: {e}"))
 }
 
 fn adapters(m: &LlamaModel) -> Vec<Arc<LoraAdapter>> {
@@ -78,11 +84,15 @@ fn one_pass(m: &LlamaModel, prompts: &[(Vec<u32>, Option<Arc<LoraAdapter>>)]) ->
     let inputs: Vec<SeqInput<'_>> = prompts
         .iter()
         .zip(&caches)
-        .map(|((p, a), c)| SeqInput { tokens: p, cache: c, adapter: a.as_deref(), logits: LogitsWanted::All })
+        .map(|((p, a), c)| SeqInput {
+            tokens: p,
+            cache: c,
+            adapter: a.as_deref(),
+            logits: LogitsWanted::All,
+        })
         .collect();
     let vocab = m.config().vocab_size;
-    m
-        .forward(&mut kv, &inputs)
+    m.forward(&mut kv, &inputs)
         .unwrap()
         .into_iter()
         .map(|l| l.chunks_exact(vocab).flat_map(log_softmax).collect())
@@ -113,7 +123,10 @@ fn one_mixed_batch_of_base_and_all_adapters_matches_peft() {
         assert!(d < TOL, "{case} prompt {p}: max |Δ logprob| = {d:e}");
         worst = worst.max(d);
     }
-    eprintln!("mixed batch of {} sequences: max |Δ logprob| = {worst:e}", batch.len());
+    eprintln!(
+        "mixed batch of {} sequences: max |Δ logprob| = {worst:e}",
+        batch.len()
+    );
 }
 
 #[test]
@@ -125,7 +138,9 @@ fn peft_adapter_names_batch_rows_match() {
     let batch: Vec<_> = rows
         .iter()
         .map(|row| {
-            let adapter = row["adapter"].as_str().map(|n| ads.iter().find(|a| a.name == n).unwrap().clone());
+            let adapter = row["adapter"]
+                .as_str()
+                .map(|n| ads.iter().find(|a| a.name == n).unwrap().clone());
             (r.prompt(row["prompt"].as_u64().unwrap() as usize), adapter)
         })
         .collect();
@@ -217,7 +232,10 @@ fn check_greedy(r: &Reference, case: &str, p: usize, got: &[u32]) {
         if margin[i] < MARGIN {
             return;
         }
-        assert_eq!(g, w, "{case} prompt {p}: greedy token {i} differs ({got:?} vs {want:?})");
+        assert_eq!(
+            g, w,
+            "{case} prompt {p}: greedy token {i} differs ({got:?} vs {want:?})"
+        );
     }
     assert_eq!(got.len(), want.len());
 }
@@ -250,7 +268,6 @@ fn model_variants_match_transformers() {
     }
 }
 
-
 #[test]
 fn tokenizer_and_chat_template_match_transformers() {
     let r = Reference::load();
@@ -263,9 +280,21 @@ fn tokenizer_and_chat_template_match_transformers() {
     }
     for t in r.json["tokenization"].as_array().unwrap() {
         let text = t["text"].as_str().unwrap();
-        let want: Vec<u32> = t["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        assert_eq!(m.tokenizer.encode(text, false).unwrap(), want, "tokenizing {text:?}");
-        assert_eq!(m.tokenizer.decode(&want, false).unwrap(), t["decoded"].as_str().unwrap());
+        let want: Vec<u32> = t["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(
+            m.tokenizer.encode(text, false).unwrap(),
+            want,
+            "tokenizing {text:?}"
+        );
+        assert_eq!(
+            m.tokenizer.decode(&want, false).unwrap(),
+            t["decoded"].as_str().unwrap()
+        );
     }
     let chat = &r.json["chat"];
     let messages: Vec<loraplane_server::model::tokenizer::ChatMessage> =

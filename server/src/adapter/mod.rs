@@ -123,7 +123,10 @@ impl LoraAdapter {
             return Err(Error::adapter(dir, "directory does not exist"));
         }
         if !dir.is_dir() {
-            return Err(Error::adapter(dir, "is a file, expected a PEFT adapter directory"));
+            return Err(Error::adapter(
+                dir,
+                "is a file, expected a PEFT adapter directory",
+            ));
         }
         let peft = PeftConfig::from_dir(dir)?;
         let scaling = peft.scaling();
@@ -140,30 +143,45 @@ impl LoraAdapter {
         let st = safetensors::SafeTensors::deserialize(&bytes)
             .map_err(|e| Error::adapter(&weights_path, format!("not a safetensors file: {e}")))?;
 
-        let mut layers: Vec<[Option<LoraWeights>; 7]> = (0..config.num_layers).map(|_| Default::default()).collect();
+        let mut layers: Vec<[Option<LoraWeights>; 7]> =
+            (0..config.num_layers).map(|_| Default::default()).collect();
         let mut pending: std::collections::HashMap<(usize, LoraTarget), (Option<Tensor>, Option<Tensor>)> =
             Default::default();
         for (key, view) in st.tensors() {
-            let (layer, target, is_a) = parse_key(&key).map_err(|reason| Error::adapter(&weights_path, reason))?;
+            let (layer, target, is_a) =
+                parse_key(&key).map_err(|reason| Error::adapter(&weights_path, reason))?;
             if layer >= config.num_layers {
                 return Err(Error::adapter(
                     &weights_path,
-                    format!("{key}: layer {layer} does not exist (base model has {} layers)", config.num_layers),
+                    format!(
+                        "{key}: layer {layer} does not exist (base model has {} layers)",
+                        config.num_layers
+                    ),
                 ));
             }
             if !peft.targets_module(layer, target) {
                 return Err(Error::adapter(
                     &weights_path,
-                    format!("{key}: module is not selected by target_modules {}", peft.target_modules),
+                    format!(
+                        "{key}: module is not selected by target_modules {}",
+                        peft.target_modules
+                    ),
                 ));
             }
             let t = crate::model::weights::tensor_from_view(&view)
                 .map_err(|reason| Error::adapter(&weights_path, format!("{key}: {reason}")))?;
             if !t.all_finite() {
-                return Err(Error::adapter(&weights_path, format!("{key}: contains NaN or infinite values")));
+                return Err(Error::adapter(
+                    &weights_path,
+                    format!("{key}: contains NaN or infinite values"),
+                ));
             }
             let (in_f, out_f) = target.shape(config);
-            let want = if is_a { vec![peft.r, in_f] } else { vec![out_f, peft.r] };
+            let want = if is_a {
+                vec![peft.r, in_f]
+            } else {
+                vec![out_f, peft.r]
+            };
             if t.shape != want {
                 return Err(Error::adapter(
                     &weights_path,
@@ -232,7 +250,10 @@ impl LoraAdapter {
                 let mut l: [Option<LoraWeights>; 7] = Default::default();
                 for &t in targets {
                     let (in_f, out_f) = t.shape(config);
-                    l[t.index()] = Some(LoraWeights { a: rand(vec![rank, in_f], 0.1), b: rand(vec![out_f, rank], 0.1) });
+                    l[t.index()] = Some(LoraWeights {
+                        a: rand(vec![rank, in_f], 0.1),
+                        b: rand(vec![out_f, rank], 0.1),
+                    });
                 }
                 l
             })
@@ -308,7 +329,9 @@ mod tests {
             parse_key("base_model.model.model.layers.0.mlp.down_proj.lora_B.weight").unwrap(),
             (0, LoraTarget::DownProj, false)
         );
-        assert!(parse_key("base_model.model.lm_head.lora_A.weight").unwrap_err().contains("not a supported"));
+        assert!(parse_key("base_model.model.lm_head.lora_A.weight")
+            .unwrap_err()
+            .contains("not a supported"));
         assert!(parse_key("base_model.model.model.layers.0.mlp.q_proj.lora_A.weight").is_err());
         assert!(parse_key("base_model.model.model.embed_tokens.lora_embedding_A").is_err());
     }

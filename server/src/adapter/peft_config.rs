@@ -94,7 +94,9 @@ impl PeftConfig {
             }
         }
         if raw.use_dora {
-            return Err("use_dora is not supported (DoRA adapters need a magnitude vector per module)".into());
+            return Err(
+                "use_dora is not supported (DoRA adapters need a magnitude vector per module)".into(),
+            );
         }
         let r = raw.r.ok_or("missing r")?;
         if r <= 0 {
@@ -119,7 +121,10 @@ impl PeftConfig {
         if raw.lora_bias {
             return Err("lora_bias=true is not supported".into());
         }
-        for (key, value) in [("exclude_modules", &raw.exclude_modules), ("layer_replication", &raw.layer_replication)] {
+        for (key, value) in [
+            ("exclude_modules", &raw.exclude_modules),
+            ("layer_replication", &raw.layer_replication),
+        ] {
             if !matches!(value, None | Some(serde_json::Value::Null)) {
                 return Err(format!("{key} is not supported yet"));
             }
@@ -127,11 +132,17 @@ impl PeftConfig {
         match &raw.modules_to_save {
             None | Some(serde_json::Value::Null) => {}
             Some(serde_json::Value::Array(a)) if a.is_empty() => {}
-            Some(v) => return Err(format!("modules_to_save {v} is not supported (fully trained modules)")),
+            Some(v) => {
+                return Err(format!(
+                    "modules_to_save {v} is not supported (fully trained modules)"
+                ))
+            }
         }
         let layers_to_transform = match raw.layers_to_transform {
             None | Some(serde_json::Value::Null) => None,
-            Some(serde_json::Value::Number(n)) => Some(vec![n.as_u64().ok_or("bad layers_to_transform")? as usize]),
+            Some(serde_json::Value::Number(n)) => {
+                Some(vec![n.as_u64().ok_or("bad layers_to_transform")? as usize])
+            }
             Some(serde_json::Value::Array(a)) => Some(
                 a.iter()
                     .map(|v| v.as_u64().map(|n| n as usize).ok_or("bad layers_to_transform"))
@@ -191,23 +202,35 @@ fn parse_targets(v: &serde_json::Value) -> std::result::Result<TargetModules, St
         serde_json::Value::String(s) if s == "all-linear" => Ok(TargetModules::AllLinear),
         serde_json::Value::String(s) => {
             // PEFT uses re.fullmatch.
-            let re = Regex::new(&format!("^(?:{s})$")).map_err(|e| format!("target_modules regex {s:?}: {e}"))?;
+            let re =
+                Regex::new(&format!("^(?:{s})$")).map_err(|e| format!("target_modules regex {s:?}: {e}"))?;
             if let Some(m) = UNSUPPORTED_MODULES.iter().find(|m| re.is_match(m)) {
-                return Err(format!("target_modules {s:?} selects {m}, which is not supported (supported: {})", supported()));
+                return Err(format!(
+                    "target_modules {s:?} selects {m}, which is not supported (supported: {})",
+                    supported()
+                ));
             }
             if !(0..4096).any(|l| LoraTarget::ALL.iter().any(|t| re.is_match(&module_name(l, *t)))) {
-                return Err(format!("target_modules {s:?} selects none of the supported modules ({})", supported()));
+                return Err(format!(
+                    "target_modules {s:?} selects none of the supported modules ({})",
+                    supported()
+                ));
             }
             Ok(TargetModules::Regex(re))
         }
         serde_json::Value::Array(items) => {
             let mut out = Vec::new();
             for item in items {
-                let name = item.as_str().ok_or_else(|| format!("target_modules item {item} is not a string"))?;
+                let name = item
+                    .as_str()
+                    .ok_or_else(|| format!("target_modules item {item} is not a string"))?;
                 // PEFT matches suffixes; the last component names the projection.
                 let short = name.rsplit('.').next().unwrap_or(name);
                 if LoraTarget::from_name(short).is_none() {
-                    return Err(format!("target module {name:?} is not supported (supported: {})", supported()));
+                    return Err(format!(
+                        "target module {name:?} is not supported (supported: {})",
+                        supported()
+                    ));
                 }
                 if !out.iter().any(|o| o == name) {
                     out.push(name.to_string());
@@ -218,7 +241,9 @@ fn parse_targets(v: &serde_json::Value) -> std::result::Result<TargetModules, St
             }
             Ok(TargetModules::List(out))
         }
-        other => Err(format!("target_modules must be a list, a regex string or \"all-linear\", got {other}")),
+        other => Err(format!(
+            "target_modules must be a list, a regex string or \"all-linear\", got {other}"
+        )),
     }
 }
 
@@ -248,23 +273,46 @@ mod tests {
 
     #[test]
     fn list_targets_match_suffixes_like_peft() {
-        let c = parse(r#"{"r":2,"lora_alpha":2,"target_modules":["model.layers.1.self_attn.q_proj","down_proj"]}"#)
-            .unwrap();
+        let c = parse(
+            r#"{"r":2,"lora_alpha":2,"target_modules":["model.layers.1.self_attn.q_proj","down_proj"]}"#,
+        )
+        .unwrap();
         assert!(c.targets_module(1, LoraTarget::QProj));
-        assert!(!c.targets_module(0, LoraTarget::QProj), "full paths select one layer");
+        assert!(
+            !c.targets_module(0, LoraTarget::QProj),
+            "full paths select one layer"
+        );
         assert!(c.targets_module(0, LoraTarget::DownProj) && c.targets_module(5, LoraTarget::DownProj));
     }
 
     #[test]
     fn refusals_name_the_reason() {
         let cases = [
-            (r#"{"r":0,"lora_alpha":1,"target_modules":["q_proj"]}"#, "rank r must be positive"),
-            (r#"{"r":4,"lora_alpha":1,"use_dora":true,"target_modules":["q_proj"]}"#, "use_dora"),
-            (r#"{"r":4,"lora_alpha":1,"target_modules":["embed_tokens"]}"#, "embed_tokens"),
-            (r#"{"r":4,"lora_alpha":1,"target_modules":["q_proj","lm_head"]}"#, "lm_head"),
-            (r#"{"r":4,"lora_alpha":1,"target_modules":".*lm_head"}"#, "lm_head"),
+            (
+                r#"{"r":0,"lora_alpha":1,"target_modules":["q_proj"]}"#,
+                "rank r must be positive",
+            ),
+            (
+                r#"{"r":4,"lora_alpha":1,"use_dora":true,"target_modules":["q_proj"]}"#,
+                "use_dora",
+            ),
+            (
+                r#"{"r":4,"lora_alpha":1,"target_modules":["embed_tokens"]}"#,
+                "embed_tokens",
+            ),
+            (
+                r#"{"r":4,"lora_alpha":1,"target_modules":["q_proj","lm_head"]}"#,
+                "lm_head",
+            ),
+            (
+                r#"{"r":4,"lora_alpha":1,"target_modules":".*lm_head"}"#,
+                "lm_head",
+            ),
             (r#"{"r":4,"lora_alpha":1,"target_modules":"foo"}"#, "selects none"),
-            (r#"{"r":4,"lora_alpha":1,"target_modules":["q_proj"],"modules_to_save":["lm_head"]}"#, "modules_to_save"),
+            (
+                r#"{"r":4,"lora_alpha":1,"target_modules":["q_proj"],"modules_to_save":["lm_head"]}"#,
+                "modules_to_save",
+            ),
             (r#"{"r":4,"target_modules":["q_proj"],"peft_type":"IA3"}"#, "IA3"),
             (r#"{"r":4,"lora_alpha":1}"#, "missing target_modules"),
             ("{not json", "invalid JSON"),

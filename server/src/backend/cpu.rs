@@ -108,7 +108,9 @@ mod tests {
     #[test]
     fn matmul_matches_naive_with_strides_and_accumulate() {
         let (m, n, k) = (5, 7, 300);
-        let lhs: Vec<f32> = (0..m * (k + 3)).map(|i| ((i * 7 % 13) as f32 - 6.0) / 10.0).collect();
+        let lhs: Vec<f32> = (0..m * (k + 3))
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 10.0)
+            .collect();
         let rhs: Vec<f32> = (0..n * k).map(|i| ((i * 5 % 11) as f32 - 5.0) / 10.0).collect();
         let stride = n + 2;
         let mut dst = vec![1.0f32; m * stride];

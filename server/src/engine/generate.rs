@@ -39,7 +39,13 @@ pub struct GenOutput {
 pub fn generate_greedy(model: &LlamaModel, kv: &mut KvCache, reqs: &[GenRequest]) -> Result<Vec<GenOutput>> {
     // Order rows by adapter so each adapter forms one LoRA segment.
     let mut order: Vec<usize> = (0..reqs.len()).collect();
-    order.sort_by_key(|&i| reqs[i].adapter.as_ref().map(|a| Arc::as_ptr(a) as usize).unwrap_or(0));
+    order.sort_by_key(|&i| {
+        reqs[i]
+            .adapter
+            .as_ref()
+            .map(|a| Arc::as_ptr(a) as usize)
+            .unwrap_or(0)
+    });
     let mut caches = vec![SeqCache::default(); reqs.len()];
     let result = run(model, kv, reqs, &order, &mut caches);
     for c in &mut caches {
@@ -66,7 +72,11 @@ fn run(
             tokens: &reqs[i].prompt,
             cache: &caches[i],
             adapter: reqs[i].adapter.as_deref(),
-            logits: if reqs[i].prompt_logprobs { LogitsWanted::All } else { LogitsWanted::Last },
+            logits: if reqs[i].prompt_logprobs {
+                LogitsWanted::All
+            } else {
+                LogitsWanted::Last
+            },
         })
         .collect();
     let logits = model.forward(kv, &inputs)?;
@@ -81,7 +91,11 @@ fn run(
             last[i] = l;
         }
     }
-    let mut active: Vec<usize> = order.iter().copied().filter(|&i| reqs[i].max_new_tokens > 0).collect();
+    let mut active: Vec<usize> = order
+        .iter()
+        .copied()
+        .filter(|&i| reqs[i].max_new_tokens > 0)
+        .collect();
     let mut next_tok = vec![0u32; reqs.len()];
     while !active.is_empty() {
         let mut still = Vec::with_capacity(active.len());
@@ -91,7 +105,8 @@ fn run(
             outs[i].tokens.push(tok);
             outs[i].token_logprobs.push(lp[tok as usize]);
             next_tok[i] = tok;
-            let done = outs[i].tokens.len() >= reqs[i].max_new_tokens || reqs[i].stop_token_ids.contains(&tok);
+            let done =
+                outs[i].tokens.len() >= reqs[i].max_new_tokens || reqs[i].stop_token_ids.contains(&tok);
             if !done {
                 still.push(i);
             }

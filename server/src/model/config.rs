@@ -180,7 +180,9 @@ impl HfConfig {
                 self.num_attention_heads
             ));
         }
-        let head_dim = self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads);
+        let head_dim = self
+            .head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads);
         if !head_dim.is_multiple_of(2) {
             return Err(format!("head_dim {head_dim} must be even for RoPE"));
         }
@@ -220,7 +222,11 @@ impl HfConfig {
             tie_word_embeddings: self.tie_word_embeddings,
             attention_bias,
             bos_token_id: self.bos_token_id,
-            eos_token_ids: self.eos_token_id.as_ref().map(parse_token_ids).unwrap_or_default(),
+            eos_token_ids: self
+                .eos_token_id
+                .as_ref()
+                .map(parse_token_ids)
+                .unwrap_or_default(),
         })
     }
 }
@@ -243,7 +249,9 @@ fn parse_rope_scaling(v: &serde_json::Value) -> std::result::Result<Option<Llama
                 original_max_position_embeddings: get("original_max_position_embeddings")? as usize,
             }))
         }
-        other => Err(format!("unsupported rope_scaling type {other:?} (supported: llama3)")),
+        other => Err(format!(
+            "unsupported rope_scaling type {other:?} (supported: llama3)"
+        )),
     }
 }
 

@@ -14,7 +14,7 @@ use crate::adapter::{LoraAdapter, LoraTarget};
 use crate::backend::cpu;
 use crate::engine::{KvCache, SeqCache};
 use crate::error::{Error, Result};
-use crate::model::ModelConfig;
+use crate::model::{Architecture, ModelConfig};
 use crate::tensor::Tensor;
 
 /// Which logits a sequence wants back from a forward pass.
@@ -79,14 +79,18 @@ impl LlamaModel {
     /// Builds the model from HF-named tensors (as the safetensors and GGUF loaders produce).
     pub fn from_tensors(config: ModelConfig, mut tensors: HashMap<String, Tensor>) -> Result<Self> {
         let c = &config;
+        let take_opt =
+            |tensors: &mut HashMap<String, Tensor>, name: &str, shape: &[usize]| -> Result<Option<Tensor>> {
+                match tensors.remove(name) {
+                    Some(t) if t.shape != shape => Err(Error::Model(format!(
+                        "{name}: shape {:?}, expected {shape:?}",
+                        t.shape
+                    ))),
+                    t => Ok(t),
+                }
+            };
         let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let t = tensors
-                .remove(name)
-                .ok_or_else(|| Error::Model(format!("missing tensor {name}")))?;
-            if t.shape != shape {
-                return Err(Error::Model(format!("{name}: shape {:?}, expected {shape:?}", t.shape)));
-            }
-            Ok(t)
+            take_opt(&mut tensors, name, shape)?.ok_or_else(|| Error::Model(format!("missing tensor {name}")))
         };
         let h = c.hidden_size;
         let embed = take("model.embed_tokens.weight", &[c.vocab_size, h])?;
@@ -100,11 +104,21 @@ impl LlamaModel {
                     Ok(None)
                 }
             };
-            let (qb, kb, vb) = (bias("q_proj", c.q_dim())?, bias("k_proj", c.kv_dim())?, bias("v_proj", c.kv_dim())?);
+            let (qb, kb, vb) = (
+                bias("q_proj", c.q_dim())?,
+                bias("k_proj", c.kv_dim())?,
+                bias("v_proj", c.kv_dim())?,
+            );
             let q = take(&format!("{p}.self_attn.q_proj.weight"), &[c.q_dim(), h])?;
             let k = take(&format!("{p}.self_attn.k_proj.weight"), &[c.kv_dim(), h])?;
             let v = take(&format!("{p}.self_attn.v_proj.weight"), &[c.kv_dim(), h])?;
             let o = take(&format!("{p}.self_attn.o_proj.weight"), &[h, c.q_dim()])?;
+            // Llama checkpoints with attention_bias also bias o_proj; Qwen2 does not.
+            let o_bias = if c.attention_bias && c.arch != Architecture::Qwen2 {
+                Some(take(&format!("{p}.self_attn.o_proj.bias"), &[h])?.data)
+            } else {
+                None
+            };
             let gate = take(&format!("{p}.mlp.gate_proj.weight"), &[c.intermediate_size, h])?;
             let up = take(&format!("{p}.mlp.up_proj.weight"), &[c.intermediate_size, h])?;
             let down = take(&format!("{p}.mlp.down_proj.weight"), &[h, c.intermediate_size])?;
@@ -114,30 +128,48 @@ impl LlamaModel {
             };
             blocks.push(Block {
                 input_norm: take(&format!("{p}.input_layernorm.weight"), &[h])?.data,
-                qkv: Linear { weight: stack_rows(&[q, k, v]), bias: qkv_bias },
-                o: Linear { weight: o, bias: None },
+                qkv: Linear {
+                    weight: stack_rows(&[q, k, v]),
+                    bias: qkv_bias,
+                },
+                o: Linear {
+                    weight: o,
+                    bias: o_bias,
+                },
                 post_norm: take(&format!("{p}.post_attention_layernorm.weight"), &[h])?.data,
-                gate_up: Linear { weight: stack_rows(&[gate, up]), bias: None },
-                down: Linear { weight: down, bias: None },
+                gate_up: Linear {
+                    weight: stack_rows(&[gate, up]),
+                    bias: None,
+                },
+                down: Linear {
+                    weight: down,
+                    bias: None,
+                },
             });
         }
         let norm = take("model.norm.weight", &[h])?.data;
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            match take("lm_head.weight", &[c.vocab_size, h]) {
-                Ok(t) => Some(t),
-                // Some checkpoints omit lm_head even when the config says untied.
-                Err(_) => None,
-            }
+            // Some checkpoints omit lm_head even when the config says untied.
+            take_opt(&mut tensors, "lm_head.weight", &[c.vocab_size, h])?
         };
         for t in std::iter::once(&embed).chain(lm_head.iter()) {
             if !t.all_finite() {
-                return Err(Error::Model("embedding or lm_head contains NaN or infinite values".into()));
+                return Err(Error::Model(
+                    "embedding or lm_head contains NaN or infinite values".into(),
+                ));
             }
         }
         let inv_freq = rope_inv_freq(c);
-        Ok(Self { config, embed, blocks, norm, lm_head, inv_freq })
+        Ok(Self {
+            config,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            inv_freq,
+        })
     }
 
     /// The model's configuration.
@@ -160,7 +192,9 @@ impl LlamaModel {
         for s in seqs {
             let end = s.cache.len + s.tokens.len();
             if s.cache.blocks.len() * kv.block_size() < end {
-                return Err(Error::InvalidRequest("KV cache blocks not reserved for the new tokens".into()));
+                return Err(Error::InvalidRequest(
+                    "KV cache blocks not reserved for the new tokens".into(),
+                ));
             }
             if end > c.max_position_embeddings {
                 return Err(Error::InvalidRequest(format!(
@@ -197,7 +231,11 @@ impl LlamaModel {
         for (li, b) in self.blocks.iter().enumerate() {
             cpu::rms_norm(&mut normed, &x, &b.input_norm, h, c.rms_norm_eps);
             linear(&mut qkv, &normed, &b.qkv, total);
-            let targets = [(LoraTarget::QProj, 0), (LoraTarget::KProj, qd), (LoraTarget::VProj, qd + kvd)];
+            let targets = [
+                (LoraTarget::QProj, 0),
+                (LoraTarget::KProj, qd),
+                (LoraTarget::VProj, qd + kvd),
+            ];
             for (t, off) in targets {
                 apply_lora(&mut qkv, qkv_w, off, &normed, h, &segments, li, t, &mut scratch);
             }
@@ -208,15 +246,55 @@ impl LlamaModel {
             }
             self.attention(&mut attn, &qkv, kv, li, seqs, &seq_rows);
             linear_acc(&mut x, &attn, &b.o, total);
-            apply_lora(&mut x, h, 0, &attn, qd, &segments, li, LoraTarget::OProj, &mut scratch);
+            apply_lora(
+                &mut x,
+                h,
+                0,
+                &attn,
+                qd,
+                &segments,
+                li,
+                LoraTarget::OProj,
+                &mut scratch,
+            );
 
             cpu::rms_norm(&mut normed, &x, &b.post_norm, h, c.rms_norm_eps);
             linear(&mut gate_up, &normed, &b.gate_up, total);
-            apply_lora(&mut gate_up, 2 * inter, 0, &normed, h, &segments, li, LoraTarget::GateProj, &mut scratch);
-            apply_lora(&mut gate_up, 2 * inter, inter, &normed, h, &segments, li, LoraTarget::UpProj, &mut scratch);
+            apply_lora(
+                &mut gate_up,
+                2 * inter,
+                0,
+                &normed,
+                h,
+                &segments,
+                li,
+                LoraTarget::GateProj,
+                &mut scratch,
+            );
+            apply_lora(
+                &mut gate_up,
+                2 * inter,
+                inter,
+                &normed,
+                h,
+                &segments,
+                li,
+                LoraTarget::UpProj,
+                &mut scratch,
+            );
             cpu::silu_mul(&mut act, &gate_up, inter);
             linear_acc(&mut x, &act, &b.down, total);
-            apply_lora(&mut x, h, 0, &act, inter, &segments, li, LoraTarget::DownProj, &mut scratch);
+            apply_lora(
+                &mut x,
+                h,
+                0,
+                &act,
+                inter,
+                &segments,
+                li,
+                LoraTarget::DownProj,
+                &mut scratch,
+            );
         }
 
         // Logits only for the rows that asked for them.
@@ -232,12 +310,29 @@ impl LlamaModel {
         }
         let mut final_in = vec![0.0f32; wanted_rows.len() * h];
         for (i, &r) in wanted_rows.iter().enumerate() {
-            cpu::rms_norm(&mut final_in[i * h..(i + 1) * h], &x[r * h..(r + 1) * h], &self.norm, h, c.rms_norm_eps);
+            cpu::rms_norm(
+                &mut final_in[i * h..(i + 1) * h],
+                &x[r * h..(r + 1) * h],
+                &self.norm,
+                h,
+                c.rms_norm_eps,
+            );
         }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let vocab = c.vocab_size;
         let mut logits = vec![0.0f32; wanted_rows.len() * vocab];
-        cpu::matmul_nt(&mut logits, vocab, &final_in, h, &head.data, wanted_rows.len(), vocab, h, 1.0, false);
+        cpu::matmul_nt(
+            &mut logits,
+            vocab,
+            &final_in,
+            h,
+            &head.data,
+            wanted_rows.len(),
+            vocab,
+            h,
+            1.0,
+            false,
+        );
 
         let mut out = Vec::with_capacity(seqs.len());
         let mut next = 0;
@@ -293,8 +388,9 @@ impl LlamaModel {
         let window = c.sliding_window;
         let (keys, values) = kv.layer(layer);
         // One task per (sequence, head); each returns its `[rows, head_dim]` output.
-        let tasks: Vec<(usize, usize)> =
-            (0..seqs.len()).flat_map(|s| (0..c.num_heads).map(move |hd| (s, hd))).collect();
+        let tasks: Vec<(usize, usize)> = (0..seqs.len())
+            .flat_map(|s| (0..c.num_heads).map(move |hd| (s, hd)))
+            .collect();
         let results: Vec<Vec<f32>> = tasks
             .par_iter()
             .map(|&(si, hd)| {
@@ -356,17 +452,22 @@ fn stack_rows(parts: &[Tensor]) -> Tensor {
 fn linear(out: &mut [f32], x: &[f32], l: &Linear, rows: usize) {
     let (n, k) = (l.weight.rows(), l.weight.cols());
     cpu::matmul_nt(out, n, x, k, &l.weight.data, rows, n, k, 1.0, false);
-    if let Some(b) = &l.bias {
-        for r in out.chunks_exact_mut(n) {
-            r.iter_mut().zip(b).for_each(|(o, b)| *o += b);
-        }
-    }
+    add_bias(out, l);
 }
 
-/// `out += x · Wᵀ` (the residual add fused into the GEMM).
+/// `out += x · Wᵀ + bias` (the residual add fused into the GEMM).
 fn linear_acc(out: &mut [f32], x: &[f32], l: &Linear, rows: usize) {
     let (n, k) = (l.weight.rows(), l.weight.cols());
     cpu::matmul_nt(out, n, x, k, &l.weight.data, rows, n, k, 1.0, true);
+    add_bias(out, l);
+}
+
+fn add_bias(out: &mut [f32], l: &Linear) {
+    if let Some(b) = &l.bias {
+        for r in out.chunks_exact_mut(b.len()) {
+            r.iter_mut().zip(b).for_each(|(o, b)| *o += b);
+        }
+    }
 }
 
 /// Groups consecutive sequences with the same adapter into row segments.
@@ -378,7 +479,11 @@ fn lora_segments<'a>(seqs: &[SeqInput<'a>]) -> Vec<Segment<'a>> {
         if let Some(a) = s.adapter {
             match segs.last_mut() {
                 Some(last) if std::ptr::eq(last.adapter, a) && last.start + last.len == row => last.len += n,
-                _ => segs.push(Segment { start: row, len: n, adapter: a }),
+                _ => segs.push(Segment {
+                    start: row,
+                    len: n,
+                    adapter: a,
+                }),
             }
         }
         row += n;
@@ -400,22 +505,48 @@ fn apply_lora(
     shrunk: &mut Vec<f32>,
 ) {
     for seg in segments {
-        let Some(w) = &seg.adapter.layers[layer][target.index()] else { continue };
+        let Some(w) = &seg.adapter.layers[layer][target.index()] else {
+            continue;
+        };
         let r = seg.adapter.rank;
         let out_dim = w.b.rows();
         shrunk.resize(seg.len * r, 0.0);
         // Shrink: [len, in] · Aᵀ -> [len, r].
-        cpu::matmul_nt(shrunk, r, &x[seg.start * in_dim..], in_dim, &w.a.data, seg.len, r, in_dim, 1.0, false);
+        cpu::matmul_nt(
+            shrunk,
+            r,
+            &x[seg.start * in_dim..],
+            in_dim,
+            &w.a.data,
+            seg.len,
+            r,
+            in_dim,
+            1.0,
+            false,
+        );
         // Expand: dst[len, out] += s · [len, r] · Bᵀ.
         let dst_seg = &mut dst[seg.start * dst_stride + col_off..];
-        cpu::matmul_nt(dst_seg, dst_stride, shrunk, r, &w.b.data, seg.len, out_dim, r, seg.adapter.scaling, true);
+        cpu::matmul_nt(
+            dst_seg,
+            dst_stride,
+            shrunk,
+            r,
+            &w.b.data,
+            seg.len,
+            out_dim,
+            r,
+            seg.adapter.scaling,
+            true,
+        );
     }
 }
 
 /// RoPE inverse frequencies, with llama3 scaling when configured (as transformers computes them).
 fn rope_inv_freq(c: &ModelConfig) -> Vec<f32> {
     let d = c.head_dim;
-    let base: Vec<f32> = (0..d / 2).map(|i| 1.0 / c.rope_theta.powf((2 * i) as f32 / d as f32)).collect();
+    let base: Vec<f32> = (0..d / 2)
+        .map(|i| 1.0 / c.rope_theta.powf((2 * i) as f32 / d as f32))
+        .collect();
     let Some(s) = &c.rope_scaling else { return base };
     let old = s.original_max_position_embeddings as f32;
     let low_wavelen = old / s.low_freq_factor;

@@ -20,7 +20,10 @@ pub struct LoadedModel {
 /// Loads the model at `path` (an HF directory or a `.gguf` file).
 pub fn load_model(path: &Path) -> Result<LoadedModel> {
     if !path.exists() {
-        return Err(Error::Model(format!("{}: no such file or directory", path.display())));
+        return Err(Error::Model(format!(
+            "{}: no such file or directory",
+            path.display()
+        )));
     }
     let name = path
         .file_stem()
@@ -36,13 +39,22 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
         }
         let tensors = weights::load_hf_weights(path)?;
         let model = LlamaModel::from_tensors(config, tensors)?;
-        Ok(LoadedModel { name, model, tokenizer })
+        Ok(LoadedModel {
+            name,
+            model,
+            tokenizer,
+        })
     } else if path.extension().is_some_and(|e| e == "gguf") {
         let g = gguf::load_gguf(path)?;
         let eos: Vec<u32> = g.config.eos_token_ids.clone();
-        let tokenizer = TextTokenizer::from_parts(g.tokenizer, g.chat_template, g.bos_token_id, eos, g.add_bos_token)?;
+        let tokenizer =
+            TextTokenizer::from_parts(g.tokenizer, g.chat_template, g.bos_token_id, eos, g.add_bos_token)?;
         let model = LlamaModel::from_tensors(g.config, g.tensors)?;
-        Ok(LoadedModel { name, model, tokenizer })
+        Ok(LoadedModel {
+            name,
+            model,
+            tokenizer,
+        })
     } else {
         Err(Error::Model(format!(
             "{}: expected an HF model directory or a .gguf file",

@@ -14,7 +14,10 @@ use crate::tensor::Tensor;
 pub fn tensor_from_view(view: &TensorView<'_>) -> std::result::Result<Tensor, String> {
     let bytes = view.data();
     let data: Vec<f32> = match view.dtype() {
-        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
         Dtype::BF16 => bytes
             .chunks_exact(2)
             .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
@@ -59,7 +62,8 @@ pub fn load_hf_weights(dir: &Path) -> Result<HashMap<String, Tensor>> {
         let st = SafeTensors::deserialize(&mmap)
             .map_err(|e| Error::Model(format!("{}: not a safetensors file: {e}", file.display())))?;
         for (name, view) in st.tensors() {
-            let t = tensor_from_view(&view).map_err(|e| Error::Model(format!("{}: {name}: {e}", file.display())))?;
+            let t = tensor_from_view(&view)
+                .map_err(|e| Error::Model(format!("{}: {name}: {e}", file.display())))?;
             out.insert(name, t);
         }
     }

@@ -74,13 +74,7 @@ fn floats(data: &[u8], out: &mut [f32], width: usize, f: impl Fn(&[u8]) -> f32 +
         });
 }
 
-fn blocks(
-    data: &[u8],
-    out: &mut [f32],
-    block: usize,
-    size: usize,
-    f: impl Fn(&[u8], &mut [f32]) + Sync,
-) {
+fn blocks(data: &[u8], out: &mut [f32], block: usize, size: usize, f: impl Fn(&[u8], &mut [f32]) + Sync) {
     out.par_chunks_mut(block * BLOCKS_PER_TASK)
         .zip(data.par_chunks(size * BLOCKS_PER_TASK))
         .for_each(|(o, d)| {

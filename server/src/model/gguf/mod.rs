@@ -50,10 +50,7 @@ impl fmt::Debug for GgufModel {
             .field("config", &self.config)
             .field("tensors", &self.tensors.len())
             .field("vocab", &self.tokenizer.get_vocab_size(true))
-            .field(
-                "chat_template",
-                &self.chat_template.as_ref().map(|t| t.len()),
-            )
+            .field("chat_template", &self.chat_template.as_ref().map(|t| t.len()))
             .field("bos_token_id", &self.bos_token_id)
             .field("eos_token_id", &self.eos_token_id)
             .field("add_bos_token", &self.add_bos_token)
@@ -144,11 +141,10 @@ fn optional_u64(file: &GgufFile, key: &str) -> Result<Option<u64>> {
         Some(Value::Array(_)) => Err(file.error(format_args!(
             "{key} is an array (per-layer values are not supported)"
         ))),
-        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
-            file.error(format_args!(
-                "{key} must be a non-negative integer, found {v:?}"
-            ))
-        }),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| file.error(format_args!("{key} must be a non-negative integer, found {v:?}"))),
     }
 }
 
@@ -170,11 +166,9 @@ fn llama_config(
 ) -> Result<ModelConfig> {
     let arch = match file.get("general.architecture") {
         None => return Err(file.error("missing metadata key general.architecture")),
-        Some(v) => v.as_str().ok_or_else(|| {
-            file.error(format_args!(
-                "general.architecture must be a string, found {v:?}"
-            ))
-        })?,
+        Some(v) => v
+            .as_str()
+            .ok_or_else(|| file.error(format_args!("general.architecture must be a string, found {v:?}")))?,
     };
     if arch != "llama" {
         return Err(file.error(format_args!(
@@ -209,8 +203,7 @@ fn llama_config(
     let num_layers = usize_of("block_count")?;
     let intermediate_size = usize_of("feed_forward_length")?;
     let num_heads = usize_of("attention.head_count")?;
-    let num_kv_heads =
-        optional_u64(file, &key("attention.head_count_kv"))?.map_or(num_heads, |n| n as usize);
+    let num_kv_heads = optional_u64(file, &key("attention.head_count_kv"))?.map_or(num_heads, |n| n as usize);
     let max_position_embeddings = usize_of("context_length")?;
     let rms_norm_eps = optional_f32(file, &key("attention.layer_norm_rms_epsilon"))?
         .ok_or_else(|| file.error("missing metadata key llama.attention.layer_norm_rms_epsilon"))?;
@@ -268,6 +261,7 @@ fn llama_config(
         rope_theta,
         rope_scaling: None,
         max_position_embeddings,
+        sliding_window: None,
         tie_word_embeddings: file.tensor_info("output.weight").is_none(),
         attention_bias: file.tensor_info("blk.0.attn_q.bias").is_some(),
         bos_token_id,
@@ -368,12 +362,8 @@ fn plan_tensors<'a>(
 
     let mut plan = Vec::with_capacity(file.tensors.len());
     for info in &file.tensors {
-        let (name, permute) = hf_name(&info.name).ok_or_else(|| {
-            file.error(format_args!(
-                "unexpected tensor {:?} in a llama model",
-                info.name
-            ))
-        })?;
+        let (name, permute) = hf_name(&info.name)
+            .ok_or_else(|| file.error(format_args!("unexpected tensor {:?} in a llama model", info.name)))?;
         let want = expected
             .remove(&name)
             .or_else(|| optional.get(&name).cloned())
@@ -488,10 +478,7 @@ mod tests {
         // the rotary halves; llama.cpp interleaves them to [a0 b0 a1 b1].
         let rows = 8;
         let cols = 2;
-        let hf = Tensor::new(
-            vec![rows, cols],
-            (0..rows * cols).map(|x| x as f32).collect(),
-        );
+        let hf = Tensor::new(vec![rows, cols], (0..rows * cols).map(|x| x as f32).collect());
         let g = permute_qk(&hf, 2).unwrap();
         let order: Vec<f32> = (0..rows).map(|r| g.row(r)[0] / cols as f32).collect();
         assert_eq!(order, vec![0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]);
@@ -505,10 +492,7 @@ mod tests {
             assert_eq!(unpermute_qk(&g, heads).unwrap(), hf);
         }
         let bias = Tensor::new(vec![24], (0..24).map(|x| x as f32).collect());
-        assert_eq!(
-            unpermute_qk(&permute_qk(&bias, 3).unwrap(), 3).unwrap(),
-            bias
-        );
+        assert_eq!(unpermute_qk(&permute_qk(&bias, 3).unwrap(), 3).unwrap(), bias);
         assert!(unpermute_qk(&bias, 5).is_err());
         assert!(unpermute_qk(&Tensor::new(vec![6, 1], vec![0.0; 6]), 2).is_err());
     }
@@ -516,11 +500,7 @@ mod tests {
     #[test]
     fn maps_names_to_hf() {
         let cases = [
-            (
-                "token_embd.weight",
-                "model.embed_tokens.weight",
-                Permute::None,
-            ),
+            ("token_embd.weight", "model.embed_tokens.weight", Permute::None),
             ("output.weight", "lm_head.weight", Permute::None),
             ("output_norm.weight", "model.norm.weight", Permute::None),
             (
@@ -649,10 +629,7 @@ mod tests {
         assert_eq!(k.shape, vec![4, 8]);
         // GGUF rows [r0 r1 r2 r3] are HF rows [r0 r2 r1 r3] for one head of 4.
         assert_eq!(k.row(1)[0], 16.0);
-        assert_eq!(
-            m.tensors["model.layers.0.self_attn.v_proj.weight"].row(1)[0],
-            8.0
-        );
+        assert_eq!(m.tensors["model.layers.0.self_attn.v_proj.weight"].row(1)[0], 8.0);
     }
 
     fn load_err(b: &Builder) -> String {
@@ -669,10 +646,7 @@ mod tests {
             .kv_str_array("tokenizer.ggml.tokens", &["a"])
             .kv_str_array("tokenizer.ggml.merges", &[]);
         let e = load_err(&b);
-        assert!(
-            e.contains("\"qwen2\"") && e.contains("not supported"),
-            "{e}"
-        );
+        assert!(e.contains("\"qwen2\"") && e.contains("not supported"), "{e}");
 
         let mut b = tiny_llama();
         b.f32_tensor("rope_freqs.weight", &[2], &[1.0, 1.0]);
@@ -707,12 +681,7 @@ mod tests {
         }
         b.kv_u32("llama.feed_forward_length", 12);
         for t in &f.tensors {
-            b.tensor(
-                &t.name,
-                &t.dims,
-                t.ggml_type.id(),
-                f.tensor_bytes(t).to_vec(),
-            );
+            b.tensor(&t.name, &t.dims, t.ggml_type.id(), f.tensor_bytes(t).to_vec());
         }
         let e = load_err(&b);
         assert!(
@@ -726,12 +695,7 @@ mod tests {
             copy_kv(&mut b, k, v);
         }
         for t in &f.tensors[..f.tensors.len() - 1] {
-            b.tensor(
-                &t.name,
-                &t.dims,
-                t.ggml_type.id(),
-                f.tensor_bytes(t).to_vec(),
-            );
+            b.tensor(&t.name, &t.dims, t.ggml_type.id(), f.tensor_bytes(t).to_vec());
         }
         assert!(load_err(&b).contains("missing tensor model.layers.0.mlp.down_proj.weight"));
 
@@ -744,12 +708,7 @@ mod tests {
             if t.name == "blk.0.ffn_down.weight" {
                 b.tensor(&t.name, &t.dims, 28, vec![0; 128 * 8]);
             } else {
-                b.tensor(
-                    &t.name,
-                    &t.dims,
-                    t.ggml_type.id(),
-                    f.tensor_bytes(t).to_vec(),
-                );
+                b.tensor(&t.name, &t.dims, t.ggml_type.id(), f.tensor_bytes(t).to_vec());
             }
         }
         let e = load_err(&b);

@@ -367,12 +367,8 @@ impl GgufFile {
 
     /// Decodes a tensor to f32 in the HF shape (the GGUF dimensions reversed).
     pub fn dequantize(&self, info: &TensorInfo) -> Result<Tensor> {
-        let data = dequant::dequantize(
-            info.ggml_type,
-            self.tensor_bytes(info),
-            info.n_elements as usize,
-        )
-        .map_err(|e| self.error(format!("tensor {}: {e}", info.name)))?;
+        let data = dequant::dequantize(info.ggml_type, self.tensor_bytes(info), info.n_elements as usize)
+            .map_err(|e| self.error(format!("tensor {}: {e}", info.name)))?;
         Ok(Tensor::new(info.shape(), data))
     }
 
@@ -482,11 +478,7 @@ impl<'a> Reader<'a> {
                 match self.u8(what)? {
                     0 => Value::Bool(false),
                     1 => Value::Bool(true),
-                    b => {
-                        return Err(
-                            self.error(format_args!("invalid bool {b} in {what} at offset {at}"))
-                        )
-                    }
+                    b => return Err(self.error(format_args!("invalid bool {b} in {what} at offset {at}"))),
                 }
             }
             8 => Value::String(self.string(what)?),
@@ -512,11 +504,7 @@ impl<'a> Reader<'a> {
             10 => Value::U64(self.u64(what)?),
             11 => Value::I64(self.u64(what)? as i64),
             12 => Value::F64(f64::from_bits(self.u64(what)?)),
-            other => {
-                return Err(self.error(format_args!(
-                    "unknown metadata value type {other} for {what}"
-                )))
-            }
+            other => return Err(self.error(format_args!("unknown metadata value type {other} for {what}"))),
         })
     }
 }
@@ -549,11 +537,7 @@ fn parse_header(buf: &[u8], path: &Path) -> Result<Header> {
         v if v & 0xffff == 0 && matches!(v.swap_bytes(), 1..=3) => {
             return Err(r.error("big-endian GGUF files are not supported"))
         }
-        v => {
-            return Err(r.error(format_args!(
-                "unknown GGUF version {v} (supported: 2 and 3)"
-            )))
-        }
+        v => return Err(r.error(format_args!("unknown GGUF version {v} (supported: 2 and 3)"))),
     }
     // A tensor info takes at least 8 (name) + 4 (n_dims) + 4 (type) + 8 (offset) bytes; a
     // key/value at least 8 (key) + 4 (type) + 1 (value).
@@ -601,11 +585,8 @@ fn parse_header(buf: &[u8], path: &Path) -> Result<Header> {
             dims.push(r.u64(&format_args!("dimensions of tensor {name:?}"))?);
         }
         let type_id = r.u32(&format_args!("type of tensor {name:?}"))?;
-        let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| {
-            r.error(format_args!(
-                "tensor {name:?} has unknown ggml type {type_id}"
-            ))
-        })?;
+        let ggml_type = GgmlType::from_id(type_id)
+            .ok_or_else(|| r.error(format_args!("tensor {name:?} has unknown ggml type {type_id}")))?;
         let offset = r.u64(&format_args!("offset of tensor {name:?}"))?;
         let n_elements = dims
             .iter()
@@ -729,8 +710,7 @@ pub(crate) mod tests {
 
         /// Adds a tensor with GGUF (fastest-first) dims, ggml type id and encoded data.
         pub fn tensor(&mut self, name: &str, dims: &[u64], ty: u32, data: Vec<u8>) -> &mut Self {
-            self.tensors
-                .push((name.to_string(), dims.to_vec(), ty, data));
+            self.tensors.push((name.to_string(), dims.to_vec(), ty, data));
             self
         }
 
@@ -918,10 +898,7 @@ pub(crate) mod tests {
         let mut b = Builder::new();
         b.tensor("t", &[4], 5, vec![0; 32]);
         let e = parse_err(b.build());
-        assert!(
-            e.contains("unknown ggml type 5") && e.contains("\"t\""),
-            "{e}"
-        );
+        assert!(e.contains("unknown ggml type 5") && e.contains("\"t\""), "{e}");
     }
 
     #[test]
@@ -949,8 +926,7 @@ pub(crate) mod tests {
         assert!(parse_err(b.build()).contains("duplicate metadata key"));
 
         let mut b = Builder::new();
-        b.f32_tensor("t", &[1], &[1.0])
-            .f32_tensor("t", &[1], &[1.0]);
+        b.f32_tensor("t", &[1], &[1.0]).f32_tensor("t", &[1], &[1.0]);
         assert!(parse_err(b.build()).contains("duplicate tensor name"));
 
         let mut b = Builder::new();

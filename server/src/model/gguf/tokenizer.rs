@@ -52,10 +52,7 @@ fn optional_str<'a>(file: &'a GgufFile, key: &str) -> Result<Option<&'a str>> {
     match file.get(key) {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
-        Some(v) => Err(file.error(format_args!(
-            "{key} must be a string, found {}",
-            v.type_name()
-        ))),
+        Some(v) => Err(file.error(format_args!("{key} must be a string, found {}", v.type_name()))),
     }
 }
 
@@ -79,23 +76,17 @@ pub fn build_tokenizer(file: &GgufFile) -> Result<Tokenizer> {
     let tokens = string_array(file, "tokenizer.ggml.tokens")?
         .ok_or_else(|| file.error("no tokenizer.ggml.tokens in the file"))?;
     if tokens.is_empty() || tokens.len() > u32::MAX as usize {
-        return Err(file.error(format_args!(
-            "tokenizer.ggml.tokens has {} entries",
-            tokens.len()
-        )));
+        return Err(file.error(format_args!("tokenizer.ggml.tokens has {} entries", tokens.len())));
     }
-    let merges = string_array(file, "tokenizer.ggml.merges")?.ok_or_else(|| {
-        file.error("no tokenizer.ggml.merges: a gpt2 (BPE) tokenizer needs its merges")
-    })?;
+    let merges = string_array(file, "tokenizer.ggml.merges")?
+        .ok_or_else(|| file.error("no tokenizer.ggml.merges: a gpt2 (BPE) tokenizer needs its merges"))?;
     let token_types: Vec<i64> = match file.get("tokenizer.ggml.token_type") {
         None => Vec::new(),
         Some(v) => {
             let types = v
                 .as_array()
                 .and_then(|a| a.iter().map(Value::as_i64).collect::<Option<Vec<_>>>())
-                .ok_or_else(|| {
-                    file.error("tokenizer.ggml.token_type must be an array of integers")
-                })?;
+                .ok_or_else(|| file.error("tokenizer.ggml.token_type must be an array of integers"))?;
             if types.len() != tokens.len() {
                 return Err(file.error(format_args!(
                     "tokenizer.ggml.token_type has {} entries but tokenizer.ggml.tokens has {}",
@@ -142,9 +133,9 @@ pub fn build_tokenizer(file: &GgufFile) -> Result<Tokenizer> {
         ])),
         Some(other) => {
             return Err(file.error(format_args!(
-            "GGUF pre-tokenizer {other:?} (tokenizer.ggml.pre) is not supported (supported: {})",
-            SUPPORTED_PRE_TOKENIZERS.join(", ")
-        )))
+                "GGUF pre-tokenizer {other:?} (tokenizer.ggml.pre) is not supported (supported: {})",
+                SUPPORTED_PRE_TOKENIZERS.join(", ")
+            )))
         }
     };
 
@@ -160,12 +151,8 @@ pub fn build_tokenizer(file: &GgufFile) -> Result<Tokenizer> {
             continue;
         }
         match ty {
-            TOKEN_TYPE_CONTROL => {
-                special.push((id, AddedToken::from(content, true).normalized(false)))
-            }
-            TOKEN_TYPE_USER_DEFINED => {
-                added.push((id, AddedToken::from(content, false).normalized(false)))
-            }
+            TOKEN_TYPE_CONTROL => special.push((id, AddedToken::from(content, true).normalized(false))),
+            TOKEN_TYPE_USER_DEFINED => added.push((id, AddedToken::from(content, false).normalized(false))),
             _ => {}
         }
     }
@@ -206,14 +193,9 @@ mod tests {
         if let Some(p) = pre {
             b.kv_str("tokenizer.ggml.pre", p);
         }
-        let tokens = [
-            "<s>", "</s>", "a", "b", "Ġ", "1", "2", "ab", "Ġab", "12", "<x y>",
-        ];
+        let tokens = ["<s>", "</s>", "a", "b", "Ġ", "1", "2", "ab", "Ġab", "12", "<x y>"];
         b.kv_str_array("tokenizer.ggml.tokens", &tokens);
-        b.kv_i32_array(
-            "tokenizer.ggml.token_type",
-            &[3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 4],
-        );
+        b.kv_i32_array("tokenizer.ggml.token_type", &[3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 4]);
         b.kv_str_array("tokenizer.ggml.merges", &["a b", "Ġ ab", "1 2"]);
         b
     }

@@ -54,9 +54,7 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_template_owned(TEMPLATE_NAME, source.to_owned())
-            .map_err(|err| {
-                Error::Tokenizer(format!("invalid chat template: {}", describe(&err)))
-            })?;
+            .map_err(|err| Error::Tokenizer(format!("invalid chat template: {}", describe(&err))))?;
         Ok(ChatTemplate { env })
     }
 
@@ -85,10 +83,7 @@ impl ChatTemplate {
         ctx.insert("messages".into(), Value::from(messages));
         ctx.insert("tools".into(), Value::from(()));
         ctx.insert("documents".into(), Value::from(()));
-        ctx.insert(
-            "add_generation_prompt".into(),
-            Value::from(add_generation_prompt),
-        );
+        ctx.insert("add_generation_prompt".into(), Value::from(add_generation_prompt));
         template.render(Value::from_iter(ctx)).map_err(render_error)
     }
 }
@@ -155,10 +150,7 @@ fn render_error(err: minijinja::Error) -> Error {
         }
         source = e.source();
     }
-    Error::Tokenizer(format!(
-        "rendering the chat template failed: {}",
-        describe(&err)
-    ))
+    Error::Tokenizer(format!("rendering the chat template failed: {}", describe(&err)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -295,9 +287,7 @@ pub(crate) fn py_float_repr(f: f64, json: bool) -> String {
         };
     }
     let sci = format!("{f:e}");
-    let (mantissa, exp) = sci
-        .split_once('e')
-        .expect("LowerExp always writes an exponent");
+    let (mantissa, exp) = sci.split_once('e').expect("LowerExp always writes an exponent");
     let exp: i32 = exp.parse().expect("LowerExp writes a decimal exponent");
     let (sign, mantissa) = match mantissa.strip_prefix('-') {
         Some(rest) => ("-", rest),
@@ -348,9 +338,7 @@ struct JsonOptions {
 fn tojson(value: Value, args: Rest<Value>) -> std::result::Result<Value, minijinja::Error> {
     let mut positional: Vec<Value> = args.0;
     let kwargs = match positional.last() {
-        Some(last) if last.is_kwargs() => {
-            Some(Kwargs::try_from(positional.pop().expect("last exists"))?)
-        }
+        Some(last) if last.is_kwargs() => Some(Kwargs::try_from(positional.pop().expect("last exists"))?),
         _ => None,
     };
     if positional.len() > 4 {
@@ -436,9 +424,7 @@ fn write_json(
         ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
         ValueKind::Number => out.push_str(&number_text(value, true)),
-        ValueKind::String => {
-            write_json_str(value.as_str().unwrap_or_default(), opts.ensure_ascii, out)
-        }
+        ValueKind::String => write_json_str(value.as_str().unwrap_or_default(), opts.ensure_ascii, out),
         ValueKind::Seq | ValueKind::Iterable => {
             let items: Vec<Value> = value.try_iter()?.collect();
             if items.is_empty() {
@@ -468,9 +454,7 @@ fn write_json(
                     other => {
                         return Err(minijinja::Error::new(
                             ErrorKind::InvalidOperation,
-                            format!(
-                                "tojson: keys must be str, int, float, bool or None, not {other}"
-                            ),
+                            format!("tojson: keys must be str, int, float, bool or None, not {other}"),
                         ))
                     }
                 };

@@ -99,15 +99,13 @@ impl TextTokenizer {
         let tokenizer = load_tokenizer_json(&dir.join("tokenizer.json"))?;
         let config_path = dir.join("tokenizer_config.json");
         let config = read_json_if_exists(&config_path)?.unwrap_or(Json::Null);
-        let generation =
-            read_json_if_exists(&dir.join("generation_config.json"))?.unwrap_or(Json::Null);
+        let generation = read_json_if_exists(&dir.join("generation_config.json"))?.unwrap_or(Json::Null);
 
         // The chat template: a separate file first, then the tokenizer config.
         let jinja_path = dir.join("chat_template.jinja");
         let json_path = dir.join("chat_template.json");
         let (template_choice, template_origin) = if jinja_path.is_file() {
-            let text =
-                std::fs::read_to_string(&jinja_path).map_err(|e| Error::io(&jinja_path, e))?;
+            let text = std::fs::read_to_string(&jinja_path).map_err(|e| Error::io(&jinja_path, e))?;
             (TemplateChoice::One(text), jinja_path)
         } else if let Some(value) = read_json_if_exists(&json_path)? {
             let field = value.get("chat_template").cloned().unwrap_or(Json::Null);
@@ -125,8 +123,7 @@ impl TextTokenizer {
 
         // Special tokens: the tokenizer config, else the legacy special_tokens_map.json. A
         // token the config sets to null stays unset.
-        let legacy =
-            read_json_if_exists(&dir.join("special_tokens_map.json"))?.unwrap_or(Json::Null);
+        let legacy = read_json_if_exists(&dir.join("special_tokens_map.json"))?.unwrap_or(Json::Null);
         let declared = |name: &str| config.get(name).or_else(|| legacy.get(name));
         let mut special_tokens = BTreeMap::new();
         for name in SPECIAL_TOKEN_NAMES {
@@ -189,18 +186,12 @@ impl TextTokenizer {
         add_bos_token: bool,
     ) -> Result<Self> {
         let tokenizer = without_truncation_or_padding(tokenizer)?;
-        let template = chat_template
-            .as_deref()
-            .map(ChatTemplate::new)
-            .transpose()?;
+        let template = chat_template.as_deref().map(ChatTemplate::new).transpose()?;
         let mut special_tokens = BTreeMap::new();
         if let Some(text) = bos_token_id.and_then(|id| tokenizer.id_to_token(id)) {
             special_tokens.insert("bos_token".to_string(), text);
         }
-        if let Some(text) = eos_token_ids
-            .first()
-            .and_then(|&id| tokenizer.id_to_token(id))
-        {
+        if let Some(text) = eos_token_ids.first().and_then(|&id| tokenizer.id_to_token(id)) {
             special_tokens.insert("eos_token".to_string(), text);
         }
         Ok(Self::build(
@@ -325,9 +316,7 @@ impl TextTokenizer {
         add_generation_prompt: bool,
     ) -> Result<String> {
         match &self.inner.template {
-            Some(template) => {
-                template.render(messages, add_generation_prompt, &self.inner.special_tokens)
-            }
+            Some(template) => template.render(messages, add_generation_prompt, &self.inner.special_tokens),
             None => Err(Error::Tokenizer(format!(
                 "cannot apply a chat template: {}; send a plain completion prompt instead",
                 self.inner.no_template_reason
@@ -352,9 +341,7 @@ enum TemplateChoice {
 /// `{name, template}` where `default` (or the only entry) is used.
 fn choose_template(field: &Json) -> std::result::Result<TemplateChoice, String> {
     match field {
-        Json::Null => Ok(TemplateChoice::None(
-            "the model has no chat template".to_string(),
-        )),
+        Json::Null => Ok(TemplateChoice::None("the model has no chat template".to_string())),
         Json::String(s) => Ok(TemplateChoice::One(s.clone())),
         Json::Array(entries) => {
             let mut named = Vec::new();
@@ -362,9 +349,7 @@ fn choose_template(field: &Json) -> std::result::Result<TemplateChoice, String> 
                 let name = entry.get("name").and_then(Json::as_str);
                 let template = entry.get("template").and_then(Json::as_str);
                 match (name, template) {
-                    (Some(name), Some(template)) => {
-                        named.push((name.to_string(), template.to_string()))
-                    }
+                    (Some(name), Some(template)) => named.push((name.to_string(), template.to_string())),
                     _ => {
                         return Err(
                             "chat_template list entries must be {\"name\": ..., \"template\": ...}"
@@ -377,9 +362,7 @@ fn choose_template(field: &Json) -> std::result::Result<TemplateChoice, String> 
                 return Ok(TemplateChoice::One(template.clone()));
             }
             match named.as_slice() {
-                [] => Ok(TemplateChoice::None(
-                    "the model has no chat template".to_string(),
-                )),
+                [] => Ok(TemplateChoice::None("the model has no chat template".to_string())),
                 [(_, template)] => Ok(TemplateChoice::One(template.clone())),
                 _ => {
                     let names: Vec<&str> = named.iter().map(|(n, _)| n.as_str()).collect();
@@ -404,10 +387,7 @@ fn in_file(path: &Path, reason: String) -> Error {
 fn token_content(value: &Json) -> Option<String> {
     match value {
         Json::String(s) => Some(s.clone()),
-        Json::Object(map) => map
-            .get("content")
-            .and_then(Json::as_str)
-            .map(str::to_string),
+        Json::Object(map) => map.get("content").and_then(Json::as_str).map(str::to_string),
         _ => None,
     }
 }
@@ -436,9 +416,7 @@ fn load_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
 
 /// Some tokenizer.json files carry training-time truncation or padding; a server must
 /// neither cut prompts short silently nor pad them.
-fn without_truncation_or_padding(
-    mut tokenizer: tokenizers::Tokenizer,
-) -> Result<tokenizers::Tokenizer> {
+fn without_truncation_or_padding(mut tokenizer: tokenizers::Tokenizer) -> Result<tokenizers::Tokenizer> {
     tokenizer
         .with_truncation(None)
         .map_err(|e| Error::Tokenizer(format!("cannot turn truncation off: {e}")))?;
@@ -477,11 +455,7 @@ impl IncrementalDecoder {
     /// A decoder for a generation that continues `prompt_ids`: the last few prompt ids are
     /// kept as context (so the first generated word gets its leading space right) but are
     /// never emitted.
-    pub fn with_prompt(
-        tokenizer: &TextTokenizer,
-        prompt_ids: &[u32],
-        skip_special_tokens: bool,
-    ) -> Self {
+    pub fn with_prompt(tokenizer: &TextTokenizer, prompt_ids: &[u32], skip_special_tokens: bool) -> Self {
         let start = prompt_ids.len().saturating_sub(Self::PROMPT_CONTEXT);
         let ids = prompt_ids[start..].to_vec();
         let read_offset = ids.len();
@@ -498,10 +472,7 @@ impl IncrementalDecoder {
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
         let (prefix, full) = self.window_texts()?;
-        if full.len() <= prefix.len()
-            || full.ends_with('\u{FFFD}')
-            || !full.is_char_boundary(prefix.len())
-        {
+        if full.len() <= prefix.len() || full.ends_with('\u{FFFD}') || !full.is_char_boundary(prefix.len()) {
             return Ok(None);
         }
         let text = full[prefix.len()..].to_string();

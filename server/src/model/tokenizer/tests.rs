@@ -63,8 +63,8 @@ fn templates_render_like_transformers() {
     let mut checked = 0;
     for entry in fixture["templates"].as_array().unwrap() {
         let name = entry["name"].as_str().unwrap();
-        let template = ChatTemplate::new(entry["template"].as_str().unwrap())
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let template =
+            ChatTemplate::new(entry["template"].as_str().unwrap()).unwrap_or_else(|e| panic!("{name}: {e}"));
         let mut special = BTreeMap::new();
         for key in ["bos_token", "eos_token"] {
             if let Some(text) = entry[key].as_str() {
@@ -87,10 +87,7 @@ fn templates_render_like_transformers() {
                     .duration_since(std::time::UNIX_EPOCH)
                     .unwrap();
                 let today = strftime_utc(date_format, now.as_secs() as i64);
-                let expected = case["expected"]
-                    .as_str()
-                    .unwrap()
-                    .replace(placeholder, &today);
+                let expected = case["expected"].as_str().unwrap().replace(placeholder, &today);
                 let rendered = rendered.unwrap_or_else(|e| panic!("{what}: {e}"));
                 assert_eq!(rendered, expected, "{what}");
             }
@@ -169,12 +166,7 @@ fn tiny_bpe_matches_python_tokenizers_and_transformers() {
         let text = tok.apply_chat_template(&messages, true).unwrap();
         assert_eq!(text, chat["text"].as_str().unwrap());
         let ids: Vec<u32> = serde_json::from_value(chat["ids"].clone()).unwrap();
-        assert_eq!(
-            tok.encode(&text, false).unwrap(),
-            ids,
-            "{}",
-            chat["conversation"]
-        );
+        assert_eq!(tok.encode(&text, false).unwrap(), ids, "{}", chat["conversation"]);
     }
 }
 
@@ -216,10 +208,7 @@ fn config_with_named_templates_and_added_token_dicts() {
     let with_bos = tok.encode("Hello", true).unwrap();
     assert_eq!(with_bos[0], 1);
     assert_eq!(&with_bos[1..], &plain[..]);
-    assert_eq!(
-        tok.encode("<|im_start|>Hello", true).unwrap()[..2],
-        [1, plain[0]]
-    );
+    assert_eq!(tok.encode("<|im_start|>Hello", true).unwrap()[..2], [1, plain[0]]);
 }
 
 #[test]
@@ -347,18 +336,13 @@ fn missing_tokenizer_json_names_the_path() {
         Error::Io { path: p, .. } => assert_eq!(p, &path),
         other => panic!("expected an I/O error, got {other:?}"),
     }
-    assert!(
-        err.to_string().contains(&path.display().to_string()),
-        "{err}"
-    );
+    assert!(err.to_string().contains(&path.display().to_string()), "{err}");
 }
 
 #[test]
 fn malformed_files_name_the_file() {
     let dir = model_dir(&[("tokenizer_config.json", "{not json".into())]);
-    let msg = TextTokenizer::from_hf_dir(dir.path())
-        .unwrap_err()
-        .to_string();
+    let msg = TextTokenizer::from_hf_dir(dir.path()).unwrap_err().to_string();
     assert!(
         msg.contains("tokenizer_config.json") && msg.contains("invalid JSON"),
         "{msg}"
@@ -366,9 +350,7 @@ fn malformed_files_name_the_file() {
 
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("tokenizer.json"), "{}").unwrap();
-    let msg = TextTokenizer::from_hf_dir(dir.path())
-        .unwrap_err()
-        .to_string();
+    let msg = TextTokenizer::from_hf_dir(dir.path()).unwrap_err().to_string();
     assert!(msg.contains("tokenizer.json"), "{msg}");
 }
 
@@ -387,24 +369,17 @@ fn broken_template_fails_at_load_with_the_reason() {
     );
 
     let tokenizer = tokenizers::Tokenizer::from_file(tiny_dir().join("tokenizer.json")).unwrap();
-    let err = TextTokenizer::from_parts(tokenizer, Some("{{ 1 + }}".into()), None, vec![], false)
-        .unwrap_err();
+    let err =
+        TextTokenizer::from_parts(tokenizer, Some("{{ 1 + }}".into()), None, vec![], false).unwrap_err();
     assert!(tokenizer_message(err).contains("syntax error"));
 }
 
 #[test]
 fn from_parts_uses_token_texts_for_the_template() {
     let tokenizer = tokenizers::Tokenizer::from_file(tiny_dir().join("tokenizer.json")).unwrap();
-    let template =
-        "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}{{ eos_token }}";
-    let tok = TextTokenizer::from_parts(
-        tokenizer,
-        Some(template.into()),
-        Some(1),
-        vec![2, 0, 2],
-        true,
-    )
-    .unwrap();
+    let template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}{{ eos_token }}";
+    let tok =
+        TextTokenizer::from_parts(tokenizer, Some(template.into()), Some(1), vec![2, 0, 2], true).unwrap();
     assert_eq!(tok.eos_token_ids(), &[2, 0]);
     assert_eq!(
         tok.apply_chat_template(&[ChatMessage::new("user", "hi")], true)
@@ -436,10 +411,7 @@ fn raise_exception_and_runtime_errors() {
     // An engine error (here: an attribute of an undefined value) is reported as a render failure.
     let template = ChatTemplate::new("{{ nothing.here }}").unwrap();
     let msg = tokenizer_message(template.render(&[], false, &special).unwrap_err());
-    assert!(
-        msg.starts_with("rendering the chat template failed"),
-        "{msg}"
-    );
+    assert!(msg.starts_with("rendering the chat template failed"), "{msg}");
 }
 
 #[test]
@@ -461,10 +433,7 @@ fn python_methods_and_helpers() {
         " World"
     );
     assert_eq!(
-        render(
-            "{{ messages[0].content.strip().startswith('Hello') }}",
-            &msgs
-        ),
+        render("{{ messages[0].content.strip().startswith('Hello') }}", &msgs),
         "True"
     );
     assert_eq!(
@@ -506,7 +475,13 @@ fn python_methods_and_helpers() {
         render("{{ not foo is defined }} {{ messages[0] is mapping }} {{ messages[0].content is string }} {{ messages is sequence }}", &msgs),
         "True True True True"
     );
-    assert_eq!(render("{{ messages[-1]['role'] }} {{ messages[::-1] | length }} {{ (messages | first).role }}", &msgs), "user 1 user");
+    assert_eq!(
+        render(
+            "{{ messages[-1]['role'] }} {{ messages[::-1] | length }} {{ (messages | first).role }}",
+            &msgs
+        ),
+        "user 1 user"
+    );
     let year = render("{{ strftime_now('%Y') }}", &msgs);
     assert!(year.len() == 4 && year.starts_with("20"), "{year}");
 }
@@ -532,10 +507,7 @@ fn incremental_decoder_holds_partial_characters() {
             None => held += 1,
         }
     }
-    assert!(
-        held >= 3,
-        "the partial crab bytes must be held back ({held})"
-    );
+    assert!(held >= 3, "the partial crab bytes must be held back ({held})");
     if let Some(rest) = decoder.finish().unwrap() {
         pieces.push(rest);
     }

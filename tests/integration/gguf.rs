@@ -13,15 +13,8 @@ use loraplane_server::model::{Architecture, ModelConfig};
 use loraplane_server::Tensor;
 use safetensors::{Dtype, SafeTensors};
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
 fn fixture(name: &str) -> PathBuf {
-    repo_root().join("tests/fixtures/gguf").join(name)
+    crate::common::fixture(&format!("gguf/{name}"))
 }
 
 /// All f32 tensors of a safetensors file.
@@ -70,18 +63,6 @@ fn gguf_dequantization_matches_gguf_py_bit_for_bit() {
     }
 }
 
-fn smollm2_path() -> PathBuf {
-    let path = std::env::var_os("LORAPLANE_DEFAULT_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch-default-model.sh (or set LORAPLANE_DEFAULT_GGUF)",
-        path.display()
-    );
-    path
-}
-
 #[derive(serde::Deserialize)]
 struct TokenizationFixture {
     cases: Vec<TokenizationCase>,
@@ -95,15 +76,12 @@ struct TokenizationCase {
 
 #[test]
 fn smollm2_gguf_loads_with_config_tokenizer_and_hf_layout() {
-    let path = smollm2_path();
+    let path = crate::common::default_gguf();
     let start = Instant::now();
     let m = load_gguf(&path).unwrap();
     let elapsed = start.elapsed();
     eprintln!("loaded {} in {:.2?}", path.display(), elapsed);
-    assert!(
-        elapsed.as_secs_f64() < 20.0,
-        "loading SmolLM2 took {elapsed:.2?}"
-    );
+    assert!(elapsed.as_secs_f64() < 20.0, "loading SmolLM2 took {elapsed:.2?}");
 
     let c = &m.config;
     assert_eq!(c.arch, Architecture::Llama);
@@ -138,18 +116,9 @@ fn smollm2_gguf_loads_with_config_tokenizer_and_hf_layout() {
             .clone()
     };
     assert_eq!(shape("model.embed_tokens.weight"), vec![49152, 576]);
-    assert_eq!(
-        shape("model.layers.0.self_attn.q_proj.weight"),
-        vec![576, 576]
-    );
-    assert_eq!(
-        shape("model.layers.0.self_attn.k_proj.weight"),
-        vec![192, 576]
-    );
-    assert_eq!(
-        shape("model.layers.29.mlp.down_proj.weight"),
-        vec![576, 1536]
-    );
+    assert_eq!(shape("model.layers.0.self_attn.q_proj.weight"), vec![576, 576]);
+    assert_eq!(shape("model.layers.0.self_attn.k_proj.weight"), vec![192, 576]);
+    assert_eq!(shape("model.layers.29.mlp.down_proj.weight"), vec![576, 1536]);
     assert_eq!(shape("model.norm.weight"), vec![576]);
     assert!(m.tensors.values().all(Tensor::all_finite));
 
@@ -158,12 +127,7 @@ fn smollm2_gguf_loads_with_config_tokenizer_and_hf_layout() {
     assert!(fixture.cases.len() >= 8);
     for case in &fixture.cases {
         let enc = m.tokenizer.encode(case.text.as_str(), false).unwrap();
-        assert_eq!(
-            enc.get_ids(),
-            case.ids.as_slice(),
-            "encoding {:?}",
-            case.text
-        );
+        assert_eq!(enc.get_ids(), case.ids.as_slice(), "encoding {:?}", case.text);
         let back = m.tokenizer.decode(&case.ids, false).unwrap();
         assert_eq!(back, case.text, "decoding {:?}", case.ids);
     }

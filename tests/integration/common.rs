@@ -1,12 +1,14 @@
-//! Shared helpers for loraplane's integration tests: fixture paths and the PEFT reference file.
-#![deny(missing_docs)]
+//! Shared helpers for the integration tests: fixture paths and reading reference safetensors.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("server/ has a parent")
+        .to_path_buf()
 }
 
 /// `tests/fixtures/<rel>`.
@@ -53,15 +55,18 @@ pub fn read_safetensors(path: &Path) -> HashMap<String, RefTensor> {
         .map(|(name, v)| {
             let b = v.data();
             let data: Vec<f64> = match v.dtype() {
-                safetensors::Dtype::F32 => {
-                    b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect()
-                }
-                safetensors::Dtype::I64 => {
-                    b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect()
-                }
-                safetensors::Dtype::I32 => {
-                    b.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f64).collect()
-                }
+                safetensors::Dtype::F32 => b
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
+                safetensors::Dtype::I64 => b
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
+                safetensors::Dtype::I32 => b
+                    .chunks_exact(4)
+                    .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
                 safetensors::Dtype::F16 => b
                     .chunks_exact(2)
                     .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64())
@@ -72,7 +77,13 @@ pub fn read_safetensors(path: &Path) -> HashMap<String, RefTensor> {
                     .collect(),
                 d => panic!("{name}: unexpected dtype {d:?}"),
             };
-            (name, RefTensor { shape: v.shape().to_vec(), data })
+            (
+                name,
+                RefTensor {
+                    shape: v.shape().to_vec(),
+                    data,
+                },
+            )
         })
         .collect()
 }
@@ -80,5 +91,8 @@ pub fn read_safetensors(path: &Path) -> HashMap<String, RefTensor> {
 /// Largest absolute difference between two equally long slices.
 pub fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| (x as f64 - y).abs())
+        .fold(0.0, f64::max)
 }
