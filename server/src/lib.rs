@@ -6,12 +6,14 @@
 //! - [`adapter`]: PEFT LoRA adapters, validated against the base model at load.
 //! - [`engine`]: the KV cache and the batch runner that turns requests into forward passes.
 //! - [`backend`]: the compute primitives (CPU GEMM, norms, attention) the model calls.
+//! - [`metrics`]: the Prometheus metrics the engine updates and `/metrics` renders.
 #![deny(missing_docs)]
 
 pub mod adapter;
 pub mod backend;
 pub mod engine;
 pub mod error;
+pub mod metrics;
 pub mod model;
 pub mod tensor;
 

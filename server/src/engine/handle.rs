@@ -1,0 +1,117 @@
+//! The engine's front door: a cloneable handle that the HTTP layer uses to submit requests and
+//! manage adapters. Commands go to the scheduler thread over a channel (TGI's actor pattern);
+//! replies come back on oneshot channels and events on per-request streams.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::request::{AdapterInfo, EngineError, EngineEvent, EngineRequest, EventStream};
+use crate::model::ModelConfig;
+
+/// What the handle asks of the scheduler thread.
+pub(crate) enum Command {
+    Submit { req: EngineRequest, events: mpsc::UnboundedSender<EngineEvent> },
+    Load { name: String, path: PathBuf, pinned: bool, reply: oneshot::Sender<Result<(), EngineError>> },
+    Unload { name: String, reply: oneshot::Sender<Result<(), EngineError>> },
+}
+
+/// State the scheduler publishes for cheap reads from HTTP handlers.
+#[derive(Default)]
+pub(crate) struct Published {
+    /// Registered adapters, sorted by name.
+    pub adapters: Vec<AdapterInfo>,
+    /// Requests waiting for admission.
+    pub waiting: usize,
+    /// Requests in the running batch.
+    pub running: usize,
+}
+
+/// A cloneable handle to the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    pub(crate) commands: std::sync::mpsc::Sender<Command>,
+    pub(crate) published: Arc<RwLock<Published>>,
+    pub(crate) model: Arc<ModelConfig>,
+    pub(crate) context_length: usize,
+    pub(crate) max_queued: usize,
+}
+
+impl EngineHandle {
+    /// Queues a request. Fails at once for an unknown adapter, a prompt that cannot fit the
+    /// context, or a full queue. Dropping the returned stream cancels the request.
+    pub fn submit(&self, req: EngineRequest) -> Result<EventStream, EngineError> {
+        if req.input_ids.is_empty() {
+            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+        }
+        if let Some(&bad) = req.input_ids.iter().find(|&&t| t as usize >= self.model.vocab_size) {
+            return Err(EngineError::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                self.model.vocab_size
+            )));
+        }
+        if req.input_ids.len() >= self.context_length {
+            return Err(EngineError::InvalidRequest(format!(
+                "the prompt has {} tokens; the context length is {} (at least one token must be generated)",
+                req.input_ids.len(),
+                self.context_length
+            )));
+        }
+        {
+            let p = self.published.read().expect("published lock");
+            if let Some(name) = &req.lora {
+                if !p.adapters.iter().any(|a| &a.name == name) {
+                    return Err(EngineError::AdapterNotFound(name.clone()));
+                }
+            }
+            if p.waiting >= self.max_queued {
+                return Err(EngineError::Overloaded(format!("{} requests are waiting", p.waiting)));
+            }
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.commands
+            .send(Command::Submit { req, events: tx })
+            .map_err(|_| EngineError::ShuttingDown)?;
+        Ok(rx)
+    }
+
+    /// Loads (or replaces) adapter `name` from `path`; `pinned` keeps it in the slot pool.
+    pub async fn load_adapter(&self, name: String, path: PathBuf, pinned: bool) -> Result<(), EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Load { name, path, pinned, reply })
+            .map_err(|_| EngineError::ShuttingDown)?;
+        rx.await.map_err(|_| EngineError::ShuttingDown)?
+    }
+
+    /// Unloads adapter `name`; requests already running with it finish with its weights.
+    pub async fn unload_adapter(&self, name: String) -> Result<(), EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Unload { name, reply })
+            .map_err(|_| EngineError::ShuttingDown)?;
+        rx.await.map_err(|_| EngineError::ShuttingDown)?
+    }
+
+    /// Registered adapters, sorted by name.
+    pub fn adapters(&self) -> Vec<AdapterInfo> {
+        self.published.read().expect("published lock").adapters.clone()
+    }
+
+    /// `(waiting, running)` request counts.
+    pub fn load(&self) -> (usize, usize) {
+        let p = self.published.read().expect("published lock");
+        (p.waiting, p.running)
+    }
+
+    /// The base model's configuration.
+    pub fn model_config(&self) -> &ModelConfig {
+        &self.model
+    }
+
+    /// Longest sequence (prompt + output) the engine accepts.
+    pub fn context_length(&self) -> usize {
+        self.context_length
+    }
+}
