@@ -10,6 +10,7 @@
 #![deny(missing_docs)]
 
 pub mod adapter;
+pub mod api;
 pub mod args;
 pub mod backend;
 pub mod engine;

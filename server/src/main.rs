@@ -1,69 +1,176 @@
 //! `loraplane-server`: the command line.
 //!
-//! `loraplane-server generate` runs one batch of prompts, each with its own adapter or the base
-//! model, through a single shared forward pass and prints the greedy answers.
+//! With no subcommand it serves SGLang's HTTP API (native and OpenAI-compatible) on one base
+//! model and its LoRA adapters. `loraplane-server generate` runs one batch of prompts, each with
+//! its own adapter or the base model, through a single shared forward pass and prints the greedy
+//! answers.
 
-use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use loraplane_server::adapter::LoraAdapter;
+use loraplane_server::api::{self, params::Limits, AppState};
+use loraplane_server::args::{Cli, Command, GenerateArgs, LoraBackend, ServeArgs, ServerConfig};
+use loraplane_server::engine;
 use loraplane_server::engine::generate::{generate_greedy, GenRequest};
 use loraplane_server::engine::KvCache;
+use loraplane_server::metrics::Metrics;
 use loraplane_server::model::loader::load_model;
 use loraplane_server::model::tokenizer::ChatMessage;
+use loraplane_server::model::Architecture;
 
-#[derive(Parser)]
-#[command(
-    name = "loraplane-server",
-    version,
-    about = "Serve many LoRA adapters on one base model"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Generate greedy answers for a batch of prompts, each with its own adapter, in one batch.
-    Generate(GenerateArgs),
-}
-
-#[derive(clap::Args)]
-struct GenerateArgs {
-    /// Model: an HF directory (config.json, safetensors, tokenizer.json) or a .gguf file.
-    #[arg(long)]
-    model_path: PathBuf,
-    /// Adapters to load, each `NAME=PATH` (a PEFT directory).
-    #[arg(long, num_args = 1..)]
-    lora_paths: Vec<String>,
-    /// A prompt; repeat for a batch.
-    #[arg(long, required = true)]
-    prompt: Vec<String>,
-    /// The adapter for each prompt, in order (`base` or omitted: the base model).
-    #[arg(long)]
-    lora: Vec<String>,
-    /// Wrap each prompt as a user message in the model's chat template.
-    #[arg(long)]
-    chat: bool,
-    /// Most tokens to generate per prompt.
-    #[arg(long, default_value_t = 64)]
-    max_new_tokens: usize,
-}
-
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match &cli.command {
+        None => cli.serve.log_level.clone(),
+        Some(_) => "info".to_string(),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .or_else(|_| tracing_subscriber::EnvFilter::try_new(&level))
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
-        Command::Generate(args) => generate(args),
+    let result = match cli.command {
+        Some(Command::Generate(args)) => generate(args),
+        None => return serve_command(cli.serve),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
+}
+
+/// Validates the flags (exit 2 on a contradiction, like clap), then serves (exit 1 on failure).
+fn serve_command(args: ServeArgs) -> ExitCode {
+    let config = match args.validate() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    for (flag, given) in [
+        ("--trust-remote-code", args.trust_remote_code),
+        ("--disable-cuda-graph", args.disable_cuda_graph),
+        ("--cuda-graph-max-bs", args.cuda_graph_max_bs.is_some()),
+        ("--mem-fraction-static", args.mem_fraction_static.is_some()),
+    ] {
+        if given {
+            tracing::warn!("{flag} is accepted for SGLang compatibility and ignored on the CPU");
+        }
+    }
+    match serve(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(ServeError::Config(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+        Err(ServeError::Other(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum ServeError {
+    /// A flag that does not fit the model (exit 2).
+    Config(loraplane_server::args::ArgError),
+    /// Anything else (exit 1).
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for ServeError {
+    fn from(e: anyhow::Error) -> Self {
+        ServeError::Other(e)
+    }
+}
+
+fn serve(config: ServerConfig) -> Result<(), ServeError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    // Bind first: a taken port should fail before a long model load.
+    let addr = format!("{}:{}", config.host, config.port);
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(&addr))
+        .with_context(|| format!("cannot listen on {addr} (--host/--port)"))?;
+
+    let t0 = Instant::now();
+    let loaded = load_model(&config.model_path).context("loading --model-path")?;
+    let model_config = loaded.model.config().clone();
+    tracing::info!(model = %loaded.name, secs = t0.elapsed().as_secs_f32(), "model loaded");
+    let engine_config = config.engine_config(&model_config).map_err(ServeError::Config)?;
+    let served_model_name = config.served_model_name.clone().unwrap_or(loaded.name.clone());
+    if served_model_name.contains(':') {
+        return Err(ServeError::Config(loraplane_server::args::ArgError(format!(
+            "the model's name {served_model_name:?} contains ':', which the OpenAI API reads as \
+             `<base>:<adapter>`; choose another with --served-model-name"
+        ))));
+    }
+    if config.lora.enabled {
+        let backend = match config.lora.backend {
+            LoraBackend::Csgmv => "csgmv",
+            LoraBackend::Triton => "triton",
+        };
+        tracing::info!(
+            backend,
+            max_loras_per_batch = config.lora.max_loras_per_batch,
+            eviction = config.lora.eviction_policy.as_str(),
+            "LoRA serving on; the CPU runs both LoRA backends as the same per-segment kernels"
+        );
+    }
+    let metrics = Arc::new(Metrics::new());
+    let tokenizer = Arc::new(loaded.tokenizer);
+    let engine = engine::start(
+        loaded.model,
+        engine_config.clone(),
+        config.lora.adapters.clone(),
+        metrics.clone(),
+    )
+    .map_err(|e| anyhow::anyhow!("starting the engine: {e}"))?;
+    let architecture = match model_config.arch {
+        Architecture::Llama => "LlamaForCausalLM",
+        Architecture::Mistral => "MistralForCausalLM",
+        Architecture::Qwen2 => "Qwen2ForCausalLM",
+    };
+    let state = Arc::new(AppState {
+        limits: Limits {
+            context_length: engine.context_length(),
+            vocab_size: model_config.vocab_size,
+            eos_token_ids: model_config.eos_token_ids.clone(),
+        },
+        server_info: config.to_json(&engine_config, &served_model_name),
+        engine,
+        tokenizer,
+        metrics,
+        served_model_name,
+        model_path: config.model_path.clone(),
+        architecture: architecture.to_string(),
+        api_key: config.api_key.clone(),
+        lora_enabled: config.lora.enabled,
+    });
+    let local = listener.local_addr().context("reading the bound address")?;
+    tracing::info!(
+        address = %local,
+        model = %state.served_model_name,
+        context_length = state.limits.context_length,
+        adapters = state.engine.adapters().len(),
+        "serving on http://{local}"
+    );
+    runtime
+        .block_on(api::serve(listener, state))
+        .context("serving HTTP")?;
+    Ok(())
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
