@@ -66,25 +66,48 @@ impl Metrics {
         macro_rules! reg {
             ($m:expr) => {{
                 let m = $m.expect("valid metric");
-                registry.register(Box::new(m.clone())).expect("unique metric");
+                registry
+                    .register(Box::new(m.clone()))
+                    .expect("unique metric");
                 m
             }};
         }
         let latency = buckets(0.001, 2.0, 18);
         Self {
-            slots_total: reg!(IntGauge::new("loraplane_lora_slots_total", "Adapter slots in the pool")),
-            slots_used: reg!(IntGauge::new("loraplane_lora_slots_used", "Adapter slots holding an adapter")),
-            slots_pinned: reg!(IntGauge::new("loraplane_lora_slots_pinned", "Adapter slots holding a pinned adapter")),
-            host_adapters: reg!(IntGauge::new("loraplane_lora_host_adapters", "Adapters held in host memory")),
+            slots_total: reg!(IntGauge::new(
+                "loraplane_lora_slots_total",
+                "Adapter slots in the pool"
+            )),
+            slots_used: reg!(IntGauge::new(
+                "loraplane_lora_slots_used",
+                "Adapter slots holding an adapter"
+            )),
+            slots_pinned: reg!(IntGauge::new(
+                "loraplane_lora_slots_pinned",
+                "Adapter slots holding a pinned adapter"
+            )),
+            host_adapters: reg!(IntGauge::new(
+                "loraplane_lora_host_adapters",
+                "Adapters held in host memory"
+            )),
             adapter_loads: reg!(IntCounterVec::new(
-                Opts::new("loraplane_lora_adapter_loads_total", "Adapter loads by pool and reason"),
+                Opts::new(
+                    "loraplane_lora_adapter_loads_total",
+                    "Adapter loads by pool and reason"
+                ),
                 &["pool", "reason"]
             )),
             adapter_evictions: reg!(IntCounterVec::new(
-                Opts::new("loraplane_lora_adapter_evictions_total", "Adapter evictions by pool, policy and reason"),
+                Opts::new(
+                    "loraplane_lora_adapter_evictions_total",
+                    "Adapter evictions by pool, policy and reason"
+                ),
                 &["pool", "policy", "reason"]
             )),
-            slot_hits: reg!(IntCounter::new("loraplane_lora_slot_hits_total", "Requests whose adapter was in a slot")),
+            slot_hits: reg!(IntCounter::new(
+                "loraplane_lora_slot_hits_total",
+                "Requests whose adapter was in a slot"
+            )),
             slot_misses: reg!(IntCounter::new(
                 "loraplane_lora_slot_misses_total",
                 "Requests whose adapter had to be loaded into a slot"
@@ -94,33 +117,56 @@ impl Metrics {
                     .buckets(buckets(0.0001, 2.0, 18)),
                 &["pool"]
             )),
-            queue_length: reg!(IntGauge::new("loraplane_queue_length", "Requests waiting for admission")),
-            running_requests: reg!(IntGauge::new("loraplane_running_requests", "Requests in the running batch")),
-            prompt_tokens: reg!(IntCounter::new("loraplane_prompt_tokens_total", "Prompt tokens received")),
+            queue_length: reg!(IntGauge::new(
+                "loraplane_queue_length",
+                "Requests waiting for admission"
+            )),
+            running_requests: reg!(IntGauge::new(
+                "loraplane_running_requests",
+                "Requests in the running batch"
+            )),
+            prompt_tokens: reg!(IntCounter::new(
+                "loraplane_prompt_tokens_total",
+                "Prompt tokens received"
+            )),
             cached_prompt_tokens: reg!(IntCounter::new(
                 "loraplane_cached_prompt_tokens_total",
                 "Prompt tokens served from the prefix cache"
             )),
-            generated_tokens: reg!(IntCounter::new("loraplane_generated_tokens_total", "Tokens generated")),
+            generated_tokens: reg!(IntCounter::new(
+                "loraplane_generated_tokens_total",
+                "Tokens generated"
+            )),
             requests_finished: reg!(IntCounterVec::new(
                 Opts::new("loraplane_requests_finished_total", "Finished requests by reason"),
                 &["reason"]
             )),
             ttft_seconds: reg!(Histogram::with_opts(
-                HistogramOpts::new("loraplane_time_to_first_token_seconds", "Time to first token").buckets(latency.clone())
+                HistogramOpts::new("loraplane_time_to_first_token_seconds", "Time to first token")
+                    .buckets(latency.clone())
             )),
             inter_token_seconds: reg!(Histogram::with_opts(
-                HistogramOpts::new("loraplane_inter_token_latency_seconds", "Time between tokens of a request")
-                    .buckets(latency.clone())
+                HistogramOpts::new(
+                    "loraplane_inter_token_latency_seconds",
+                    "Time between tokens of a request"
+                )
+                .buckets(latency.clone())
             )),
             e2e_seconds: reg!(Histogram::with_opts(
-                HistogramOpts::new("loraplane_e2e_request_latency_seconds", "Request latency, arrival to last token")
-                    .buckets(latency.clone())
+                HistogramOpts::new(
+                    "loraplane_e2e_request_latency_seconds",
+                    "Request latency, arrival to last token"
+                )
+                .buckets(latency.clone())
             )),
             step_seconds: reg!(Histogram::with_opts(
-                HistogramOpts::new("loraplane_forward_step_seconds", "Forward pass duration").buckets(latency)
+                HistogramOpts::new("loraplane_forward_step_seconds", "Forward pass duration")
+                    .buckets(latency)
             )),
-            kv_usage: reg!(Gauge::new("loraplane_kv_cache_usage_ratio", "KV cache blocks in use / total")),
+            kv_usage: reg!(Gauge::new(
+                "loraplane_kv_cache_usage_ratio",
+                "KV cache blocks in use / total"
+            )),
             lora_requests_info: reg!(GaugeVec::new(
                 Opts::new(
                     "vllm:lora_requests_info",
@@ -147,7 +193,9 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding");
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding");
         String::from_utf8(buf).expect("metrics are UTF-8")
     }
 }

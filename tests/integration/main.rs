@@ -4,5 +4,6 @@ mod common;
 
 mod adapters;
 mod default_model;
+mod engine;
 mod gguf;
 mod numerics;

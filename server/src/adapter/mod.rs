@@ -272,6 +272,42 @@ impl LoraAdapter {
         }
     }
 
+    /// Writes this adapter as a PEFT directory (`adapter_config.json` + f32
+    /// `adapter_model.safetensors`) that [`LoraAdapter::load`] and PEFT itself can read.
+    pub fn save_peft(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let config = serde_json::json!({
+            "peft_type": "LORA",
+            "r": self.rank,
+            "lora_alpha": self.scaling * self.rank as f32,
+            "use_rslora": false,
+            "target_modules": self.targets.iter().map(|t| t.name()).collect::<Vec<_>>(),
+            "bias": "none",
+        });
+        let path = dir.join("adapter_config.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&config).expect("valid JSON"))
+            .map_err(|e| Error::io(&path, e))?;
+        let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            for t in LoraTarget::ALL {
+                let Some(w) = &layer[t.index()] else { continue };
+                let prefix = format!("base_model.model.model.layers.{i}.{}.{}", t.parent(), t.name());
+                for (name, tensor) in [("lora_A", &w.a), ("lora_B", &w.b)] {
+                    let bytes = tensor.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    owned.push((format!("{prefix}.{name}.weight"), tensor.shape.clone(), bytes));
+                }
+            }
+        }
+        let views = owned.iter().map(|(n, shape, b)| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                .expect("shape matches data");
+            (n.clone(), view)
+        });
+        let path = dir.join("adapter_model.safetensors");
+        safetensors::serialize_to_file(views, None, &path)
+            .map_err(|e| Error::adapter(dir, format!("cannot write safetensors: {e}")))
+    }
+
     /// Bytes of weights this adapter holds (for memory caps).
     pub fn size_bytes(&self) -> usize {
         let per_weights = |w: &LoraWeights| (w.a.data.len() + w.b.data.len()) * std::mem::size_of::<f32>();
@@ -318,6 +354,26 @@ fn parse_key(key: &str) -> std::result::Result<(usize, LoraTarget, bool), String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dummy_adapters_round_trip_through_peft_files() {
+        let config = ModelConfig::from_hf_json(
+            r#"{"architectures":["LlamaForCausalLM"],"vocab_size":16,"hidden_size":8,"intermediate_size":12,
+            "num_hidden_layers":2,"num_attention_heads":2,"num_key_value_heads":1}"#,
+        )
+        .unwrap();
+        let a = LoraAdapter::dummy("d", &config, 4, &[LoraTarget::QProj, LoraTarget::DownProj], 3);
+        let dir = std::env::temp_dir().join(format!("loraplane-dummy-{}", std::process::id()));
+        a.save_peft(&dir).unwrap();
+        let b = LoraAdapter::load("d", &dir, &config).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!((b.rank, b.scaling, &b.targets), (4, 1.0, &a.targets));
+        let (wa, wb) = (
+            a.layers[1][LoraTarget::DownProj.index()].as_ref().unwrap(),
+            b.layers[1][6].as_ref().unwrap(),
+        );
+        assert_eq!((&wa.a, &wa.b), (&wb.a, &wb.b));
+    }
 
     #[test]
     fn parses_peft_tensor_names() {

@@ -1,6 +1,11 @@
 //! CPU primitives: GEMM through the `gemm` crate (multithreaded with rayon), RMSNorm, SiLU, softmax.
 
 use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Up to this many rows, [`matmul_nt`] streams each weight row once for all input rows (decode
+/// batches are memory-bound); above it, the blocked GEMM of the `gemm` crate wins.
+const SMALL_M: usize = 16;
 
 /// Threads for GEMMs: rayon's global pool (sized to the machine's cores).
 fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
@@ -36,6 +41,10 @@ pub fn matmul_nt(
     assert!(lhs.len() >= (m - 1) * lhs_stride + k, "lhs too small");
     assert!(rhs.len() >= n * k, "rhs too small");
     assert!(dst.len() >= (m - 1) * dst_stride + n, "dst too small");
+    if m <= SMALL_M && n * k >= 4096 {
+        small_m_matmul(dst, dst_stride, lhs, lhs_stride, rhs, m, n, k, scale, accumulate);
+        return;
+    }
     if k == 0 {
         if !accumulate {
             for r in 0..m {
@@ -69,6 +78,109 @@ pub fn matmul_nt(
             false,
             parallelism(m, n, k),
         );
+    }
+}
+
+/// Few-row product: each weight row is read once and dotted with every input row, with the
+/// output columns split across threads. `dst` columns written by different threads never overlap.
+#[allow(clippy::too_many_arguments)]
+fn small_m_matmul(
+    dst: &mut [f32],
+    dst_stride: usize,
+    lhs: &[f32],
+    lhs_stride: usize,
+    rhs: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    scale: f32,
+    accumulate: bool,
+) {
+    const COLS: usize = 32;
+    let rows: Vec<&[f32]> = (0..m).map(|r| &lhs[r * lhs_stride..r * lhs_stride + k]).collect();
+    let kernel = block_dots_kernel();
+    // LoRA shrink/expand products are tiny: splitting them costs more than it saves.
+    let chunk = if n * k <= 1 << 16 { n * k } else { COLS * k };
+    let results: Vec<Vec<f32>> = rhs[..n * k]
+        .par_chunks(chunk)
+        .map(|block| {
+            let mut out = vec![0.0f32; block.len() / k * m];
+            kernel(block, k, &rows, &mut out);
+            out
+        })
+        .collect();
+    for (b, out) in results.iter().enumerate() {
+        let cols = out.len() / m;
+        for c in 0..cols {
+            let col = b * (chunk / k) + c;
+            for r in 0..m {
+                let d = &mut dst[r * dst_stride + col];
+                let v = scale * out[c * m + r];
+                *d = if accumulate { *d + v } else { v };
+            }
+        }
+    }
+}
+
+type BlockDots = fn(&[f32], usize, &[&[f32]], &mut [f32]);
+
+/// The dot-product kernel for this CPU: AVX2+FMA where available, portable otherwise.
+fn block_dots_kernel() -> BlockDots {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return |w, k, rows, out| {
+                // SAFETY: the features were detected above.
+                unsafe { block_dots_avx2(w, k, rows, out) }
+            };
+        }
+    }
+    block_dots_portable
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn block_dots_avx2(w: &[f32], k: usize, rows: &[&[f32]], out: &mut [f32]) {
+    let m = rows.len();
+    for (c, wc) in w.chunks_exact(k).enumerate() {
+        for (r, x) in rows.iter().enumerate() {
+            let mut acc = [0.0f32; 16];
+            let (cx, cw) = (x.chunks_exact(16), wc.chunks_exact(16));
+            let tail: f32 = cx
+                .remainder()
+                .iter()
+                .zip(cw.remainder())
+                .map(|(a, b)| a * b)
+                .sum();
+            for (xs, ws) in cx.zip(cw) {
+                for i in 0..16 {
+                    acc[i] = xs[i].mul_add(ws[i], acc[i]);
+                }
+            }
+            out[c * m + r] = acc.iter().sum::<f32>() + tail;
+        }
+    }
+}
+
+fn block_dots_portable(w: &[f32], k: usize, rows: &[&[f32]], out: &mut [f32]) {
+    let m = rows.len();
+    for (c, wc) in w.chunks_exact(k).enumerate() {
+        for (r, x) in rows.iter().enumerate() {
+            let mut acc = [0.0f32; 8];
+            let (cx, cw) = (x.chunks_exact(8), wc.chunks_exact(8));
+            let tail: f32 = cx
+                .remainder()
+                .iter()
+                .zip(cw.remainder())
+                .map(|(a, b)| a * b)
+                .sum();
+            for (xs, ws) in cx.zip(cw) {
+                for i in 0..8 {
+                    acc[i] += xs[i] * ws[i];
+                }
+            }
+            out[c * m + r] = acc.iter().sum::<f32>() + tail;
+        }
     }
 }
 
@@ -121,6 +233,21 @@ mod tests {
                 assert!((dst[r * stride + c] - (1.0 + 0.5 * dot)).abs() < 1e-3);
             }
             assert_eq!(dst[r * stride + n], 1.0, "columns past n are untouched");
+        }
+    }
+
+    #[test]
+    fn small_m_path_matches_naive() {
+        let (m, n, k) = (3, 200, 70);
+        let lhs: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 10.0).collect();
+        let rhs: Vec<f32> = (0..n * k).map(|i| ((i * 5 % 11) as f32 - 5.0) / 10.0).collect();
+        let mut dst = vec![2.0f32; m * n];
+        matmul_nt(&mut dst, n, &lhs, k, &rhs, m, n, k, 1.5, true);
+        for r in 0..m {
+            for c in 0..n {
+                let dot: f32 = (0..k).map(|i| lhs[r * k + i] * rhs[c * k + i]).sum();
+                assert!((dst[r * n + c] - (2.0 + 1.5 * dot)).abs() < 1e-3);
+            }
         }
     }
 

@@ -12,9 +12,20 @@ use crate::model::ModelConfig;
 
 /// What the handle asks of the scheduler thread.
 pub(crate) enum Command {
-    Submit { req: EngineRequest, events: mpsc::UnboundedSender<EngineEvent> },
-    Load { name: String, path: PathBuf, pinned: bool, reply: oneshot::Sender<Result<(), EngineError>> },
-    Unload { name: String, reply: oneshot::Sender<Result<(), EngineError>> },
+    Submit {
+        req: EngineRequest,
+        events: mpsc::UnboundedSender<EngineEvent>,
+    },
+    Load {
+        name: String,
+        path: PathBuf,
+        pinned: bool,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
+    Unload {
+        name: String,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
 }
 
 /// State the scheduler publishes for cheap reads from HTTP handlers.
@@ -45,7 +56,11 @@ impl EngineHandle {
         if req.input_ids.is_empty() {
             return Err(EngineError::InvalidRequest("the prompt is empty".into()));
         }
-        if let Some(&bad) = req.input_ids.iter().find(|&&t| t as usize >= self.model.vocab_size) {
+        if let Some(&bad) = req
+            .input_ids
+            .iter()
+            .find(|&&t| t as usize >= self.model.vocab_size)
+        {
             return Err(EngineError::InvalidRequest(format!(
                 "token id {bad} is outside the vocabulary (size {})",
                 self.model.vocab_size
@@ -66,7 +81,10 @@ impl EngineHandle {
                 }
             }
             if p.waiting >= self.max_queued {
-                return Err(EngineError::Overloaded(format!("{} requests are waiting", p.waiting)));
+                return Err(EngineError::Overloaded(format!(
+                    "{} requests are waiting",
+                    p.waiting
+                )));
             }
         }
         let (tx, rx) = mpsc::unbounded_channel();
@@ -80,7 +98,12 @@ impl EngineHandle {
     pub async fn load_adapter(&self, name: String, path: PathBuf, pinned: bool) -> Result<(), EngineError> {
         let (reply, rx) = oneshot::channel();
         self.commands
-            .send(Command::Load { name, path, pinned, reply })
+            .send(Command::Load {
+                name,
+                path,
+                pinned,
+                reply,
+            })
             .map_err(|_| EngineError::ShuttingDown)?;
         rx.await.map_err(|_| EngineError::ShuttingDown)?
     }

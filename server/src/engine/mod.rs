@@ -5,13 +5,12 @@
 //! - `scheduler`: the engine thread; admits requests FCFS with adapter-aware packing, runs
 //!   one mixed prefill/decode forward pass per step, streams [`request::EngineEvent`]s back.
 //! - `adapter_pool`: which adapters are registered, held in host memory, and in slots.
-//! - [`kv_cache`] and `prefix_cache`: token storage and reuse of prompt prefixes per adapter.
+//! - [`kv_cache`]: paged token storage and reuse of prompt prefixes per adapter.
 
 pub mod adapter_pool;
 pub mod generate;
 pub mod handle;
 pub mod kv_cache;
-pub mod prefix_cache;
 pub mod request;
 pub mod sampling;
 mod scheduler;

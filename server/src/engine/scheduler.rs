@@ -1,16 +1,492 @@
-//! (in progress)
-use std::sync::Arc;
+//! The engine thread: continuous batching.
+//!
+//! Each step admits waiting requests (FCFS, packing requests whose adapter is already in a slot
+//! ahead of ones that would need a slot the batch cannot free), then runs ONE forward pass over a
+//! mix of decode tokens (one per running request) and prefill chunks (up to
+//! `--chunked-prefill-size` prompt tokens), ordered by adapter so each adapter is one LoRA segment.
+//! Requests join and leave between steps. A request whose stream is dropped is cancelled.
+//! When the KV cache runs out, the newest request is preempted and recomputed later.
 
-use super::{AdapterSpec, EngineConfig, EngineHandle};
+use std::collections::{HashSet, VecDeque};
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::adapter_pool::{Acquire, AdapterPool};
+use super::handle::{Command, Published};
+use super::request::{EngineError, EngineEvent, EngineRequest, FinishReason, TokenLogprob};
+use super::sampling::{sample, top_logprobs, Rng};
+use super::{AdapterSpec, EngineConfig, EngineHandle, KvCache, SeqCache};
+use crate::adapter::LoraAdapter;
+use crate::backend::cpu::log_softmax;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::model::llama::{LogitsWanted, SeqInput};
 use crate::model::LlamaModel;
 
+/// Steps the head of the queue may be passed over before admission stops for everyone else.
+const STARVATION_STEPS: u32 = 32;
+
+struct Sequence {
+    req: EngineRequest,
+    events: UnboundedSender<EngineEvent>,
+    /// Prompt followed by the generated tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    adapter: Option<Arc<LoraAdapter>>,
+    /// Prefix-cache key: 0 for the base model, else the adapter's load id.
+    key: u64,
+    cache: SeqCache,
+    rng: Rng,
+    arrival: Instant,
+    last_token: Option<Instant>,
+    cached_tokens: usize,
+    started: bool,
+    /// Prompt log-probs collected across prefill chunks.
+    input_logprobs: Vec<Option<TokenLogprob>>,
+    skipped: u32,
+}
+
+impl Sequence {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    fn wants_input_logprobs(&self) -> bool {
+        !self.started && self.req.logprobs.return_logprob && self.req.logprobs.logprob_start_len.is_some()
+    }
+}
+
+struct Scheduler {
+    model: LlamaModel,
+    config: EngineConfig,
+    kv: KvCache,
+    pool: AdapterPool,
+    waiting: VecDeque<Sequence>,
+    running: Vec<Sequence>,
+    commands: Receiver<Command>,
+    published: Arc<RwLock<Published>>,
+    metrics: Arc<Metrics>,
+}
+
 pub(crate) fn spawn(
-    _model: LlamaModel,
-    _config: EngineConfig,
-    _adapters: Vec<AdapterSpec>,
-    _metrics: Arc<Metrics>,
+    model: LlamaModel,
+    config: EngineConfig,
+    adapters: Vec<AdapterSpec>,
+    metrics: Arc<Metrics>,
 ) -> Result<EngineHandle> {
-    Err(Error::Model("scheduler in progress".into()))
+    let mc = model.config().clone();
+    let mut pool = AdapterPool::new(mc.clone(), &config, metrics.clone());
+    for a in &adapters {
+        pool.register(&a.name, &a.path, a.pinned)
+            .map_err(|e| Error::Model(format!("--lora-paths {}: {e}", a.name)))?;
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let published = Arc::new(RwLock::new(Published {
+        adapters: pool.list(),
+        waiting: 0,
+        running: 0,
+    }));
+    let handle = EngineHandle {
+        commands: tx,
+        published: published.clone(),
+        model: Arc::new(mc.clone()),
+        context_length: config.context_length,
+        max_queued: config.max_queued_requests,
+    };
+    let kv = KvCache::new(&mc, config.max_total_tokens, config.kv_block_size);
+    let mut s = Scheduler {
+        model,
+        config,
+        kv,
+        pool,
+        waiting: VecDeque::new(),
+        running: Vec::new(),
+        commands: rx,
+        published,
+        metrics,
+    };
+    s.publish();
+    std::thread::Builder::new()
+        .name("loraplane-engine".into())
+        .spawn(move || s.run())
+        .map_err(|e| Error::Model(format!("cannot start the engine thread: {e}")))?;
+    Ok(handle)
+}
+
+impl Scheduler {
+    fn run(mut self) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match self.commands.recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match self.commands.try_recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) if self.running.is_empty() && self.waiting.is_empty() => {
+                        return
+                    }
+                    Err(TryRecvError::Disconnected) => break,
+                }
+            }
+            self.drop_cancelled();
+            self.admit();
+            if let Err(e) = self.step() {
+                // A failed step must not take the server down: fail the batch, keep serving.
+                tracing::error!(error = %e, "forward step failed; aborting the running batch");
+                for mut s in std::mem::take(&mut self.running) {
+                    self.finish(&mut s, FinishReason::Abort(format!("engine error: {e}")));
+                }
+            }
+            self.publish();
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Submit { req, events } => {
+                let rng = Rng::new(req.sampling.seed);
+                self.metrics.prompt_tokens.inc_by(req.input_ids.len() as u64);
+                self.waiting.push_back(Sequence {
+                    tokens: req.input_ids.clone(),
+                    prompt_len: req.input_ids.len(),
+                    req,
+                    events,
+                    adapter: None,
+                    key: 0,
+                    cache: SeqCache::default(),
+                    rng,
+                    arrival: Instant::now(),
+                    last_token: None,
+                    cached_tokens: 0,
+                    started: false,
+                    input_logprobs: Vec::new(),
+                    skipped: 0,
+                });
+            }
+            Command::Load {
+                name,
+                path,
+                pinned,
+                reply,
+            } => {
+                let r = self.pool.register(&name, &path, pinned);
+                if r.is_ok() {
+                    tracing::info!(adapter = %name, path = %path.display(), pinned, "adapter loaded");
+                }
+                // Publish before replying so a request sent right after the reply sees the change.
+                self.publish();
+                let _ = reply.send(r);
+            }
+            Command::Unload { name, reply } => {
+                let r = self.pool.unregister(&name);
+                if r.is_ok() {
+                    tracing::info!(adapter = %name, "adapter unloaded");
+                }
+                self.publish();
+                let _ = reply.send(r);
+            }
+        }
+        self.publish();
+    }
+
+    fn drop_cancelled(&mut self) {
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].events.is_closed() {
+                let mut s = self.running.swap_remove(i);
+                self.kv.release(&mut s.cache);
+                self.metrics
+                    .requests_finished
+                    .with_label_values(&["cancelled"])
+                    .inc();
+            } else {
+                i += 1;
+            }
+        }
+        self.waiting.retain(|s| !s.events.is_closed());
+    }
+
+    /// FCFS admission with adapter-aware packing.
+    fn admit(&mut self) {
+        let mut in_batch: HashSet<u64> = self
+            .running
+            .iter()
+            .filter(|s| s.adapter.is_some())
+            .map(|s| s.key)
+            .collect();
+        let mut i = 0;
+        while i < self.waiting.len() && self.running.len() < self.config.max_running_requests {
+            // Once the head has waited too long, admit nothing past it so slots drain for it.
+            if i > 0 && self.waiting[0].skipped > STARVATION_STEPS {
+                break;
+            }
+            let name = self.waiting[i].req.lora.clone();
+            let adapter = match &name {
+                None => None,
+                Some(n) => match self.pool.acquire(n, &in_batch) {
+                    Ok(Acquire::Ready(a)) => Some(a),
+                    Ok(Acquire::Wait) => {
+                        self.waiting[i].skipped += 1;
+                        i += 1;
+                        continue;
+                    }
+                    Err(e) => {
+                        // Unloaded (or no longer loadable from disk) while it waited.
+                        let mut s = self.waiting.remove(i).expect("index in range");
+                        let msg = match e {
+                            EngineError::AdapterNotFound(n) => format!("LoRA adapter {n:?} was unloaded"),
+                            e => e.to_string(),
+                        };
+                        self.finish(&mut s, FinishReason::Abort(msg));
+                        continue;
+                    }
+                },
+            };
+            let key = match (&name, &adapter) {
+                (Some(n), Some(_)) => self.pool.uid(n).unwrap_or(0),
+                _ => 0,
+            };
+            let s = &mut self.waiting[i];
+            s.adapter = adapter;
+            s.key = key;
+            // Reuse a cached prefix unless prompt log-probs must be computed from position 0.
+            let reusable = self.config.prefix_cache && !s.wants_input_logprobs();
+            let cached = if reusable {
+                self.kv.match_prefix(&mut s.cache, key, &s.tokens)
+            } else {
+                0
+            };
+            if self.kv.reserve(&mut s.cache, s.tokens.len()).is_err() {
+                self.kv.release(&mut s.cache);
+                break;
+            }
+            s.cached_tokens = s.cached_tokens.max(cached);
+            if s.adapter.is_some() {
+                in_batch.insert(key);
+            }
+            let s = self.waiting.remove(i).expect("index in range");
+            self.metrics.cached_prompt_tokens.inc_by(cached as u64);
+            self.running.push(s);
+        }
+    }
+
+    /// One forward pass over every running sequence's next chunk.
+    fn step(&mut self) -> Result<()> {
+        if self.running.is_empty() {
+            return Ok(());
+        }
+        // Make room for one more token per sequence, preempting the newest when the cache is full.
+        let mut i = 0;
+        while i < self.running.len() {
+            let need = self.running[i].tokens.len();
+            if self.kv.reserve(&mut self.running[i].cache, need).is_ok() {
+                i += 1;
+                continue;
+            }
+            let mut victim = self.running.pop().expect("non-empty");
+            self.kv.release(&mut victim.cache);
+            tracing::warn!(
+                tokens = victim.tokens.len(),
+                "KV cache full: preempting a request for recompute"
+            );
+            victim.adapter = None;
+            self.waiting.push_front(victim);
+        }
+        if self.running.is_empty() {
+            return Ok(());
+        }
+        // Pick each sequence's chunk: its pending tokens, prefill capped by the token budget.
+        let mut budget = self.config.chunked_prefill_size;
+        let mut plan: Vec<(usize, usize, usize, LogitsWanted)> = Vec::new(); // (seq, from, to, logits)
+        for (idx, s) in self.running.iter().enumerate() {
+            let from = s.cache.len;
+            let pending = s.tokens.len() - from;
+            let take = if pending <= 1 {
+                pending
+            } else {
+                pending.min(budget.max(1))
+            };
+            if take == 0 {
+                continue;
+            }
+            if pending > 1 {
+                if budget == 0 {
+                    continue;
+                }
+                budget = budget.saturating_sub(take);
+            }
+            let to = from + take;
+            let last = to == s.tokens.len();
+            let logits = if s.wants_input_logprobs() {
+                LogitsWanted::All
+            } else if last {
+                LogitsWanted::Last
+            } else {
+                LogitsWanted::None
+            };
+            plan.push((idx, from, to, logits));
+        }
+        plan.sort_by_key(|p| self.running[p.0].key);
+        let t0 = Instant::now();
+        let inputs: Vec<SeqInput<'_>> = plan
+            .iter()
+            .map(|&(idx, from, to, logits)| {
+                let s = &self.running[idx];
+                SeqInput {
+                    tokens: &s.tokens[from..to],
+                    cache: &s.cache,
+                    adapter: s.adapter.as_deref(),
+                    logits,
+                }
+            })
+            .collect();
+        let outputs = self.model.forward(&mut self.kv, &inputs)?;
+        drop(inputs);
+        self.metrics.step_seconds.observe(t0.elapsed().as_secs_f64());
+        let vocab = self.model.config().vocab_size;
+
+        let mut finished: Vec<(usize, FinishReason)> = Vec::new();
+        for (&(idx, from, to, logits), out) in plan.iter().zip(outputs) {
+            let s = &mut self.running[idx];
+            s.cache.len = to;
+            if logits == LogitsWanted::All {
+                collect_input_logprobs(s, from, to, &out, vocab);
+            }
+            if to < s.tokens.len() {
+                continue;
+            }
+            let last_row = &out[out.len() - vocab..];
+            if !s.started {
+                s.started = true;
+                if self.config.prefix_cache {
+                    self.kv.publish_prefix(&s.cache, s.key, &s.tokens);
+                }
+                let input_logprobs = std::mem::take(&mut s.input_logprobs);
+                let _ = s.events.send(EngineEvent::Started {
+                    cached_tokens: s.cached_tokens,
+                    input_logprobs,
+                });
+            }
+            let top_n = if s.req.logprobs.return_logprob {
+                s.req.logprobs.top_logprobs_num
+            } else {
+                0
+            };
+            let tok = sample(
+                last_row,
+                &s.req.sampling,
+                &s.tokens[..s.prompt_len],
+                &s.tokens[s.prompt_len..],
+                top_n,
+                &mut s.rng,
+            );
+            let id = tok.token_id;
+            s.tokens.push(id);
+            let now = Instant::now();
+            match s.last_token {
+                None => self.metrics.ttft_seconds.observe((now - s.arrival).as_secs_f64()),
+                Some(prev) => self
+                    .metrics
+                    .inter_token_seconds
+                    .observe((now - prev).as_secs_f64()),
+            }
+            s.last_token = Some(now);
+            self.metrics.generated_tokens.inc();
+            if s.events.send(EngineEvent::Token(tok)).is_err() {
+                finished.push((idx, FinishReason::Abort("client went away".into())));
+                continue;
+            }
+            let eos = !s.req.sampling.ignore_eos && self.model.config().eos_token_ids.contains(&id);
+            if eos || s.req.sampling.stop_token_ids.contains(&id) {
+                finished.push((idx, FinishReason::Stop { token_id: id }));
+            } else if s.generated() >= s.req.sampling.max_new_tokens
+                || s.tokens.len() >= self.config.context_length
+            {
+                finished.push((idx, FinishReason::Length));
+            }
+        }
+        finished.sort_by_key(|f| std::cmp::Reverse(f.0));
+        for (idx, reason) in finished {
+            let mut s = self.running.swap_remove(idx);
+            self.finish(&mut s, reason);
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, s: &mut Sequence, reason: FinishReason) {
+        if self.config.prefix_cache && s.started {
+            self.kv.publish_prefix(&s.cache, s.key, &s.tokens);
+        }
+        self.kv.release(&mut s.cache);
+        let label = match &reason {
+            FinishReason::Length => "length",
+            FinishReason::Stop { .. } => "stop",
+            FinishReason::Abort(_) => "abort",
+        };
+        self.metrics.requests_finished.with_label_values(&[label]).inc();
+        self.metrics
+            .e2e_seconds
+            .observe(s.arrival.elapsed().as_secs_f64());
+        if !s.started {
+            let _ = s.events.send(EngineEvent::Started {
+                cached_tokens: 0,
+                input_logprobs: Vec::new(),
+            });
+        }
+        let _ = s.events.send(EngineEvent::Finished(reason));
+    }
+
+    fn publish(&mut self) {
+        let names = |seqs: &mut dyn Iterator<Item = &Sequence>| {
+            let mut v: Vec<String> = seqs.filter_map(|s| s.req.lora.clone()).collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        let running = names(&mut self.running.iter());
+        let waiting = names(&mut self.waiting.iter());
+        let r: Vec<&str> = running.iter().map(String::as_str).collect();
+        let w: Vec<&str> = waiting.iter().map(String::as_str).collect();
+        self.metrics
+            .set_lora_requests_info(&r, &w, self.config.max_loras_per_batch);
+        self.metrics.queue_length.set(self.waiting.len() as i64);
+        self.metrics.running_requests.set(self.running.len() as i64);
+        let used = self.kv.num_blocks() - self.kv.free_blocks();
+        self.metrics
+            .kv_usage
+            .set(used as f64 / self.kv.num_blocks() as f64);
+        let mut p = self.published.write().expect("published lock");
+        p.adapters = self.pool.list();
+        p.waiting = self.waiting.len();
+        p.running = self.running.len();
+    }
+}
+
+/// Prompt log-probs for the rows `from..to` of a prefill chunk: row `j` scores token `j + 1`.
+fn collect_input_logprobs(s: &mut Sequence, from: usize, to: usize, logits: &[f32], vocab: usize) {
+    let start = s.req.logprobs.logprob_start_len.unwrap_or(usize::MAX);
+    let top_n = s.req.logprobs.top_logprobs_num;
+    if from == 0 && start == 0 {
+        s.input_logprobs.push(None);
+    }
+    for (row, pos) in (from..to).enumerate() {
+        let next = pos + 1;
+        if next >= s.prompt_len || next < start {
+            continue;
+        }
+        let lp = log_softmax(&logits[row * vocab..(row + 1) * vocab]);
+        let token_id = s.tokens[next];
+        s.input_logprobs.push(Some(TokenLogprob {
+            token_id,
+            logprob: lp[token_id as usize],
+            top: top_logprobs(&lp, top_n),
+        }));
+    }
 }

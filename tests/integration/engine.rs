@@ -1,0 +1,273 @@
+//! The serving engine through its handle: continuous batching with slot churn against the PEFT
+//! reference, the adapter lifecycle (eviction, pinning, host reload, unload in flight, reload
+//! under the same name), the prefix cache and cancellation.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use loraplane_server::engine::request::{
+    EngineError, EngineEvent, EngineRequest, FinishReason, LogprobOptions, SamplingParams,
+};
+use loraplane_server::engine::{self, AdapterSpec, EngineConfig, EngineHandle, EvictionPolicy};
+use loraplane_server::metrics::Metrics;
+use loraplane_server::model::weights::load_hf_weights;
+use loraplane_server::model::{LlamaModel, ModelConfig};
+
+use crate::common::{fixture, read_safetensors};
+
+const ADAPTERS: [&str; 4] = ["qv_r2", "mlp_r8_rslora", "all_r16", "attn_r4"];
+
+fn tiny_model() -> LlamaModel {
+    let dir = fixture("tiny/llama");
+    let config = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
+    LlamaModel::from_tensors(config, load_hf_weights(&dir).unwrap()).unwrap()
+}
+
+fn config(slots: usize, host: Option<usize>) -> EngineConfig {
+    EngineConfig {
+        max_loras_per_batch: slots,
+        max_loaded_loras: host,
+        max_lora_rank: None,
+        lora_target_modules: None,
+        eviction_policy: EvictionPolicy::Lru,
+        max_running_requests: 64,
+        max_queued_requests: 1024,
+        max_total_tokens: 4096,
+        chunked_prefill_size: 16,
+        context_length: 256,
+        prefix_cache: true,
+        kv_block_size: 4,
+    }
+}
+
+fn spec(name: &str, adapter: &str, pinned: bool) -> AdapterSpec {
+    AdapterSpec {
+        name: name.into(),
+        path: fixture(&format!("tiny/adapters/{adapter}")),
+        pinned,
+    }
+}
+
+fn start(cfg: EngineConfig, adapters: Vec<AdapterSpec>) -> (EngineHandle, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::new());
+    (
+        engine::start(tiny_model(), cfg, adapters, metrics.clone()).unwrap(),
+        metrics,
+    )
+}
+
+fn greedy(ids: Vec<u32>, lora: Option<&str>, n: usize) -> EngineRequest {
+    EngineRequest {
+        input_ids: ids,
+        lora: lora.map(String::from),
+        sampling: SamplingParams {
+            max_new_tokens: n,
+            temperature: 0.0,
+            ignore_eos: true,
+            ..Default::default()
+        },
+        logprobs: LogprobOptions::default(),
+    }
+}
+
+struct Outcome {
+    tokens: Vec<u32>,
+    cached: usize,
+    reason: FinishReason,
+}
+
+async fn collect(mut rx: loraplane_server::engine::request::EventStream) -> Outcome {
+    let mut out = Outcome {
+        tokens: vec![],
+        cached: 0,
+        reason: FinishReason::Abort("no finish".into()),
+    };
+    let deadline = tokio::time::sleep(Duration::from_secs(60));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            ev = rx.recv() => match ev {
+                Some(EngineEvent::Started { cached_tokens, .. }) => out.cached = cached_tokens,
+                Some(EngineEvent::Token(t)) => out.tokens.push(t.token_id),
+                Some(EngineEvent::Finished(r)) => { out.reason = r; return out; }
+                None => return out,
+            },
+            _ = &mut deadline => panic!("request did not finish in 60 s"),
+        }
+    }
+}
+
+fn reference_greedy(case: &str, p: usize) -> (Vec<u32>, Vec<u32>, Vec<f64>) {
+    let r = read_safetensors(&fixture("tiny/reference.safetensors"));
+    let prompt = r[&format!("prompt.{p}")].ids();
+    let want = r[&format!("greedy.{case}.{p}")].ids();
+    let margin = r[&format!("margin.{case}.{p}")].data.clone();
+    (prompt, want, margin)
+}
+
+fn assert_greedy(case: &str, p: usize, got: &[u32]) {
+    let (_, want, margin) = reference_greedy(case, p);
+    for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+        if margin[i] < 1e-3 {
+            return;
+        }
+        assert_eq!(g, w, "{case} prompt {p} token {i}: {got:?} vs {want:?}");
+    }
+}
+
+fn metric(m: &Metrics, line_prefix: &str) -> f64 {
+    m.render()
+        .lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn continuous_batching_with_two_slots_matches_peft_for_every_adapter() {
+    let adapters = ADAPTERS.iter().map(|a| spec(a, a, false)).collect();
+    let (h, m) = start(config(2, None), adapters);
+    let mut pending = Vec::new();
+    for p in 0..6 {
+        for case in std::iter::once(None).chain(ADAPTERS.iter().map(|a| Some(*a))) {
+            let (prompt, _, _) = reference_greedy("llama", p);
+            pending.push((case, p, h.submit(greedy(prompt, case, 16)).unwrap()));
+        }
+    }
+    for (case, p, rx) in pending {
+        let out = collect(rx).await;
+        assert_eq!(out.reason, FinishReason::Length);
+        let name = case.map_or("llama".to_string(), |a| format!("llama+{a}"));
+        assert_greedy(&name, p, &out.tokens);
+    }
+    let evictions = metric(
+        &m,
+        "loraplane_lora_adapter_evictions_total{policy=\"lru\",pool=\"device\",reason=\"capacity\"}",
+    );
+    assert!(
+        evictions > 0.0,
+        "4 adapters through 2 slots must evict:\n{}",
+        m.render()
+    );
+    assert!(metric(&m, "loraplane_lora_slots_used") <= 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_adapter_keeps_its_slot_and_host_evicted_adapters_reload() {
+    let adapters = vec![
+        spec("pinned", "qv_r2", true),
+        spec("b", "mlp_r8_rslora", false),
+        spec("c", "all_r16", false),
+        spec("d", "attn_r4", false),
+    ];
+    let (h, m) = start(config(2, Some(2)), adapters);
+    assert_eq!(metric(&m, "loraplane_lora_slots_pinned"), 1.0);
+    let (prompt, _, _) = reference_greedy("llama", 1);
+    for round in 0..2 {
+        for name in ["b", "c", "d", "pinned"] {
+            let out = collect(h.submit(greedy(prompt.clone(), Some(name), 4)).unwrap()).await;
+            assert_eq!(out.tokens.len(), 4, "round {round} adapter {name}");
+        }
+    }
+    // With one free slot, b/c/d take turns in it; the pinned adapter is never the victim.
+    assert_eq!(metric(&m, "loraplane_lora_slots_pinned"), 1.0);
+    let reloads = metric(
+        &m,
+        "loraplane_lora_adapter_loads_total{pool=\"host\",reason=\"reload\"}",
+    );
+    assert!(
+        reloads > 0.0,
+        "host cap 2 with 4 adapters must reload from disk:\n{}",
+        m.render()
+    );
+    assert!(metric(&m, "loraplane_lora_host_adapters") <= 2.0);
+    // Results after a reload are still the adapter's own.
+    let out = collect(h.submit(greedy(prompt.clone(), Some("c"), 16)).unwrap()).await;
+    assert_greedy("llama+all_r16", 1, &out.tokens);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unload_lets_running_requests_finish_and_refuses_new_ones() {
+    let (h, _m) = start(config(2, None), vec![spec("x", "qv_r2", false)]);
+    let (prompt, _, _) = reference_greedy("llama", 3);
+    let rx = h.submit(greedy(prompt.clone(), Some("x"), 64)).unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    h.unload_adapter("x".into()).await.unwrap();
+    assert!(matches!(
+        h.submit(greedy(prompt.clone(), Some("x"), 4)),
+        Err(EngineError::AdapterNotFound(_))
+    ));
+    let out = collect(rx).await;
+    // Either it was already running (finishes with the adapter's weights) or it was still
+    // queued (aborted with a message) — never a silent switch to other weights.
+    match out.reason {
+        FinishReason::Length => assert_greedy("llama+qv_r2", 3, &out.tokens),
+        FinishReason::Abort(msg) => assert!(msg.contains("unloaded"), "{msg}"),
+        other => panic!("unexpected finish {other:?}"),
+    }
+    assert!(h.adapters().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_under_the_same_name_serves_new_weights_without_stale_prefix() {
+    let (h, _m) = start(config(2, None), vec![spec("x", "qv_r2", false)]);
+    let (prompt, _, _) = reference_greedy("llama", 4);
+    let first = collect(h.submit(greedy(prompt.clone(), Some("x"), 16)).unwrap()).await;
+    assert_greedy("llama+qv_r2", 4, &first.tokens);
+    let again = collect(h.submit(greedy(prompt.clone(), Some("x"), 16)).unwrap()).await;
+    assert!(
+        again.cached > 0,
+        "the same adapter and prompt reuse the cached prefix"
+    );
+    assert_eq!(again.tokens, first.tokens);
+
+    let dup = h
+        .load_adapter("x".into(), fixture("tiny/adapters/attn_r4"), false)
+        .await;
+    assert!(matches!(dup, Err(EngineError::Adapter(m)) if m.contains("already loaded")));
+    h.unload_adapter("x".into()).await.unwrap();
+    h.load_adapter("x".into(), fixture("tiny/adapters/attn_r4"), false)
+        .await
+        .unwrap();
+    let reloaded = collect(h.submit(greedy(prompt.clone(), Some("x"), 16)).unwrap()).await;
+    assert_eq!(
+        reloaded.cached, 0,
+        "a reloaded adapter never reuses the old one's cache"
+    );
+    assert_greedy("llama+attn_r4", 4, &reloaded.tokens);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_loads_leave_no_state_and_pins_are_bounded() {
+    let (h, _m) = start(config(2, None), vec![spec("p", "qv_r2", true)]);
+    let bad = h.load_adapter("bad".into(), fixture("tiny/llama"), false).await;
+    assert!(matches!(bad, Err(EngineError::Adapter(m)) if m.contains("adapter_config.json")));
+    let pin = h
+        .load_adapter("p2".into(), fixture("tiny/adapters/attn_r4"), true)
+        .await;
+    assert!(matches!(pin, Err(EngineError::Adapter(m)) if m.contains("pinned")));
+    assert_eq!(
+        h.adapters().iter().map(|a| a.name.as_str()).collect::<Vec<_>>(),
+        ["p"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_stream_cancels_its_request() {
+    let (h, m) = start(config(2, None), vec![]);
+    let (prompt, _, _) = reference_greedy("llama", 2);
+    let rx = h.submit(greedy(prompt.clone(), None, 200)).unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    drop(rx);
+    for _ in 0..100 {
+        if h.load() == (0, 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(h.load(), (0, 0));
+    let out = collect(h.submit(greedy(prompt, None, 16)).unwrap()).await;
+    assert_greedy("llama", 2, &out.tokens);
+    assert!(metric(&m, "loraplane_generated_tokens_total") < 200.0 + 16.0);
+}
