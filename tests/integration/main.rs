@@ -6,4 +6,7 @@ mod adapters;
 mod default_model;
 mod engine;
 mod gguf;
+mod http;
+mod http_hostile;
+mod http_openai;
 mod numerics;

@@ -126,8 +126,17 @@ pub fn read_sampling(f: &mut Fields, names: &Names, limits: &Limits) -> Result<S
     let mut max_new_tokens_param = f.path(names.max_tokens[0]);
     for key in names.max_tokens {
         if let Some(m) = f.get::<usize>(key)? {
-            max_new_tokens = Some(m);
             max_new_tokens_param = f.path(key);
+            if m == 0 {
+                let p = &max_new_tokens_param;
+                return Err(ApiError::invalid(
+                    p,
+                    format!(
+                        "`{p}` must be at least 1 (scoring a prompt without generating is not supported yet)"
+                    ),
+                ));
+            }
+            max_new_tokens = Some(m);
         }
     }
     let mut base = SamplingParams::default();
@@ -296,6 +305,7 @@ mod tests {
         assert!(err(json!({"n": 17})).contains("from 1 to 16"));
         assert!(err(json!({"n": 0})).contains("`sampling_params.n`"));
         assert!(err(json!({"max_new_tokens": -1})).contains("non-negative integer"));
+        assert!(err(json!({"max_new_tokens": 0})).contains("at least 1"));
         assert!(err(json!({"stop_token_ids": [50]})).contains("outside the vocabulary"));
         assert!(err(json!({"stop": [""]})).contains("non-empty"));
         assert!(err(json!({"repetition_penalty": 0})).contains("repetition_penalty"));
