@@ -152,10 +152,22 @@ pub struct ServeArgs {
     #[arg(long, num_args = 1.., value_name = "MODULE", help_heading = "LoRA")]
     pub lora_target_modules: Vec<String>,
     /// LoRA GEMM backend. On the CPU both names run the same per-segment kernels.
-    #[arg(long, value_enum, default_value = "csgmv", help_heading = "LoRA")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "csgmv",
+        value_name = "BACKEND",
+        help_heading = "LoRA"
+    )]
     pub lora_backend: LoraBackend,
     /// Which unpinned adapter leaves a full slot pool or host cache first: `lru` or `fifo`.
-    #[arg(long, value_parser = parse_eviction_policy, default_value = "lru", help_heading = "LoRA")]
+    #[arg(
+        long,
+        value_parser = parse_eviction_policy,
+        default_value = "lru",
+        value_name = "POLICY",
+        help_heading = "LoRA"
+    )]
     pub lora_eviction_policy: EvictionPolicy,
     /// Overlap adapter host-to-device copies with compute (needs --device cuda).
     #[arg(long, help_heading = "LoRA")]
