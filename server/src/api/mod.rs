@@ -168,6 +168,18 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
+/// Runs the CPU-bound front of a request (JSON, validation, tokenization, chat template) on the
+/// blocking pool, so a large prompt does not stall the async workers.
+pub async fn blocking<T, F>(f: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(format!("reading the request failed: {e}")))?
+}
+
 /// A fresh request id: 32 hex digits, random enough to be unique in logs.
 pub fn request_id() -> String {
     use std::collections::hash_map::RandomState;

@@ -22,7 +22,7 @@ use super::body::{json_object, type_error, Fields, FromJson};
 use super::error::ApiError;
 use super::generation::{submit_all, Generation, Job, Progress, TextOptions};
 use super::params::{read_sampling, Names, SamplingSpec, MAX_TOP_LOGPROBS};
-use super::{logprobs, request_id, SharedState};
+use super::{blocking, logprobs, request_id, SharedState};
 
 /// `max_new_tokens` when the request gives none (SGLang's default).
 const DEFAULT_MAX_NEW_TOKENS: usize = 128;
@@ -46,7 +46,9 @@ struct Shape {
 /// `POST /generate`.
 pub async fn generate(State(s): State<SharedState>, body: Result<Bytes, BytesRejection>) -> Response {
     let arrived = Instant::now();
-    let (jobs, shape) = match json_object(body).and_then(|b| parse_generate(&s, b)) {
+    let st = s.clone();
+    let parsed = blocking(move || json_object(body).and_then(|b| parse_generate(&st, b))).await;
+    let (jobs, shape) = match parsed {
         Ok(parsed) => parsed,
         Err(e) => return e.into_response(),
     };

@@ -23,7 +23,7 @@ use super::error::{ApiError, OpenAiError};
 use super::generation::{submit_all, Generation, Job, Progress, TextOptions};
 use super::native::{check_adapter, sse_json};
 use super::params::{read_sampling, DefaultMaxTokens, Names, SamplingSpec, MAX_TOP_LOGPROBS};
-use super::{logprobs, request_id, unix_now, SharedState};
+use super::{blocking, logprobs, request_id, unix_now, SharedState};
 
 /// OpenAI's default `max_tokens` for completions.
 const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
@@ -413,14 +413,18 @@ pub async fn completions(State(s): State<SharedState>, body: Result<Bytes, Bytes
     }
 }
 
-async fn completions_inner(
-    s: SharedState,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let arrived = Instant::now();
+/// A parsed completions request.
+struct Completion {
+    call: Call,
+    jobs: Vec<Job>,
+    prompt_texts: Vec<String>,
+    echo: bool,
+}
+
+fn parse_completions(s: &SharedState, body: Result<Bytes, BytesRejection>) -> Result<Completion, ApiError> {
     let mut f = Fields::new(json_object(body)?, "");
-    let (model, adapter, spec, stream, include_usage) = read_common(&s, &mut f)?;
-    let (prompts, prompt_texts) = read_completion_prompts(&s, &mut f)?;
+    let (model, adapter, spec, stream, include_usage) = read_common(s, &mut f)?;
+    let (prompts, prompt_texts) = read_completion_prompts(s, &mut f)?;
     let logprobs = f.get::<usize>("logprobs")?;
     if logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
         return Err(ApiError::invalid(
@@ -449,8 +453,28 @@ async fn completions_inner(
         include_usage,
         logprobs,
     };
+    let jobs = jobs_for(s, &call, &prompts, Some(COMPLETIONS_DEFAULT_MAX_TOKENS))?;
+    Ok(Completion {
+        call,
+        jobs,
+        prompt_texts,
+        echo,
+    })
+}
+
+async fn completions_inner(
+    s: SharedState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let st = s.clone();
+    let Completion {
+        call,
+        jobs,
+        prompt_texts,
+        echo,
+    } = blocking(move || parse_completions(&st, body)).await?;
     let n = call.spec.n;
-    let jobs = jobs_for(&s, &call, &prompts, Some(COMPLETIONS_DEFAULT_MAX_TOKENS))?;
     let gens = submit_all(&s.engine, &s.tokenizer, &s.limits.eos_token_ids, jobs, arrived)?;
     let id = format!("cmpl-{}", request_id());
     let echo_of = |i: usize| {
@@ -587,10 +611,9 @@ pub async fn chat_completions(State(s): State<SharedState>, body: Result<Bytes, 
     }
 }
 
-async fn chat_inner(s: SharedState, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let arrived = Instant::now();
+fn parse_chat(s: &SharedState, body: Result<Bytes, BytesRejection>) -> Result<(Call, Vec<Job>), ApiError> {
     let mut f = Fields::new(json_object(body)?, "");
-    let (model, adapter, spec, stream, include_usage) = read_common(&s, &mut f)?;
+    let (model, adapter, spec, stream, include_usage) = read_common(s, &mut f)?;
     let messages = read_messages(&mut f)?;
     let want_logprobs = f.get::<bool>("logprobs")?.unwrap_or(false);
     let top = f.get::<usize>("top_logprobs")?;
@@ -649,8 +672,15 @@ async fn chat_inner(s: SharedState, body: Result<Bytes, BytesRejection>) -> Resu
         include_usage,
         logprobs: want_logprobs.then_some(top.unwrap_or(0)),
     };
+    let jobs = jobs_for(s, &call, std::slice::from_ref(&prompt), None)?;
+    Ok((call, jobs))
+}
+
+async fn chat_inner(s: SharedState, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let st = s.clone();
+    let (call, jobs) = blocking(move || parse_chat(&st, body)).await?;
     let n = call.spec.n;
-    let jobs = jobs_for(&s, &call, std::slice::from_ref(&prompt), None)?;
     let gens = submit_all(&s.engine, &s.tokenizer, &s.limits.eos_token_ids, jobs, arrived)?;
     let id = format!("chatcmpl-{}", request_id());
     if call.stream {
