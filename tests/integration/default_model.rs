@@ -85,3 +85,59 @@ fn generate_command_runs_a_batch_and_reports_bad_input() {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// The example adapters (examples/adapters, trained by scripts/adapters/) in ONE mixed batch with
+/// the base model reproduce PEFT's greedy answers, up to the first step whose reference top-2
+/// margin is under 0.01 (float32 on different hardware may flip a near-tie there).
+#[test]
+fn example_adapters_in_one_mixed_batch_match_peft() {
+    use std::sync::Arc;
+
+    use loraplane_server::adapter::LoraAdapter;
+
+    let m = load_model(&default_gguf()).unwrap();
+    let config = m.model.config().clone();
+    let root = crate::common::repo_root().join("examples/adapters");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("reference.json")).unwrap()).unwrap();
+    let adapters: Vec<(String, Option<Arc<LoraAdapter>>)> = ["__base__", "french", "sql", "caps"]
+        .iter()
+        .map(|&n| {
+            let a = (n != "__base__").then(|| Arc::new(LoraAdapter::load(n, &root.join(n), &config).unwrap()));
+            (n.to_string(), a)
+        })
+        .collect();
+    let mut reqs = Vec::new();
+    let mut expected = Vec::new();
+    for q in reference["questions"].as_array().unwrap() {
+        let ids: Vec<u32> = serde_json::from_value(q["prompt_ids"].clone()).unwrap();
+        // Our own tokenization of the chat-templated text gives PEFT's prompt ids.
+        let text = q["prompt_text"].as_str().unwrap();
+        assert_eq!(m.tokenizer.encode(text, false).unwrap(), ids, "prompt ids of {text:?}");
+        for (name, adapter) in &adapters {
+            let out = &q["outputs"][name];
+            reqs.push(GenRequest {
+                prompt: ids.clone(),
+                adapter: adapter.clone(),
+                max_new_tokens: 32,
+                stop_token_ids: config.eos_token_ids.clone(),
+                prompt_logprobs: false,
+            });
+            let want: Vec<u32> = serde_json::from_value(out["ids"].clone()).unwrap();
+            let margins: Vec<f64> = serde_json::from_value(out["margins"].clone()).unwrap();
+            expected.push((name.clone(), q["question"].as_str().unwrap().to_string(), want, margins));
+        }
+    }
+    let mut kv = KvCache::new(&config, 16 * 128, 16);
+    let outs = generate_greedy(&m.model, &mut kv, &reqs).unwrap();
+    for (out, (name, question, want, margins)) in outs.iter().zip(&expected) {
+        let n = margins.iter().position(|&mg| mg < 0.01).unwrap_or(want.len());
+        assert_eq!(
+            &out.tokens[..n.min(out.tokens.len())],
+            &want[..n.min(want.len())],
+            "{name} on {question:?}: {:?} vs PEFT {:?}",
+            m.tokenizer.decode(&out.tokens, true).unwrap(),
+            m.tokenizer.decode(want, true).unwrap()
+        );
+    }
+}

@@ -137,8 +137,20 @@ impl Scheduler {
             }
             self.drop_cancelled();
             self.admit();
-            if let Err(e) = self.step() {
-                // A failed step must not take the server down: fail the batch, keep serving.
+            // A failed (or panicking) step must not take the server down: fail the batch, keep
+            // serving the queue.
+            let failure = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step())) {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(panic) => Some(
+                    panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "panic".into()),
+                ),
+            };
+            if let Some(e) = failure {
                 tracing::error!(error = %e, "forward step failed; aborting the running batch");
                 for mut s in std::mem::take(&mut self.running) {
                     self.finish(&mut s, FinishReason::Abort(format!("engine error: {e}")));
