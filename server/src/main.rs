@@ -139,7 +139,11 @@ fn serve(config: ServerConfig) -> Result<(), ServeError> {
         config.lora.adapters.clone(),
         metrics.clone(),
     )
-    .map_err(|e| anyhow::anyhow!("starting the engine: {e}"))?;
+    .map_err(|e| match e {
+        // The engine's start-up refusals already name the flag and the adapter.
+        loraplane_server::Error::Model(m) => anyhow::anyhow!(m),
+        other => anyhow::anyhow!("starting the engine: {other}"),
+    })?;
     let architecture = match model_config.arch {
         Architecture::Llama => "LlamaForCausalLM",
         Architecture::Mistral => "MistralForCausalLM",
