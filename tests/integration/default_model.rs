@@ -103,7 +103,8 @@ fn example_adapters_in_one_mixed_batch_match_peft() {
     let adapters: Vec<(String, Option<Arc<LoraAdapter>>)> = ["__base__", "french", "sql", "caps"]
         .iter()
         .map(|&n| {
-            let a = (n != "__base__").then(|| Arc::new(LoraAdapter::load(n, &root.join(n), &config).unwrap()));
+            let a =
+                (n != "__base__").then(|| Arc::new(LoraAdapter::load(n, &root.join(n), &config).unwrap()));
             (n.to_string(), a)
         })
         .collect();
@@ -113,7 +114,11 @@ fn example_adapters_in_one_mixed_batch_match_peft() {
         let ids: Vec<u32> = serde_json::from_value(q["prompt_ids"].clone()).unwrap();
         // Our own tokenization of the chat-templated text gives PEFT's prompt ids.
         let text = q["prompt_text"].as_str().unwrap();
-        assert_eq!(m.tokenizer.encode(text, false).unwrap(), ids, "prompt ids of {text:?}");
+        assert_eq!(
+            m.tokenizer.encode(text, false).unwrap(),
+            ids,
+            "prompt ids of {text:?}"
+        );
         for (name, adapter) in &adapters {
             let out = &q["outputs"][name];
             reqs.push(GenRequest {
@@ -125,7 +130,12 @@ fn example_adapters_in_one_mixed_batch_match_peft() {
             });
             let want: Vec<u32> = serde_json::from_value(out["ids"].clone()).unwrap();
             let margins: Vec<f64> = serde_json::from_value(out["margins"].clone()).unwrap();
-            expected.push((name.clone(), q["question"].as_str().unwrap().to_string(), want, margins));
+            expected.push((
+                name.clone(),
+                q["question"].as_str().unwrap().to_string(),
+                want,
+                margins,
+            ));
         }
     }
     let mut kv = KvCache::new(&config, 16 * 128, 16);

@@ -101,14 +101,16 @@ fn small_m_matmul(
     let kernel = block_dots_kernel();
     // LoRA shrink/expand products are tiny: splitting them costs more than it saves.
     let chunk = if n * k <= 1 << 16 { n * k } else { COLS * k };
-    let results: Vec<Vec<f32>> = rhs[..n * k]
-        .par_chunks(chunk)
-        .map(|block| {
-            let mut out = vec![0.0f32; block.len() / k * m];
-            kernel(block, k, &rows, &mut out);
-            out
-        })
-        .collect();
+    let run = |block: &[f32]| {
+        let mut out = vec![0.0f32; block.len() / k * m];
+        kernel(block, k, &rows, &mut out);
+        out
+    };
+    let results: Vec<Vec<f32>> = if chunk == n * k {
+        vec![run(&rhs[..n * k])]
+    } else {
+        rhs[..n * k].par_chunks(chunk).map(run).collect()
+    };
     for (b, out) in results.iter().enumerate() {
         let cols = out.len() / m;
         for c in 0..cols {
