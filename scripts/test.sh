@@ -4,3 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-default-model.sh >/dev/null
 cargo test --workspace --locked
+tests/python/run.sh

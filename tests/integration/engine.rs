@@ -257,8 +257,9 @@ async fn failed_loads_leave_no_state_and_pins_are_bounded() {
 async fn a_dropped_stream_cancels_its_request() {
     let (h, m) = start(config(2, None), vec![]);
     let (prompt, _, _) = reference_greedy("llama", 2);
-    let rx = h.submit(greedy(prompt.clone(), None, 200)).unwrap();
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut rx = h.submit(greedy(prompt.clone(), None, 200)).unwrap();
+    // Cancel once the request is surely running: after its first token.
+    while !matches!(rx.recv().await, Some(EngineEvent::Token(_)) | None) {}
     drop(rx);
     for _ in 0..100 {
         if h.load() == (0, 0) {
@@ -270,4 +271,8 @@ async fn a_dropped_stream_cancels_its_request() {
     let out = collect(h.submit(greedy(prompt, None, 16)).unwrap()).await;
     assert_greedy("llama", 2, &out.tokens);
     assert!(metric(&m, "loraplane_generated_tokens_total") < 200.0 + 16.0);
+    assert_eq!(
+        metric(&m, "loraplane_requests_finished_total{reason=\"cancelled\"}"),
+        1.0
+    );
 }

@@ -798,7 +798,7 @@ async fn aborted(s: &Server) -> u64 {
         .await
         .unwrap();
     text.lines()
-        .find(|l| l.starts_with("loraplane_requests_finished_total{reason=\"abort\"}"))
+        .find(|l| l.starts_with("loraplane_requests_finished_total{reason=\"cancelled\"}"))
         .and_then(|l| l.split_whitespace().last())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)

@@ -470,8 +470,12 @@ pub async fn unload_lora_adapter(
 }
 
 /// `GET /health`: 200 while the server runs.
-pub async fn health() -> StatusCode {
-    StatusCode::OK
+pub async fn health(State(s): State<SharedState>) -> StatusCode {
+    if s.engine.is_alive() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
 }
 
 /// `GET /health_generate`: generates one token; 200 when it comes back within 20 s.

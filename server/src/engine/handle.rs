@@ -47,6 +47,7 @@ pub struct EngineHandle {
     pub(crate) model: Arc<ModelConfig>,
     pub(crate) context_length: usize,
     pub(crate) max_queued: usize,
+    pub(crate) alive: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl EngineHandle {
@@ -115,6 +116,11 @@ impl EngineHandle {
             .send(Command::Unload { name, reply })
             .map_err(|_| EngineError::ShuttingDown)?;
         rx.await.map_err(|_| EngineError::ShuttingDown)?
+    }
+
+    /// Whether the engine thread is running (false once it has exited).
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Registered adapters, sorted by name.

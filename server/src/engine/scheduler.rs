@@ -95,7 +95,9 @@ pub(crate) fn spawn(
         model: Arc::new(mc.clone()),
         context_length: config.context_length,
         max_queued: config.max_queued_requests,
+        alive: Arc::new(std::sync::atomic::AtomicBool::new(true)),
     };
+    let alive = handle.alive.clone();
     let kv = KvCache::new(&mc, config.max_total_tokens, config.kv_block_size);
     let mut s = Scheduler {
         model,
@@ -111,7 +113,17 @@ pub(crate) fn spawn(
     s.publish();
     std::thread::Builder::new()
         .name("loraplane-engine".into())
-        .spawn(move || s.run())
+        .spawn(move || {
+            // Cleared however the thread ends, so /health can report a dead engine.
+            struct Alive(Arc<std::sync::atomic::AtomicBool>);
+            impl Drop for Alive {
+                fn drop(&mut self) {
+                    self.0.store(false, std::sync::atomic::Ordering::Release);
+                }
+            }
+            let _alive = Alive(alive);
+            s.run()
+        })
         .map_err(|e| Error::Model(format!("cannot start the engine thread: {e}")))?;
     Ok(handle)
 }
@@ -213,11 +225,7 @@ impl Scheduler {
         while i < self.running.len() {
             if self.running[i].events.is_closed() {
                 let mut s = self.running.swap_remove(i);
-                self.kv.release(&mut s.cache);
-                self.metrics
-                    .requests_finished
-                    .with_label_values(&["cancelled"])
-                    .inc();
+                self.cancel(&mut s);
             } else {
                 i += 1;
             }
@@ -364,7 +372,7 @@ impl Scheduler {
         self.metrics.step_seconds.observe(t0.elapsed().as_secs_f64());
         let vocab = self.model.config().vocab_size;
 
-        let mut finished: Vec<(usize, FinishReason)> = Vec::new();
+        let mut finished: Vec<(usize, Option<FinishReason>)> = Vec::new();
         for (&(idx, from, to, logits), out) in plan.iter().zip(outputs) {
             let s = &mut self.running[idx];
             s.cache.len = to;
@@ -412,24 +420,36 @@ impl Scheduler {
             s.last_token = Some(now);
             self.metrics.generated_tokens.inc();
             if s.events.send(EngineEvent::Token(tok)).is_err() {
-                finished.push((idx, FinishReason::Abort("client went away".into())));
+                // The client went away mid-step: a cancellation, like drop_cancelled's.
+                finished.push((idx, None));
                 continue;
             }
             let eos = !s.req.sampling.ignore_eos && self.model.config().eos_token_ids.contains(&id);
             if eos || s.req.sampling.stop_token_ids.contains(&id) {
-                finished.push((idx, FinishReason::Stop { token_id: id }));
+                finished.push((idx, Some(FinishReason::Stop { token_id: id })));
             } else if s.generated() >= s.req.sampling.max_new_tokens
                 || s.tokens.len() >= self.config.context_length
             {
-                finished.push((idx, FinishReason::Length));
+                finished.push((idx, Some(FinishReason::Length)));
             }
         }
         finished.sort_by_key(|f| std::cmp::Reverse(f.0));
         for (idx, reason) in finished {
             let mut s = self.running.swap_remove(idx);
-            self.finish(&mut s, reason);
+            match reason {
+                Some(reason) => self.finish(&mut s, reason),
+                None => self.cancel(&mut s),
+            }
         }
         Ok(())
+    }
+
+    fn cancel(&mut self, s: &mut Sequence) {
+        self.kv.release(&mut s.cache);
+        self.metrics
+            .requests_finished
+            .with_label_values(&["cancelled"])
+            .inc();
     }
 
     fn finish(&mut self, s: &mut Sequence, reason: FinishReason) {
