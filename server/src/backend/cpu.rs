@@ -143,6 +143,17 @@ fn block_dots_kernel() -> BlockDots {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn block_dots_avx2(w: &[f32], k: usize, rows: &[&[f32]], out: &mut [f32]) {
+    block_dots::<true>(w, k, rows, out)
+}
+
+fn block_dots_portable(w: &[f32], k: usize, rows: &[&[f32]], out: &mut [f32]) {
+    block_dots::<false>(w, k, rows, out)
+}
+
+/// `out[c * m + r] = dot(rows[r], w[c])` with 16 independent accumulators (one AVX2 register
+/// pair); `FMA` selects fused multiply-adds, which are only fast where the CPU has them.
+#[inline(always)]
+fn block_dots<const FMA: bool>(w: &[f32], k: usize, rows: &[&[f32]], out: &mut [f32]) {
     let m = rows.len();
     for (c, wc) in w.chunks_exact(k).enumerate() {
         for (r, x) in rows.iter().enumerate() {
@@ -156,29 +167,11 @@ unsafe fn block_dots_avx2(w: &[f32], k: usize, rows: &[&[f32]], out: &mut [f32])
                 .sum();
             for (xs, ws) in cx.zip(cw) {
                 for i in 0..16 {
-                    acc[i] = xs[i].mul_add(ws[i], acc[i]);
-                }
-            }
-            out[c * m + r] = acc.iter().sum::<f32>() + tail;
-        }
-    }
-}
-
-fn block_dots_portable(w: &[f32], k: usize, rows: &[&[f32]], out: &mut [f32]) {
-    let m = rows.len();
-    for (c, wc) in w.chunks_exact(k).enumerate() {
-        for (r, x) in rows.iter().enumerate() {
-            let mut acc = [0.0f32; 8];
-            let (cx, cw) = (x.chunks_exact(8), wc.chunks_exact(8));
-            let tail: f32 = cx
-                .remainder()
-                .iter()
-                .zip(cw.remainder())
-                .map(|(a, b)| a * b)
-                .sum();
-            for (xs, ws) in cx.zip(cw) {
-                for i in 0..8 {
-                    acc[i] += xs[i] * ws[i];
+                    acc[i] = if FMA {
+                        xs[i].mul_add(ws[i], acc[i])
+                    } else {
+                        acc[i] + xs[i] * ws[i]
+                    };
                 }
             }
             out[c * m + r] = acc.iter().sum::<f32>() + tail;

@@ -123,14 +123,7 @@ impl AdapterPool {
         let uid = self.next_uid;
         self.next_uid += 1;
         let t = self.tick();
-        self.host.insert(
-            uid,
-            HostEntry {
-                adapter: Arc::new(adapter),
-                loaded_at: t,
-                used_at: t,
-            },
-        );
+        self.insert_host(uid, adapter, t);
         self.registry.insert(
             name.to_string(),
             Registered {
@@ -187,6 +180,15 @@ impl AdapterPool {
         Ok(adapter)
     }
 
+    fn insert_host(&mut self, uid: u64, adapter: LoraAdapter, t: u64) {
+        let entry = HostEntry {
+            adapter: Arc::new(adapter),
+            loaded_at: t,
+            used_at: t,
+        };
+        self.host.insert(uid, entry);
+    }
+
     /// Forgets `name`. Requests already running keep their reference to its weights.
     pub fn unregister(&mut self, name: &str) -> Result<(), EngineError> {
         let r = self
@@ -239,14 +241,7 @@ impl AdapterPool {
         }
         if !self.host.contains_key(&uid) {
             let adapter = self.load_from_disk(name, &path, "reload")?;
-            self.host.insert(
-                uid,
-                HostEntry {
-                    adapter: Arc::new(adapter),
-                    loaded_at: t,
-                    used_at: t,
-                },
-            );
+            self.insert_host(uid, adapter, t);
         }
         self.host.get_mut(&uid).expect("just ensured").used_at = t;
         self.metrics.slot_misses.inc();
