@@ -8,11 +8,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
+# The test profile (optimized, output in target/debug) is the build `cargo test` just made, so
+# this reuses it instead of compiling an unoptimized server.
 profile=debug
-cargo_flags=(--locked -p loraplane-server)
+cargo_flags=(--locked -p loraplane-server --profile test)
 if [[ "${1:-}" == "--release" ]]; then
   profile=release
-  cargo_flags+=(--release)
+  cargo_flags=(--locked -p loraplane-server --release)
   shift
 fi
 target=${CARGO_TARGET_DIR:-target}
@@ -25,30 +27,45 @@ cargo build "${cargo_flags[@]}" >&2
 bin=$target/$profile/loraplane-server
 
 fixtures=tests/fixtures/tiny
-log=$(mktemp)
-RUST_LOG=info "$bin" --model-path "$fixtures/llama" --host 127.0.0.1 --port 0 \
-  --lora-paths "$fixtures/adapters/qv_r2" "$fixtures/adapters/mlp_r8_rslora" \
-  "$fixtures/adapters/all_r16" "$fixtures/adapters/attn_r4" \
-  --max-loras-per-batch 4 2>"$log" &
-server=$!
-trap 'kill $server 2>/dev/null || true; wait $server 2>/dev/null || true; rm -f "$log"' EXIT
+logs=$(mktemp -d)
+pids=()
+trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; rm -rf "$logs"' EXIT
 
-# The server logs the address it bound (port 0 picks a free one).
-addr=
-for _ in $(seq 1 600); do
-  addr=$(grep -o 'serving on http://[0-9.:]*' "$log" | head -n 1 | sed 's|serving on http://||' || true)
-  [[ -n $addr ]] && break
-  if ! kill -0 "$server" 2>/dev/null; then
-    cat "$log" >&2
-    exit 1
-  fi
-  sleep 0.1
-done
-if [[ -z $addr ]]; then
+# Starts the server with the given arguments on a free port (port 0; it logs the address it
+# bound) and sets $addr.
+start() {
+  local log=$logs/$1.log
+  shift
+  RUST_LOG=info "$bin" --host 127.0.0.1 --port 0 "$@" 2>"$log" &
+  pids+=($!)
+  addr=
+  for _ in $(seq 1 600); do
+    addr=$(grep -o 'serving on http://[0-9.:]*' "$log" | head -n 1 | sed 's|serving on http://||' || true)
+    [[ -n $addr ]] && return 0
+    if ! kill -0 "${pids[-1]}" 2>/dev/null; then
+      cat "$log" >&2
+      exit 1
+    fi
+    sleep 0.1
+  done
   echo "loraplane-server did not start within 60 s" >&2
   cat "$log" >&2
   exit 1
-fi
+}
 
-LORAPLANE_URL="http://$addr" LORAPLANE_ADAPTERS="$PWD/$fixtures/adapters" LORAPLANE_MODEL=llama \
+# The tiny fixture model with its four adapters: exact comparisons.
+start tiny --model-path "$fixtures/llama" \
+  --lora-paths "$fixtures/adapters/qv_r2" "$fixtures/adapters/mlp_r8_rslora" \
+  "$fixtures/adapters/all_r16" "$fixtures/adapters/attn_r4" --max-loras-per-batch 4
+tiny=$addr
+
+# The default model with the example adapters: the documented flows as a user runs them.
+model=$(scripts/fetch-default-model.sh)
+start default --model-path "$model" --max-loras-per-batch 4 \
+  --lora-paths french=examples/adapters/french sql=examples/adapters/sql caps=examples/adapters/caps
+default=$addr
+
+LORAPLANE_URL="http://$tiny" LORAPLANE_ADAPTERS="$PWD/$fixtures/adapters" LORAPLANE_MODEL=llama \
+  LORAPLANE_DEFAULT_URL="http://$default" LORAPLANE_DEFAULT_MODEL="$(basename "$model" .gguf)" \
+  LORAPLANE_EXAMPLES="examples/adapters" \
   "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/python "$@"
