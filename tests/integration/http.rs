@@ -360,6 +360,38 @@ async fn streaming_generate_is_cumulative_and_matches_the_plain_answer() {
     assert_eq!(events.last().unwrap()["meta_info"]["completion_tokens"], 4);
 }
 
+/// `max_new_tokens: 0` scores the prompt without generating: SGLang's scoring use, checked
+/// against PEFT's log-probabilities.
+#[tokio::test]
+async fn prefill_only_requests_score_the_prompt_like_peft() {
+    let s = Server::tiny(&[]).await;
+    let reference = crate::common::read_safetensors(&crate::common::fixture("tiny/reference.safetensors"));
+    let prompt = reference["prompt.3"].ids();
+    let want = &reference["logprobs.llama+qv_r2.3"];
+    let vocab = want.shape[1];
+    let (status, out) = s
+        .post(
+            "/generate",
+            &json!({"input_ids": prompt, "lora_path": "qv_r2", "sampling_params": {"max_new_tokens": 0},
+                    "return_logprob": true, "logprob_start_len": 0}),
+        )
+        .await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(ids_of(&out), Vec::<u32>::new());
+    assert_eq!(out["meta_info"]["completion_tokens"], 0);
+    assert_eq!(out["meta_info"]["finish_reason"]["type"], "length");
+    let input = out["meta_info"]["input_token_logprobs"].as_array().unwrap();
+    assert_eq!(input.len(), prompt.len());
+    for i in 1..prompt.len() {
+        let expected = want.data[(i - 1) * vocab + prompt[i] as usize];
+        let got = input[i][0].as_f64().unwrap();
+        assert!(
+            (got - expected).abs() < 1e-4,
+            "position {i}: {got} vs PEFT {expected}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn logprobs_have_sglang_shapes() {
     let s = Server::tiny(&[]).await;

@@ -127,15 +127,7 @@ pub fn read_sampling(f: &mut Fields, names: &Names, limits: &Limits) -> Result<S
     for key in names.max_tokens {
         if let Some(m) = f.get::<usize>(key)? {
             max_new_tokens_param = f.path(key);
-            if m == 0 {
-                let p = &max_new_tokens_param;
-                return Err(ApiError::invalid(
-                    p,
-                    format!(
-                        "`{p}` must be at least 1 (scoring a prompt without generating is not supported yet)"
-                    ),
-                ));
-            }
+            // 0 is a prefill-only request: it scores the prompt (with return_logprob).
             max_new_tokens = Some(m);
         }
     }
@@ -305,7 +297,6 @@ mod tests {
         assert!(err(json!({"n": 17})).contains("from 1 to 16"));
         assert!(err(json!({"n": 0})).contains("`sampling_params.n`"));
         assert!(err(json!({"max_new_tokens": -1})).contains("non-negative integer"));
-        assert!(err(json!({"max_new_tokens": 0})).contains("at least 1"));
         assert!(err(json!({"stop_token_ids": [50]})).contains("outside the vocabulary"));
         assert!(err(json!({"stop": [""]})).contains("non-empty"));
         assert!(err(json!({"repetition_penalty": 0})).contains("repetition_penalty"));

@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 /// Sampling settings, validated at the edge (ranges checked, defaults filled).
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
-    /// Most tokens to generate.
+    /// Most tokens to generate; 0 runs the prompt only (to score it with prompt log-probs).
     pub max_new_tokens: usize,
     /// 0 means greedy.
     pub temperature: f32,

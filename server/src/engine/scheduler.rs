@@ -394,6 +394,11 @@ impl Scheduler {
                     input_logprobs,
                 });
             }
+            if s.req.sampling.max_new_tokens == 0 {
+                // Prefill only: the prompt is scored, nothing is generated.
+                finished.push((idx, Some(FinishReason::Length)));
+                continue;
+            }
             let top_n = if s.req.logprobs.return_logprob {
                 s.req.logprobs.top_logprobs_num
             } else {
