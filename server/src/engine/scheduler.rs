@@ -205,6 +205,7 @@ impl Scheduler {
                     tracing::info!(adapter = %name, path = %path.display(), pinned, "adapter loaded");
                 }
                 // Publish before replying so a request sent right after the reply sees the change.
+                self.publish_adapters();
                 self.publish();
                 let _ = reply.send(r);
             }
@@ -213,11 +214,11 @@ impl Scheduler {
                 if r.is_ok() {
                     tracing::info!(adapter = %name, "adapter unloaded");
                 }
+                self.publish_adapters();
                 self.publish();
                 let _ = reply.send(r);
             }
         }
-        self.publish();
     }
 
     fn drop_cancelled(&mut self) {
@@ -480,6 +481,11 @@ impl Scheduler {
         let _ = s.events.send(EngineEvent::Finished(reason));
     }
 
+    /// The adapter list changes only on load and unload, not per step.
+    fn publish_adapters(&self) {
+        self.published.write().expect("published lock").adapters = self.pool.list();
+    }
+
     fn publish(&mut self) {
         let names = |seqs: &mut dyn Iterator<Item = &Sequence>| {
             let mut v: Vec<String> = seqs.filter_map(|s| s.req.lora.clone()).collect();
@@ -500,7 +506,6 @@ impl Scheduler {
             .kv_usage
             .set(used as f64 / self.kv.num_blocks() as f64);
         let mut p = self.published.write().expect("published lock");
-        p.adapters = self.pool.list();
         p.waiting = self.waiting.len();
         p.running = self.running.len();
     }

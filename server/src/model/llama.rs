@@ -215,6 +215,7 @@ impl LlamaModel {
             }
         }
         let segments = lora_segments(seqs);
+        let rotations = self.rotations(&positions);
 
         let mut x = vec![0.0f32; total * h];
         for (row, t) in seqs.iter().flat_map(|s| s.tokens.iter()).enumerate() {
@@ -239,9 +240,9 @@ impl LlamaModel {
             for (t, off) in targets {
                 apply_lora(&mut qkv, qkv_w, off, &normed, h, &segments, li, t, &mut scratch);
             }
-            for (row, &pos) in positions.iter().enumerate() {
+            for (row, rot) in rotations.chunks_exact(c.head_dim).enumerate() {
                 let r = &mut qkv[row * qkv_w..(row + 1) * qkv_w];
-                self.rope(&mut r[..qd + kvd], pos);
+                rope(&mut r[..qd + kvd], rot);
                 kv.write(li, slots[row], &r[qd..qd + kvd], &r[qd + kvd..]);
             }
             self.attention(&mut attn, &qkv, kv, li, seqs, &seq_rows);
@@ -348,26 +349,19 @@ impl LlamaModel {
         Ok(out)
     }
 
-    /// Rotates the q and k heads of one row (`[q_dim + kv_dim]`) to `pos`, HF `rotate_half` style.
-    fn rope(&self, qk: &mut [f32], pos: usize) {
-        let d = self.config.head_dim;
-        let half = d / 2;
-        let (cos, sin): (Vec<f32>, Vec<f32>) = self
-            .inv_freq
-            .iter()
-            .map(|f| {
+    /// Per row, the RoPE `[cos; head_dim/2, sin; head_dim/2]` for its position: computed once
+    /// per forward pass and shared by every layer.
+    fn rotations(&self, positions: &[usize]) -> Vec<f32> {
+        let half = self.inv_freq.len();
+        let mut out = vec![0.0f32; positions.len() * 2 * half];
+        for (row, &pos) in out.chunks_exact_mut(2 * half).zip(positions) {
+            let (cos, sin) = row.split_at_mut(half);
+            for ((c, s), f) in cos.iter_mut().zip(sin).zip(&self.inv_freq) {
                 let angle = (pos as f32 * f) as f64;
-                (angle.cos() as f32, angle.sin() as f32)
-            })
-            .unzip();
-        for head in qk.chunks_exact_mut(d) {
-            let (a, b) = head.split_at_mut(half);
-            for i in 0..half {
-                let (x1, x2) = (a[i], b[i]);
-                a[i] = x1 * cos[i] - x2 * sin[i];
-                b[i] = x2 * cos[i] + x1 * sin[i];
+                (*c, *s) = (angle.cos() as f32, angle.sin() as f32);
             }
         }
+        out
     }
 
     /// Causal attention of every new row against its sequence's cached keys and values.
@@ -436,6 +430,21 @@ impl LlamaModel {
                 let row = seq_rows[si] + i;
                 out[row * qd + hd * d..row * qd + (hd + 1) * d].copy_from_slice(&res[i * d..(i + 1) * d]);
             }
+        }
+    }
+}
+
+/// Rotates the q and k heads of one row (`[q_dim + kv_dim]`) by `rot` (`[cos; d/2, sin; d/2]`),
+/// HF `rotate_half` style.
+fn rope(qk: &mut [f32], rot: &[f32]) {
+    let half = rot.len() / 2;
+    let (cos, sin) = rot.split_at(half);
+    for head in qk.chunks_exact_mut(2 * half) {
+        let (a, b) = head.split_at_mut(half);
+        for i in 0..half {
+            let (x1, x2) = (a[i], b[i]);
+            a[i] = x1 * cos[i] - x2 * sin[i];
+            b[i] = x2 * cos[i] + x1 * sin[i];
         }
     }
 }
