@@ -217,6 +217,19 @@ struct StreamCtx {
 }
 
 impl StreamCtx {
+    fn new(kind: Kind, id: String, call: &Call, choices: usize) -> Self {
+        Self {
+            kind,
+            id,
+            created: unix_now(),
+            model: call.model.clone(),
+            include_usage: call.include_usage,
+            logprobs: call.logprobs,
+            n: call.spec.n,
+            usage: Mutex::new(vec![None; choices]),
+        }
+    }
+
     fn chunk(&self, choice: Value) -> Value {
         let object = match self.kind {
             Kind::Chat => "chat.completion.chunk",
@@ -485,16 +498,7 @@ async fn completions_inner(
         }
     };
     if call.stream {
-        let ctx = Arc::new(StreamCtx {
-            kind: Kind::Completion,
-            id,
-            created: unix_now(),
-            model: call.model,
-            include_usage: call.include_usage,
-            logprobs: call.logprobs,
-            n,
-            usage: Mutex::new(vec![None; gens.len()]),
-        });
+        let ctx = Arc::new(StreamCtx::new(Kind::Completion, id, &call, gens.len()));
         let openers = (0..gens.len())
             .map(|i| {
                 echo.then(|| json!({"index": i, "text": echo_of(i), "logprobs": null, "finish_reason": null}))
@@ -684,16 +688,7 @@ async fn chat_inner(s: SharedState, body: Result<Bytes, BytesRejection>) -> Resu
     let gens = submit_all(&s.engine, &s.tokenizer, &s.limits.eos_token_ids, jobs, arrived)?;
     let id = format!("chatcmpl-{}", request_id());
     if call.stream {
-        let ctx = Arc::new(StreamCtx {
-            kind: Kind::Chat,
-            id,
-            created: unix_now(),
-            model: call.model,
-            include_usage: call.include_usage,
-            logprobs: call.logprobs,
-            n,
-            usage: Mutex::new(vec![None; gens.len()]),
-        });
+        let ctx = Arc::new(StreamCtx::new(Kind::Chat, id, &call, gens.len()));
         let openers = (0..gens.len())
             .map(|i| {
                 Some(json!({
