@@ -1,5 +1,132 @@
-//! CUDA kernel sources for loraplane's GPU backend, compiled at run time with NVRTC.
+//! CUDA kernels for loraplane's GPU backend: `.cu` sources compiled at run time with NVRTC.
 //!
-//! The CUDA backend is not built yet: the CPU backend in `loraplane-server` is the only one. This
-//! crate exists so the workspace layout matches the design; its `.cu` files arrive with the GPU
-//! backend.
+//! [`Kernels::load`] compiles the sources once per process (the PTX is also cached on disk,
+//! keyed by a hash of the source and the target architecture), loads the module and hands out
+//! functions by name. Kernels are templates over the activation type, exported with `_f32` and
+//! `_bf16` suffixes; see `llama.cu` for each kernel's contract.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
+
+/// The Llama-family kernels (embedding, RMSNorm, RoPE + paged KV write, SiLU-and-multiply, paged
+/// GQA attention, LoRA shrink/expand over work items, argmax, dummy-weight fill).
+pub const LLAMA_CU: &str = include_str!("llama.cu");
+
+/// Every kernel name `llama.cu` exports, without the type suffix.
+pub const TYPED_KERNELS: &[&str] = &[
+    "embed",
+    "rms_norm",
+    "rope_cache",
+    "silu_mul",
+    "attention",
+    "lora_shrink",
+    "lora_expand",
+    "add_bias",
+    "fill_uniform",
+    "cast_from_f32",
+    "to_f32",
+];
+
+/// Kernels that exist in one version only.
+pub const UNTYPED_KERNELS: &[&str] = &["argmax_f32"];
+
+/// The loaded module and its functions.
+pub struct Kernels {
+    _module: Arc<CudaModule>,
+    funcs: HashMap<String, CudaFunction>,
+}
+
+impl Kernels {
+    /// Compiles (or reads cached PTX) for the device of `ctx` and loads every kernel.
+    pub fn load(ctx: &Arc<CudaContext>) -> Result<Self, String> {
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| format!("reading the compute capability: {e}"))?;
+        // sm_90a unlocks Hopper-only instructions; other chips get their plain target.
+        let arch: &'static str = match (major, minor) {
+            (9, 0) => "sm_90a",
+            (8, 0) => "sm_80",
+            (8, 6) => "sm_86",
+            (8, 9) => "sm_89",
+            (10, 0) => "sm_100",
+            (12, 0) => "sm_120",
+            _ => {
+                return Err(format!(
+                    "compute capability {major}.{minor} is not supported (needs 8.0 or newer)"
+                ))
+            }
+        };
+        let ptx = cached_ptx(arch)?;
+        let module = ctx
+            .load_module(ptx)
+            .map_err(|e| format!("loading the kernel module: {e}"))?;
+        let mut funcs = HashMap::new();
+        let names = TYPED_KERNELS
+            .iter()
+            .flat_map(|k| [format!("{k}_f32"), format!("{k}_bf16")])
+            .chain(UNTYPED_KERNELS.iter().map(|s| s.to_string()));
+        for name in names {
+            let f = module
+                .load_function(&name)
+                .map_err(|e| format!("kernel {name}: {e}"))?;
+            funcs.insert(name, f);
+        }
+        Ok(Self {
+            _module: module,
+            funcs,
+        })
+    }
+
+    /// The function `name` (with its type suffix); panics on a name `llama.cu` does not export,
+    /// which is a programming error caught by the first GPU test.
+    pub fn get(&self, name: &str) -> &CudaFunction {
+        self.funcs
+            .get(name)
+            .unwrap_or_else(|| panic!("no kernel named {name}"))
+    }
+}
+
+fn cuda_include_dir() -> String {
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Ok(p) = std::env::var(var) {
+            return format!("{p}/include");
+        }
+    }
+    "/usr/local/cuda/include".to_string()
+}
+
+/// PTX for `arch`, from `$XDG_CACHE_HOME/loraplane` (or `~/.cache`) when a previous process
+/// compiled the same source, else compiled now (about a second) and written there.
+fn cached_ptx(arch: &'static str) -> Result<Ptx, String> {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (LLAMA_CU, arch).hash(&mut h);
+    let key = format!("llama-{arch}-{:016x}.ptx", h.finish());
+    let dir = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|d| d.join("loraplane"));
+    if let Some(path) = dir.as_ref().map(|d| d.join(&key)) {
+        if let Ok(src) = std::fs::read_to_string(&path) {
+            return Ok(Ptx::from_src(src));
+        }
+    }
+    let opts = CompileOptions {
+        arch: Some(arch),
+        include_paths: vec![cuda_include_dir()],
+        options: vec!["--std=c++17".into()],
+        ..Default::default()
+    };
+    let ptx = compile_ptx_with_opts(LLAMA_CU, opts).map_err(|e| format!("NVRTC compile failed: {e}"))?;
+    if let Some(d) = dir {
+        // Best effort: a read-only home only costs a recompile next time.
+        if std::fs::create_dir_all(&d).is_ok() {
+            let _ = std::fs::write(d.join(&key), ptx.to_src());
+        }
+    }
+    Ok(ptx)
+}

@@ -23,7 +23,7 @@ fn main() -> anyhow::Result<()> {
     );
     let prompt_len: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(128);
     let decode_tokens: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(32);
-    let loaded = load_model(&model_path)?;
+    let mut loaded = load_model(&model_path)?;
     let config = loaded.model.config().clone();
     let adapters: Vec<Arc<LoraAdapter>> = (0..8)
         .map(|i| {
@@ -71,11 +71,11 @@ fn main() -> anyhow::Result<()> {
             let (mut prefill_s, mut decode_s) = (f64::MAX, f64::MAX);
             for _ in 0..REPEATS {
                 let t = Instant::now();
-                generate_greedy(&loaded.model, &mut kv, &reqs)?;
+                generate_greedy(&mut loaded.model, &mut kv, &reqs)?;
                 let p = t.elapsed().as_secs_f64();
                 prefill_s = prefill_s.min(p);
                 let t = Instant::now();
-                generate_greedy(&loaded.model, &mut kv, &decode_reqs)?;
+                generate_greedy(&mut loaded.model, &mut kv, &decode_reqs)?;
                 // The same prefill again, then `decode_tokens` batched decode steps.
                 decode_s = decode_s.min(t.elapsed().as_secs_f64() - p);
             }

@@ -80,14 +80,14 @@ pub enum LoraBackend {
 pub enum Device {
     /// The CPU backend.
     Cpu,
-    /// NVIDIA GPUs (not implemented yet).
+    /// An NVIDIA GPU (device 0), through the CUDA backend.
     Cuda,
 }
 
 /// Compute precision.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Dtype {
-    /// The device's native precision (float32 on the CPU).
+    /// The device's native precision (float32 on the CPU, bfloat16 on the GPU).
     Auto,
     /// 32-bit floats.
     #[value(alias = "float", alias = "fp32")]
@@ -232,11 +232,11 @@ pub struct ServeArgs {
     /// Accepted for SGLang compatibility; ignored (there is no remote code to trust).
     #[arg(long, hide = true)]
     pub trust_remote_code: bool,
-    /// Accepted for SGLang compatibility; ignored (no CUDA graphs on the CPU).
-    #[arg(long, hide = true)]
+    /// Run every decode step eagerly instead of replaying CUDA graphs (--device cuda).
+    #[arg(long)]
     pub disable_cuda_graph: bool,
-    /// Accepted for SGLang compatibility; ignored (no CUDA graphs on the CPU).
-    #[arg(long, hide = true)]
+    /// Largest decode batch replayed from a CUDA graph (--device cuda) [default: 256].
+    #[arg(long, value_name = "N")]
     pub cuda_graph_max_bs: Option<usize>,
     /// Accepted for SGLang compatibility; ignored (use --max-total-tokens for the KV budget).
     #[arg(long, hide = true)]
@@ -258,6 +258,20 @@ pub struct ArgError(pub String);
 
 fn bad(msg: impl Into<String>) -> ArgError {
     ArgError(msg.into())
+}
+
+/// Default for `--cuda-graph-max-bs`.
+pub const DEFAULT_CUDA_GRAPH_MAX_BS: usize = 256;
+
+/// Where and in what precision the model runs, after validation.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceSettings {
+    /// `--device cuda`.
+    pub cuda: bool,
+    /// Compute in bfloat16 (the GPU's default); else float32.
+    pub bf16: bool,
+    /// Largest CUDA-graph decode batch; 0 with `--disable-cuda-graph`.
+    pub cuda_graph_max_bs: usize,
 }
 
 /// LoRA settings after validation.
@@ -312,6 +326,8 @@ pub struct ServerConfig {
     pub api_key: Option<String>,
     /// `--log-level`.
     pub log_level: String,
+    /// `--device`, `--dtype` and the CUDA graph flags.
+    pub device: DeviceSettings,
 }
 
 impl ServeArgs {
@@ -327,31 +343,50 @@ impl ServeArgs {
                 self.tp_size
             )));
         }
-        if self.device == Device::Cuda {
-            return Err(bad(
-                "--device cuda: the CUDA backend is not implemented yet; use --device cpu",
-            ));
-        }
-        if matches!(self.dtype, Dtype::Bfloat16 | Dtype::Float16) {
-            return Err(bad(format!(
-                "--dtype {}: the CPU backend computes in float32; use --dtype auto or float32",
-                self.dtype
-                    .to_possible_value()
-                    .map(|v| v.get_name().to_string())
-                    .unwrap_or_default()
-            )));
-        }
+        let cuda = self.device == Device::Cuda;
+        let dtype_name = self
+            .dtype
+            .to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default();
+        let bf16 =
+            match (cuda, self.dtype) {
+                (false, Dtype::Auto | Dtype::Float32) => false,
+                (false, _) => {
+                    return Err(bad(format!(
+                    "--dtype {dtype_name}: the CPU backend computes in float32; use --dtype auto or float32"
+                )))
+                }
+                (true, Dtype::Auto | Dtype::Bfloat16) => true,
+                (true, Dtype::Float32) => false,
+                (true, Dtype::Float16) => return Err(bad(
+                    "--dtype float16: the CUDA backend computes in bfloat16 or float32; use --dtype bfloat16",
+                )),
+            };
         if self.load_format == LoadFormat::Dummy {
             return Err(bad(
-                "--load-format dummy: random weights are not implemented yet; use --load-format auto",
+                "--load-format dummy: the server loads real weights; random weights are used by the \
+                 GPU benchmark (scripts/gpu/run.sh bench); use --load-format auto",
             ));
         }
         if self.enable_lora_overlap_loading {
             return Err(bad(
-                "--enable-lora-overlap-loading overlaps host-to-device adapter copies with GPU \
-                 compute and needs --device cuda, which is not implemented yet; drop the flag on the CPU",
+                "--enable-lora-overlap-loading: overlapped adapter copies are not implemented yet \
+                 (adapters are copied into their device slot before the step that needs them); drop the flag",
             ));
         }
+        if !cuda && (self.disable_cuda_graph || self.cuda_graph_max_bs.is_some()) {
+            tracing::debug!("CUDA graph flags have no effect on the CPU");
+        }
+        let device = DeviceSettings {
+            cuda,
+            bf16,
+            cuda_graph_max_bs: if self.disable_cuda_graph {
+                0
+            } else {
+                self.cuda_graph_max_bs.unwrap_or(DEFAULT_CUDA_GRAPH_MAX_BS)
+            },
+        };
         if let Some(name) = &self.served_model_name {
             if name.trim().is_empty() {
                 return Err(bad("--served-model-name must not be empty"));
@@ -415,6 +450,7 @@ impl ServeArgs {
             prefix_cache: !self.disable_radix_cache,
             api_key: self.api_key.clone(),
             log_level: self.log_level.clone(),
+            device,
         })
     }
 
@@ -663,8 +699,10 @@ impl ServerConfig {
             "disable_radix_cache": !engine.prefix_cache,
             "page_size": engine.kv_block_size,
             "tp_size": 1,
-            "device": "cpu",
-            "dtype": "float32",
+            "device": if self.device.cuda { "cuda" } else { "cpu" },
+            "dtype": if self.device.bf16 { "bfloat16" } else { "float32" },
+            "cuda_graph_max_bs": if self.device.cuda { self.device.cuda_graph_max_bs } else { 0 },
+            "disable_cuda_graph": !self.device.cuda || self.device.cuda_graph_max_bs == 0,
             "load_format": "auto",
             "api_key_set": self.api_key.is_some(),
             "log_level": self.log_level,
@@ -765,10 +803,10 @@ mod tests {
         assert!(err(&["--enable-lora", "--max-lora-chunk-size", "256"]).contains("--max-lora-chunk-size"));
         assert!(err(&["--enable-lora", "--lora-target-modules", "lm_head"]).contains("lm_head"));
         assert!(err(&["--tp-size", "2"]).contains("not implemented"));
-        assert!(err(&["--device", "cuda"]).contains("the CUDA backend is not implemented yet"));
         assert!(err(&["--dtype", "bfloat16"]).contains("float32"));
-        assert!(err(&["--load-format", "dummy"]).contains("not implemented yet"));
-        assert!(err(&["--enable-lora", "--enable-lora-overlap-loading"]).contains("--device cuda"));
+        assert!(err(&["--device", "cuda", "--dtype", "float16"]).contains("use --dtype bfloat16"));
+        assert!(err(&["--load-format", "dummy"]).contains("--load-format auto"));
+        assert!(err(&["--enable-lora", "--enable-lora-overlap-loading"]).contains("not implemented yet"));
         assert!(err(&["--served-model-name", "a:b"]).contains("':'"));
         assert!(err(&["--chunked-prefill-size", "0"]).contains("--chunked-prefill-size"));
         assert!(err(&["--context-length", "65536"]).contains("--max-total-tokens"));

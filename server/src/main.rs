@@ -14,13 +14,14 @@ use clap::Parser;
 use loraplane_server::adapter::LoraAdapter;
 use loraplane_server::api::{self, params::Limits, AppState};
 use loraplane_server::args::{Cli, Command, GenerateArgs, LoraBackend, ServeArgs, ServerConfig};
+use loraplane_server::backend::cuda::{CudaModel, CudaOptions, Gpu, LoraKernelMode};
 use loraplane_server::engine;
 use loraplane_server::engine::generate::{generate_greedy, GenRequest};
 use loraplane_server::engine::KvCache;
 use loraplane_server::metrics::Metrics;
 use loraplane_server::model::loader::load_model;
 use loraplane_server::model::tokenizer::ChatMessage;
-use loraplane_server::model::Architecture;
+use loraplane_server::model::{Architecture, Model};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -128,13 +129,14 @@ fn serve(config: ServerConfig) -> Result<(), ServeError> {
             backend,
             max_loras_per_batch = config.lora.max_loras_per_batch,
             eviction = config.lora.eviction_policy.as_str(),
-            "LoRA serving on; the CPU runs both LoRA backends as the same per-segment kernels"
+            "LoRA serving on"
         );
     }
+    let (model, engine_config) = place_model(loaded.model, &config, engine_config)?;
     let metrics = Arc::new(Metrics::new());
     let tokenizer = Arc::new(loaded.tokenizer);
     let engine = engine::start(
-        loaded.model,
+        model,
         engine_config.clone(),
         config.lora.adapters.clone(),
         metrics.clone(),
@@ -179,9 +181,56 @@ fn serve(config: ServerConfig) -> Result<(), ServeError> {
     Ok(())
 }
 
+/// Keeps the model on the CPU, or uploads it to GPU 0 (`--device cuda`) with a LoRA slot pool of
+/// `--max-loras-per-batch` slots of rank `--max-lora-rank` (64 when unset; the engine then
+/// refuses adapters of a larger rank by name).
+fn place_model(
+    host: loraplane_server::model::LlamaModel,
+    config: &ServerConfig,
+    mut engine_config: engine::EngineConfig,
+) -> anyhow::Result<(Model, engine::EngineConfig)> {
+    if !config.device.cuda {
+        return Ok((Model::Cpu(Box::new(host)), engine_config));
+    }
+    let gpu = Gpu::open(0)?;
+    let rank = engine_config.max_lora_rank.unwrap_or(64);
+    engine_config.max_lora_rank = Some(rank);
+    let opts = CudaOptions {
+        bf16: config.device.bf16,
+        lora_slots: if config.lora.enabled {
+            engine_config.max_loras_per_batch
+        } else {
+            0
+        },
+        lora_rank: rank,
+        lora_mode: match config.lora.backend {
+            LoraBackend::Csgmv => LoraKernelMode::Chunked(config.lora.max_chunk_size),
+            LoraBackend::Triton => LoraKernelMode::PerSequence,
+        },
+        cuda_graph_max_bs: config
+            .device
+            .cuda_graph_max_bs
+            .min(engine_config.max_running_requests),
+        max_tokens: engine_config.max_total_tokens,
+        block_size: engine_config.kv_block_size,
+        max_rows: engine_config.chunked_prefill_size + engine_config.max_running_requests,
+        max_seq_len: engine_config.context_length,
+    };
+    let t0 = Instant::now();
+    let model = CudaModel::from_host(gpu.clone(), &host, opts)?;
+    tracing::info!(
+        gpu = %gpu.name,
+        dtype = if config.device.bf16 { "bfloat16" } else { "float32" },
+        lora_pool_gb = model.lora_pool_bytes() as f64 / 1e9,
+        secs = t0.elapsed().as_secs_f32(),
+        "model on the GPU"
+    );
+    Ok((Model::Cuda(model), engine_config))
+}
+
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
-    let loaded = load_model(&args.model_path)?;
+    let mut loaded = load_model(&args.model_path)?;
     tracing::info!(model = %loaded.name, secs = t0.elapsed().as_secs_f32(), "model loaded");
     let config = loaded.model.config().clone();
     let mut adapters = std::collections::HashMap::new();
@@ -235,7 +284,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let budget: usize = reqs.iter().map(|r| r.prompt.len() + r.max_new_tokens).sum();
     let mut kv = KvCache::new(&config, budget, 16);
     let t1 = Instant::now();
-    let outs = generate_greedy(&loaded.model, &mut kv, &reqs)?;
+    let outs = generate_greedy(&mut loaded.model, &mut kv, &reqs)?;
     let secs = t1.elapsed().as_secs_f32();
     let generated: usize = outs.iter().map(|o| o.tokens.len()).sum();
     for (i, out) in outs.iter().enumerate() {

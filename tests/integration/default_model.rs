@@ -12,7 +12,7 @@ use crate::common::default_gguf;
 
 #[test]
 fn smollm2_answers_the_capital_of_france_with_paris() {
-    let m = load_model(&default_gguf()).unwrap();
+    let mut m = load_model(&default_gguf()).unwrap();
     let msg = ChatMessage {
         role: "user".into(),
         content: "What is the capital of France?".into(),
@@ -32,7 +32,7 @@ fn smollm2_answers_the_capital_of_france_with_paris() {
         stop_token_ids: config.eos_token_ids.clone(),
         prompt_logprobs: false,
     };
-    let out = generate_greedy(&m.model, &mut kv, &[req]).unwrap();
+    let out = generate_greedy(&mut m.model, &mut kv, &[req]).unwrap();
     let answer = m.tokenizer.decode(&out[0].tokens, true).unwrap();
     assert!(answer.contains("Paris"), "answer: {answer:?}");
 }
@@ -95,7 +95,7 @@ fn example_adapters_in_one_mixed_batch_match_peft() {
 
     use loraplane_server::adapter::LoraAdapter;
 
-    let m = load_model(&default_gguf()).unwrap();
+    let mut m = load_model(&default_gguf()).unwrap();
     let config = m.model.config().clone();
     let root = crate::common::repo_root().join("examples/adapters");
     let reference: serde_json::Value =
@@ -139,7 +139,7 @@ fn example_adapters_in_one_mixed_batch_match_peft() {
         }
     }
     let mut kv = KvCache::new(&config, 16 * 128, 16);
-    let outs = generate_greedy(&m.model, &mut kv, &reqs).unwrap();
+    let outs = generate_greedy(&mut m.model, &mut kv, &reqs).unwrap();
     for (out, (name, question, want, margins)) in outs.iter().zip(&expected) {
         let n = margins.iter().position(|&mg| mg < 0.01).unwrap_or(want.len());
         assert_eq!(

@@ -51,7 +51,7 @@ fn spec(name: &str, adapter: &str, pinned: bool) -> AdapterSpec {
 fn start(cfg: EngineConfig, adapters: Vec<AdapterSpec>) -> (EngineHandle, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new());
     (
-        engine::start(tiny_model(), cfg, adapters, metrics.clone()).unwrap(),
+        engine::start(tiny_model().into(), cfg, adapters, metrics.clone()).unwrap(),
         metrics,
     )
 }

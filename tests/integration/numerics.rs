@@ -154,7 +154,7 @@ fn peft_adapter_names_batch_rows_match() {
 #[test]
 fn decode_steps_after_prefill_match_and_greedy_continuations_equal() {
     let r = Reference::load();
-    let m = model("llama");
+    let mut m = model("llama");
     let ads = adapters(&m);
     let vocab = m.config().vocab_size;
     let mut cases: Vec<Option<Arc<LoraAdapter>>> = vec![None];
@@ -217,7 +217,7 @@ fn decode_steps_after_prefill_match_and_greedy_continuations_equal() {
             prompt_logprobs: false,
         })
         .collect();
-    let outs = generate_greedy(&m, &mut kv, &reqs).unwrap();
+    let outs = generate_greedy(&mut m, &mut kv, &reqs).unwrap();
     for ((p, a, _), out) in seqs.iter().zip(outs) {
         let case = case_name("llama", a.as_deref());
         check_greedy(&r, &case, *p, &out.tokens);
@@ -245,7 +245,7 @@ fn check_greedy(r: &Reference, case: &str, p: usize, got: &[u32]) {
 fn model_variants_match_transformers() {
     let r = Reference::load();
     for name in ["llama31", "mistral", "qwen2"] {
-        let m = model(name);
+        let mut m = model(name);
         let batch: Vec<_> = (0..r.num_prompts()).map(|p| (r.prompt(p), None)).collect();
         let got = one_pass(&m, &batch);
         for (p, lp) in got.iter().enumerate() {
@@ -262,7 +262,11 @@ fn model_variants_match_transformers() {
                 prompt_logprobs: false,
             })
             .collect();
-        for (p, out) in generate_greedy(&m, &mut kv, &reqs).unwrap().iter().enumerate() {
+        for (p, out) in generate_greedy(&mut m, &mut kv, &reqs)
+            .unwrap()
+            .iter()
+            .enumerate()
+        {
             check_greedy(&r, name, p, &out.tokens);
         }
     }

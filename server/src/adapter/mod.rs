@@ -100,6 +100,9 @@ pub struct LoraWeights {
 /// A loaded, validated LoRA adapter.
 #[derive(Debug)]
 pub struct LoraAdapter {
+    /// Process-unique id of this copy of the weights: device slot pools key residency on it,
+    /// so a reload (new weights under the same name) is never mistaken for the old copy.
+    pub id: u64,
     /// The name requests use to select it.
     pub name: String,
     /// Directory it was loaded from.
@@ -114,6 +117,11 @@ pub struct LoraAdapter {
     pub targets: Vec<LoraTarget>,
     /// Per layer, per [`LoraTarget::index`], the factors when that projection is adapted.
     pub layers: Vec<[Option<LoraWeights>; 7]>,
+}
+
+fn next_adapter_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl LoraAdapter {
@@ -218,6 +226,7 @@ impl LoraAdapter {
             return Err(Error::adapter(&weights_path, "contains no LoRA weights"));
         }
         Ok(Self {
+            id: next_adapter_id(),
             name: name.to_string(),
             path: dir.to_path_buf(),
             rank: peft.r,
@@ -262,6 +271,7 @@ impl LoraAdapter {
         targets.sort();
         targets.dedup();
         Self {
+            id: next_adapter_id(),
             name: name.to_string(),
             path: PathBuf::from(format!("dummy://{name}")),
             rank,

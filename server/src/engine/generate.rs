@@ -7,7 +7,8 @@ use crate::adapter::LoraAdapter;
 use crate::backend::cpu;
 use crate::engine::{KvCache, SeqCache};
 use crate::error::Result;
-use crate::model::llama::{LlamaModel, LogitsWanted, SeqInput};
+use crate::model::llama::{LogitsWanted, SeqInput};
+use crate::model::Forward;
 
 /// One generation request.
 #[derive(Clone)]
@@ -36,7 +37,11 @@ pub struct GenOutput {
 }
 
 /// Greedy generation for `reqs` in shared batches; the KV cache is released afterwards.
-pub fn generate_greedy(model: &LlamaModel, kv: &mut KvCache, reqs: &[GenRequest]) -> Result<Vec<GenOutput>> {
+pub fn generate_greedy<M: Forward + ?Sized>(
+    model: &mut M,
+    kv: &mut KvCache,
+    reqs: &[GenRequest],
+) -> Result<Vec<GenOutput>> {
     // Order rows by adapter so each adapter forms one LoRA segment.
     let mut order: Vec<usize> = (0..reqs.len()).collect();
     order.sort_by_key(|&i| {
@@ -54,8 +59,8 @@ pub fn generate_greedy(model: &LlamaModel, kv: &mut KvCache, reqs: &[GenRequest]
     result
 }
 
-fn run(
-    model: &LlamaModel,
+fn run<M: Forward + ?Sized>(
+    model: &mut M,
     kv: &mut KvCache,
     reqs: &[GenRequest],
     order: &[usize],

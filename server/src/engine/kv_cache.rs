@@ -50,9 +50,23 @@ pub type PrefixKey = u64;
 impl KvCache {
     /// A cache holding `max_tokens` tokens (rounded up to whole blocks) for `config`.
     pub fn new(config: &ModelConfig, max_tokens: usize, block_size: usize) -> Self {
+        Self::build(config, max_tokens, block_size, true)
+    }
+
+    /// Block management only: the keys and values live elsewhere (in device memory, indexed by
+    /// the same slots), so [`KvCache::write`] and [`KvCache::layer`] must not be used.
+    pub fn paging_only(config: &ModelConfig, max_tokens: usize, block_size: usize) -> Self {
+        Self::build(config, max_tokens, block_size, false)
+    }
+
+    fn build(config: &ModelConfig, max_tokens: usize, block_size: usize, host_storage: bool) -> Self {
         let block_size = block_size.max(1);
         let num_blocks = max_tokens.div_ceil(block_size).max(1);
-        let slots = num_blocks * block_size * config.kv_dim();
+        let slots = if host_storage {
+            num_blocks * block_size * config.kv_dim()
+        } else {
+            0
+        };
         Self {
             block_size,
             kv_dim: config.kv_dim(),

@@ -24,7 +24,7 @@ pub use kv_cache::{KvCache, SeqCache};
 use crate::adapter::LoraTarget;
 use crate::error::Result;
 use crate::metrics::Metrics;
-use crate::model::LlamaModel;
+use crate::model::Model;
 
 /// Which unpinned adapter leaves a full pool first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -89,7 +89,7 @@ pub struct AdapterSpec {
 /// Loads `adapters`, starts the engine thread and returns its handle. Any adapter that fails
 /// to load, or more pinned adapters than `max_loras_per_batch - 1`, stops start-up.
 pub fn start(
-    model: LlamaModel,
+    model: Model,
     config: EngineConfig,
     adapters: Vec<AdapterSpec>,
     metrics: Arc<Metrics>,

@@ -24,7 +24,7 @@ use crate::backend::cpu::log_softmax;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::model::llama::{LogitsWanted, SeqInput};
-use crate::model::LlamaModel;
+use crate::model::{Forward, Model};
 
 /// Steps the head of the queue may be passed over before admission stops for everyone else.
 const STARVATION_STEPS: u32 = 32;
@@ -60,7 +60,7 @@ impl Sequence {
 }
 
 struct Scheduler {
-    model: LlamaModel,
+    model: Model,
     config: EngineConfig,
     kv: KvCache,
     pool: AdapterPool,
@@ -72,7 +72,7 @@ struct Scheduler {
 }
 
 pub(crate) fn spawn(
-    model: LlamaModel,
+    model: Model,
     config: EngineConfig,
     adapters: Vec<AdapterSpec>,
     metrics: Arc<Metrics>,
@@ -98,7 +98,7 @@ pub(crate) fn spawn(
         alive: Arc::new(std::sync::atomic::AtomicBool::new(true)),
     };
     let alive = handle.alive.clone();
-    let kv = KvCache::new(&mc, config.max_total_tokens, config.kv_block_size);
+    let kv = model.new_kv_cache(config.max_total_tokens, config.kv_block_size);
     let mut s = Scheduler {
         model,
         config,

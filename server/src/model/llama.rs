@@ -41,31 +41,31 @@ pub struct SeqInput<'a> {
 }
 
 /// A linear layer: weight `[out, in]` and optional bias.
-struct Linear {
-    weight: Tensor,
-    bias: Option<Vec<f32>>,
+pub(crate) struct Linear {
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Option<Vec<f32>>,
 }
 
-struct Block {
-    input_norm: Vec<f32>,
+pub(crate) struct Block {
+    pub(crate) input_norm: Vec<f32>,
     /// q, k and v stacked along the output dimension: `[q_dim + 2 kv_dim, hidden]`.
-    qkv: Linear,
-    o: Linear,
-    post_norm: Vec<f32>,
+    pub(crate) qkv: Linear,
+    pub(crate) o: Linear,
+    pub(crate) post_norm: Vec<f32>,
     /// gate and up stacked: `[2 * intermediate, hidden]`.
-    gate_up: Linear,
-    down: Linear,
+    pub(crate) gate_up: Linear,
+    pub(crate) down: Linear,
 }
 
 /// A loaded Llama-family model, f32 on the host.
 pub struct LlamaModel {
     config: ModelConfig,
-    embed: Tensor,
-    blocks: Vec<Block>,
-    norm: Vec<f32>,
+    pub(crate) embed: Tensor,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) norm: Vec<f32>,
     /// `None` when the output head is tied to the embedding.
-    lm_head: Option<Tensor>,
-    inv_freq: Vec<f32>,
+    pub(crate) lm_head: Option<Tensor>,
+    pub(crate) inv_freq: Vec<f32>,
 }
 
 /// A run of consecutive rows that use the same adapter.
@@ -551,7 +551,7 @@ fn apply_lora(
 }
 
 /// RoPE inverse frequencies, with llama3 scaling when configured (as transformers computes them).
-fn rope_inv_freq(c: &ModelConfig) -> Vec<f32> {
+pub(crate) fn rope_inv_freq(c: &ModelConfig) -> Vec<f32> {
     let d = c.head_dim;
     let base: Vec<f32> = (0..d / 2)
         .map(|i| 1.0 / c.rope_theta.powf((2 * i) as f32 / d as f32))

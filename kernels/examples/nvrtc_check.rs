@@ -1,0 +1,31 @@
+//! Compiles the kernel sources with NVRTC and prints the PTX's register-free summary: a check
+//! that needs no GPU, only `libnvrtc` (e.g. from the `nvidia-cuda-nvrtc` wheel) and the CUDA
+//! headers. Usage: `CUDA_HOME=<dir with include/> cargo run -p loraplane-kernels --example nvrtc_check [arch]`.
+
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+
+fn main() {
+    let arch: &'static str = match std::env::args().nth(1).as_deref() {
+        Some("sm_80") => "sm_80",
+        _ => "sm_90a",
+    };
+    let include =
+        std::env::var("CUDA_HOME").map_or("/usr/local/cuda/include".into(), |h| format!("{h}/include"));
+    let opts = CompileOptions {
+        arch: Some(arch),
+        include_paths: vec![include],
+        options: vec!["--std=c++17".into()],
+        ..Default::default()
+    };
+    match compile_ptx_with_opts(loraplane_kernels::LLAMA_CU, opts) {
+        Ok(ptx) => {
+            let src = ptx.to_src();
+            let entries = src.lines().filter(|l| l.contains(".entry")).count();
+            println!("ok: {entries} kernels, {} bytes of PTX for {arch}", src.len());
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
+    }
+}

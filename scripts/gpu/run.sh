@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine (one device call) after scripts/gpu/build.sh here:
+#   scripts/gpu/run.sh check   correctness: PEFT fixtures + random models vs the CPU backend,
+#                              then a compute-sanitizer memcheck pass of the quick check
+#   scripts/gpu/run.sh bench   the Llama-3.1-8B-shape benchmark, then the PEFT peer
+#   scripts/gpu/run.sh serve   the server binary on the GPU against the CPU (serve_check.py)
+#   scripts/gpu/run.sh profile ncu per-kernel summary of eager decode steps
+#   scripts/gpu/run.sh all     check, serve and bench
+# Logs go to $OUT (or ./gpu-logs); the last lines printed are the summary tables.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+export PATH=/usr/local/cuda/bin:$PATH
+OUT=${OUT:-gpu-logs}; mkdir -p "$OUT"
+BIN=target/release/examples
+what=${1:-all}
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+rc=0
+if [[ $what == check || $what == all ]]; then
+  "$BIN/gpu_check" 2>&1 | tee "$OUT/check.log"; rc=$((rc | PIPESTATUS[0]))
+  if command -v compute-sanitizer >/dev/null; then
+    compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/gpu_check" --quick >"$OUT/memcheck.log" 2>&1
+    s=$?; echo "compute-sanitizer memcheck (gpu_check --quick): exit $s, $(grep -c 'Invalid' "$OUT/memcheck.log") invalid accesses"
+    tail -3 "$OUT/memcheck.log"; rc=$((rc | s))
+  else
+    echo "compute-sanitizer not found"
+  fi
+fi
+if [[ $what == serve || $what == all ]]; then
+  python3 scripts/gpu/serve_check.py target/release/loraplane-server 2>&1 | tee "$OUT/serve.log"; rc=$((rc | PIPESTATUS[0]))
+fi
+if [[ $what == profile ]]; then
+  # Per-kernel durations of one eager decode step at bs=1 and at bs=64 with 64 adapters.
+  ncu --profile-from-start off --clock-control none --section SpeedOfLight --print-summary per-kernel \
+    "$BIN/bench_gpu" --profile >"$OUT/ncu.txt" 2>&1; rc=$((rc | $?))
+  grep -E "^  [a-zA-Z_].*\(|Duration|Memory Throughput" "$OUT/ncu.txt" | head -120
+fi
+if [[ $what == bench || $what == all || $what == quick-bench ]]; then
+  flag=""; [[ $what == quick-bench ]] && flag=--quick
+  "$BIN/bench_gpu" $flag 2>"$OUT/bench.err" | tee "$OUT/bench.log"; rc=$((rc | PIPESTATUS[0]))
+  tail -5 "$OUT/bench.err"
+  if [[ $what != quick-bench ]]; then
+    PYTHONUNBUFFERED=1 timeout 300 python3 scripts/gpu/peft_peer.py 2>&1 | tee "$OUT/peft.log"
+  fi
+fi
+exit $rc

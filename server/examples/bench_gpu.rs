@@ -1,0 +1,352 @@
+//! GPU benchmark: Llama-3.1-8B shape with random bf16 weights, decode step latency and tok/s at
+//! several batch sizes and numbers of distinct rank-16/64 adapters on all seven targets, both
+//! LoRA kernel schemes, with and without CUDA graphs; prefill of 2k-token prompts; a cuBLAS bf16
+//! GEMM for the rate prefill is compared with. Each figure is printed next to its roofline:
+//! max(bytes that must be read / 3.0 TB/s, FLOPs / 790 TFLOP/s), where the bytes are the base
+//! weights, every distinct adapter's weights and the KV cache read by the step.
+//!
+//! Run by `scripts/gpu/bench.sh` on the GPU machine; prints a Markdown table.
+
+use std::time::Instant;
+
+use loraplane_server::adapter::LoraTarget;
+use loraplane_server::backend::cuda::{CudaModel, CudaOptions, Gpu, LoraKernelMode};
+use loraplane_server::engine::{KvCache, SeqCache};
+use loraplane_server::model::llama::{LogitsWanted, SeqInput};
+use loraplane_server::model::ModelConfig;
+
+const HBM_BYTES_PER_S: f64 = 3.0e12;
+const BF16_FLOPS: f64 = 790e12;
+const PROMPT: usize = 128;
+
+fn llama31_8b() -> ModelConfig {
+    ModelConfig::from_hf_json(
+        r#"{"architectures":["LlamaForCausalLM"],"vocab_size":128256,"hidden_size":4096,
+        "intermediate_size":14336,"num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":8,
+        "max_position_embeddings":131072,"rope_theta":500000.0,"rms_norm_eps":1e-5,"tie_word_embeddings":false,
+        "rope_scaling":{"factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,
+        "original_max_position_embeddings":8192,"rope_type":"llama3"},"bos_token_id":128000,"eos_token_id":128001}"#,
+    )
+    .expect("preset config")
+}
+
+/// Parameters of the linear layers plus the lm_head (what a decode step reads in full).
+fn base_bytes(c: &ModelConfig) -> f64 {
+    let (h, qd, kvd, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+    let per_layer = h * (qd + 2 * kvd) + qd * h + 3 * h * i + 2 * h;
+    ((per_layer * c.num_layers + c.vocab_size * h + h) * 2) as f64
+}
+
+fn adapter_bytes(c: &ModelConfig, rank: usize) -> f64 {
+    let per_layer: usize = LoraTarget::ALL
+        .iter()
+        .map(|t| {
+            let (i, o) = t.shape(c);
+            rank * (i + o)
+        })
+        .sum();
+    (per_layer * c.num_layers * 2) as f64
+}
+
+fn kv_bytes_per_token(c: &ModelConfig) -> f64 {
+    (2 * c.num_layers * c.kv_dim() * 2) as f64
+}
+
+struct Row {
+    what: String,
+    ms: f64,
+    tok_s: f64,
+    roofline_ms: f64,
+}
+
+fn opts(mode: LoraKernelMode, graphs: usize) -> CudaOptions {
+    CudaOptions {
+        bf16: true,
+        lora_slots: 64,
+        lora_rank: 64,
+        lora_mode: mode,
+        cuda_graph_max_bs: graphs,
+        max_tokens: 256 * (PROMPT + 64) + 4 * 2048 + 256,
+        block_size: 16,
+        max_rows: 8192,
+        max_seq_len: 4096,
+    }
+}
+
+/// Prefills `bs` random prompts, then times `steps` greedy decode steps. Returns ms per step.
+fn decode(m: &mut CudaModel, kv: &mut KvCache, bs: usize, slots: &[i32], steps: usize, profile: bool) -> f64 {
+    let vocab = m.config().vocab_size as u32;
+    let mut caches = vec![SeqCache::default(); bs];
+    let mut toks: Vec<Vec<u32>> = (0..bs)
+        .map(|i| {
+            (0..PROMPT)
+                .map(|j| ((i * 7919 + j * 104729) as u32) % vocab)
+                .collect()
+        })
+        .collect();
+    // Prefill in groups that fit the row budget.
+    for group in (0..bs).collect::<Vec<_>>().chunks(8192 / PROMPT) {
+        for &i in group {
+            kv.reserve(&mut caches[i], PROMPT).expect("kv");
+        }
+        let inputs: Vec<SeqInput<'_>> = group
+            .iter()
+            .map(|&i| SeqInput {
+                tokens: &toks[i],
+                cache: &caches[i],
+                adapter: None,
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        let gslots: Vec<i32> = group.iter().map(|&i| slots[i]).collect();
+        let next = m.forward_greedy_in_slots(kv, &inputs, &gslots).expect("prefill");
+        drop(inputs);
+        for (&i, t) in group.iter().zip(next) {
+            caches[i].len = PROMPT;
+            toks[i].push(t);
+        }
+    }
+    let mut step = |caches: &mut Vec<SeqCache>, toks: &mut Vec<Vec<u32>>, kv: &mut KvCache| {
+        for (c, t) in caches.iter_mut().zip(toks.iter()) {
+            kv.reserve(c, t.len()).expect("kv");
+        }
+        let inputs: Vec<SeqInput<'_>> = caches
+            .iter()
+            .zip(toks.iter())
+            .map(|(c, t)| SeqInput {
+                tokens: &t[t.len() - 1..],
+                cache: c,
+                adapter: None,
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        let next = m.forward_greedy_in_slots(kv, &inputs, slots).expect("decode");
+        drop(inputs);
+        for ((c, t), n) in caches.iter_mut().zip(toks.iter_mut()).zip(next) {
+            c.len = t.len();
+            t.push(n);
+        }
+    };
+    for _ in 0..3 {
+        step(&mut caches, &mut toks, kv); // warm-up (and graph capture)
+    }
+    if profile {
+        cudarc::driver::profiler_start().expect("profiler");
+    }
+    let t0 = Instant::now();
+    for _ in 0..steps {
+        step(&mut caches, &mut toks, kv);
+    }
+    let ms = t0.elapsed().as_secs_f64() * 1e3 / steps as f64;
+    if profile {
+        cudarc::driver::profiler_stop().expect("profiler");
+    }
+    for c in &mut caches {
+        kv.release(c);
+    }
+    ms
+}
+
+fn main() {
+    let gpu = Gpu::open(0).unwrap_or_else(|e| {
+        eprintln!("{e}");
+        std::process::exit(1)
+    });
+    let c = llama31_8b();
+    let only_fast = std::env::args().any(|a| a == "--quick");
+    // --profile: two eager decode steps (bs=1 base, bs=64 with 64 rank-16 adapters) between
+    // cuProfilerStart/Stop, for `ncu --profile-from-start off`.
+    if std::env::args().any(|a| a == "--profile") {
+        let mut m =
+            CudaModel::dummy(gpu.clone(), c.clone(), opts(LoraKernelMode::Chunked(16), 0), 42).unwrap();
+        let mut kv = m.new_kv_cache();
+        for s in 0..64 {
+            m.dummy_adapter_in_slot(s, 16, &LoraTarget::ALL, 1000 + s as u64)
+                .unwrap();
+        }
+        decode(&mut m, &mut kv, 1, &[-1], 1, true);
+        let slots: Vec<i32> = (0..64).collect();
+        decode(&mut m, &mut kv, 64, &slots, 1, true);
+        return;
+    }
+    println!("device: {}", gpu.name);
+    let mut rows: Vec<Row> = Vec::new();
+    let batches: &[usize] = if only_fast {
+        &[1, 64]
+    } else {
+        &[1, 8, 32, 64, 128, 256]
+    };
+    let adapter_counts = [0usize, 1, 8, 64];
+    let ranks = [16usize, 64];
+    let configs: &[(LoraKernelMode, usize, &str)] = &[
+        (LoraKernelMode::Chunked(16), 256, "csgmv+graphs"),
+        (LoraKernelMode::Chunked(16), 0, "csgmv eager"),
+        (LoraKernelMode::PerSequence, 256, "triton+graphs"),
+        (LoraKernelMode::PerSequence, 0, "triton eager"),
+    ];
+    for &(mode, graphs, label) in configs {
+        let t0 = Instant::now();
+        let mut m = CudaModel::dummy(gpu.clone(), c.clone(), opts(mode, graphs), 42).expect("model");
+        let mut kv = m.new_kv_cache();
+        m.sync().unwrap();
+        eprintln!(
+            "{label}: model ready in {:.1}s, LoRA pool {:.1} GB",
+            t0.elapsed().as_secs_f64(),
+            m.lora_pool_bytes() as f64 / 1e9
+        );
+        for &rank in &ranks {
+            for s in 0..64 {
+                m.dummy_adapter_in_slot(s, rank, &LoraTarget::ALL, 1000 + s as u64)
+                    .unwrap();
+            }
+            for &bs in batches {
+                for &n in &adapter_counts {
+                    if n > bs || (n == 0 && rank != ranks[0]) {
+                        continue;
+                    }
+                    let slots: Vec<i32> = (0..bs)
+                        .map(|i| if n == 0 { -1 } else { (i % n) as i32 })
+                        .collect();
+                    let steps = if bs >= 128 { 10 } else { 20 };
+                    let ms = decode(&mut m, &mut kv, bs, &slots, steps, false);
+                    let ctx = PROMPT + 3 + steps / 2;
+                    let bytes = base_bytes(&c)
+                        + n as f64 * adapter_bytes(&c, rank)
+                        + bs as f64 * ctx as f64 * kv_bytes_per_token(&c);
+                    let flops = bs as f64 * base_bytes(&c); // 2 FLOPs per bf16 parameter
+                    let roof = (bytes / HBM_BYTES_PER_S).max(flops / BF16_FLOPS) * 1e3;
+                    let what = if n == 0 {
+                        format!("decode {label} bs={bs} base")
+                    } else {
+                        format!("decode {label} bs={bs} {n}x r{rank}")
+                    };
+                    println!(
+                        "{what}: {ms:.2} ms/step, roofline {roof:.2} ms ({:.2}x)",
+                        ms / roof
+                    );
+                    rows.push(Row {
+                        what,
+                        ms,
+                        tok_s: bs as f64 * 1e3 / ms,
+                        roofline_ms: roof,
+                    });
+                }
+            }
+            if only_fast {
+                break;
+            }
+        }
+        if graphs == 0 && mode == LoraKernelMode::Chunked(16) {
+            prefill(&mut m, &mut kv, &c, &mut rows);
+        }
+        drop(kv);
+        drop(m);
+    }
+    gemm_rate(&gpu);
+    println!("\n| configuration | ms/step | tok/s | roofline ms | x roofline |\n|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {:.2} | {:.0} | {:.2} | {:.2} |",
+            r.what,
+            r.ms,
+            r.tok_s,
+            r.roofline_ms,
+            r.ms / r.roofline_ms
+        );
+    }
+}
+
+/// 2k-token prompts: 1 and 4 per pass, base and with distinct rank-16 adapters.
+fn prefill(m: &mut CudaModel, kv: &mut KvCache, c: &ModelConfig, rows: &mut Vec<Row>) {
+    let vocab = c.vocab_size as u32;
+    for n in [1usize, 4] {
+        for with_lora in [false, true] {
+            let toks: Vec<Vec<u32>> = (0..n)
+                .map(|i| (0..2048).map(|j| ((i * 31 + j * 7) as u32) % vocab).collect())
+                .collect();
+            let slots: Vec<i32> = (0..n).map(|i| if with_lora { i as i32 } else { -1 }).collect();
+            let mut times = Vec::new();
+            for _ in 0..4 {
+                let mut caches = vec![SeqCache::default(); n];
+                for cch in caches.iter_mut() {
+                    kv.reserve(cch, 2048).unwrap();
+                }
+                let inputs: Vec<SeqInput<'_>> = caches
+                    .iter()
+                    .zip(&toks)
+                    .map(|(cc, t)| SeqInput {
+                        tokens: t,
+                        cache: cc,
+                        adapter: None,
+                        logits: LogitsWanted::Last,
+                    })
+                    .collect();
+                m.sync().unwrap();
+                let t0 = Instant::now();
+                m.forward_greedy_in_slots(kv, &inputs, &slots).unwrap();
+                times.push(t0.elapsed().as_secs_f64() * 1e3);
+                drop(inputs);
+                for cch in caches.iter_mut() {
+                    kv.release(cch);
+                }
+            }
+            let ms = times[1..].iter().cloned().fold(f64::INFINITY, f64::min);
+            let tokens = (n * 2048) as f64;
+            // Linear layers + causal attention FLOPs.
+            let attn = 2.0 * 2.0 * c.num_layers as f64 * c.q_dim() as f64 * 2048.0 * 2048.0 / 2.0 * n as f64;
+            let flops = tokens * base_bytes(c) + attn;
+            let roof = flops / BF16_FLOPS * 1e3;
+            let what = format!(
+                "prefill {n}x2048 tokens {}",
+                if with_lora { "rank-16 adapters" } else { "base" }
+            );
+            println!(
+                "{what}: {ms:.1} ms, {:.0} tok/s, {:.0} TFLOP/s",
+                tokens * 1e3 / ms,
+                flops / ms / 1e9
+            );
+            rows.push(Row {
+                what,
+                ms,
+                tok_s: tokens * 1e3 / ms,
+                roofline_ms: roof,
+            });
+        }
+    }
+}
+
+/// cuBLAS bf16 GEMM rate at the prefill's largest shape (8192 x 28672 x 4096).
+fn gemm_rate(gpu: &std::sync::Arc<Gpu>) {
+    let (m, n, k) = (8192usize, 28672usize, 4096usize);
+    let a = gpu.zeros::<half::bf16>(m * k).unwrap();
+    let b = gpu.zeros::<half::bf16>(n * k).unwrap();
+    let out = gpu.zeros::<half::bf16>(m * n).unwrap();
+    let fill = |s: &cudarc::driver::CudaSlice<half::bf16>, seed: u64| {
+        use cudarc::driver::PushKernelArg;
+        let f = gpu.kernels.get("fill_uniform_bf16");
+        let mut l = gpu.stream.launch_builder(f);
+        let (p, len, sc) = (gpu.ptr(s), s.len() as u64, 0.05f32);
+        l.arg(&p).arg(&len).arg(&seed).arg(&sc);
+        unsafe { l.launch(cudarc::driver::LaunchConfig::for_num_elems(1 << 20)) }.unwrap();
+    };
+    fill(&a, 1);
+    fill(&b, 2);
+    let run = || {
+        gpu.gemm_nt::<half::bf16>(gpu.ptr(&out), n, false, gpu.ptr(&a), k, gpu.ptr(&b), m, n, k, 0.0)
+            .unwrap()
+    };
+    for _ in 0..3 {
+        run();
+    }
+    gpu.sync().unwrap();
+    let t0 = Instant::now();
+    for _ in 0..10 {
+        run();
+    }
+    gpu.sync().unwrap();
+    let ms = t0.elapsed().as_secs_f64() * 1e3 / 10.0;
+    println!(
+        "cuBLAS bf16 GEMM {m}x{n}x{k}: {ms:.2} ms, {:.0} TFLOP/s",
+        2.0 * (m * n * k) as f64 / ms / 1e9
+    );
+}

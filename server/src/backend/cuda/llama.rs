@@ -1,0 +1,1016 @@
+//! The Llama-family decoder on the GPU: the same mixed prefill/decode batch as the CPU model
+//! (`model::llama`), with bf16 or f32 weights in device memory, cuBLAS GEMMs, a paged KV cache
+//! in device memory indexed by the engine's block tables, and LoRA applied per fused group of
+//! targets by shrink/expand kernels over work items drawn from the device slot pool.
+//!
+//! Decode-only steps up to `cuda_graph_max_bs` sequences are padded to a bucket size and
+//! replayed from a CUDA graph captured on first use; LoRA metadata lives in device buffers read
+//! by the kernels, so a replay applies whatever adapters the step's rows use.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::{sys as drv, CudaGraph, CudaSlice};
+
+use super::lora::{group_dims, LoraSlots};
+use super::{launch, Gpu, GpuFloat};
+use crate::adapter::{LoraAdapter, LoraTarget};
+use crate::engine::KvCache;
+use crate::error::{Error, Result};
+use crate::model::llama::{rope_inv_freq, LogitsWanted, SeqInput};
+use crate::model::{LlamaModel, ModelConfig};
+
+/// How LoRA rows are cut into kernel work items.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoraKernelMode {
+    /// One item per sequence (`--lora-backend triton`).
+    PerSequence,
+    /// Rows sorted by adapter, each adapter's run cut into chunks of this many rows
+    /// (`--lora-backend csgmv`, `--max-lora-chunk-size`).
+    Chunked(usize),
+}
+
+/// Sizes and switches for a device model.
+#[derive(Clone, Debug)]
+pub struct CudaOptions {
+    /// Compute in bf16 (else f32).
+    pub bf16: bool,
+    /// LoRA slots (`--max-loras-per-batch`); 0 disables LoRA.
+    pub lora_slots: usize,
+    /// Rank every slot holds (`--max-lora-rank`).
+    pub lora_rank: usize,
+    /// Work-item scheme of the LoRA kernels.
+    pub lora_mode: LoraKernelMode,
+    /// Largest decode batch replayed from a CUDA graph; 0 disables graphs.
+    pub cuda_graph_max_bs: usize,
+    /// KV cache capacity in tokens.
+    pub max_tokens: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Rows (new tokens) one forward pass may carry.
+    pub max_rows: usize,
+    /// Longest sequence (prompt + output, `--context-length`): sizes each block table.
+    pub max_seq_len: usize,
+}
+
+struct DevLinear<T> {
+    w: CudaSlice<T>,
+    bias: Option<CudaSlice<T>>,
+}
+
+struct DevBlock<T> {
+    input_norm: CudaSlice<T>,
+    qkv: DevLinear<T>,
+    o: DevLinear<T>,
+    post_norm: CudaSlice<T>,
+    gate_up: DevLinear<T>,
+    down: DevLinear<T>,
+}
+
+/// Per-step scratch, sized for `cap` rows.
+struct Buffers<T> {
+    cap: usize,
+    max_blocks: usize,
+    /// ids | positions | slots | row_seq | items (3 per row) | wanted | tables.
+    meta: CudaSlice<i32>,
+    x: CudaSlice<T>,
+    normed: CudaSlice<T>,
+    qkv: CudaSlice<T>,
+    attn: CudaSlice<T>,
+    gate_up: CudaSlice<T>,
+    act: CudaSlice<T>,
+    lora_y: CudaSlice<f32>,
+    final_in: CudaSlice<T>,
+    logits: CudaSlice<f32>,
+    logit_rows: usize,
+    argmax: CudaSlice<i32>,
+}
+
+/// A captured graph. NB: CUgraph handles are raw pointers, so not `Send`; the model creates and
+/// replays its graphs only on the thread that owns it (the engine thread), and a `CudaLlama` is
+/// moved between threads only before its first step, when it holds none.
+struct Graph(CudaGraph);
+unsafe impl Send for Graph {}
+
+/// Launch shape of one step (constant for a captured graph).
+#[derive(Clone, Copy)]
+struct StepShape {
+    rows: usize,
+    items: usize,
+    max_item_rows: usize,
+    wanted: usize,
+    lora: bool,
+}
+
+/// What a prepared step returns to its caller, per sequence in the caller's order.
+struct StepOut {
+    /// (first wanted row, count) per sequence.
+    per_seq: Vec<(usize, usize)>,
+}
+
+/// A Llama-family model resident on one GPU.
+pub struct CudaLlama<T: GpuFloat> {
+    gpu: Arc<Gpu>,
+    config: ModelConfig,
+    opts: CudaOptions,
+    embed: CudaSlice<T>,
+    lm_head: Option<CudaSlice<T>>,
+    norm: CudaSlice<T>,
+    blocks: Vec<DevBlock<T>>,
+    inv_freq: CudaSlice<f32>,
+    k_cache: Vec<CudaSlice<T>>,
+    v_cache: Vec<CudaSlice<T>>,
+    /// Blocks the engine pages; one more (the last) absorbs padding rows of graph replays.
+    kv_blocks: usize,
+    lora: Option<LoraSlots<T>>,
+    bufs: Buffers<T>,
+    graphs: HashMap<usize, Graph>,
+}
+
+/// The device model in its element type.
+pub enum CudaModel {
+    /// f32 weights and activations (checks against references).
+    F32(Box<CudaLlama<f32>>),
+    /// bf16 weights and activations, f32 accumulation (serving).
+    Bf16(Box<CudaLlama<half::bf16>>),
+}
+
+/// Graph bucket sizes: a decode batch is padded up to the next one.
+fn graph_buckets(max_bs: usize) -> Vec<usize> {
+    let mut v = vec![1, 2, 4, 8];
+    let mut b = 16;
+    while b <= max_bs.max(8) {
+        v.push(b);
+        b += if b < 64 { 8 } else { 32 };
+    }
+    v.retain(|&x| x <= max_bs);
+    v
+}
+
+fn to_dev<T: GpuFloat>(gpu: &Gpu, data: &[f32]) -> Result<CudaSlice<T>> {
+    let host: Vec<T> = data.iter().map(|&v| T::from_f32(v)).collect();
+    gpu.upload(&host)
+}
+
+impl<T: GpuFloat> CudaLlama<T> {
+    /// Uploads a host model's weights.
+    pub fn from_host(gpu: Arc<Gpu>, host: &LlamaModel, opts: CudaOptions) -> Result<Self> {
+        let c = host.config().clone();
+        let lin = |l: &crate::model::llama::Linear| -> Result<DevLinear<T>> {
+            Ok(DevLinear {
+                w: to_dev(&gpu, &l.weight.data)?,
+                bias: l.bias.as_ref().map(|b| to_dev(&gpu, b)).transpose()?,
+            })
+        };
+        let mut blocks = Vec::with_capacity(c.num_layers);
+        for b in &host.blocks {
+            blocks.push(DevBlock {
+                input_norm: to_dev(&gpu, &b.input_norm)?,
+                qkv: lin(&b.qkv)?,
+                o: lin(&b.o)?,
+                post_norm: to_dev(&gpu, &b.post_norm)?,
+                gate_up: lin(&b.gate_up)?,
+                down: lin(&b.down)?,
+            });
+        }
+        let embed = to_dev(&gpu, &host.embed.data)?;
+        let lm_head = host.lm_head.as_ref().map(|t| to_dev(&gpu, &t.data)).transpose()?;
+        let norm = to_dev(&gpu, &host.norm)?;
+        Self::assemble(gpu, c, opts, embed, lm_head, norm, blocks)
+    }
+
+    /// Random weights of `config`'s shapes, generated on the device (`--load-format dummy`).
+    pub fn dummy(gpu: Arc<Gpu>, config: ModelConfig, opts: CudaOptions, seed: u64) -> Result<Self> {
+        let c = config.clone();
+        let (h, qd, kvd, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let mut seed_n = seed;
+        let mut rand = |n: usize, fan_in: usize| -> Result<CudaSlice<T>> {
+            let buf = gpu.zeros::<T>(n)?;
+            seed_n = seed_n.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let scale = 1.0 / (fan_in as f32).sqrt();
+            launch!(
+                gpu,
+                &format!("fill_uniform_{}", T::SUFFIX),
+                (1024, 1, 1),
+                (256, 1, 1),
+                gpu.ptr(&buf),
+                n as u64,
+                seed_n,
+                scale
+            )?;
+            Ok(buf)
+        };
+        let mut blocks = Vec::with_capacity(c.num_layers);
+        let ones = |n: usize| to_dev::<T>(&gpu, &vec![1.0; n]);
+        for _ in 0..c.num_layers {
+            let qkv_w = rand((qd + 2 * kvd) * h, h)?;
+            let o_w = rand(h * qd, qd)?;
+            let gu_w = rand(2 * inter * h, h)?;
+            let down_w = rand(h * inter, inter)?;
+            blocks.push(DevBlock {
+                input_norm: ones(h)?,
+                qkv: DevLinear { w: qkv_w, bias: None },
+                o: DevLinear { w: o_w, bias: None },
+                post_norm: ones(h)?,
+                gate_up: DevLinear { w: gu_w, bias: None },
+                down: DevLinear {
+                    w: down_w,
+                    bias: None,
+                },
+            });
+        }
+        let embed = rand(c.vocab_size * h, 1)?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(rand(c.vocab_size * h, h)?)
+        };
+        let norm = ones(h)?;
+        Self::assemble(gpu, config, opts, embed, lm_head, norm, blocks)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        gpu: Arc<Gpu>,
+        config: ModelConfig,
+        opts: CudaOptions,
+        embed: CudaSlice<T>,
+        lm_head: Option<CudaSlice<T>>,
+        norm: CudaSlice<T>,
+        blocks: Vec<DevBlock<T>>,
+    ) -> Result<Self> {
+        let c = &config;
+        if !c.head_dim.is_multiple_of(2) || c.head_dim > 256 {
+            return Err(Error::Model(format!(
+                "--device cuda: head_dim {} is not supported (even, up to 256)",
+                c.head_dim
+            )));
+        }
+        if c.num_heads / c.num_kv_heads > 8 {
+            return Err(Error::Model(format!(
+                "--device cuda: {} query heads per kv head is not supported (at most 8)",
+                c.num_heads / c.num_kv_heads
+            )));
+        }
+        let bs = opts.block_size.max(1);
+        let kv_blocks = opts.max_tokens.div_ceil(bs).max(1);
+        let slots_total = (kv_blocks + 1) * bs * c.kv_dim();
+        let mut k_cache = Vec::with_capacity(c.num_layers);
+        let mut v_cache = Vec::with_capacity(c.num_layers);
+        for _ in 0..c.num_layers {
+            k_cache.push(gpu.zeros::<T>(slots_total)?);
+            v_cache.push(gpu.zeros::<T>(slots_total)?);
+        }
+        let lora = if opts.lora_slots > 0 {
+            Some(LoraSlots::new(&gpu, c, opts.lora_slots, opts.lora_rank.max(1))?)
+        } else {
+            None
+        };
+        let inv_freq = gpu.upload(&rope_inv_freq(c))?;
+        let max_blocks = c
+            .max_position_embeddings
+            .min(opts.max_tokens)
+            .min(opts.max_seq_len.max(1))
+            .div_ceil(bs)
+            .max(1);
+        let cap = opts.max_rows.max(opts.cuda_graph_max_bs).max(1);
+        let bufs = Self::buffers(&gpu, c, &opts, cap, max_blocks, cap.min(512))?;
+        Ok(Self {
+            gpu,
+            config,
+            opts,
+            embed,
+            lm_head,
+            norm,
+            blocks,
+            inv_freq,
+            k_cache,
+            v_cache,
+            kv_blocks,
+            lora,
+            bufs,
+            graphs: HashMap::new(),
+        })
+    }
+
+    fn buffers(
+        gpu: &Gpu,
+        c: &ModelConfig,
+        opts: &CudaOptions,
+        cap: usize,
+        max_blocks: usize,
+        logit_rows: usize,
+    ) -> Result<Buffers<T>> {
+        let (h, qd, kvd, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let r = opts.lora_rank.max(1);
+        Ok(Buffers {
+            cap,
+            max_blocks,
+            meta: gpu.zeros::<i32>(8 * cap + cap * max_blocks)?,
+            x: gpu.zeros::<T>(cap * h)?,
+            normed: gpu.zeros::<T>(cap * h)?,
+            qkv: gpu.zeros::<T>(cap * (qd + 2 * kvd))?,
+            attn: gpu.zeros::<T>(cap * qd)?,
+            gate_up: gpu.zeros::<T>(cap * 2 * inter)?,
+            act: gpu.zeros::<T>(cap * inter)?,
+            lora_y: gpu.zeros::<f32>(if opts.lora_slots > 0 { cap * 3 * r } else { 1 })?,
+            final_in: gpu.zeros::<T>(logit_rows * h)?,
+            logits: gpu.zeros::<f32>(logit_rows * c.vocab_size)?,
+            logit_rows,
+            argmax: gpu.zeros::<i32>(logit_rows)?,
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The GPU it runs on.
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    /// A block manager matching the device cache's capacity.
+    pub fn new_kv_cache(&self) -> KvCache {
+        KvCache::paging_only(
+            &self.config,
+            self.kv_blocks * self.opts.block_size,
+            self.opts.block_size,
+        )
+    }
+
+    /// Device bytes held by the LoRA slot pool.
+    pub fn lora_pool_bytes(&self) -> usize {
+        self.lora.as_ref().map_or(0, |l| l.bytes())
+    }
+
+    /// Fills LoRA slot `slot` with a random rank-`rank` adapter on `targets` and returns a
+    /// host-side stand-in to put in [`SeqInput::adapter`] (benchmarks).
+    pub fn dummy_adapter_in_slot(
+        &mut self,
+        slot: usize,
+        rank: usize,
+        targets: &[LoraTarget],
+        seed: u64,
+    ) -> Result<usize> {
+        let lora = self
+            .lora
+            .as_mut()
+            .ok_or_else(|| Error::Model("the device model has no LoRA slots".into()))?;
+        lora.fill_dummy(&self.gpu, &self.config, slot, rank, targets, seed)?;
+        Ok(slot)
+    }
+
+    fn meta_ptr(&self, section: usize) -> u64 {
+        self.gpu.ptr(&self.bufs.meta) + (section * self.bufs.cap * 4) as u64
+    }
+
+    /// Builds the step's metadata on the host and uploads it. `slots_of` gives each sequence's
+    /// LoRA slot (-1 for the base model). With `bucket`, the batch is padded to that many rows
+    /// (decode-only steps replayed from a graph).
+    fn prepare(
+        &mut self,
+        kv: &KvCache,
+        seqs: &[SeqInput<'_>],
+        seq_slots: &[i32],
+        bucket: Option<usize>,
+    ) -> Result<(StepShape, StepOut)> {
+        let c = &self.config;
+        let total: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+        let rows = bucket.unwrap_or(total);
+        if rows > self.bufs.cap {
+            return Err(Error::InvalidRequest(format!(
+                "{rows} tokens in one forward pass, above the device buffers' {} (--chunked-prefill-size)",
+                self.bufs.cap
+            )));
+        }
+        if seqs.len() > self.bufs.cap {
+            return Err(Error::InvalidRequest(
+                "too many sequences in one forward pass".into(),
+            ));
+        }
+        // Order: by LoRA slot in chunked mode (stable), else as given.
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        if matches!(self.opts.lora_mode, LoraKernelMode::Chunked(_)) && bucket.is_none() {
+            order.sort_by_key(|&i| seq_slots[i]);
+        }
+        let cap = self.bufs.cap;
+        let mb = self.bufs.max_blocks;
+        // NB: only the used block-table rows are built and copied; the full table area is
+        // `cap` rows and would cost a large host-to-device copy every step.
+        let table_rows = bucket.unwrap_or(seqs.len()).max(1);
+        let mut meta = vec![0i32; 8 * cap + table_rows * mb];
+        let pad_slot = (self.kv_blocks * kv.block_size()) as i32;
+        let mut row = 0usize;
+        let mut items: Vec<[i32; 3]> = Vec::new();
+        let mut wanted: Vec<i32> = Vec::new();
+        let mut per_seq = vec![(0usize, 0usize); seqs.len()];
+        for (oi, &si) in order.iter().enumerate() {
+            let s = &seqs[si];
+            let end = s.cache.len + s.tokens.len();
+            if s.cache.blocks.len() * kv.block_size() < end {
+                return Err(Error::InvalidRequest(
+                    "KV cache blocks not reserved for the new tokens".into(),
+                ));
+            }
+            if end > c.max_position_embeddings {
+                return Err(Error::InvalidRequest(format!(
+                    "sequence of {end} tokens exceeds the model's context of {}",
+                    c.max_position_embeddings
+                )));
+            }
+            if s.cache.blocks.len() > mb {
+                return Err(Error::InvalidRequest(format!(
+                    "sequence needs {} KV blocks, above the device table's {mb}",
+                    s.cache.blocks.len()
+                )));
+            }
+            for (b, &blk) in s.cache.blocks.iter().enumerate() {
+                meta[8 * cap + oi * mb + b] = blk as i32;
+            }
+            let first_row = row;
+            for (i, &t) in s.tokens.iter().enumerate() {
+                if t as usize >= c.vocab_size {
+                    return Err(Error::InvalidRequest(format!(
+                        "token id {t} is outside the vocabulary (size {})",
+                        c.vocab_size
+                    )));
+                }
+                meta[row] = t as i32;
+                meta[cap + row] = (s.cache.len + i) as i32;
+                meta[2 * cap + row] = kv.slot(s.cache, s.cache.len + i) as i32;
+                meta[3 * cap + row] = oi as i32;
+                row += 1;
+            }
+            let n = s.tokens.len();
+            let slot = seq_slots[si];
+            if slot >= 0 && n > 0 {
+                match self.opts.lora_mode {
+                    _ if bucket.is_some() => items.push([first_row as i32, 1, slot]),
+                    LoraKernelMode::PerSequence => items.push([first_row as i32, n as i32, slot]),
+                    LoraKernelMode::Chunked(chunk) => {
+                        // Extend the previous item when it is the same adapter and has room.
+                        let mut start = first_row;
+                        let end_row = first_row + n;
+                        if let Some(last) = items.last_mut() {
+                            let last_end = (last[0] + last[1]) as usize;
+                            if last[2] == slot && last_end == start && (last[1] as usize) < chunk {
+                                let take = (chunk - last[1] as usize).min(n);
+                                last[1] += take as i32;
+                                start += take;
+                            }
+                        }
+                        while start < end_row {
+                            let take = chunk.min(end_row - start);
+                            items.push([start as i32, take as i32, slot]);
+                            start += take;
+                        }
+                    }
+                }
+            }
+            let count = match s.logits {
+                LogitsWanted::None => 0,
+                LogitsWanted::Last => usize::from(n > 0),
+                LogitsWanted::All => n,
+            };
+            per_seq[si] = (wanted.len(), count);
+            for r in (first_row + n - count)..(first_row + n) {
+                wanted.push(r as i32);
+            }
+        }
+        if let Some(b) = bucket {
+            // Padding rows: token 0 at position 0 in the spare block, no adapter, logits unused.
+            for (oi, r) in (seqs.len()..b).zip(total..b) {
+                meta[8 * cap + oi * mb] = self.kv_blocks as i32;
+                meta[r] = 0;
+                meta[cap + r] = 0;
+                meta[2 * cap + r] = pad_slot;
+                meta[3 * cap + r] = oi as i32;
+                wanted.push(r as i32);
+            }
+            // One item per row so the graph's launch shape never changes.
+            let mut per_row = vec![[0, 1, -1]; b];
+            for (r, it) in per_row.iter_mut().enumerate() {
+                it[0] = r as i32;
+            }
+            for it in &items {
+                per_row[it[0] as usize][2] = it[2];
+            }
+            items = per_row;
+        }
+        for (i, it) in items.iter().enumerate() {
+            meta[4 * cap + 3 * i..4 * cap + 3 * i + 3].copy_from_slice(it);
+        }
+        meta[7 * cap..7 * cap + wanted.len()].copy_from_slice(&wanted);
+        if wanted.len() > self.bufs.logit_rows {
+            self.grow_logits(wanted.len())?;
+        }
+        self.gpu
+            .stream
+            .memcpy_htod(&meta, &mut self.bufs.meta.slice_mut(..meta.len()))
+            .map_err(|e| Error::Model(format!("CUDA: uploading step metadata: {e}")))?;
+        let shape = StepShape {
+            rows,
+            items: items.len(),
+            max_item_rows: items.iter().map(|i| i[1] as usize).max().unwrap_or(0),
+            wanted: wanted.len(),
+            lora: self.lora.is_some() && (bucket.is_some() || !items.is_empty()),
+        };
+        Ok((shape, StepOut { per_seq }))
+    }
+
+    fn grow_logits(&mut self, rows: usize) -> Result<()> {
+        let c = &self.config;
+        self.bufs.final_in = self.gpu.zeros::<T>(rows * c.hidden_size)?;
+        self.bufs.logits = self.gpu.zeros::<f32>(rows * c.vocab_size)?;
+        self.bufs.argmax = self.gpu.zeros::<i32>(rows)?;
+        self.bufs.logit_rows = rows;
+        // Captured graphs point at the old buffers.
+        self.graphs.clear();
+        Ok(())
+    }
+
+    fn k(&self, name: &str) -> String {
+        format!("{name}_{}", T::SUFFIX)
+    }
+
+    /// Applies one fused group's LoRA delta: `out[:, col] += scale · (x Aᵀ) Bᵀ` per work item.
+    fn lora_group(
+        &self,
+        li: usize,
+        g: usize,
+        x: u64,
+        out: u64,
+        out_stride: usize,
+        s: &StepShape,
+    ) -> Result<()> {
+        let Some(lora) = &self.lora else { return Ok(()) };
+        if !s.lora || s.items == 0 {
+            return Ok(());
+        }
+        let gpu = &self.gpu;
+        let (in_dim, outs) = group_dims(&self.config, g);
+        let nt = outs.len() as i32;
+        let out_total: usize = outs.iter().sum();
+        let r = lora.rank as i32;
+        let bufs = &lora.layers[li][g];
+        let items = self.meta_ptr(4);
+        let y = gpu.ptr(&self.bufs.lora_y);
+        let z = s.max_item_rows.div_ceil(4).max(1) as u32;
+        let warps = 4u32;
+        launch!(
+            gpu,
+            &self.k("lora_shrink"),
+            ((nt as u32 * r as u32).div_ceil(warps), s.items as u32, z),
+            (32 * warps, 1, 1),
+            y,
+            x,
+            gpu.ptr(&bufs.a),
+            items,
+            gpu.ptr(&lora.slot_rank),
+            in_dim as i32,
+            r,
+            nt
+        )?;
+        let b1 = outs[0] as i32;
+        let b2 = if outs.len() > 1 {
+            b1 + outs[1] as i32
+        } else {
+            i32::MAX
+        };
+        launch!(
+            gpu,
+            &self.k("lora_expand"),
+            ((out_total as u32).div_ceil(128), s.items as u32, z),
+            (128, 1, 1),
+            out,
+            out_stride as i32,
+            y,
+            gpu.ptr(&bufs.bt),
+            items,
+            gpu.ptr(&lora.slot_rank),
+            gpu.ptr(&lora.slot_scale),
+            out_total as i32,
+            r,
+            nt,
+            b1,
+            b2
+        )
+    }
+
+    fn bias(&self, out: u64, bias: &Option<CudaSlice<T>>, rows: usize, n: usize) -> Result<()> {
+        let Some(b) = bias else { return Ok(()) };
+        launch!(
+            self.gpu,
+            &self.k("add_bias"),
+            (((rows * n) as u32).div_ceil(256).min(65535), 1, 1),
+            (256, 1, 1),
+            out,
+            self.gpu.ptr(b),
+            rows as i32,
+            n as i32
+        )
+    }
+
+    /// Every kernel of one forward pass, from the uploaded metadata to the logits. Launches
+    /// only (no allocation, no synchronisation), so it can be captured as a graph.
+    fn run(&self, s: &StepShape) -> Result<()> {
+        let c = &self.config;
+        let gpu = &self.gpu;
+        let (h, qd, kvd, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let qkv_w = qd + 2 * kvd;
+        let rows = s.rows;
+        let b = &self.bufs;
+        let (x, normed, qkv, attn, gu, act) = (
+            gpu.ptr(&b.x),
+            gpu.ptr(&b.normed),
+            gpu.ptr(&b.qkv),
+            gpu.ptr(&b.attn),
+            gpu.ptr(&b.gate_up),
+            gpu.ptr(&b.act),
+        );
+        let (ids, positions, slots, row_seq, wanted, tables) = (
+            self.meta_ptr(0),
+            self.meta_ptr(1),
+            self.meta_ptr(2),
+            self.meta_ptr(3),
+            self.meta_ptr(7),
+            self.meta_ptr(8),
+        );
+        let r32 = rows as u32;
+        launch!(
+            gpu,
+            &self.k("embed"),
+            (r32, 1, 1),
+            (256, 1, 1),
+            x,
+            gpu.ptr(&self.embed),
+            ids,
+            h as i32
+        )?;
+        let null: u64 = 0;
+        let eps = c.rms_norm_eps;
+        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        let window = c.sliding_window.map_or(0, |w| w as i32);
+        for (li, blk) in self.blocks.iter().enumerate() {
+            launch!(
+                gpu,
+                &self.k("rms_norm"),
+                (r32, 1, 1),
+                (256, 1, 1),
+                normed,
+                x,
+                gpu.ptr(&blk.input_norm),
+                null,
+                h as i32,
+                eps
+            )?;
+            gpu.gemm_nt::<T>(
+                qkv,
+                qkv_w,
+                false,
+                normed,
+                h,
+                gpu.ptr(&blk.qkv.w),
+                rows,
+                qkv_w,
+                h,
+                0.0,
+            )?;
+            self.bias(qkv, &blk.qkv.bias, rows, qkv_w)?;
+            self.lora_group(li, 0, normed, qkv, qkv_w, s)?;
+            launch!(
+                gpu,
+                &self.k("rope_cache"),
+                (r32, 1, 1),
+                (128, 1, 1),
+                qkv,
+                gpu.ptr(&self.k_cache[li]),
+                gpu.ptr(&self.v_cache[li]),
+                positions,
+                slots,
+                gpu.ptr(&self.inv_freq),
+                c.num_heads as i32,
+                c.num_kv_heads as i32,
+                c.head_dim as i32
+            )?;
+            launch!(
+                gpu,
+                &self.k("attention"),
+                (c.num_kv_heads as u32, r32, 1),
+                (128, 1, 1),
+                attn,
+                qkv,
+                gpu.ptr(&self.k_cache[li]),
+                gpu.ptr(&self.v_cache[li]),
+                positions,
+                row_seq,
+                tables,
+                b.max_blocks as i32,
+                self.opts.block_size as i32,
+                c.num_heads as i32,
+                c.num_kv_heads as i32,
+                c.head_dim as i32,
+                scale,
+                window
+            )?;
+            gpu.gemm_nt::<T>(x, h, false, attn, qd, gpu.ptr(&blk.o.w), rows, h, qd, 1.0)?;
+            self.bias(x, &blk.o.bias, rows, h)?;
+            self.lora_group(li, 1, attn, x, h, s)?;
+            launch!(
+                gpu,
+                &self.k("rms_norm"),
+                (r32, 1, 1),
+                (256, 1, 1),
+                normed,
+                x,
+                gpu.ptr(&blk.post_norm),
+                null,
+                h as i32,
+                eps
+            )?;
+            gpu.gemm_nt::<T>(
+                gu,
+                2 * inter,
+                false,
+                normed,
+                h,
+                gpu.ptr(&blk.gate_up.w),
+                rows,
+                2 * inter,
+                h,
+                0.0,
+            )?;
+            self.lora_group(li, 2, normed, gu, 2 * inter, s)?;
+            launch!(
+                gpu,
+                &self.k("silu_mul"),
+                (((rows * inter) as u32).div_ceil(256).min(65535), 1, 1),
+                (256, 1, 1),
+                act,
+                gu,
+                rows as i32,
+                inter as i32
+            )?;
+            gpu.gemm_nt::<T>(x, h, false, act, inter, gpu.ptr(&blk.down.w), rows, h, inter, 1.0)?;
+            self.lora_group(li, 3, act, x, h, s)?;
+        }
+        if s.wanted > 0 {
+            let fin = gpu.ptr(&b.final_in);
+            launch!(
+                gpu,
+                &self.k("rms_norm"),
+                (s.wanted as u32, 1, 1),
+                (256, 1, 1),
+                fin,
+                x,
+                gpu.ptr(&self.norm),
+                wanted,
+                h as i32,
+                eps
+            )?;
+            let head = gpu.ptr(self.lm_head.as_ref().unwrap_or(&self.embed));
+            gpu.gemm_nt::<T>(
+                gpu.ptr(&b.logits),
+                c.vocab_size,
+                true,
+                fin,
+                h,
+                head,
+                s.wanted,
+                c.vocab_size,
+                h,
+                0.0,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Runs one step: eagerly, or from the graph of its bucket when it is a small decode batch.
+    fn step(&mut self, kv: &KvCache, seqs: &[SeqInput<'_>]) -> Result<StepOut> {
+        let seq_slots = self.assign_slots(seqs)?;
+        self.step_with_slots(kv, seqs, &seq_slots)
+    }
+
+    /// Each sequence's LoRA slot (-1: base model), loading adapters that are not resident.
+    fn assign_slots(&mut self, seqs: &[SeqInput<'_>]) -> Result<Vec<i32>> {
+        // LoRA slots for the batch's distinct adapters.
+        let mut distinct: Vec<&LoraAdapter> = Vec::new();
+        for s in seqs {
+            if let Some(a) = s.adapter {
+                if !distinct.iter().any(|d| d.id == a.id) {
+                    distinct.push(a);
+                }
+            }
+        }
+        let slot_of: Vec<usize> = if distinct.is_empty() {
+            Vec::new()
+        } else {
+            let lora = self.lora.as_mut().ok_or_else(|| {
+                Error::InvalidRequest("LoRA is disabled on this device model (no slots)".into())
+            })?;
+            lora.assign(&self.gpu, &self.config, &distinct)?
+        };
+        let seq_slots: Vec<i32> = seqs
+            .iter()
+            .map(|s| {
+                s.adapter.map_or(-1, |a| {
+                    let i = distinct
+                        .iter()
+                        .position(|d| d.id == a.id)
+                        .expect("collected above");
+                    slot_of[i] as i32
+                })
+            })
+            .collect();
+        Ok(seq_slots)
+    }
+
+    fn step_with_slots(&mut self, kv: &KvCache, seqs: &[SeqInput<'_>], seq_slots: &[i32]) -> Result<StepOut> {
+        let decode_only = !seqs.is_empty()
+            && seqs
+                .iter()
+                .all(|s| s.tokens.len() == 1 && s.logits == LogitsWanted::Last);
+        let bucket = if decode_only && self.opts.cuda_graph_max_bs > 0 {
+            graph_buckets(self.opts.cuda_graph_max_bs)
+                .into_iter()
+                .find(|&b| b >= seqs.len())
+        } else {
+            None
+        };
+        let (shape, out) = self.prepare(kv, seqs, seq_slots, bucket)?;
+        match bucket {
+            Some(b) => self.replay(b, &shape)?,
+            None => self.run(&shape)?,
+        }
+        Ok(out)
+    }
+
+    fn replay(&mut self, bucket: usize, shape: &StepShape) -> Result<()> {
+        if !self.graphs.contains_key(&bucket) {
+            let stream = self.gpu.stream.clone();
+            stream
+                .begin_capture(drv::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                .map_err(|e| Error::Model(format!("CUDA: beginning graph capture: {e}")))?;
+            let ran = self.run(shape);
+            let graph = stream.end_capture(drv::CUgraphInstantiate_flags(0));
+            ran?;
+            let graph = graph
+                .map_err(|e| Error::Model(format!("CUDA: capturing the decode graph: {e}")))?
+                .ok_or_else(|| Error::Model("CUDA: graph capture produced no graph".into()))?;
+            self.graphs.insert(bucket, Graph(graph));
+        }
+        self.graphs[&bucket]
+            .0
+            .launch()
+            .map_err(|e| Error::Model(format!("CUDA: launching the decode graph: {e}")))
+    }
+
+    /// One forward pass returning each sequence's wanted logits on the host (as the CPU model).
+    pub fn forward(&mut self, kv: &KvCache, seqs: &[SeqInput<'_>]) -> Result<Vec<Vec<f32>>> {
+        let out = self.step(kv, seqs)?;
+        let vocab = self.config.vocab_size;
+        let n = out.per_seq.iter().map(|p| p.0 + p.1).max().unwrap_or(0);
+        let all = self.gpu.download(&self.bufs.logits, n * vocab)?;
+        Ok(out
+            .per_seq
+            .iter()
+            .map(|&(first, count)| all[first * vocab..(first + count) * vocab].to_vec())
+            .collect())
+    }
+
+    /// One forward pass returning each sequence's greedy next token, chosen on the device (only
+    /// the ids cross to the host). Every sequence must want its last logits.
+    pub fn forward_greedy(&mut self, kv: &KvCache, seqs: &[SeqInput<'_>]) -> Result<Vec<u32>> {
+        let seq_slots = self.assign_slots(seqs)?;
+        self.forward_greedy_in_slots(kv, seqs, &seq_slots)
+    }
+
+    /// [`CudaLlama::forward_greedy`] with each sequence's LoRA slot given (-1: base model), for
+    /// slots filled by [`CudaLlama::dummy_adapter_in_slot`]; `SeqInput::adapter` is ignored.
+    pub fn forward_greedy_in_slots(
+        &mut self,
+        kv: &KvCache,
+        seqs: &[SeqInput<'_>],
+        seq_slots: &[i32],
+    ) -> Result<Vec<u32>> {
+        if seqs
+            .iter()
+            .any(|s| s.logits != LogitsWanted::Last || s.tokens.is_empty())
+        {
+            return Err(Error::InvalidRequest(
+                "greedy steps need the last logits of every sequence".into(),
+            ));
+        }
+        let out = self.step_with_slots(kv, seqs, seq_slots)?;
+        let rows = out.per_seq.iter().map(|p| p.0 + 1).max().unwrap_or(0);
+        let gpu = &self.gpu;
+        launch!(
+            gpu,
+            "argmax_f32",
+            (rows as u32, 1, 1),
+            (1024, 1, 1),
+            gpu.ptr(&self.bufs.argmax),
+            gpu.ptr(&self.bufs.logits),
+            self.config.vocab_size as i32
+        )?;
+        let ids = gpu.download(&self.bufs.argmax, rows)?;
+        Ok(out.per_seq.iter().map(|&(first, _)| ids[first] as u32).collect())
+    }
+}
+
+impl CudaModel {
+    /// Uploads `host` in bf16 or f32.
+    pub fn from_host(gpu: Arc<Gpu>, host: &LlamaModel, opts: CudaOptions) -> Result<Self> {
+        Ok(if opts.bf16 {
+            Self::Bf16(Box::new(CudaLlama::from_host(gpu, host, opts)?))
+        } else {
+            Self::F32(Box::new(CudaLlama::from_host(gpu, host, opts)?))
+        })
+    }
+
+    /// Random weights on the device.
+    pub fn dummy(gpu: Arc<Gpu>, config: ModelConfig, opts: CudaOptions, seed: u64) -> Result<Self> {
+        Ok(if opts.bf16 {
+            Self::Bf16(Box::new(CudaLlama::dummy(gpu, config, opts, seed)?))
+        } else {
+            Self::F32(Box::new(CudaLlama::dummy(gpu, config, opts, seed)?))
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        match self {
+            Self::F32(m) => m.config(),
+            Self::Bf16(m) => m.config(),
+        }
+    }
+
+    /// A block manager matching the device cache.
+    pub fn new_kv_cache(&self) -> KvCache {
+        match self {
+            Self::F32(m) => m.new_kv_cache(),
+            Self::Bf16(m) => m.new_kv_cache(),
+        }
+    }
+
+    /// See [`CudaLlama::forward`].
+    pub fn forward(&mut self, kv: &KvCache, seqs: &[SeqInput<'_>]) -> Result<Vec<Vec<f32>>> {
+        match self {
+            Self::F32(m) => m.forward(kv, seqs),
+            Self::Bf16(m) => m.forward(kv, seqs),
+        }
+    }
+
+    /// See [`CudaLlama::forward_greedy`].
+    pub fn forward_greedy(&mut self, kv: &KvCache, seqs: &[SeqInput<'_>]) -> Result<Vec<u32>> {
+        match self {
+            Self::F32(m) => m.forward_greedy(kv, seqs),
+            Self::Bf16(m) => m.forward_greedy(kv, seqs),
+        }
+    }
+
+    /// See [`CudaLlama::forward_greedy_in_slots`].
+    pub fn forward_greedy_in_slots(
+        &mut self,
+        kv: &KvCache,
+        seqs: &[SeqInput<'_>],
+        slots: &[i32],
+    ) -> Result<Vec<u32>> {
+        match self {
+            Self::F32(m) => m.forward_greedy_in_slots(kv, seqs, slots),
+            Self::Bf16(m) => m.forward_greedy_in_slots(kv, seqs, slots),
+        }
+    }
+
+    /// See [`CudaLlama::dummy_adapter_in_slot`].
+    pub fn dummy_adapter_in_slot(
+        &mut self,
+        slot: usize,
+        rank: usize,
+        targets: &[LoraTarget],
+        seed: u64,
+    ) -> Result<usize> {
+        match self {
+            Self::F32(m) => m.dummy_adapter_in_slot(slot, rank, targets, seed),
+            Self::Bf16(m) => m.dummy_adapter_in_slot(slot, rank, targets, seed),
+        }
+    }
+
+    /// Waits for the device.
+    pub fn sync(&self) -> Result<()> {
+        match self {
+            Self::F32(m) => m.gpu().sync(),
+            Self::Bf16(m) => m.gpu().sync(),
+        }
+    }
+
+    /// Device bytes of the LoRA slot pool.
+    pub fn lora_pool_bytes(&self) -> usize {
+        match self {
+            Self::F32(m) => m.lora_pool_bytes(),
+            Self::Bf16(m) => m.lora_pool_bytes(),
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! The CUDA backend: one GPU context with its stream, cuBLAS handle and kernels ([`Gpu`]), the
+//! element types the model runs in ([`GpuFloat`]), and the Llama model on the device
+//! ([`CudaLlama`], with its LoRA slot pool in [`lora`]).
+//!
+//! Everything is issued on one non-default stream with cudarc's cross-stream event tracking
+//! off, so a decode step can be captured once as a CUDA graph and replayed.
+
+mod llama;
+pub mod lora;
+
+use std::sync::Arc;
+
+use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
+use loraplane_kernels::Kernels;
+
+pub use llama::{CudaLlama, CudaModel, CudaOptions, LoraKernelMode};
+
+use crate::error::{Error, Result};
+
+/// An element type the device model computes in.
+pub trait GpuFloat: DeviceRepr + ValidAsZeroBits + Copy + Send + Sync + Unpin + 'static {
+    /// Kernel name suffix (`f32`, `bf16`).
+    const SUFFIX: &'static str;
+    /// cuBLAS data type.
+    const BLAS_TYPE: blas_sys::cudaDataType;
+    /// Rounds an f32.
+    fn from_f32(v: f32) -> Self;
+}
+
+impl GpuFloat for f32 {
+    const SUFFIX: &'static str = "f32";
+    const BLAS_TYPE: blas_sys::cudaDataType = blas_sys::cudaDataType::CUDA_R_32F;
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+impl GpuFloat for half::bf16 {
+    const SUFFIX: &'static str = "bf16";
+    const BLAS_TYPE: blas_sys::cudaDataType = blas_sys::cudaDataType::CUDA_R_16BF;
+    fn from_f32(v: f32) -> Self {
+        half::bf16::from_f32(v)
+    }
+}
+
+/// cuBLAS scratch space, set once so that GEMMs never allocate (required inside graph capture).
+const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
+
+/// A GPU with its stream, cuBLAS handle and loaded kernels.
+pub struct Gpu {
+    /// The driver context.
+    pub ctx: Arc<CudaContext>,
+    /// The stream every operation is issued on.
+    pub stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    _blas_workspace: CudaSlice<u8>,
+    /// The compiled kernels.
+    pub kernels: Kernels,
+    /// Device name, as the driver reports it.
+    pub name: String,
+}
+
+fn cuda_err(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Model(format!("CUDA: {what}: {e}"))
+}
+
+impl Gpu {
+    /// Opens GPU `ordinal`, or explains why there is none: no driver library on this machine,
+    /// no such device, or kernels that do not compile.
+    pub fn open(ordinal: usize) -> Result<Arc<Self>> {
+        // NB: CudaContext::new panics instead of failing when libcuda is missing.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::Model(
+                "--device cuda: no NVIDIA driver found (libcuda.so could not be loaded); \
+                 run on a machine with an NVIDIA GPU and driver, or use --device cpu"
+                    .into(),
+            ));
+        }
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } || !unsafe { blas_sys::is_culib_present() } {
+            return Err(Error::Model(
+                "--device cuda: libnvrtc or libcublas not found; add the CUDA toolkit's lib64 \
+                 directory (e.g. /usr/local/cuda/lib64) to LD_LIBRARY_PATH"
+                    .into(),
+            ));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| cuda_err(&format!("opening device {ordinal}"), e))?;
+        // NB: one stream only, so cudarc's per-buffer events would only add work (and break
+        // graph capture).
+        unsafe { ctx.disable_event_tracking() };
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let stream = ctx.new_stream().map_err(|e| cuda_err("creating a stream", e))?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| cuda_err("creating the cuBLAS handle", e))?;
+        let workspace = stream
+            .alloc_zeros::<u8>(BLAS_WORKSPACE_BYTES)
+            .map_err(|e| cuda_err("allocating the cuBLAS workspace", e))?;
+        {
+            let (ptr, _g) = workspace.device_ptr(&stream);
+            unsafe {
+                blas_sys::cublasSetWorkspace_v2(*blas.handle(), ptr as *mut _, BLAS_WORKSPACE_BYTES)
+                    .result()
+                    .map_err(|e| cuda_err("setting the cuBLAS workspace", e))?;
+            }
+        }
+        let kernels = Kernels::load(&ctx).map_err(|e| cuda_err("kernels", e))?;
+        Ok(Arc::new(Self {
+            ctx,
+            stream,
+            blas,
+            _blas_workspace: workspace,
+            kernels,
+            name,
+        }))
+    }
+
+    /// Waits for every queued operation.
+    pub fn sync(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| cuda_err("synchronize", e))
+    }
+
+    /// Raw device address of a buffer (the stream is the only user, so no event guards).
+    pub fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
+        let (p, _guard) = s.device_ptr(&self.stream);
+        p
+    }
+
+    /// Row-major `out[rows, n] = x[rows, k] · W[n, k]ᵀ + beta · out`, with row strides
+    /// `ld_out` and `ld_x` (W is dense). `T` is the type of x and W; `out_f32` makes out f32.
+    /// Accumulation is always f32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_nt<T: GpuFloat>(
+        &self,
+        out: u64,
+        ld_out: usize,
+        out_f32: bool,
+        x: u64,
+        ld_x: usize,
+        w: u64,
+        rows: usize,
+        n: usize,
+        k: usize,
+        beta: f32,
+    ) -> Result<()> {
+        if rows == 0 || n == 0 {
+            return Ok(());
+        }
+        let alpha = 1.0f32;
+        let c_type = if out_f32 {
+            blas_sys::cudaDataType::CUDA_R_32F
+        } else {
+            T::BLAS_TYPE
+        };
+        // Column-major view: C[n, rows] = W[k, n]ᵀ · X[k, rows].
+        unsafe {
+            blas::gemm_ex(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                rows as i32,
+                k as i32,
+                (&alpha) as *const f32 as *const _,
+                w as *const _,
+                T::BLAS_TYPE,
+                k as i32,
+                x as *const _,
+                T::BLAS_TYPE,
+                ld_x as i32,
+                (&beta) as *const f32 as *const _,
+                out as *mut _,
+                c_type,
+                ld_out as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| cuda_err("cuBLAS GEMM", e))
+    }
+
+    /// Allocates `n` zeroed elements.
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+        self.stream
+            .alloc_zeros::<T>(n.max(1))
+            .map_err(|e| cuda_err(&format!("allocating {n} elements"), e))
+    }
+
+    /// Copies a host slice to a new device buffer.
+    pub fn upload<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
+        self.stream
+            .clone_htod(data)
+            .map_err(|e| cuda_err("host-to-device copy", e))
+    }
+
+    /// Copies a device buffer to the host (synchronous).
+    pub fn download<T: DeviceRepr + Default + Clone>(&self, s: &CudaSlice<T>, n: usize) -> Result<Vec<T>> {
+        let mut out = vec![T::default(); n];
+        self.stream
+            .memcpy_dtoh(&s.slice(..n), &mut out)
+            .map_err(|e| cuda_err("device-to-host copy", e))?;
+        Ok(out)
+    }
+}
+
+/// Launches kernel `$name` (already suffixed) with a grid and block and by-value arguments.
+macro_rules! launch {
+    ($gpu:expr, $name:expr, $grid:expr, $block:expr, $($arg:expr),* $(,)?) => {{
+        use cudarc::driver::PushKernelArg;
+        let f = $gpu.kernels.get($name);
+        let mut b = $gpu.stream.launch_builder(f);
+        $( let a = $arg; b.arg(&a); )*
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: $grid,
+            block_dim: $block,
+            shared_mem_bytes: 0,
+        };
+        unsafe { b.launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| crate::error::Error::Model(format!("CUDA: launching {}: {e}", $name)))
+    }};
+}
+pub(crate) use launch;
