@@ -21,17 +21,14 @@ pub const FINALIZER: &str = "loraplane.io/unload";
     status = "LoraAdapterStatus",
     derive = "PartialEq",
     doc = "A LoRA adapter the loraplane operator keeps loaded on the server pods it selects",
-    printcolumn(name = "Adapter", type_ = "string", json_path = ".status.adapterName"),
-    printcolumn(name = "Base Model", type_ = "string", json_path = ".spec.baseModel"),
-    printcolumn(name = "Pinned", type_ = "boolean", json_path = ".spec.pinned"),
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(
-        name = "Loaded",
-        type_ = "integer",
-        json_path = ".status.loadedCount",
-        description = "Pods the adapter is loaded on"
-    ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    // NB: raw JSON columns: the structured form trips clippy's duplicated_attributes.
+    printcolumn = r#"{"name": "Adapter", "type": "string", "jsonPath": ".status.adapterName"}"#,
+    printcolumn = r#"{"name": "Base Model", "type": "string", "jsonPath": ".spec.baseModel"}"#,
+    printcolumn = r#"{"name": "Pinned", "type": "boolean", "jsonPath": ".spec.pinned"}"#,
+    printcolumn = r#"{"name": "Phase", "type": "string", "jsonPath": ".status.phase"}"#,
+    printcolumn = r#"{"name": "Loaded", "type": "integer", "jsonPath": ".status.loadedCount",
+                      "description": "Pods the adapter is loaded on"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct LoraAdapterSpec {

@@ -298,7 +298,7 @@ pub enum Expect {
     /// `GET pods?labelSelector=app=srv`, answered with these pods.
     ListPods(Vec<Pod>),
     /// `GET pods/NAME`, answered with the pod or 404.
-    GetPod(String, Option<Pod>),
+    GetPod(String, Option<Box<Pod>>),
     /// `GET pods?...` answered with an HTTP 500.
     ListPodsFails,
     /// An Event with this type and reason whose note contains the text.

@@ -363,7 +363,7 @@ async fn replicas_place_by_free_slots_and_unselected_pods_lose_it() {
         a.clone(),
         vec![
             Expect::ListPods(two_pods()),
-            Expect::GetPod("srv-old".into(), Some(old)),
+            Expect::GetPod("srv-old".into(), Some(Box::new(old))),
             Expect::Event("Normal", "Loaded", "on srv-b".into()),
             Expect::Event("Normal", "Unloaded", "unloaded ad from srv-old".into()),
             Expect::Status(Box::new(|s| {
