@@ -101,7 +101,7 @@ pub struct LoadedOn {
     pub pinned: bool,
 }
 
-/// `status.phase`.
+/// The adapter at a glance: `Pending`, `Ready`, `Degraded` or `Failed`.
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum Phase {
     /// Nothing loaded yet and nothing failed (no ready pod selected yet).

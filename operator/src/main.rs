@@ -72,15 +72,17 @@ async fn start(args: Args) -> anyhow::Result<()> {
         args.server_port,
     ));
     let web = tokio::spawn(http::serve(args.metrics_addr, registry));
+    // NB: an empty value (a chart rendering `""`) means "not set".
+    let config = RunConfig {
+        namespace: args.namespace.filter(|s| !s.trim().is_empty()),
+        pod_selector: args.pod_selector.filter(|s| !s.trim().is_empty()),
+    };
     tracing::info!(
-        namespace = args.namespace.as_deref().unwrap_or("<all>"),
+        namespace = config.namespace.as_deref().unwrap_or("<all>"),
+        pod_selector = config.pod_selector.as_deref().unwrap_or("<any>"),
         server_port = args.server_port,
         "starting the LoraAdapter controller"
     );
-    let config = RunConfig {
-        namespace: args.namespace,
-        pod_selector: args.pod_selector,
-    };
     tokio::select! {
         () = run(ctx, config) => tracing::info!("controller stopped"),
         r = web => match r {
@@ -90,4 +92,34 @@ async fn start(args: Args) -> anyhow::Result<()> {
         },
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_flags() {
+        let a = Args::try_parse_from(["loraplane-operator"]).unwrap();
+        assert_eq!(a.metrics_addr.to_string(), "0.0.0.0:8080");
+        assert_eq!(
+            (a.server_port, a.namespace, a.log_format),
+            (30000, None, LogFormat::Text)
+        );
+        let a = Args::try_parse_from([
+            "loraplane-operator",
+            "--namespace",
+            "serving",
+            "--server-port",
+            "8000",
+            "--log-format",
+            "json",
+            "--metrics-addr",
+            "127.0.0.1:9090",
+        ])
+        .unwrap();
+        assert_eq!(a.namespace.as_deref(), Some("serving"));
+        assert_eq!((a.server_port, a.log_format), (8000, LogFormat::Json));
+        assert!(Args::try_parse_from(["loraplane-operator", "--log-format", "xml"]).is_err());
+    }
 }
