@@ -345,6 +345,20 @@ def doc_adapters():
     return found
 
 
+def check_kubectl_names(crd):
+    """`kubectl get|describe <lora...>` in the docs and NOTES.txt uses a name the CRD defines."""
+    names = crd["spec"]["names"]
+    known = {names["plural"], names.get("singular", ""), names["kind"].lower(), *names.get("shortNames", [])}
+    known |= {f"{n}.loraplane.io" for n in set(known)}
+    used = []
+    for f in (ROOT / "docs" / "kubernetes.md", CHART / "templates" / "NOTES.txt"):
+        if f.is_file():
+            used += [(f.name, w) for w in re.findall(r"kubectl\b[^\n`]*?\b(?:get|describe|delete)\s+(lora[\w.]*)", f.read_text())]
+    bad = sorted({f"{w} ({f})" for f, w in used if w not in known})
+    report(bool(used) and not bad, f"kubectl commands in the docs name LoraAdapters as the CRD does ({sorted(known)})",
+           f"unknown: {bad}")
+
+
 def check_adapters(crd, server_pod):
     override = os.environ.get("LORAPLANE_ADAPTER_EXAMPLE")
     example = Path(override) if override else ROOT / "examples" / "k8s" / "adapter.yaml"
@@ -353,6 +367,7 @@ def check_adapters(crd, server_pod):
         return
     if crd is None:
         return report(False, "LoraAdapter examples validated against the CRD", "no valid CRD")
+    check_kubectl_names(crd)
     errors = adapter_validator(crd)
     adapters = [(str(example.name), o) for o in load_yaml_docs(example.read_text()) if o.get("kind") == "LoraAdapter"]
     if not report(bool(adapters), f"{example.name} holds a LoraAdapter"):
