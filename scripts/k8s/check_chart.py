@@ -545,6 +545,13 @@ def check_flags(chart, helm_bin):
     report(len(flags) > 20 and not missing and not extra,
            f"values.yaml server.args has one key per server flag ({len(flags)} flags in args.rs)",
            f"missing: {missing}; keys that are no flag: {extra}")
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    schema_args = set(schema["properties"]["server"]["properties"]["args"]["properties"])
+    report(schema_args == {camel(f) for f in in_args},
+           "values.schema.json server.args lists exactly the server flags (unknown keys are refused)",
+           f"missing: {sorted({camel(f) for f in in_args} - schema_args)}; extra: {sorted(schema_args - {camel(f) for f in in_args})}")
+    bad = helm(["lint", str(chart), "--set", "server.args.maxLorasPerBach=3"], helm_bin)
+    report(bad.returncode != 0, "helm lint refuses a misspelt server.args key")
     # Render with every flag set and find each on the command line.
     sample = {}
     for f, kind in in_args.items():
