@@ -379,12 +379,16 @@ def check_adapters(crd, server_pod):
                "; ".join(errs))
     # The check must be able to fail: broken copies of the example are refused.
     good = adapters[0][1]
+    version = next(v for v in crd["spec"]["versions"] if v.get("storage", v.get("served")))
+    spec_schema = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
     broken = {
         "spec.pinned as a string": lambda o: o["spec"].__setitem__("pinned", "yes"),
         "an unknown spec field": lambda o: o["spec"].__setitem__("pined", True),
-        "spec.source without path": lambda o: o["spec"].__setitem__("source", {}),
         "spec.replicas as a string": lambda o: o["spec"].__setitem__("replicas", "two"),
+        "spec.serverSelector as a list": lambda o: o["spec"].__setitem__("serverSelector", ["app"]),
     }
+    for field in spec_schema.get("required", []):
+        broken[f"no spec.{field} (required)"] = lambda o, f=field: o["spec"].pop(f, None)
     for what, breaker in broken.items():
         bad = copy.deepcopy(good)
         breaker(bad)
@@ -414,11 +418,10 @@ def code_metrics():
         for f in d.rglob("*.rs"):
             text = f.read_text()
             literals |= set(re.findall(r'"([A-Za-z_:][A-Za-z0-9_:]*)"', text))
-    metrics_rs = (ROOT / "server" / "src" / "metrics.rs").read_text()
-    # `Opts::new("name", ..), &["label", ...]` / `HistogramOpts::new("name", ..)...,  &["label"]`
-    for m in re.finditer(r'Opts::new\(\s*"([^"]+)".*?\)\s*(?:\.buckets\([^()]*(?:\([^()]*\))?[^()]*\)\s*)?,\s*&\[([^\]]*)\]',
-                         metrics_rs, re.S):
-        labels[m.group(1)] = set(re.findall(r'"([^"]+)"', m.group(2)))
+            # `Opts::new("name", ..), &["label", ...]` / `HistogramOpts::new("name", ..).buckets(..), &["label"]`
+            for m in re.finditer(r'Opts::new\(\s*"([^"]+)".*?\)\s*(?:\.buckets\([^()]*(?:\([^()]*\))?[^()]*\)\s*)?,'
+                                 r'\s*&\[([^\]]*)\]', text, re.S):
+                labels[m.group(1)] = set(re.findall(r'"([^"]+)"', m.group(2)))
     return literals, labels
 
 
@@ -490,7 +493,7 @@ def check_dashboards():
     literals, metric_labels = code_metrics()
     evictions = metric_labels.get("loraplane_lora_adapter_evictions_total")
     report(evictions == {"pool", "policy", "reason"},
-           f"label names of {len(metric_labels)} labelled server metrics read from metrics.rs",
+           f"label names of {len(metric_labels)} labelled metrics read from the code",
            f"evictions labels read as {evictions}")
     # The check can fail: a made-up metric and a made-up label are caught.
     _, bad = query_problems("self-test", 'sum by (adapter) (rate(loraplane_lora_adapter_loads_total[5m])) '

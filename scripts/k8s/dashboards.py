@@ -182,14 +182,12 @@ def server_dashboard():
 
 def operator_dashboard():
     L = Layout()
-    # The error counter's reason label is kept by `without` (its name is the operator's choice).
-    target_labels = "instance, pod, namespace, job, service, endpoint, container"
     L.row("Reconciliation")
     L.add("timeseries", "Reconciles / s", "LoraAdapter reconciliations per second.", [
         q(f"sum(rate(loraplane_operator_reconciles_total{{{SEL}}}[{RATE}]))", "reconciles"),
     ], unit="ops")
     L.add("timeseries", "Reconcile errors / s", "Failed reconciliations per second, by error reason.", [
-        q(f"sum without ({target_labels}) (rate(loraplane_operator_reconcile_errors_total{{{SEL}}}[{RATE}]))"),
+        q(f"sum by (reason) (rate(loraplane_operator_reconcile_errors_total{{{SEL}}}[{RATE}]))", "{{reason}}"),
     ], unit="ops")
     L.add("stat", "Error ratio", "Failed / all reconciliations over the time range.", [
         q(f"sum(increase(loraplane_operator_reconcile_errors_total{{{SEL}}}[$__range])) / "
