@@ -731,17 +731,14 @@ async fn startup_refuses_contradictions_with_exit_code_2() {
             "pinned",
         ),
         (vec!["--max-lora-rank", "8"], "--enable-lora"),
-        (
-            vec!["--device", "cuda"],
-            "the CUDA backend is not implemented yet",
-        ),
         (vec!["--tp-size", "2"], "--tp-size"),
         (vec!["--dtype", "bfloat16"], "--dtype"),
         (vec!["--load-format", "dummy"], "--load-format"),
         (
             vec!["--lora-paths", &qv, "--enable-lora-overlap-loading"],
-            "--device cuda",
+            "--enable-lora-overlap-loading",
         ),
+        (vec!["--device", "cuda", "--dtype", "float16"], "--dtype float16"),
         (
             vec!["--enable-lora", "--max-lora-chunk-size", "24"],
             "--max-lora-chunk-size",
@@ -772,6 +769,22 @@ async fn startup_refuses_contradictions_with_exit_code_2() {
         "hi",
     ]);
     assert_eq!(status.code(), Some(2));
+}
+
+/// CI machines have no GPU: `--device cuda` must say so (no panic from the driver loader).
+#[test]
+fn device_cuda_without_a_gpu_says_so() {
+    if std::path::Path::new("/dev/nvidia0").exists() {
+        return; // a GPU machine: scripts/gpu/serve_check.py covers --device cuda there
+    }
+    let model = fixture("tiny/llama").display().to_string();
+    let (status, stderr) = run_to_exit(&["--model-path", &model, "--device", "cuda"]);
+    assert_ne!(status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("no NVIDIA driver found") || stderr.contains("libnvrtc or libcublas"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 #[tokio::test]
