@@ -1,6 +1,6 @@
 //! Compiles the kernel sources with NVRTC and prints the PTX's register-free summary: a check
 //! that needs no GPU, only `libnvrtc` (e.g. from the `nvidia-cuda-nvrtc` wheel) and the CUDA
-//! headers. Usage: `CUDA_HOME=<dir with include/> cargo run -p loraplane-kernels --example nvrtc_check [arch]`.
+//! headers; `LORAPLANE_PTX_OUT=file` also writes the PTX. Usage: `CUDA_HOME=<dir with include/> cargo run -p loraplane-kernels --example nvrtc_check [arch]`.
 
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 
@@ -20,6 +20,9 @@ fn main() {
     match compile_ptx_with_opts(loraplane_kernels::LLAMA_CU, opts) {
         Ok(ptx) => {
             let src = ptx.to_src();
+            if let Ok(path) = std::env::var("LORAPLANE_PTX_OUT") {
+                std::fs::write(&path, &src).expect("writing the PTX");
+            }
             let entries = src.lines().filter(|l| l.contains(".entry")).count();
             println!("ok: {entries} kernels, {} bytes of PTX for {arch}", src.len());
         }

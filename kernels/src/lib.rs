@@ -14,7 +14,8 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 
 /// The Llama-family kernels (embedding, RMSNorm, RoPE + paged KV write, SiLU-and-multiply, paged
-/// GQA attention, LoRA shrink/expand over work items, argmax, dummy-weight fill).
+/// GQA attention, KV gather and causal softmax for GEMM prefill attention, LoRA shrink/expand over
+/// work items, argmax, dummy-weight fill).
 pub const LLAMA_CU: &str = include_str!("llama.cu");
 
 /// Every kernel name `llama.cu` exports, without the type suffix.
@@ -23,17 +24,29 @@ pub const TYPED_KERNELS: &[&str] = &[
     "rms_norm",
     "rope_cache",
     "silu_mul",
-    "attention",
     "lora_shrink",
-    "lora_expand",
     "add_bias",
     "fill_uniform",
     "cast_from_f32",
     "to_f32",
+    "gather_kv",
+    "causal_softmax",
 ];
 
 /// Kernels that exist in one version only.
-pub const UNTYPED_KERNELS: &[&str] = &["argmax_f32"];
+pub const UNTYPED_KERNELS: &[&str] = &["argmax_f32", "rope_table_f32"];
+
+/// Kernel families with compile-time shape variants: `{name}_{type}_{variant}`.
+pub const VARIANT_KERNELS: &[(&str, &[&str])] = &[
+    (
+        "attention",
+        &[
+            "g1_d1", "g1_d2", "g1_d4", "g1_d8", "g2_d1", "g2_d2", "g2_d4", "g2_d8", "g4_d1", "g4_d2",
+            "g4_d4", "g4_d8", "g8_d1", "g8_d2", "g8_d4", "g8_d8",
+        ],
+    ),
+    ("lora_expand", &["c1", "c4"]),
+];
 
 /// The loaded module and its functions.
 pub struct Kernels {
@@ -66,10 +79,15 @@ impl Kernels {
             .load_module(ptx)
             .map_err(|e| format!("loading the kernel module: {e}"))?;
         let mut funcs = HashMap::new();
+        let variants = VARIANT_KERNELS.iter().flat_map(|(k, vs)| {
+            vs.iter()
+                .flat_map(move |v| [format!("{k}_f32_{v}"), format!("{k}_bf16_{v}")])
+        });
         let names = TYPED_KERNELS
             .iter()
             .flat_map(|k| [format!("{k}_f32"), format!("{k}_bf16")])
-            .chain(UNTYPED_KERNELS.iter().map(|s| s.to_string()));
+            .chain(UNTYPED_KERNELS.iter().map(|s| s.to_string()))
+            .chain(variants);
         for name in names {
             let f = module
                 .load_function(&name)

@@ -52,35 +52,46 @@ __device__ void rms_norm(T* out, const T* x, const T* w, const int* rows_map, in
     int r = blockIdx.x;
     int src = rows_map ? rows_map[r] : r;
     const T* xr = x + (size_t)src * h;
+    T* orow = out + (size_t)r * h;
+    constexpr int V = 16 / sizeof(T);
     float ss = 0.f;
-    for (int i = threadIdx.x; i < h; i += blockDim.x) {
-        float v = to_f(xr[i]);
-        ss += v * v;
+    if (h % V == 0) {
+        // 16-byte loads: a few iterations per thread instead of many dependent ones.
+        for (int i = threadIdx.x * V; i < h; i += blockDim.x * V) {
+            uint4 raw = *reinterpret_cast<const uint4*>(xr + i);
+            const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+            for (int j = 0; j < V; j++) ss += to_f(v[j]) * to_f(v[j]);
+        }
+    } else {
+        for (int i = threadIdx.x; i < h; i += blockDim.x) ss += to_f(xr[i]) * to_f(xr[i]);
     }
     float inv = rsqrtf(block_sum(ss) / h + eps);
     for (int i = threadIdx.x; i < h; i += blockDim.x) {
         float n = to_f(from_f<T>(to_f(xr[i]) * inv));
-        out[(size_t)r * h + i] = from_f<T>(n * to_f(w[i]));
+        orow[i] = from_f<T>(n * to_f(w[i]));
     }
 }
 
-// Rotates q and k of every row in place (HF rotate_half) and writes k and v into the paged
-// cache at slots[r]. qkv rows are [q_dim | kv_dim | kv_dim].
+// Rotates q and k of every row in place (HF rotate_half) with the step's cos/sin table, and
+// writes k and v into the paged cache at slots[r]. qkv rows are [q_dim | kv_dim | kv_dim].
 template <typename T>
-__device__ void rope_cache(T* qkv, T* k_cache, T* v_cache, const int* positions, const int* slots,
-                           const float* inv_freq, int n_heads, int n_kv_heads, int d) {
-    int r = blockIdx.x;
+__device__ void rope_cache(T* qkv, T* k_cache, T* v_cache, const float* cs, const int* slots, int n_heads,
+                           int n_kv_heads, int d) {
+    // One block per (row, head); the extra head index n_heads + n_kv_heads copies v.
+    int r = blockIdx.x, head = blockIdx.y;
     int half = d / 2;
     int qd = n_heads * d, kvd = n_kv_heads * d;
     T* row = qkv + (size_t)r * (qd + 2 * kvd);
-    float pos = (float)positions[r];
-    int pairs = (n_heads + n_kv_heads) * half;
     size_t slot = (size_t)slots[r];
-    for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
-        int head = p / half, i = p % half;
-        T* hp = row + head * d;
-        float s, c;
-        sincosf(pos * inv_freq[i], &s, &c);
+    if (head == n_heads + n_kv_heads) {
+        for (int i = threadIdx.x; i < kvd; i += blockDim.x) v_cache[slot * kvd + i] = row[qd + kvd + i];
+        return;
+    }
+    const float* cr = cs + (size_t)r * d;
+    T* hp = row + head * d;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        float c = cr[i], s = cr[half + i];
         float x1 = to_f(hp[i]), x2 = to_f(hp[i + half]);
         T a = from_f<T>(x1 * c - x2 * s), b = from_f<T>(x2 * c + x1 * s);
         hp[i] = a;
@@ -91,7 +102,6 @@ __device__ void rope_cache(T* qkv, T* k_cache, T* v_cache, const int* positions,
             k_cache[slot * kvd + off + i + half] = b;
         }
     }
-    for (int i = threadIdx.x; i < kvd; i += blockDim.x) v_cache[slot * kvd + i] = row[qd + kvd + i];
 }
 
 // out[r, j] = silu(gu[r, j]) * gu[r, inter + j]
@@ -107,79 +117,98 @@ __device__ void silu_mul(T* out, const T* gu, int rows, int inter) {
     }
 }
 
-#define ATTN_WARPS 4
-#define ATTN_MAX_DPL 8    // head_dim up to 256
-#define ATTN_MAX_GROUP 8  // query heads per kv head
+// Warps per attention block (16 measured slower than 4 at batch 64 on the H100).
+#define ATTN_WARPS_FOR(G, DPL) 4
 
 // Causal attention of each row against its sequence's cached keys (paged), GQA-aware: one block
 // per (kv head, row) handles the group of query heads sharing that kv head, so each key and
-// value is read once per group. Warps take keys round-robin with an online softmax each, then
-// merge through shared memory. `row_seq[r]` indexes `block_tables` ([seqs, max_blocks]).
-template <typename T>
+// value is read once per group. Warps take keys round-robin with an online softmax each (the
+// next key's loads are issued before the current one is used), then merge through shared
+// memory. G bounds the group size and DPL = ceil(head_dim / 32) (dims per lane), both
+// compile-time so that every per-head array stays in registers. `row_seq[r]` indexes
+// `block_tables` ([seqs, max_blocks]); rows with row_seq < 0 are attended elsewhere.
+template <typename T, int G, int DPL>
 __device__ void attention(T* out, const T* qkv, const T* k_cache, const T* v_cache,
                           const int* positions, const int* row_seq, const int* block_tables,
                           int max_blocks, int block_size, int n_heads, int n_kv_heads, int d,
                           float scale, int window) {
+    constexpr int ATTN_WARPS = ATTN_WARPS_FOR(G, DPL);
     int kvh = blockIdx.x, r = blockIdx.y;
+    if (row_seq[r] < 0) return;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int group = n_heads / n_kv_heads;
-    int dpl = (d + 31) / 32;  // dims per lane; lanes past d idle
     int qd = n_heads * d, kvd = n_kv_heads * d;
     const T* qrow = qkv + (size_t)r * (qd + 2 * kvd);
     int pos = positions[r];
     int first = window > 0 ? max(0, pos + 1 - window) : 0;
     const int* table = block_tables + (size_t)row_seq[r] * max_blocks;
 
-    float q[ATTN_MAX_GROUP][ATTN_MAX_DPL];
-    float acc[ATTN_MAX_GROUP][ATTN_MAX_DPL];
-    float m[ATTN_MAX_GROUP], l[ATTN_MAX_GROUP];
+    float q[G][DPL], acc[G][DPL], m[G], l[G];
 #pragma unroll
-    for (int g = 0; g < ATTN_MAX_GROUP; g++) {
+    for (int g = 0; g < G; g++) {
         m[g] = -INFINITY;
         l[g] = 0.f;
 #pragma unroll
-        for (int i = 0; i < ATTN_MAX_DPL; i++) {
+        for (int i = 0; i < DPL; i++) {
             acc[g][i] = 0.f;
             q[g][i] = (g < group && i * 32 + lane < d) ? to_f(qrow[(kvh * group + g) * d + i * 32 + lane]) * scale : 0.f;
         }
     }
-    for (int p = first + warp; p <= pos; p += ATTN_WARPS) {
+    float kn[DPL], vn[DPL];
+    auto load = [&](int p) {
         size_t slot = (size_t)table[p / block_size] * block_size + p % block_size;
         const T* kp = k_cache + slot * kvd + kvh * d;
         const T* vp = v_cache + slot * kvd + kvh * d;
-        float k[ATTN_MAX_DPL], v[ATTN_MAX_DPL];
 #pragma unroll
-        for (int i = 0; i < ATTN_MAX_DPL; i++) {
-            bool in = i < dpl && i * 32 + lane < d;
-            k[i] = in ? to_f(kp[i * 32 + lane]) : 0.f;
-            v[i] = in ? to_f(vp[i * 32 + lane]) : 0.f;
+        for (int i = 0; i < DPL; i++) {
+            bool in = i * 32 + lane < d;
+            kn[i] = in ? to_f(kp[i * 32 + lane]) : 0.f;
+            vn[i] = in ? to_f(vp[i * 32 + lane]) : 0.f;
+        }
+    };
+    int p = first + warp;
+    if (p <= pos) load(p);
+    for (; p <= pos; p += ATTN_WARPS) {
+        float k[DPL], v[DPL];
+#pragma unroll
+        for (int i = 0; i < DPL; i++) {
+            k[i] = kn[i];
+            v[i] = vn[i];
+        }
+        if (p + ATTN_WARPS <= pos) load(p + ATTN_WARPS);
+        float s[G];
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            s[g] = 0.f;
+#pragma unroll
+            for (int i = 0; i < DPL; i++) s[g] += q[g][i] * k[i];
         }
 #pragma unroll
-        for (int g = 0; g < ATTN_MAX_GROUP; g++) {
-            if (g >= group) break;
-            float s = 0.f;
+        for (int o = 16; o > 0; o >>= 1) {
 #pragma unroll
-            for (int i = 0; i < ATTN_MAX_DPL; i++) s += q[g][i] * k[i];
-            s = warp_sum(s);
-            float mn = fmaxf(m[g], s);
-            float corr = __expf(m[g] - mn), e = __expf(s - mn);
+            for (int g = 0; g < G; g++) s[g] += __shfl_xor_sync(0xffffffff, s[g], o);
+        }
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            float mn = fmaxf(m[g], s[g]);
+            float corr = __expf(m[g] - mn), e = __expf(s[g] - mn);
             l[g] = l[g] * corr + e;
 #pragma unroll
-            for (int i = 0; i < ATTN_MAX_DPL; i++) acc[g][i] = acc[g][i] * corr + e * v[i];
+            for (int i = 0; i < DPL; i++) acc[g][i] = acc[g][i] * corr + e * v[i];
             m[g] = mn;
         }
     }
     // Merge the warps' partial softmaxes.
-    __shared__ float sm_m[ATTN_WARPS][ATTN_MAX_GROUP], sm_l[ATTN_WARPS][ATTN_MAX_GROUP];
-    __shared__ float sm_acc[ATTN_WARPS][ATTN_MAX_GROUP][ATTN_MAX_DPL * 32];
-    for (int g = 0; g < group; g++) {
+    __shared__ float sm_m[ATTN_WARPS][G], sm_l[ATTN_WARPS][G];
+    __shared__ float sm_acc[ATTN_WARPS][G][DPL * 32];
+#pragma unroll
+    for (int g = 0; g < G; g++) {
         if (lane == 0) {
             sm_m[warp][g] = m[g];
             sm_l[warp][g] = l[g];
         }
 #pragma unroll
-        for (int i = 0; i < ATTN_MAX_DPL; i++)
-            if (i < dpl && i * 32 + lane < d) sm_acc[warp][g][i * 32 + lane] = acc[g][i];
+        for (int i = 0; i < DPL; i++) sm_acc[warp][g][i * 32 + lane] = acc[g][i];
     }
     __syncthreads();
     for (int idx = threadIdx.x; idx < group * d; idx += blockDim.x) {
@@ -194,6 +223,19 @@ __device__ void attention(T* out, const T* qkv, const T* k_cache, const T* v_cac
             o += sm_acc[w][g][j] * c;
         }
         out[(size_t)r * qd + (kvh * group + g) * d + j] = from_f<T>(o / sum);
+    }
+}
+
+// cos and sin of every row's position for each rotary frequency, once per forward pass:
+// cs[r] = [cos; half, sin; half].
+__device__ void rope_table(float* cs, const int* positions, const float* inv_freq, int half) {
+    int r = blockIdx.x;
+    float pos = (float)positions[r];
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        float s, c;
+        sincosf(pos * inv_freq[i], &s, &c);
+        cs[(size_t)r * 2 * half + i] = c;
+        cs[(size_t)r * 2 * half + half + i] = s;
     }
 }
 
@@ -258,14 +300,14 @@ __device__ void lora_shrink(float* y, const T* x, const T* A, const int* items, 
 // where Bt is [slots, R, out_total] and columns [bounds[t], bounds[t+1]) belong to target t.
 // One thread per output column, for a chunk of EXPAND_ROWS rows of one item.
 #define EXPAND_ROWS 4
-template <typename T>
+template <typename T, int C>
 __device__ void lora_expand(T* out, int out_stride, const float* y, const T* Bt, const int* items,
                             const int* slot_rank, const float* slot_scale, int out_total, int R,
                             int n_targets, int b1, int b2) {
     int it = blockIdx.y;
     int first = items[it * 3], len = items[it * 3 + 1], slot = items[it * 3 + 2];
     int chunk = blockIdx.z * EXPAND_ROWS;
-    int col = blockIdx.x * blockDim.x + threadIdx.x;
+    int col = (blockIdx.x * blockDim.x + threadIdx.x) * C;  // C consecutive columns per thread
     if (slot < 0 || chunk >= len || col >= out_total) return;
     int t = col < b1 ? 0 : (col < b2 ? 1 : 2);
     int rank = slot_rank[slot];
@@ -273,19 +315,39 @@ __device__ void lora_expand(T* out, int out_stride, const float* y, const T* Bt,
     int rows = min(EXPAND_ROWS, len - chunk);
     int ylen = n_targets * R;
     const T* b = Bt + (size_t)slot * R * out_total + col;
-    float s[EXPAND_ROWS] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll 8
-    for (int k = 0; k < rank; k++) {
-        float bv = to_f(b[(size_t)k * out_total]);
+    const float* yr = y + (size_t)(first + chunk) * ylen + t * R;
+    float s[EXPAND_ROWS][C];
 #pragma unroll
-        for (int q = 0; q < EXPAND_ROWS; q++)
-            if (q < rows) s[q] += bv * y[(size_t)(first + chunk + q) * ylen + t * R + k];
+    for (int q = 0; q < EXPAND_ROWS; q++)
+#pragma unroll
+        for (int c = 0; c < C; c++) s[q][c] = 0.f;
+#pragma unroll 4
+    for (int k = 0; k < rank; k++) {
+        float bv[C];
+        if (C == 4 && sizeof(T) == 2) {
+            uint2 raw = *reinterpret_cast<const uint2*>(b + (size_t)k * out_total);
+            const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+            for (int c = 0; c < C; c++) bv[c] = to_f(v[c]);
+        } else {
+#pragma unroll
+            for (int c = 0; c < C; c++) bv[c] = to_f(b[(size_t)k * out_total + c]);
+        }
+#pragma unroll
+        for (int q = 0; q < EXPAND_ROWS; q++) {
+            if (q < rows) {
+                float yv = yr[(size_t)q * ylen + k];
+#pragma unroll
+                for (int c = 0; c < C; c++) s[q][c] += bv[c] * yv;
+            }
+        }
     }
 #pragma unroll
     for (int q = 0; q < EXPAND_ROWS; q++) {
         if (q < rows) {
             T* o = out + (size_t)(first + chunk + q) * out_stride + col;
-            *o = from_f<T>(to_f(*o) + scale * s[q]);
+#pragma unroll
+            for (int c = 0; c < C; c++) o[c] = from_f<T>(to_f(o[c]) + scale * s[q][c]);
         }
     }
 }
@@ -356,29 +418,16 @@ __device__ void to_f32(float* out, const T* in, u64 n) {
                                             float eps) {                                                   \
         rms_norm<T>(out, x, w, rows_map, h, eps);                                                          \
     }                                                                                                      \
-    extern "C" __global__ void rope_cache_##S(T* qkv, T* kc, T* vc, const int* positions, const int* slots, \
-                                              const float* inv_freq, int nh, int nkv, int d) {             \
-        rope_cache<T>(qkv, kc, vc, positions, slots, inv_freq, nh, nkv, d);                                \
+    extern "C" __global__ void rope_cache_##S(T* qkv, T* kc, T* vc, const float* cs, const int* slots,      \
+                                              int nh, int nkv, int d) {                                    \
+        rope_cache<T>(qkv, kc, vc, cs, slots, nh, nkv, d);                                                 \
     }                                                                                                      \
     extern "C" __global__ void silu_mul_##S(T* out, const T* gu, int rows, int inter) {                     \
         silu_mul<T>(out, gu, rows, inter);                                                                 \
     }                                                                                                      \
-    extern "C" __global__ void attention_##S(T* out, const T* qkv, const T* kc, const T* vc,                \
-                                             const int* positions, const int* row_seq, const int* tables,  \
-                                             int max_blocks, int block_size, int nh, int nkv, int d,       \
-                                             float scale, int window) {                                    \
-        attention<T>(out, qkv, kc, vc, positions, row_seq, tables, max_blocks, block_size, nh, nkv, d,     \
-                     scale, window);                                                                       \
-    }                                                                                                      \
     extern "C" __global__ void lora_shrink_##S(float* y, const T* x, const T* A, const int* items,          \
                                                const int* slot_rank, int in_dim, int R, int nt) {          \
         lora_shrink<T>(y, x, A, items, slot_rank, in_dim, R, nt);                                          \
-    }                                                                                                      \
-    extern "C" __global__ void lora_expand_##S(T* out, int out_stride, const float* y, const T* Bt,         \
-                                               const int* items, const int* slot_rank,                     \
-                                               const float* slot_scale, int out_total, int R, int nt,      \
-                                               int b1, int b2) {                                           \
-        lora_expand<T>(out, out_stride, y, Bt, items, slot_rank, slot_scale, out_total, R, nt, b1, b2);    \
     }                                                                                                      \
     extern "C" __global__ void fill_uniform_##S(T* p, u64 n, u64 seed, float scale) {                       \
         fill_uniform<T>(p, n, seed, scale);                                                                \
@@ -402,3 +451,99 @@ extern "C" __global__ void argmax_f32(int* out, const float* logits, int vocab) 
     }
 INSTANTIATE_BIAS(float, f32)
 INSTANTIATE_BIAS(__nv_bfloat16, bf16)
+
+// Copies one sequence's first L cached keys and values out of the paged cache into dense
+// [kv_heads, L, d] buffers, so that prefill attention can run as batched GEMMs.
+template <typename T>
+__device__ void gather_kv(T* k_out, T* v_out, const T* k_cache, const T* v_cache, const int* table, int L,
+                          int block_size, int n_kv_heads, int d) {
+    int p = blockIdx.x;
+    size_t slot = (size_t)table[p / block_size] * block_size + p % block_size;
+    int kvd = n_kv_heads * d;
+    for (int i = threadIdx.x; i < kvd; i += blockDim.x) {
+        int h = i / d, j = i % d;
+        size_t o = ((size_t)h * L + p) * d + j;
+        k_out[o] = k_cache[slot * kvd + i];
+        v_out[o] = v_cache[slot * kvd + i];
+    }
+}
+
+// Causal softmax of score rows: s is [rows, L] f32 (already scaled) for query positions
+// first_pos + (row % rows_per_head); keys past the position (or before the sliding window) get
+// probability 0. Writes p as T.
+template <typename T>
+__device__ void causal_softmax(T* p, const float* s, int L, int rows_per_head, int first_pos, int window) {
+    size_t row = blockIdx.x;
+    int pos = first_pos + (int)(row % rows_per_head);
+    int lo = window > 0 ? max(0, pos + 1 - window) : 0;
+    int hi = min(pos, L - 1);
+    const float* sr = s + row * L;
+    T* pr = p + row * L;
+    float mx = -INFINITY;
+    for (int k = lo + threadIdx.x; k <= hi; k += blockDim.x) mx = fmaxf(mx, sr[k]);
+    __shared__ float red[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
+    if (lane == 0) red[warp] = mx;
+    __syncthreads();
+    if (warp == 0) {
+        float v = lane < (blockDim.x >> 5) ? red[lane] : -INFINITY;
+        for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+        if (lane == 0) red[0] = v;
+    }
+    __syncthreads();
+    mx = red[0];
+    __syncthreads();
+    float sum = 0.f;
+    for (int k = lo + threadIdx.x; k <= hi; k += blockDim.x) sum += __expf(sr[k] - mx);
+    sum = block_sum(sum);
+    float inv = 1.f / sum;
+    for (int k = threadIdx.x; k < L; k += blockDim.x)
+        pr[k] = from_f<T>((k >= lo && k <= hi) ? __expf(sr[k] - mx) * inv : 0.f);
+}
+
+#define INSTANTIATE_PREFILL(T, S)                                                                          \
+    extern "C" __global__ void gather_kv_##S(T* ko, T* vo, const T* kc, const T* vc, const int* table, int L, \
+                                             int bs, int nkv, int d) {                                     \
+        gather_kv<T>(ko, vo, kc, vc, table, L, bs, nkv, d);                                               \
+    }                                                                                                      \
+    extern "C" __global__ void causal_softmax_##S(T* p, const float* s, int L, int rows_per_head,          \
+                                                  int first_pos, int window) {                             \
+        causal_softmax<T>(p, s, L, rows_per_head, first_pos, window);                                      \
+    }
+INSTANTIATE_PREFILL(float, f32)
+INSTANTIATE_PREFILL(__nv_bfloat16, bf16)
+
+#define INSTANTIATE_ATTN(T, S, G, D)                                                                        \
+    extern "C" __global__ void attention_##S##_g##G##_d##D(                                                \
+        T* out, const T* qkv, const T* kc, const T* vc, const int* positions, const int* row_seq,          \
+        const int* tables, int max_blocks, int block_size, int nh, int nkv, int d, float scale, int window) { \
+        attention<T, G, D>(out, qkv, kc, vc, positions, row_seq, tables, max_blocks, block_size, nh, nkv, d, \
+                           scale, window);                                                                 \
+    }
+#define INSTANTIATE_ATTN_G(T, S, G) \
+    INSTANTIATE_ATTN(T, S, G, 1) INSTANTIATE_ATTN(T, S, G, 2) INSTANTIATE_ATTN(T, S, G, 4) INSTANTIATE_ATTN(T, S, G, 8)
+INSTANTIATE_ATTN_G(float, f32, 1)
+INSTANTIATE_ATTN_G(float, f32, 2)
+INSTANTIATE_ATTN_G(float, f32, 4)
+INSTANTIATE_ATTN_G(float, f32, 8)
+INSTANTIATE_ATTN_G(__nv_bfloat16, bf16, 1)
+INSTANTIATE_ATTN_G(__nv_bfloat16, bf16, 2)
+INSTANTIATE_ATTN_G(__nv_bfloat16, bf16, 4)
+INSTANTIATE_ATTN_G(__nv_bfloat16, bf16, 8)
+
+#define INSTANTIATE_EXPAND(T, S, C)                                                                         \
+    extern "C" __global__ void lora_expand_##S##_c##C(T* out, int out_stride, const float* y, const T* Bt,  \
+                                                      const int* items, const int* slot_rank,              \
+                                                      const float* slot_scale, int out_total, int R, int nt, \
+                                                      int b1, int b2) {                                    \
+        lora_expand<T, C>(out, out_stride, y, Bt, items, slot_rank, slot_scale, out_total, R, nt, b1, b2); \
+    }
+INSTANTIATE_EXPAND(float, f32, 1)
+INSTANTIATE_EXPAND(float, f32, 4)
+INSTANTIATE_EXPAND(__nv_bfloat16, bf16, 1)
+INSTANTIATE_EXPAND(__nv_bfloat16, bf16, 4)
+
+extern "C" __global__ void rope_table_f32(float* cs, const int* positions, const float* inv_freq, int half) {
+    rope_table(cs, positions, inv_freq, half);
+}

@@ -57,6 +57,7 @@ peft = get_peft_model(model, cfg, adapter_name="a0")
 for i in range(1, 64):
     peft.add_adapter(f"a{i}", cfg)
 peft.to(torch.bfloat16)
+peft.eval()  # adapter_names needs eval mode
 print(f"64 adapters added in {time.time() - t0:.1f}s", flush=True)
 names = [f"a{i}" for i in range(64)]
 ms = step_ms(peft, 64, new=2, adapter_names=names)

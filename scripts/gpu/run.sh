@@ -31,9 +31,17 @@ if [[ $what == serve || $what == all ]]; then
 fi
 if [[ $what == profile ]]; then
   # Per-kernel durations of one eager decode step at bs=1 and at bs=64 with 64 adapters.
-  ncu --profile-from-start off --clock-control none --section SpeedOfLight --print-summary per-kernel \
-    "$BIN/bench_gpu" --profile >"$OUT/ncu.txt" 2>&1; rc=$((rc | $?))
-  grep -E "^  [a-zA-Z_].*\(|Duration|Memory Throughput" "$OUT/ncu.txt" | head -120
+  ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --launch-count 60 \
+    --csv --page raw "$BIN/bench_gpu" --profile >"$OUT/ncu.csv" 2>"$OUT/ncu.err"; rc=$((rc | $?))
+  python3 - "$OUT/ncu.csv" <<'PY'
+import csv, sys, collections
+rows = [r for r in csv.DictReader(l for l in open(sys.argv[1]) if l.startswith('"'))][1:]
+t = collections.defaultdict(float); n = collections.Counter()
+for r in rows:
+    k = r["Kernel Name"][:60]; t[k] += float(r["gpu__time_duration.sum"].replace(",", "")); n[k] += 1
+for k, v in sorted(t.items(), key=lambda x: -x[1]):
+    print(f"{v/1e3:9.1f} us  {n[k]:3d}x  {k}")
+PY
 fi
 if [[ $what == bench || $what == all || $what == quick-bench ]]; then
   flag=""; [[ $what == quick-bench ]] && flag=--quick

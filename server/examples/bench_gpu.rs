@@ -10,7 +10,7 @@
 use std::time::Instant;
 
 use loraplane_server::adapter::LoraTarget;
-use loraplane_server::backend::cuda::{CudaModel, CudaOptions, Gpu, LoraKernelMode};
+use loraplane_server::backend::cuda::{CudaModel, CudaOptions, Gpu, LoraKernelMode, GEMM_ATTENTION_MIN_ROWS};
 use loraplane_server::engine::{KvCache, SeqCache};
 use loraplane_server::model::llama::{LogitsWanted, SeqInput};
 use loraplane_server::model::ModelConfig;
@@ -70,6 +70,7 @@ fn opts(mode: LoraKernelMode, graphs: usize) -> CudaOptions {
         block_size: 16,
         max_rows: 8192,
         max_seq_len: 4096,
+        gemm_attention_min_rows: GEMM_ATTENTION_MIN_ROWS,
     }
 }
 
@@ -154,7 +155,31 @@ fn main() {
     });
     let c = llama31_8b();
     let only_fast = std::env::args().any(|a| a == "--quick");
-    // --profile: two eager decode steps (bs=1 base, bs=64 with 64 rank-16 adapters) between
+    let mut rows: Vec<Row> = Vec::new();
+    // --prefill-only: the prefill rows and the GEMM rate, nothing else.
+    if std::env::args().any(|a| a == "--prefill-only") {
+        let mut m =
+            CudaModel::dummy(gpu.clone(), c.clone(), opts(LoraKernelMode::Chunked(16), 0), 42).unwrap();
+        let mut kv = m.new_kv_cache();
+        for s in 0..4 {
+            m.dummy_adapter_in_slot(s, 16, &LoraTarget::ALL, 2000 + s as u64)
+                .unwrap();
+        }
+        prefill(&mut m, &mut kv, &c, &mut rows);
+        gemm_rate(&gpu);
+        for r in &rows {
+            println!(
+                "| {} | {:.2} | {:.0} | {:.2} | {:.2} |",
+                r.what,
+                r.ms,
+                r.tok_s,
+                r.roofline_ms,
+                r.ms / r.roofline_ms
+            );
+        }
+        return;
+    }
+    // --profile: one eager decode step at bs=64 with 64 rank-16 adapters between
     // cuProfilerStart/Stop, for `ncu --profile-from-start off`.
     if std::env::args().any(|a| a == "--profile") {
         let mut m =
@@ -164,13 +189,11 @@ fn main() {
             m.dummy_adapter_in_slot(s, 16, &LoraTarget::ALL, 1000 + s as u64)
                 .unwrap();
         }
-        decode(&mut m, &mut kv, 1, &[-1], 1, true);
         let slots: Vec<i32> = (0..64).collect();
         decode(&mut m, &mut kv, 64, &slots, 1, true);
         return;
     }
     println!("device: {}", gpu.name);
-    let mut rows: Vec<Row> = Vec::new();
     let batches: &[usize] = if only_fast {
         &[1, 64]
     } else {
@@ -237,6 +260,10 @@ fn main() {
             }
         }
         if graphs == 0 && mode == LoraKernelMode::Chunked(16) {
+            for s in 0..4 {
+                m.dummy_adapter_in_slot(s, 16, &LoraTarget::ALL, 2000 + s as u64)
+                    .unwrap();
+            }
             prefill(&mut m, &mut kv, &c, &mut rows);
         }
         drop(kv);

@@ -52,7 +52,10 @@ fn read_reference() -> HashMap<String, (Vec<usize>, Vec<f64>)> {
         .collect()
 }
 
+/// PerSequence runs also attend prefill chunks of 4+ tokens through GEMMs, Chunked ones through
+/// the paged kernel only, so both attention paths meet every reference.
 fn opts(bf16: bool, mode: LoraKernelMode, graphs: usize, max_tokens: usize) -> CudaOptions {
+    let gemm_min = if mode == LoraKernelMode::PerSequence { 4 } else { 0 };
     CudaOptions {
         bf16,
         lora_slots: 8,
@@ -63,6 +66,7 @@ fn opts(bf16: bool, mode: LoraKernelMode, graphs: usize, max_tokens: usize) -> C
         block_size: 16,
         max_rows: 16384,
         max_seq_len: 4096,
+        gemm_attention_min_rows: gemm_min,
     }
 }
 
@@ -140,8 +144,8 @@ fn peft_fixtures(gpu: &Arc<Gpu>, quick: bool) {
             }
         }
         // bf16 bound: log-probs of this tiny random model (vocab 384) through bf16 weights and
-        // activations stay within 0.4 of PEFT's f32 values (measured worst 0.16 to 0.26).
-        for (bf16, tol) in [(false, 1e-4), (true, 0.4)] {
+        // activations stay within 0.5 of PEFT's f32 values (measured worst 0.16 to 0.40).
+        for (bf16, tol) in [(false, 1e-4), (true, 0.5)] {
             for mode in [LoraKernelMode::PerSequence, LoraKernelMode::Chunked(16)] {
                 let mut m = CudaModel::from_host(gpu.clone(), &host, opts(bf16, mode, 0, 4096)).unwrap();
                 let mut kv = m.new_kv_cache();
@@ -314,11 +318,19 @@ fn random_vs_cpu(gpu: &Arc<Gpu>) {
                 ))
             })
             .collect();
-        for bs in [1usize, 3, 17, 64, 256] {
-            // Ragged prefill: 0..40 new tokens each (0 = an empty segment), random adapters.
+        for bs in [1usize, 3, 17, 64, 256, 2] {
+            // Ragged prefill: 0..40 new tokens each (0 = an empty segment), random adapters; the
+            // last batch has two long prompts (several GEMM-attention tiles are not needed for
+            // correctness, but long rows are).
             let batch: Vec<(Vec<u32>, Option<Arc<LoraAdapter>>)> = (0..bs)
                 .map(|_| {
-                    let n = if rng.below(8) == 0 { 0 } else { 1 + rng.below(40) };
+                    let n = if bs == 2 {
+                        300 + rng.below(500)
+                    } else if rng.below(8) == 0 {
+                        0
+                    } else {
+                        1 + rng.below(40)
+                    };
                     let toks = (0..n).map(|_| rng.below(c.vocab_size) as u32).collect();
                     let a = match rng.below(ranks.len() + 1) {
                         0 => None,

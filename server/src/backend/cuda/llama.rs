@@ -51,6 +51,33 @@ pub struct CudaOptions {
     pub max_rows: usize,
     /// Longest sequence (prompt + output, `--context-length`): sizes each block table.
     pub max_seq_len: usize,
+    /// Prefill chunks of at least this many tokens attend through batched cuBLAS GEMMs (scores,
+    /// causal softmax, values) instead of the paged kernel; 0 never.
+    pub gemm_attention_min_rows: usize,
+}
+
+/// Default for [`CudaOptions::gemm_attention_min_rows`].
+pub const GEMM_ATTENTION_MIN_ROWS: usize = 64;
+
+/// Scores of one GEMM-attention tile take at most this many bytes (f32).
+const GEMM_ATTENTION_SCORE_BYTES: usize = 256 << 20;
+
+/// A prefill chunk attended through GEMMs.
+#[derive(Clone, Copy)]
+struct GemmAttention {
+    /// Its index in the step's block tables.
+    table_row: usize,
+    first_row: usize,
+    rows: usize,
+    cached: usize,
+}
+
+/// Dense scratch for GEMM attention, grown on demand.
+struct AttentionScratch<T> {
+    keys: CudaSlice<T>,
+    values: CudaSlice<T>,
+    scores: CudaSlice<f32>,
+    probs: CudaSlice<T>,
 }
 
 struct DevLinear<T> {
@@ -80,6 +107,8 @@ struct Buffers<T> {
     gate_up: CudaSlice<T>,
     act: CudaSlice<T>,
     lora_y: CudaSlice<f32>,
+    /// Each row's RoPE `[cos; d/2, sin; d/2]`, computed once per step.
+    rope: CudaSlice<f32>,
     final_in: CudaSlice<T>,
     logits: CudaSlice<f32>,
     logit_rows: usize,
@@ -125,6 +154,9 @@ pub struct CudaLlama<T: GpuFloat> {
     lora: Option<LoraSlots<T>>,
     bufs: Buffers<T>,
     graphs: HashMap<usize, Graph>,
+    /// This step's prefill chunks attended through GEMMs.
+    gemm_attention: Vec<GemmAttention>,
+    attention_scratch: Option<AttentionScratch<T>>,
 }
 
 /// The device model in its element type.
@@ -290,6 +322,8 @@ impl<T: GpuFloat> CudaLlama<T> {
             lora,
             bufs,
             graphs: HashMap::new(),
+            gemm_attention: Vec::new(),
+            attention_scratch: None,
         })
     }
 
@@ -314,6 +348,7 @@ impl<T: GpuFloat> CudaLlama<T> {
             gate_up: gpu.zeros::<T>(cap * 2 * inter)?,
             act: gpu.zeros::<T>(cap * inter)?,
             lora_y: gpu.zeros::<f32>(if opts.lora_slots > 0 { cap * 3 * r } else { 1 })?,
+            rope: gpu.zeros::<f32>(cap * c.head_dim)?,
             final_in: gpu.zeros::<T>(logit_rows * h)?,
             logits: gpu.zeros::<f32>(logit_rows * c.vocab_size)?,
             logit_rows,
@@ -406,6 +441,7 @@ impl<T: GpuFloat> CudaLlama<T> {
         let mut items: Vec<[i32; 3]> = Vec::new();
         let mut wanted: Vec<i32> = Vec::new();
         let mut per_seq = vec![(0usize, 0usize); seqs.len()];
+        let mut gemm_attention = Vec::new();
         for (oi, &si) in order.iter().enumerate() {
             let s = &seqs[si];
             let end = s.cache.len + s.tokens.len();
@@ -444,6 +480,18 @@ impl<T: GpuFloat> CudaLlama<T> {
                 row += 1;
             }
             let n = s.tokens.len();
+            let min_rows = self.opts.gemm_attention_min_rows;
+            if bucket.is_none() && min_rows > 0 && n >= min_rows {
+                for r in first_row..first_row + n {
+                    meta[3 * cap + r] = -1; // the paged kernel skips these rows
+                }
+                gemm_attention.push(GemmAttention {
+                    table_row: oi,
+                    first_row,
+                    rows: n,
+                    cached: s.cache.len,
+                });
+            }
             let slot = seq_slots[si];
             if slot >= 0 && n > 0 {
                 match self.opts.lora_mode {
@@ -506,6 +554,8 @@ impl<T: GpuFloat> CudaLlama<T> {
         if wanted.len() > self.bufs.logit_rows {
             self.grow_logits(wanted.len())?;
         }
+        self.reserve_attention_scratch(&gemm_attention)?;
+        self.gemm_attention = gemm_attention;
         self.gpu
             .stream
             .memcpy_htod(&meta, &mut self.bufs.meta.slice_mut(..meta.len()))
@@ -518,6 +568,111 @@ impl<T: GpuFloat> CudaLlama<T> {
             lora: self.lora.is_some() && (bucket.is_some() || !items.is_empty()),
         };
         Ok((shape, StepOut { per_seq }))
+    }
+
+    /// Keeps the GEMM-attention scratch large enough for `chunks`.
+    fn reserve_attention_scratch(&mut self, chunks: &[GemmAttention]) -> Result<()> {
+        let c = &self.config;
+        let longest = chunks.iter().map(|g| g.cached + g.rows).max().unwrap_or(0);
+        if longest == 0 {
+            return Ok(());
+        }
+        let kv = c.num_kv_heads * longest * c.head_dim;
+        let scores = GEMM_ATTENTION_SCORE_BYTES / 4;
+        let big_enough = self
+            .attention_scratch
+            .as_ref()
+            .is_some_and(|s| s.keys.len() >= kv && s.scores.len() >= scores);
+        if !big_enough {
+            self.attention_scratch = None; // free before allocating the larger one
+            self.attention_scratch = Some(AttentionScratch {
+                keys: self.gpu.zeros::<T>(kv)?,
+                values: self.gpu.zeros::<T>(kv)?,
+                scores: self.gpu.zeros::<f32>(scores)?,
+                probs: self.gpu.zeros::<T>(scores)?,
+            });
+        }
+        Ok(())
+    }
+
+    /// Causal attention of one prefill chunk (and its cached prefix) as batched GEMMs: gather the
+    /// sequence's keys and values densely, then per query-row tile and per query head within a
+    /// kv group, scores = q·kᵀ (one batched GEMM over kv heads), causal softmax, out = p·v.
+    fn gemm_attention(&self, layer: usize, g: &GemmAttention, qkv: u64, attn: u64) -> Result<()> {
+        let c = &self.config;
+        let gpu = &self.gpu;
+        let scratch = self.attention_scratch.as_ref().expect("reserved in prepare");
+        let (d, kvh, group) = (c.head_dim, c.num_kv_heads, c.num_heads / c.num_kv_heads);
+        let (qd, qkv_w) = (c.q_dim(), c.q_dim() + 2 * c.kv_dim());
+        let len = g.cached + g.rows;
+        let ts = std::mem::size_of::<T>() as u64;
+        let (kd, vd) = (gpu.ptr(&scratch.keys), gpu.ptr(&scratch.values));
+        let table = self.meta_ptr(8) + (g.table_row * self.bufs.max_blocks * 4) as u64;
+        launch!(
+            gpu,
+            &self.k("gather_kv"),
+            (len as u32, 1, 1),
+            (256, 1, 1),
+            kd,
+            vd,
+            gpu.ptr(&self.k_cache[layer]),
+            gpu.ptr(&self.v_cache[layer]),
+            table,
+            len as i32,
+            self.opts.block_size as i32,
+            kvh as i32,
+            d as i32
+        )?;
+        let tile = (GEMM_ATTENTION_SCORE_BYTES / 4 / (kvh * len)).clamp(1, g.rows);
+        let (scores, probs) = (gpu.ptr(&scratch.scores), gpu.ptr(&scratch.probs));
+        let f32_t = cudarc::cublas::sys::cudaDataType::CUDA_R_32F;
+        let scale = 1.0 / (d as f32).sqrt();
+        let window = c.sliding_window.map_or(0, |w| w as i32);
+        let mut t0 = 0;
+        while t0 < g.rows {
+            let q = tile.min(g.rows - t0);
+            let row0 = (g.first_row + t0) as u64;
+            for gi in 0..group {
+                // scores[j] (col-major [len, q]) = K_j · Q_(j*group+gi)ᵀ, scaled.
+                let q_ptr = qkv + (row0 * qkv_w as u64 + (gi * d) as u64) * ts;
+                gpu.gemm_batched(
+                    true,
+                    false,
+                    (len, q, d),
+                    scale,
+                    (kd, T::BLAS_TYPE, d, len * d),
+                    (q_ptr, T::BLAS_TYPE, qkv_w, group * d),
+                    (scores, f32_t, len, q * len),
+                    kvh,
+                )?;
+                launch!(
+                    gpu,
+                    &self.k("causal_softmax"),
+                    ((kvh * q) as u32, 1, 1),
+                    (256, 1, 1),
+                    probs,
+                    scores,
+                    len as i32,
+                    q as i32,
+                    (g.cached + t0) as i32,
+                    window
+                )?;
+                // out rows (col-major [d, q], ld q_dim) = V_j (col-major [d, len]) · P_j (col-major [len, q]).
+                let o_ptr = attn + (row0 * qd as u64 + (gi * d) as u64) * ts;
+                gpu.gemm_batched(
+                    false,
+                    false,
+                    (d, q, len),
+                    1.0,
+                    (vd, T::BLAS_TYPE, d, len * d),
+                    (probs, T::BLAS_TYPE, len, q * len),
+                    (o_ptr, T::BLAS_TYPE, qd, group * d),
+                    kvh,
+                )?;
+            }
+            t0 += q;
+        }
+        Ok(())
     }
 
     fn grow_logits(&mut self, rows: usize) -> Result<()> {
@@ -579,10 +734,12 @@ impl<T: GpuFloat> CudaLlama<T> {
         } else {
             i32::MAX
         };
+        // Four columns per thread (8-byte loads of Bᵀ) when every target boundary allows it.
+        let cols = if outs.iter().all(|o| o % 4 == 0) { 4 } else { 1 };
         launch!(
             gpu,
-            &self.k("lora_expand"),
-            ((out_total as u32).div_ceil(128), s.items as u32, z),
+            &format!("lora_expand_{}_c{cols}", T::SUFFIX),
+            ((out_total as u32).div_ceil(128 * cols), s.items as u32, z),
             (128, 1, 1),
             out,
             out_stride as i32,
@@ -653,6 +810,25 @@ impl<T: GpuFloat> CudaLlama<T> {
         let eps = c.rms_norm_eps;
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let window = c.sliding_window.map_or(0, |w| w as i32);
+        let rope = gpu.ptr(&b.rope);
+        launch!(
+            gpu,
+            "rope_table_f32",
+            (r32, 1, 1),
+            (64, 1, 1),
+            rope,
+            positions,
+            gpu.ptr(&self.inv_freq),
+            (c.head_dim / 2) as i32
+        )?;
+        // Compile-time group bound and dims per lane of the attention kernel.
+        let (g_max, dpl) = (
+            (c.num_heads / c.num_kv_heads).next_power_of_two(),
+            c.head_dim.div_ceil(32).next_power_of_two(),
+        );
+        let attention = format!("attention_{}_g{g_max}_d{dpl}", T::SUFFIX);
+        // Must equal ATTN_WARPS_FOR in llama.cu.
+        let attention_threads = 128u32;
         for (li, blk) in self.blocks.iter().enumerate() {
             launch!(
                 gpu,
@@ -683,23 +859,22 @@ impl<T: GpuFloat> CudaLlama<T> {
             launch!(
                 gpu,
                 &self.k("rope_cache"),
-                (r32, 1, 1),
-                (128, 1, 1),
+                (r32, (c.num_heads + c.num_kv_heads + 1) as u32, 1),
+                ((c.head_dim as u32 / 2).clamp(32, 128), 1, 1),
                 qkv,
                 gpu.ptr(&self.k_cache[li]),
                 gpu.ptr(&self.v_cache[li]),
-                positions,
+                rope,
                 slots,
-                gpu.ptr(&self.inv_freq),
                 c.num_heads as i32,
                 c.num_kv_heads as i32,
                 c.head_dim as i32
             )?;
             launch!(
                 gpu,
-                &self.k("attention"),
+                &attention,
                 (c.num_kv_heads as u32, r32, 1),
-                (128, 1, 1),
+                (attention_threads, 1, 1),
                 attn,
                 qkv,
                 gpu.ptr(&self.k_cache[li]),
@@ -715,6 +890,9 @@ impl<T: GpuFloat> CudaLlama<T> {
                 scale,
                 window
             )?;
+            for g in &self.gemm_attention {
+                self.gemm_attention(li, g, qkv, attn)?;
+            }
             gpu.gemm_nt::<T>(x, h, false, attn, qd, gpu.ptr(&blk.o.w), rows, h, qd, 1.0)?;
             self.bias(x, &blk.o.bias, rows, h)?;
             self.lora_group(li, 1, attn, x, h, s)?;

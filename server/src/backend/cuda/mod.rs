@@ -14,7 +14,7 @@ use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
 use loraplane_kernels::Kernels;
 
-pub use llama::{CudaLlama, CudaModel, CudaOptions, LoraKernelMode};
+pub use llama::{CudaLlama, CudaModel, CudaOptions, LoraKernelMode, GEMM_ATTENTION_MIN_ROWS};
 
 use crate::error::{Error, Result};
 
@@ -175,6 +175,58 @@ impl Gpu {
             )
         }
         .map_err(|e| cuda_err("cuBLAS GEMM", e))
+    }
+
+    /// Column-major strided batched GEMM, `C_b = alpha · op(A_b) · op(B_b) + beta · C_b` for
+    /// `batch` items (cuBLAS's own convention; element offsets between items in `s_*`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_batched(
+        &self,
+        trans_a: bool,
+        trans_b: bool,
+        (m, n, k): (usize, usize, usize),
+        alpha: f32,
+        (a, a_type, lda, sa): (u64, blas_sys::cudaDataType, usize, usize),
+        (b, b_type, ldb, sb): (u64, blas_sys::cudaDataType, usize, usize),
+        (c, c_type, ldc, sc): (u64, blas_sys::cudaDataType, usize, usize),
+        batch: usize,
+    ) -> Result<()> {
+        let op = |t: bool| {
+            if t {
+                blas_sys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                blas_sys::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let beta = 0.0f32;
+        unsafe {
+            blas::gemm_strided_batched_ex(
+                *self.blas.handle(),
+                op(trans_a),
+                op(trans_b),
+                m as i32,
+                n as i32,
+                k as i32,
+                (&alpha) as *const f32 as *const _,
+                a as *const _,
+                a_type,
+                lda as i32,
+                sa as i64,
+                b as *const _,
+                b_type,
+                ldb as i32,
+                sb as i64,
+                (&beta) as *const f32 as *const _,
+                c as *mut _,
+                c_type,
+                ldc as i32,
+                sc as i64,
+                batch as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| cuda_err("cuBLAS batched GEMM", e))
     }
 
     /// Allocates `n` zeroed elements.
