@@ -190,26 +190,9 @@ impl LlamaModel {
         let mut slots = Vec::with_capacity(total);
         let mut seq_rows = Vec::with_capacity(seqs.len());
         for s in seqs {
-            let end = s.cache.len + s.tokens.len();
-            if s.cache.blocks.len() * kv.block_size() < end {
-                return Err(Error::InvalidRequest(
-                    "KV cache blocks not reserved for the new tokens".into(),
-                ));
-            }
-            if end > c.max_position_embeddings {
-                return Err(Error::InvalidRequest(format!(
-                    "sequence of {end} tokens exceeds the model's context of {}",
-                    c.max_position_embeddings
-                )));
-            }
+            check_seq_input(c, kv, s)?;
             seq_rows.push(positions.len());
-            for (i, &t) in s.tokens.iter().enumerate() {
-                if t as usize >= c.vocab_size {
-                    return Err(Error::InvalidRequest(format!(
-                        "token id {t} is outside the vocabulary (size {})",
-                        c.vocab_size
-                    )));
-                }
+            for i in 0..s.tokens.len() {
                 positions.push(s.cache.len + i);
                 slots.push(kv.slot(s.cache, s.cache.len + i));
             }
@@ -432,6 +415,31 @@ impl LlamaModel {
             }
         }
     }
+}
+
+/// Refuses a sequence whose cache blocks are not reserved for its new tokens, that runs past
+/// the model's context, or that holds a token outside the vocabulary (every backend checks the
+/// same things before a forward pass).
+pub(crate) fn check_seq_input(c: &ModelConfig, kv: &KvCache, s: &SeqInput<'_>) -> Result<()> {
+    let end = s.cache.len + s.tokens.len();
+    if s.cache.blocks.len() * kv.block_size() < end {
+        return Err(Error::InvalidRequest(
+            "KV cache blocks not reserved for the new tokens".into(),
+        ));
+    }
+    if end > c.max_position_embeddings {
+        return Err(Error::InvalidRequest(format!(
+            "sequence of {end} tokens exceeds the model's context of {}",
+            c.max_position_embeddings
+        )));
+    }
+    if let Some(t) = s.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+        return Err(Error::InvalidRequest(format!(
+            "token id {t} is outside the vocabulary (size {})",
+            c.vocab_size
+        )));
+    }
+    Ok(())
 }
 
 /// Rotates the q and k heads of one row (`[q_dim + kv_dim]`) by `rot` (`[cos; d/2, sin; d/2]`),

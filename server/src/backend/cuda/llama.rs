@@ -17,7 +17,7 @@ use super::{launch, Gpu, GpuFloat};
 use crate::adapter::{LoraAdapter, LoraTarget};
 use crate::engine::KvCache;
 use crate::error::{Error, Result};
-use crate::model::llama::{rope_inv_freq, LogitsWanted, SeqInput};
+use crate::model::llama::{check_seq_input, rope_inv_freq, LogitsWanted, SeqInput};
 use crate::model::{LlamaModel, ModelConfig};
 
 /// How LoRA rows are cut into kernel work items.
@@ -444,18 +444,7 @@ impl<T: GpuFloat> CudaLlama<T> {
         let mut gemm_attention = Vec::new();
         for (oi, &si) in order.iter().enumerate() {
             let s = &seqs[si];
-            let end = s.cache.len + s.tokens.len();
-            if s.cache.blocks.len() * kv.block_size() < end {
-                return Err(Error::InvalidRequest(
-                    "KV cache blocks not reserved for the new tokens".into(),
-                ));
-            }
-            if end > c.max_position_embeddings {
-                return Err(Error::InvalidRequest(format!(
-                    "sequence of {end} tokens exceeds the model's context of {}",
-                    c.max_position_embeddings
-                )));
-            }
+            check_seq_input(c, kv, s)?;
             if s.cache.blocks.len() > mb {
                 return Err(Error::InvalidRequest(format!(
                     "sequence needs {} KV blocks, above the device table's {mb}",
@@ -467,12 +456,6 @@ impl<T: GpuFloat> CudaLlama<T> {
             }
             let first_row = row;
             for (i, &t) in s.tokens.iter().enumerate() {
-                if t as usize >= c.vocab_size {
-                    return Err(Error::InvalidRequest(format!(
-                        "token id {t} is outside the vocabulary (size {})",
-                        c.vocab_size
-                    )));
-                }
                 meta[row] = t as i32;
                 meta[cap + row] = (s.cache.len + i) as i32;
                 meta[2 * cap + row] = kv.slot(s.cache, s.cache.len + i) as i32;
@@ -756,6 +739,23 @@ impl<T: GpuFloat> CudaLlama<T> {
         )
     }
 
+    /// `out[r] = rmsnorm(x[rows_map[r]]) · w` for `rows` rows (`rows_map` 0: identity).
+    fn rms_norm(&self, out: u64, x: u64, w: &CudaSlice<T>, rows_map: u64, rows: usize) -> Result<()> {
+        let c = &self.config;
+        launch!(
+            self.gpu,
+            &self.k("rms_norm"),
+            (rows as u32, 1, 1),
+            (256, 1, 1),
+            out,
+            x,
+            self.gpu.ptr(w),
+            rows_map,
+            c.hidden_size as i32,
+            c.rms_norm_eps
+        )
+    }
+
     fn bias(&self, out: u64, bias: &Option<CudaSlice<T>>, rows: usize, n: usize) -> Result<()> {
         let Some(b) = bias else { return Ok(()) };
         launch!(
@@ -807,7 +807,6 @@ impl<T: GpuFloat> CudaLlama<T> {
             h as i32
         )?;
         let null: u64 = 0;
-        let eps = c.rms_norm_eps;
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let window = c.sliding_window.map_or(0, |w| w as i32);
         let rope = gpu.ptr(&b.rope);
@@ -830,18 +829,7 @@ impl<T: GpuFloat> CudaLlama<T> {
         // Must equal ATTN_WARPS_FOR in llama.cu.
         let attention_threads = 128u32;
         for (li, blk) in self.blocks.iter().enumerate() {
-            launch!(
-                gpu,
-                &self.k("rms_norm"),
-                (r32, 1, 1),
-                (256, 1, 1),
-                normed,
-                x,
-                gpu.ptr(&blk.input_norm),
-                null,
-                h as i32,
-                eps
-            )?;
+            self.rms_norm(normed, x, &blk.input_norm, null, rows)?;
             gpu.gemm_nt::<T>(
                 qkv,
                 qkv_w,
@@ -896,18 +884,7 @@ impl<T: GpuFloat> CudaLlama<T> {
             gpu.gemm_nt::<T>(x, h, false, attn, qd, gpu.ptr(&blk.o.w), rows, h, qd, 1.0)?;
             self.bias(x, &blk.o.bias, rows, h)?;
             self.lora_group(li, 1, attn, x, h, s)?;
-            launch!(
-                gpu,
-                &self.k("rms_norm"),
-                (r32, 1, 1),
-                (256, 1, 1),
-                normed,
-                x,
-                gpu.ptr(&blk.post_norm),
-                null,
-                h as i32,
-                eps
-            )?;
+            self.rms_norm(normed, x, &blk.post_norm, null, rows)?;
             gpu.gemm_nt::<T>(
                 gu,
                 2 * inter,
@@ -936,18 +913,7 @@ impl<T: GpuFloat> CudaLlama<T> {
         }
         if s.wanted > 0 {
             let fin = gpu.ptr(&b.final_in);
-            launch!(
-                gpu,
-                &self.k("rms_norm"),
-                (s.wanted as u32, 1, 1),
-                (256, 1, 1),
-                fin,
-                x,
-                gpu.ptr(&self.norm),
-                wanted,
-                h as i32,
-                eps
-            )?;
+            self.rms_norm(fin, x, &self.norm, wanted, s.wanted)?;
             let head = gpu.ptr(self.lm_head.as_ref().unwrap_or(&self.embed));
             gpu.gemm_nt::<T>(
                 gpu.ptr(&b.logits),

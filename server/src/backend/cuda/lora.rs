@@ -127,10 +127,7 @@ impl<T: GpuFloat> LoraSlots<T> {
             changed = true;
         }
         if changed {
-            gpu.stream
-                .memcpy_htod(&self.host_rank, &mut self.slot_rank)
-                .and_then(|_| gpu.stream.memcpy_htod(&self.host_scale, &mut self.slot_scale))
-                .map_err(|e| Error::Model(format!("CUDA: uploading slot ranks: {e}")))?;
+            self.upload_slot_params(gpu)?;
         }
         Ok(out)
     }
@@ -243,10 +240,14 @@ impl<T: GpuFloat> LoraSlots<T> {
         self.host_scale[slot] = 2.0;
         // A dummy has no host id: mark the slot taken by a synthetic one.
         self.resident[slot] = Some(u64::MAX - slot as u64);
+        self.upload_slot_params(gpu)
+    }
+
+    /// Copies every slot's rank and scaling to the device.
+    fn upload_slot_params(&mut self, gpu: &Gpu) -> Result<()> {
         gpu.stream
             .memcpy_htod(&self.host_rank, &mut self.slot_rank)
             .and_then(|_| gpu.stream.memcpy_htod(&self.host_scale, &mut self.slot_scale))
-            .map_err(|e| Error::Model(format!("CUDA: uploading slot ranks: {e}")))?;
-        Ok(())
+            .map_err(|e| Error::Model(format!("CUDA: uploading slot ranks: {e}")))
     }
 }
