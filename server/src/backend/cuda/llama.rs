@@ -59,6 +59,11 @@ pub struct CudaOptions {
 /// Default for [`CudaOptions::gemm_attention_min_rows`].
 pub const GEMM_ATTENTION_MIN_ROWS: usize = 64;
 
+/// A sequence's LoRA segment of at least this many rows (a prefill chunk) runs as cuBLAS GEMMs
+/// (per target: `x·Aᵀ`, then `out += s·(x·Aᵀ)·Bᵀ`) instead of the shrink/expand kernels, which
+/// are built for many short segments.
+pub const LORA_GEMM_MIN_ROWS: usize = 64;
+
 /// Scores of one GEMM-attention tile take at most this many bytes (f32).
 const GEMM_ATTENTION_SCORE_BYTES: usize = 256 << 20;
 
@@ -107,6 +112,8 @@ struct Buffers<T> {
     gate_up: CudaSlice<T>,
     act: CudaSlice<T>,
     lora_y: CudaSlice<f32>,
+    /// One target's shrunk rows for the GEMM LoRA path, `[rows, R]`.
+    lora_y_t: CudaSlice<T>,
     /// Each row's RoPE `[cos; d/2, sin; d/2]`, computed once per step.
     rope: CudaSlice<f32>,
     final_in: CudaSlice<T>,
@@ -156,6 +163,8 @@ pub struct CudaLlama<T: GpuFloat> {
     graphs: HashMap<usize, Graph>,
     /// This step's prefill chunks attended through GEMMs.
     gemm_attention: Vec<GemmAttention>,
+    /// This step's long LoRA segments run as GEMMs: (first row, rows, slot).
+    gemm_lora: Vec<(usize, usize, usize)>,
     attention_scratch: Option<AttentionScratch<T>>,
 }
 
@@ -323,6 +332,7 @@ impl<T: GpuFloat> CudaLlama<T> {
             bufs,
             graphs: HashMap::new(),
             gemm_attention: Vec::new(),
+            gemm_lora: Vec::new(),
             attention_scratch: None,
         })
     }
@@ -348,6 +358,7 @@ impl<T: GpuFloat> CudaLlama<T> {
             gate_up: gpu.zeros::<T>(cap * 2 * inter)?,
             act: gpu.zeros::<T>(cap * inter)?,
             lora_y: gpu.zeros::<f32>(if opts.lora_slots > 0 { cap * 3 * r } else { 1 })?,
+            lora_y_t: gpu.zeros::<T>(if opts.lora_slots > 0 { cap * r } else { 1 })?,
             rope: gpu.zeros::<f32>(cap * c.head_dim)?,
             final_in: gpu.zeros::<T>(logit_rows * h)?,
             logits: gpu.zeros::<f32>(logit_rows * c.vocab_size)?,
@@ -442,6 +453,7 @@ impl<T: GpuFloat> CudaLlama<T> {
         let mut wanted: Vec<i32> = Vec::new();
         let mut per_seq = vec![(0usize, 0usize); seqs.len()];
         let mut gemm_attention = Vec::new();
+        let mut gemm_lora = Vec::new();
         for (oi, &si) in order.iter().enumerate() {
             let s = &seqs[si];
             check_seq_input(c, kv, s)?;
@@ -476,7 +488,9 @@ impl<T: GpuFloat> CudaLlama<T> {
                 });
             }
             let slot = seq_slots[si];
-            if slot >= 0 && n > 0 {
+            if slot >= 0 && bucket.is_none() && n >= LORA_GEMM_MIN_ROWS {
+                gemm_lora.push((first_row, n, slot as usize));
+            } else if slot >= 0 && n > 0 {
                 match self.opts.lora_mode {
                     _ if bucket.is_some() => items.push([first_row as i32, 1, slot]),
                     LoraKernelMode::PerSequence => items.push([first_row as i32, n as i32, slot]),
@@ -548,8 +562,9 @@ impl<T: GpuFloat> CudaLlama<T> {
             items: items.len(),
             max_item_rows: items.iter().map(|i| i[1] as usize).max().unwrap_or(0),
             wanted: wanted.len(),
-            lora: self.lora.is_some() && (bucket.is_some() || !items.is_empty()),
+            lora: self.lora.is_some() && (bucket.is_some() || !items.is_empty() || !gemm_lora.is_empty()),
         };
+        self.gemm_lora = gemm_lora;
         Ok((shape, StepOut { per_seq }))
     }
 
@@ -622,7 +637,7 @@ impl<T: GpuFloat> CudaLlama<T> {
                     true,
                     false,
                     (len, q, d),
-                    scale,
+                    (scale, 0.0),
                     (kd, T::BLAS_TYPE, d, len * d),
                     (q_ptr, T::BLAS_TYPE, qkv_w, group * d),
                     (scores, f32_t, len, q * len),
@@ -646,7 +661,7 @@ impl<T: GpuFloat> CudaLlama<T> {
                     false,
                     false,
                     (d, q, len),
-                    1.0,
+                    (1.0, 0.0),
                     (vd, T::BLAS_TYPE, d, len * d),
                     (probs, T::BLAS_TYPE, len, q * len),
                     (o_ptr, T::BLAS_TYPE, qd, group * d),
@@ -684,7 +699,11 @@ impl<T: GpuFloat> CudaLlama<T> {
         s: &StepShape,
     ) -> Result<()> {
         let Some(lora) = &self.lora else { return Ok(()) };
-        if !s.lora || s.items == 0 {
+        if !s.lora {
+            return Ok(());
+        }
+        self.lora_group_gemms(lora, li, g, x, out, out_stride)?;
+        if s.items == 0 {
             return Ok(());
         }
         let gpu = &self.gpu;
@@ -737,6 +756,53 @@ impl<T: GpuFloat> CudaLlama<T> {
             b1,
             b2
         )
+    }
+
+    /// The long segments' LoRA delta through cuBLAS, one target at a time.
+    fn lora_group_gemms(
+        &self,
+        lora: &LoraSlots<T>,
+        li: usize,
+        g: usize,
+        x: u64,
+        out: u64,
+        out_stride: usize,
+    ) -> Result<()> {
+        let gpu = &self.gpu;
+        let (in_dim, outs) = group_dims(&self.config, g);
+        let (nt, r_pool) = (outs.len(), lora.rank);
+        let out_total: usize = outs.iter().sum();
+        let bufs = &lora.layers[li][g];
+        let ts = std::mem::size_of::<T>();
+        let y = gpu.ptr(&self.bufs.lora_y_t);
+        for &(first, rows, slot) in &self.gemm_lora {
+            let (rank, scale) = lora.slot_params(slot);
+            if rank == 0 {
+                continue;
+            }
+            let mut col = 0;
+            for (t, &out_t) in outs.iter().enumerate() {
+                // y[rows, rank] = x[first.., in] · A_tᵀ (A_t: rows t·R.. of the slot's block).
+                let a = gpu.ptr(&bufs.a) + (((slot * nt + t) * r_pool) * in_dim * ts) as u64;
+                let xs = x + (first * in_dim * ts) as u64;
+                gpu.gemm_nt::<T>(y, rank, false, xs, in_dim, a, rows, rank, in_dim, 0.0)?;
+                // out[first.., col..col+out_t] += scale · y · Bᵀ_t (Bᵀ: [R, out_total] per slot).
+                let bt = gpu.ptr(&bufs.bt) + ((slot * r_pool * out_total + col) * ts) as u64;
+                let o = out + ((first * out_stride + col) * ts) as u64;
+                gpu.gemm_batched(
+                    false,
+                    false,
+                    (out_t, rows, rank),
+                    (scale, 1.0),
+                    (bt, T::BLAS_TYPE, out_total, 0),
+                    (y, T::BLAS_TYPE, rank, 0),
+                    (o, T::BLAS_TYPE, out_stride, 0),
+                    1,
+                )?;
+                col += out_t;
+            }
+        }
+        Ok(())
     }
 
     /// `out[r] = rmsnorm(x[rows_map[r]]) · w` for `rows` rows (`rows_map` 0: identity).

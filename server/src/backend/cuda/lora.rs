@@ -84,6 +84,11 @@ impl<T: GpuFloat> LoraSlots<T> {
         })
     }
 
+    /// A slot's rank (0 when empty) and scaling.
+    pub fn slot_params(&self, slot: usize) -> (usize, f32) {
+        (self.host_rank[slot] as usize, self.host_scale[slot])
+    }
+
     /// Device bytes the pool holds.
     pub fn bytes(&self) -> usize {
         self.layers

@@ -185,7 +185,7 @@ impl Gpu {
         trans_a: bool,
         trans_b: bool,
         (m, n, k): (usize, usize, usize),
-        alpha: f32,
+        (alpha, beta): (f32, f32),
         (a, a_type, lda, sa): (u64, blas_sys::cudaDataType, usize, usize),
         (b, b_type, ldb, sb): (u64, blas_sys::cudaDataType, usize, usize),
         (c, c_type, ldc, sc): (u64, blas_sys::cudaDataType, usize, usize),
@@ -198,7 +198,6 @@ impl Gpu {
                 blas_sys::cublasOperation_t::CUBLAS_OP_N
             }
         };
-        let beta = 0.0f32;
         unsafe {
             blas::gemm_strided_batched_ex(
                 *self.blas.handle(),
