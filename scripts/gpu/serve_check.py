@@ -84,6 +84,7 @@ def main():
         ("cuda float32, triton, no graphs", ["--device", "cuda", "--dtype", "float32", "--lora-backend", "triton",
                                               "--disable-cuda-graph"], True),
         ("cuda bfloat16", ["--device", "cuda"], False),
+        ("cuda, --load-format dummy", ["--device", "cuda", "--load-format", "dummy"], False),
     ]:
         ids, _ = run(label, extra)
         same = sum(a == b for a, b in zip(ids, cpu))

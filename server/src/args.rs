@@ -105,7 +105,8 @@ pub enum Dtype {
 pub enum LoadFormat {
     /// From the model path (HF safetensors directory or GGUF file).
     Auto,
-    /// Random weights of the right shapes (not implemented yet).
+    /// Random weights of the shapes in the model directory's config.json, generated on the GPU
+    /// (benchmarks; needs --device cuda); the tokenizer is still read from the directory.
     Dummy,
 }
 
@@ -328,6 +329,8 @@ pub struct ServerConfig {
     pub log_level: String,
     /// `--device`, `--dtype` and the CUDA graph flags.
     pub device: DeviceSettings,
+    /// `--load-format dummy`.
+    pub dummy_weights: bool,
 }
 
 impl ServeArgs {
@@ -363,10 +366,9 @@ impl ServeArgs {
                     "--dtype float16: the CUDA backend computes in bfloat16 or float32; use --dtype bfloat16",
                 )),
             };
-        if self.load_format == LoadFormat::Dummy {
+        if self.load_format == LoadFormat::Dummy && !cuda {
             return Err(bad(
-                "--load-format dummy: the server loads real weights; random weights are used by the \
-                 GPU benchmark (scripts/gpu/run.sh bench); use --load-format auto",
+                "--load-format dummy generates random weights on the GPU and needs --device cuda",
             ));
         }
         if self.enable_lora_overlap_loading {
@@ -451,6 +453,7 @@ impl ServeArgs {
             api_key: self.api_key.clone(),
             log_level: self.log_level.clone(),
             device,
+            dummy_weights: self.load_format == LoadFormat::Dummy,
         })
     }
 
@@ -703,7 +706,7 @@ impl ServerConfig {
             "dtype": if self.device.bf16 { "bfloat16" } else { "float32" },
             "cuda_graph_max_bs": if self.device.cuda { self.device.cuda_graph_max_bs } else { 0 },
             "disable_cuda_graph": !self.device.cuda || self.device.cuda_graph_max_bs == 0,
-            "load_format": "auto",
+            "load_format": if self.dummy_weights { "dummy" } else { "auto" },
             "api_key_set": self.api_key.is_some(),
             "log_level": self.log_level,
             "version": env!("CARGO_PKG_VERSION"),
@@ -805,7 +808,7 @@ mod tests {
         assert!(err(&["--tp-size", "2"]).contains("not implemented"));
         assert!(err(&["--dtype", "bfloat16"]).contains("float32"));
         assert!(err(&["--device", "cuda", "--dtype", "float16"]).contains("use --dtype bfloat16"));
-        assert!(err(&["--load-format", "dummy"]).contains("--load-format auto"));
+        assert!(err(&["--load-format", "dummy"]).contains("needs --device cuda"));
         assert!(err(&["--enable-lora", "--enable-lora-overlap-loading"]).contains("not implemented yet"));
         assert!(err(&["--served-model-name", "a:b"]).contains("':'"));
         assert!(err(&["--chunked-prefill-size", "0"]).contains("--chunked-prefill-size"));

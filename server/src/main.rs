@@ -19,7 +19,7 @@ use loraplane_server::engine;
 use loraplane_server::engine::generate::{generate_greedy, GenRequest};
 use loraplane_server::engine::KvCache;
 use loraplane_server::metrics::Metrics;
-use loraplane_server::model::loader::load_model;
+use loraplane_server::model::loader::{load_config_and_tokenizer, load_model};
 use loraplane_server::model::tokenizer::ChatMessage;
 use loraplane_server::model::{Architecture, Model};
 
@@ -109,11 +109,18 @@ fn serve(config: ServerConfig) -> Result<(), ServeError> {
         .with_context(|| format!("cannot listen on {addr} (--host/--port)"))?;
 
     let t0 = Instant::now();
-    let loaded = load_model(&config.model_path).context("loading --model-path")?;
-    let model_config = loaded.model.config().clone();
-    tracing::info!(model = %loaded.name, secs = t0.elapsed().as_secs_f32(), "model loaded");
+    // With --load-format dummy only the config and tokenizer are read; the GPU makes the weights.
+    let (name, model_config, tokenizer, host) = if config.dummy_weights {
+        let (name, c, tok) = load_config_and_tokenizer(&config.model_path).context("loading --model-path")?;
+        (name, c, tok, None)
+    } else {
+        let loaded = load_model(&config.model_path).context("loading --model-path")?;
+        let c = loaded.model.config().clone();
+        (loaded.name, c, loaded.tokenizer, Some(loaded.model))
+    };
+    tracing::info!(model = %name, secs = t0.elapsed().as_secs_f32(), dummy = config.dummy_weights, "model loaded");
     let engine_config = config.engine_config(&model_config).map_err(ServeError::Config)?;
-    let served_model_name = config.served_model_name.clone().unwrap_or(loaded.name.clone());
+    let served_model_name = config.served_model_name.clone().unwrap_or(name.clone());
     if served_model_name.contains(':') {
         return Err(ServeError::Config(loraplane_server::args::ArgError(format!(
             "the model's name {served_model_name:?} contains ':', which the OpenAI API reads as \
@@ -132,9 +139,9 @@ fn serve(config: ServerConfig) -> Result<(), ServeError> {
             "LoRA serving on"
         );
     }
-    let (model, engine_config) = place_model(loaded.model, &config, engine_config)?;
+    let (model, engine_config) = place_model(host, &model_config, &config, engine_config)?;
     let metrics = Arc::new(Metrics::new());
-    let tokenizer = Arc::new(loaded.tokenizer);
+    let tokenizer = Arc::new(tokenizer);
     let engine = engine::start(
         model,
         engine_config.clone(),
@@ -181,15 +188,18 @@ fn serve(config: ServerConfig) -> Result<(), ServeError> {
     Ok(())
 }
 
-/// Keeps the model on the CPU, or uploads it to GPU 0 (`--device cuda`) with a LoRA slot pool of
-/// `--max-loras-per-batch` slots of rank `--max-lora-rank` (64 when unset; the engine then
-/// refuses adapters of a larger rank by name).
+/// Keeps the model on the CPU, or uploads it to GPU 0 (`--device cuda`; random weights of
+/// `model_config`'s shapes when `host` is `None`) with a LoRA slot pool of `--max-loras-per-batch`
+/// slots of rank `--max-lora-rank` (64 when unset; the engine then refuses adapters of a larger
+/// rank by name).
 fn place_model(
-    host: loraplane_server::model::LlamaModel,
+    host: Option<loraplane_server::model::LlamaModel>,
+    model_config: &loraplane_server::model::ModelConfig,
     config: &ServerConfig,
     mut engine_config: engine::EngineConfig,
 ) -> anyhow::Result<(Model, engine::EngineConfig)> {
     if !config.device.cuda {
+        let host = host.context("--load-format dummy needs --device cuda")?;
         return Ok((Model::Cpu(Box::new(host)), engine_config));
     }
     let gpu = Gpu::open(0)?;
@@ -218,7 +228,10 @@ fn place_model(
         gemm_attention_min_rows: GEMM_ATTENTION_MIN_ROWS,
     };
     let t0 = Instant::now();
-    let model = CudaModel::from_host(gpu.clone(), &host, opts)?;
+    let model = match &host {
+        Some(host) => CudaModel::from_host(gpu.clone(), host, opts)?,
+        None => CudaModel::dummy(gpu.clone(), model_config.clone(), opts, 0)?,
+    };
     tracing::info!(
         gpu = %gpu.name,
         dtype = if config.device.bf16 { "bfloat16" } else { "float32" },

@@ -17,6 +17,30 @@ pub struct LoadedModel {
     pub tokenizer: TextTokenizer,
 }
 
+/// The configuration and tokenizer of the HF directory at `path`, without its weights
+/// (`--load-format dummy`: the weights are random, generated where the model runs). Returns the
+/// default served name too.
+pub fn load_config_and_tokenizer(path: &Path) -> Result<(String, ModelConfig, TextTokenizer)> {
+    if !path.join("config.json").is_file() {
+        return Err(Error::Model(format!(
+            "{}: --load-format dummy needs an HF model directory with config.json and tokenizer.json",
+            path.display()
+        )));
+    }
+    let name = path
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".to_string());
+    let mut config = ModelConfig::from_hf_file(&path.join("config.json"))?;
+    let tokenizer = TextTokenizer::from_hf_dir(path)?;
+    for &id in tokenizer.eos_token_ids() {
+        if !config.eos_token_ids.contains(&id) {
+            config.eos_token_ids.push(id);
+        }
+    }
+    Ok((name, config, tokenizer))
+}
+
 /// Loads the model at `path` (an HF directory or a `.gguf` file).
 pub fn load_model(path: &Path) -> Result<LoadedModel> {
     if !path.exists() {
@@ -30,13 +54,7 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".to_string());
     if path.is_dir() {
-        let mut config = ModelConfig::from_hf_file(&path.join("config.json"))?;
-        let tokenizer = TextTokenizer::from_hf_dir(path)?;
-        for &id in tokenizer.eos_token_ids() {
-            if !config.eos_token_ids.contains(&id) {
-                config.eos_token_ids.push(id);
-            }
-        }
+        let (_, config, tokenizer) = load_config_and_tokenizer(path)?;
         let tensors = weights::load_hf_weights(path)?;
         let model = LlamaModel::from_tensors(config, tensors)?;
         Ok(LoadedModel {
