@@ -154,48 +154,53 @@ __device__ void attention(T* out, const T* qkv, const T* k_cache, const T* v_cac
             q[g][i] = (g < group && i * 32 + lane < d) ? to_f(qrow[(kvh * group + g) * d + i * 32 + lane]) * scale : 0.f;
         }
     }
-    float kn[DPL], vn[DPL];
-    auto load = [&](int p) {
-        size_t slot = (size_t)table[p / block_size] * block_size + p % block_size;
-        const T* kp = k_cache + slot * kvd + kvh * d;
-        const T* vp = v_cache + slot * kvd + kvh * d;
+    // KPW keys per warp per iteration: their block-table entries, then their keys and values,
+    // are all loaded before the first is used, so a warp waits for one round trip per KPW keys
+    // instead of two per key.
+    constexpr int KPW = 4;
+    for (int p0 = first + warp * KPW; p0 <= pos; p0 += ATTN_WARPS * KPW) {
+        float k[KPW][DPL], v[KPW][DPL];
+        size_t slot[KPW];
 #pragma unroll
-        for (int i = 0; i < DPL; i++) {
-            bool in = i * 32 + lane < d;
-            kn[i] = in ? to_f(kp[i * 32 + lane]) : 0.f;
-            vn[i] = in ? to_f(vp[i * 32 + lane]) : 0.f;
-        }
-    };
-    int p = first + warp;
-    if (p <= pos) load(p);
-    for (; p <= pos; p += ATTN_WARPS) {
-        float k[DPL], v[DPL];
-#pragma unroll
-        for (int i = 0; i < DPL; i++) {
-            k[i] = kn[i];
-            v[i] = vn[i];
-        }
-        if (p + ATTN_WARPS <= pos) load(p + ATTN_WARPS);
-        float s[G];
-#pragma unroll
-        for (int g = 0; g < G; g++) {
-            s[g] = 0.f;
-#pragma unroll
-            for (int i = 0; i < DPL; i++) s[g] += q[g][i] * k[i];
+        for (int u = 0; u < KPW; u++) {
+            int p = min(p0 + u, pos);  // past the end: re-read the last key, masked below
+            slot[u] = (size_t)table[p / block_size] * block_size + p % block_size;
         }
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
+        for (int u = 0; u < KPW; u++) {
+            const T* kp = k_cache + slot[u] * kvd + kvh * d;
+            const T* vp = v_cache + slot[u] * kvd + kvh * d;
 #pragma unroll
-            for (int g = 0; g < G; g++) s[g] += __shfl_xor_sync(0xffffffff, s[g], o);
+            for (int i = 0; i < DPL; i++) {
+                bool in = i * 32 + lane < d;
+                k[u][i] = in ? to_f(kp[i * 32 + lane]) : 0.f;
+                v[u][i] = in ? to_f(vp[i * 32 + lane]) : 0.f;
+            }
         }
 #pragma unroll
-        for (int g = 0; g < G; g++) {
-            float mn = fmaxf(m[g], s[g]);
-            float corr = __expf(m[g] - mn), e = __expf(s[g] - mn);
-            l[g] = l[g] * corr + e;
+        for (int u = 0; u < KPW; u++) {
+            if (p0 + u > pos) break;
+            float s[G];
 #pragma unroll
-            for (int i = 0; i < DPL; i++) acc[g][i] = acc[g][i] * corr + e * v[i];
-            m[g] = mn;
+            for (int g = 0; g < G; g++) {
+                s[g] = 0.f;
+#pragma unroll
+                for (int i = 0; i < DPL; i++) s[g] += q[g][i] * k[u][i];
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+                for (int g = 0; g < G; g++) s[g] += __shfl_xor_sync(0xffffffff, s[g], o);
+            }
+#pragma unroll
+            for (int g = 0; g < G; g++) {
+                float mn = fmaxf(m[g], s[g]);
+                float corr = __expf(m[g] - mn), e = __expf(s[g] - mn);
+                l[g] = l[g] * corr + e;
+#pragma unroll
+                for (int i = 0; i < DPL; i++) acc[g][i] = acc[g][i] * corr + e * v[u][i];
+                m[g] = mn;
+            }
         }
     }
     // Merge the warps' partial softmaxes.

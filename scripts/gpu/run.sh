@@ -31,7 +31,7 @@ if [[ $what == serve || $what == all ]]; then
 fi
 if [[ $what == profile ]]; then
   # Per-kernel durations of one eager decode step at bs=1 and at bs=64 with 64 adapters.
-  ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --launch-count 60 \
+  ncu --profile-from-start off --clock-control none --cache-control none --metrics gpu__time_duration.sum --launch-count ${LORAPLANE_PROFILE_KERNELS:-60} \
     --csv --page raw "$BIN/bench_gpu" --profile >"$OUT/ncu.csv" 2>"$OUT/ncu.err"; rc=$((rc | $?))
   python3 - "$OUT/ncu.csv" <<'PY'
 import csv, sys, collections

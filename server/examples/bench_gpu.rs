@@ -189,8 +189,15 @@ fn main() {
             m.dummy_adapter_in_slot(s, 16, &LoraTarget::ALL, 1000 + s as u64)
                 .unwrap();
         }
-        let slots: Vec<i32> = (0..64).collect();
-        decode(&mut m, &mut kv, 64, &slots, 1, true);
+        // LORAPLANE_PROFILE_BS picks the batch (64 by default); adapters: one per row up to 64.
+        let bs: usize = std::env::var("LORAPLANE_PROFILE_BS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(64);
+        let slots: Vec<i32> = (0..bs as i32)
+            .map(|i| if bs == 1 { -1 } else { i % 64 })
+            .collect();
+        decode(&mut m, &mut kv, bs, &slots, 1, true);
         return;
     }
     println!("device: {}", gpu.name);

@@ -812,7 +812,7 @@ impl<T: GpuFloat> CudaLlama<T> {
             self.gpu,
             &self.k("rms_norm"),
             (rows as u32, 1, 1),
-            (256, 1, 1),
+            (1024, 1, 1),
             out,
             x,
             self.gpu.ptr(w),
