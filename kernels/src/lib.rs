@@ -27,8 +27,6 @@ pub const TYPED_KERNELS: &[&str] = &[
     "lora_shrink",
     "add_bias",
     "fill_uniform",
-    "cast_from_f32",
-    "to_f32",
     "gather_kv",
     "causal_softmax",
 ];

@@ -403,18 +403,6 @@ __device__ void fill_uniform(T* p, u64 n, u64 seed, float scale) {
     }
 }
 
-template <typename T>
-__device__ void cast_from_f32(T* out, const float* in, u64 n) {
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
-        out[i] = from_f<T>(in[i]);
-}
-
-template <typename T>
-__device__ void to_f32(float* out, const T* in, u64 n) {
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
-        out[i] = to_f(in[i]);
-}
-
 #define INSTANTIATE(T, S)                                                                                  \
     extern "C" __global__ void embed_##S(T* out, const T* table, const int* ids, int h) {                   \
         embed<T>(out, table, ids, h);                                                                      \
@@ -436,11 +424,7 @@ __device__ void to_f32(float* out, const T* in, u64 n) {
     }                                                                                                      \
     extern "C" __global__ void fill_uniform_##S(T* p, u64 n, u64 seed, float scale) {                       \
         fill_uniform<T>(p, n, seed, scale);                                                                \
-    }                                                                                                      \
-    extern "C" __global__ void cast_from_f32_##S(T* out, const float* in, u64 n) {                          \
-        cast_from_f32<T>(out, in, n);                                                                      \
-    }                                                                                                      \
-    extern "C" __global__ void to_f32_##S(float* out, const T* in, u64 n) { to_f32<T>(out, in, n); }
+    }
 
 INSTANTIATE(float, f32)
 INSTANTIATE(__nv_bfloat16, bf16)

@@ -45,16 +45,6 @@ pub enum Model {
     Cuda(CudaModel),
 }
 
-impl Model {
-    /// `cpu` or `cuda`.
-    pub fn device(&self) -> &'static str {
-        match self {
-            Model::Cpu(_) => "cpu",
-            Model::Cuda(_) => "cuda",
-        }
-    }
-}
-
 impl From<LlamaModel> for Model {
     fn from(m: LlamaModel) -> Self {
         Model::Cpu(Box::new(m))

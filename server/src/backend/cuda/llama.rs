@@ -399,13 +399,12 @@ impl<T: GpuFloat> CudaLlama<T> {
         rank: usize,
         targets: &[LoraTarget],
         seed: u64,
-    ) -> Result<usize> {
+    ) -> Result<()> {
         let lora = self
             .lora
             .as_mut()
             .ok_or_else(|| Error::Model("the device model has no LoRA slots".into()))?;
-        lora.fill_dummy(&self.gpu, &self.config, slot, rank, targets, seed)?;
-        Ok(slot)
+        lora.fill_dummy(&self.gpu, &self.config, slot, rank, targets, seed)
     }
 
     fn meta_ptr(&self, section: usize) -> u64 {
@@ -1201,7 +1200,7 @@ impl CudaModel {
         rank: usize,
         targets: &[LoraTarget],
         seed: u64,
-    ) -> Result<usize> {
+    ) -> Result<()> {
         match self {
             Self::F32(m) => m.dummy_adapter_in_slot(slot, rank, targets, seed),
             Self::Bf16(m) => m.dummy_adapter_in_slot(slot, rank, targets, seed),
