@@ -30,18 +30,24 @@ if [[ $what == serve || $what == all ]]; then
   python3 scripts/gpu/serve_check.py target/release/loraplane-server 2>&1 | tee "$OUT/serve.log"; rc=$((rc | PIPESTATUS[0]))
 fi
 if [[ $what == profile ]]; then
-  # Per-kernel durations of one eager decode step at bs=1 and at bs=64 with 64 adapters.
-  ncu --profile-from-start off --clock-control none --cache-control none --metrics gpu__time_duration.sum --launch-count ${LORAPLANE_PROFILE_KERNELS:-60} \
-    --csv --page raw "$BIN/bench_gpu" --profile >"$OUT/ncu.csv" 2>"$OUT/ncu.err"; rc=$((rc | $?))
-  python3 - "$OUT/ncu.csv" <<'PY'
+  # Per-kernel durations of one eager decode step for each BATCH:ADAPTERS pair in
+  # LORAPLANE_PROFILE (default: batch 1 base, batch 1 with one adapter, batch 64 with 64).
+  for cfg in ${LORAPLANE_PROFILE:-1:0 1:1 64:64}; do
+    echo "== profile: batch ${cfg%%:*}, ${cfg##*:} distinct rank-16 adapters (first ${LORAPLANE_PROFILE_KERNELS:-60} kernels)"
+    LORAPLANE_PROFILE_BS=${cfg%%:*} LORAPLANE_PROFILE_ADAPTERS=${cfg##*:} \
+      ncu --profile-from-start off --clock-control none --cache-control none --metrics gpu__time_duration.sum \
+      --launch-count ${LORAPLANE_PROFILE_KERNELS:-60} --csv --page raw "$BIN/bench_gpu" --profile \
+      >"$OUT/ncu-${cfg/:/-}.csv" 2>"$OUT/ncu-${cfg/:/-}.err"; rc=$((rc | $?))
+    python3 - "$OUT/ncu-${cfg/:/-}.csv" <<'PY'
 import csv, sys, collections
 rows = [r for r in csv.DictReader(l for l in open(sys.argv[1]) if l.startswith('"'))][1:]
 t = collections.defaultdict(float); n = collections.Counter()
 for r in rows:
     k = r["Kernel Name"][:60]; t[k] += float(r["gpu__time_duration.sum"].replace(",", "")); n[k] += 1
 for k, v in sorted(t.items(), key=lambda x: -x[1]):
-    print(f"{v/1e3:9.1f} us  {n[k]:3d}x  {k}")
+    print(f"{v/1e3:9.1f} us  {n[k]:3d}x  {v/1e3/n[k]:7.1f} us each  {k}")
 PY
+  done
 fi
 if [[ $what == bench || $what == all || $what == quick-bench ]]; then
   flag=""; [[ $what == quick-bench ]] && flag=--quick

@@ -179,7 +179,7 @@ fn main() {
         }
         return;
     }
-    // --profile: one eager decode step at bs=64 with 64 rank-16 adapters between
+    // --profile: one eager decode step (bs=64 with 64 rank-16 adapters by default) between
     // cuProfilerStart/Stop, for `ncu --profile-from-start off`.
     if std::env::args().any(|a| a == "--profile") {
         let mut m =
@@ -189,13 +189,13 @@ fn main() {
             m.dummy_adapter_in_slot(s, 16, &LoraTarget::ALL, 1000 + s as u64)
                 .unwrap();
         }
-        // LORAPLANE_PROFILE_BS picks the batch (64 by default); adapters: one per row up to 64.
-        let bs: usize = std::env::var("LORAPLANE_PROFILE_BS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(64);
-        let slots: Vec<i32> = (0..bs as i32)
-            .map(|i| if bs == 1 { -1 } else { i % 64 })
+        // LORAPLANE_PROFILE_BS picks the batch (64 by default), LORAPLANE_PROFILE_ADAPTERS the
+        // number of distinct adapters spread round-robin over it (default: one per row, up to 64).
+        let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
+        let bs = env("LORAPLANE_PROFILE_BS").unwrap_or(64);
+        let n = env("LORAPLANE_PROFILE_ADAPTERS").unwrap_or(bs.min(64)).min(64);
+        let slots: Vec<i32> = (0..bs)
+            .map(|i| if n == 0 { -1 } else { (i % n) as i32 })
             .collect();
         decode(&mut m, &mut kv, bs, &slots, 1, true);
         return;
