@@ -43,7 +43,7 @@ pub const VARIANT_KERNELS: &[(&str, &[&str])] = &[
             "g4_d4", "g4_d8", "g8_d1", "g8_d2", "g8_d4", "g8_d8",
         ],
     ),
-    ("lora_expand", &["c1", "c4"]),
+    ("lora_expand", &["c1", "vec"]),
 ];
 
 /// The loaded module and its functions.

@@ -117,22 +117,21 @@ __device__ void silu_mul(T* out, const T* gu, int rows, int inter) {
     }
 }
 
-// Warps per attention block (16 measured slower than 4 at batch 64 on the H100).
-#define ATTN_WARPS_FOR(G, DPL) 4
-
 // Causal attention of each row against its sequence's cached keys (paged), GQA-aware: one block
 // per (kv head, row) handles the group of query heads sharing that kv head, so each key and
 // value is read once per group. Warps take keys round-robin with an online softmax each (the
 // next key's loads are issued before the current one is used), then merge through shared
 // memory. G bounds the group size and DPL = ceil(head_dim / 32) (dims per lane), both
-// compile-time so that every per-head array stays in registers. `row_seq[r]` indexes
+// compile-time so that every per-head array stays in registers. The warp count is the launch's
+// (more warps per block when there are few blocks); the merge area is dynamic shared memory of
+// warps * G * (2 + 32 * DPL) floats. `row_seq[r]` indexes
 // `block_tables` ([seqs, max_blocks]); rows with row_seq < 0 are attended elsewhere.
 template <typename T, int G, int DPL>
 __device__ void attention(T* out, const T* qkv, const T* k_cache, const T* v_cache,
                           const int* positions, const int* row_seq, const int* block_tables,
                           int max_blocks, int block_size, int n_heads, int n_kv_heads, int d,
                           float scale, int window) {
-    constexpr int ATTN_WARPS = ATTN_WARPS_FOR(G, DPL);
+    const int ATTN_WARPS = blockDim.x >> 5;
     int kvh = blockIdx.x, r = blockIdx.y;
     if (row_seq[r] < 0) return;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -204,28 +203,31 @@ __device__ void attention(T* out, const T* qkv, const T* k_cache, const T* v_cac
         }
     }
     // Merge the warps' partial softmaxes.
-    __shared__ float sm_m[ATTN_WARPS][G], sm_l[ATTN_WARPS][G];
-    __shared__ float sm_acc[ATTN_WARPS][G][DPL * 32];
+    extern __shared__ float attn_smem[];
+    float* sm_m = attn_smem;                       // [warps][G]
+    float* sm_l = sm_m + ATTN_WARPS * G;           // [warps][G]
+    float* sm_acc = sm_l + ATTN_WARPS * G;         // [warps][G][DPL * 32]
 #pragma unroll
     for (int g = 0; g < G; g++) {
         if (lane == 0) {
-            sm_m[warp][g] = m[g];
-            sm_l[warp][g] = l[g];
+            sm_m[warp * G + g] = m[g];
+            sm_l[warp * G + g] = l[g];
         }
 #pragma unroll
-        for (int i = 0; i < DPL; i++) sm_acc[warp][g][i * 32 + lane] = acc[g][i];
+        for (int i = 0; i < DPL; i++) sm_acc[(warp * G + g) * DPL * 32 + i * 32 + lane] = acc[g][i];
     }
     __syncthreads();
     for (int idx = threadIdx.x; idx < group * d; idx += blockDim.x) {
         int g = idx / d, j = idx % d;
         float mx = -INFINITY;
-        for (int w = 0; w < ATTN_WARPS; w++) mx = fmaxf(mx, sm_m[w][g]);
+        for (int w = 0; w < ATTN_WARPS; w++) mx = fmaxf(mx, sm_m[w * G + g]);
         float sum = 0.f, o = 0.f;
         for (int w = 0; w < ATTN_WARPS; w++) {
-            if (sm_m[w][g] == -INFINITY) continue;
-            float c = __expf(sm_m[w][g] - mx);
-            sum += sm_l[w][g] * c;
-            o += sm_acc[w][g][j] * c;
+            float mw = sm_m[w * G + g];
+            if (mw == -INFINITY) continue;
+            float c = __expf(mw - mx);
+            sum += sm_l[w * G + g] * c;
+            o += sm_acc[(w * G + g) * DPL * 32 + j] * c;
         }
         out[(size_t)r * qd + (kvh * group + g) * d + j] = from_f<T>(o / sum);
     }
@@ -244,115 +246,153 @@ __device__ void rope_table(float* cs, const int* positions, const float* inv_fre
     }
 }
 
-// LoRA shrink over a fused group of targets (q/k/v, gate/up, or a single one):
-// y[r, t*R + k] = x[r, :] . A[slot][t*R + k, :] for every row r of work item `it`.
-// Work items are (first row, rows, slot); A is [slots, n_targets * R, in].
-// One warp per (rank row, item, chunk of SHRINK_ROWS rows): each A row is read once per chunk.
+// LoRA shrink over a fused group of targets (q/k/v, gate/up, or a single one), split over `in`:
+// yp[split][r, t*R + k] = x[r, slice] . A[slot][t*R + k, slice] for every row r of work item `it`,
+// where slice = [split * SHRINK_SLICE, (split + 1) * SHRINK_SLICE) and the expand sums the splits.
+// Work items are (first row, rows, slot); A is [slots, n_targets * R, in]; planes are `plane`
+// floats apart. One block per (target, split, item), so the grid does not grow with the pool's
+// rank (blocks that exit at once cost time in a CUDA graph at batch 64): warp w takes rank rows
+// w, w + warps, ... below the slot's rank, holds its slice of the A row in registers (every
+// load in flight at once) and then walks the item's rows.
 #define SHRINK_ROWS 4
+#define SHRINK_SLICE 2048
 template <typename T>
-__device__ void lora_shrink(float* y, const T* x, const T* A, const int* items, const int* slot_rank,
-                            int in_dim, int R, int n_targets) {
-    int it = blockIdx.y;
+__device__ void lora_shrink(float* yp, const T* x, const T* A, const int* items, const int* slot_rank,
+                            int in_dim, int R, int n_targets, u64 plane) {
+    int t = blockIdx.x % n_targets, split = blockIdx.x / n_targets, it = blockIdx.y;
     int first = items[it * 3], len = items[it * 3 + 1], slot = items[it * 3 + 2];
-    int chunk = blockIdx.z * SHRINK_ROWS;
-    if (slot < 0 || chunk >= len) return;
+    if (slot < 0 || len <= 0) return;
     int rank = slot_rank[slot];
-    int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);  // t*R + k
-    int lane = threadIdx.x & 31;
-    if (j >= n_targets * R) return;
+    int lo = split * SHRINK_SLICE, hi = min(in_dim, lo + SHRINK_SLICE);
     int ylen = n_targets * R;
-    int rows = min(SHRINK_ROWS, len - chunk);
-    if (j % R >= rank) {
-        if (lane < rows) y[(size_t)(first + chunk + lane) * ylen + j] = 0.f;
-        return;
-    }
-    const T* a = A + ((size_t)slot * ylen + j) * in_dim;
-    const T* xr = x + (size_t)(first + chunk) * in_dim;
-    float s[SHRINK_ROWS] = {0.f, 0.f, 0.f, 0.f};
-    constexpr int V = 16 / sizeof(T);  // elements per 16-byte load
-    if (in_dim % V == 0) {
-        // 16-byte loads, several in flight per lane: the loop is latency-bound otherwise.
-#pragma unroll 4
-        for (int i = lane * V; i < in_dim; i += 32 * V) {
-            uint4 araw = *reinterpret_cast<const uint4*>(a + i);
-            const T* av = reinterpret_cast<const T*>(&araw);
+    float* out = yp + split * plane;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    constexpr int V = 16 / sizeof(T);           // elements per 16-byte load
+    constexpr int L = SHRINK_SLICE / (32 * V);  // 16-byte loads per lane per slice
+    bool vec = in_dim % V == 0;
+    for (int k = warp; k < rank; k += warps) {
+        int j = t * R + k;
+        const T* a = A + ((size_t)slot * ylen + j) * in_dim;
+        uint4 areg[L];
+        if (vec) {
 #pragma unroll
-            for (int q = 0; q < SHRINK_ROWS; q++) {
-                if (q < rows) {
-                    uint4 xraw = *reinterpret_cast<const uint4*>(xr + (size_t)q * in_dim + i);
-                    const T* xv = reinterpret_cast<const T*>(&xraw);
-#pragma unroll
-                    for (int v = 0; v < V; v++) s[q] += to_f(av[v]) * to_f(xv[v]);
-                }
+            for (int l = 0; l < L; l++) {
+                int i = lo + (l * 32 + lane) * V;
+                areg[l] = i < hi ? *reinterpret_cast<const uint4*>(a + i) : make_uint4(0, 0, 0, 0);
             }
         }
-    } else {
-        for (int i = lane; i < in_dim; i += 32) {
-            float av = to_f(a[i]);
+        for (int r0 = 0; r0 < len; r0 += SHRINK_ROWS) {
+            int rows = min(SHRINK_ROWS, len - r0);
+            const T* xr = x + (size_t)(first + r0) * in_dim;
+            float s[SHRINK_ROWS] = {0.f, 0.f, 0.f, 0.f};
+            if (vec) {
 #pragma unroll
-            for (int q = 0; q < SHRINK_ROWS; q++)
-                if (q < rows) s[q] += av * to_f(xr[(size_t)q * in_dim + i]);
+                for (int l = 0; l < L; l++) {
+                    int i = lo + (l * 32 + lane) * V;
+                    if (i < hi) {
+                        const T* av = reinterpret_cast<const T*>(&areg[l]);
+#pragma unroll
+                        for (int q = 0; q < SHRINK_ROWS; q++) {
+                            if (q < rows) {
+                                uint4 xraw = *reinterpret_cast<const uint4*>(xr + (size_t)q * in_dim + i);
+                                const T* xv = reinterpret_cast<const T*>(&xraw);
+#pragma unroll
+                                for (int v = 0; v < V; v++) s[q] += to_f(av[v]) * to_f(xv[v]);
+                            }
+                        }
+                    }
+                }
+            } else {
+                for (int i = lo + lane; i < hi; i += 32) {
+                    float av = to_f(a[i]);
+#pragma unroll
+                    for (int q = 0; q < SHRINK_ROWS; q++)
+                        if (q < rows) s[q] += av * to_f(xr[(size_t)q * in_dim + i]);
+                }
+            }
+#pragma unroll
+            for (int q = 0; q < SHRINK_ROWS; q++) {
+                float v = warp_sum(s[q]);
+                if (lane == 0 && q < rows) out[(size_t)(first + r0 + q) * ylen + j] = v;
+            }
         }
-    }
-#pragma unroll
-    for (int q = 0; q < SHRINK_ROWS; q++) {
-        float t = warp_sum(s[q]);
-        if (lane == 0 && q < rows) y[(size_t)(first + chunk + q) * ylen + j] = t;
     }
 }
 
 // LoRA expand over a fused group: out[r, col] += scale[slot] * sum_k y[r, t(col)*R + k] * Bt[slot][k, col]
-// where Bt is [slots, R, out_total] and columns [bounds[t], bounds[t+1]) belong to target t.
-// One thread per output column, for a chunk of EXPAND_ROWS rows of one item.
+// where y is the sum of the shrink's `splits` planes, Bt is [slots, R, out_total] and columns
+// [bounds[t], bounds[t+1]) belong to target t. One thread per C consecutive output columns (one
+// 16-byte load of a Bt row when C > 1) for all rows of one item, EXPAND_ROWS rows at a time: the
+// block first sums those rows' y over the splits into shared memory, and the loads of EXPAND_K
+// rank rows are issued before the first is used (about rank / EXPAND_K round trips, not rank).
 #define EXPAND_ROWS 4
+#define EXPAND_K 8
+// C values of T, aligned so that a 16-byte pack is one vector load.
 template <typename T, int C>
-__device__ void lora_expand(T* out, int out_stride, const float* y, const T* Bt, const int* items,
-                            const int* slot_rank, const float* slot_scale, int out_total, int R,
-                            int n_targets, int b1, int b2) {
+struct alignas(C * sizeof(T) >= 16 ? 16 : sizeof(T)) Pack {
+    T v[C];
+};
+template <typename T, int C>
+__device__ void lora_expand(T* out, int out_stride, const float* yp, int splits, u64 plane, const T* Bt,
+                            const int* items, const int* slot_rank, const float* slot_scale, int out_total,
+                            int R, int n_targets, int b1, int b2) {
     int it = blockIdx.y;
     int first = items[it * 3], len = items[it * 3 + 1], slot = items[it * 3 + 2];
-    int chunk = blockIdx.z * EXPAND_ROWS;
-    int col = (blockIdx.x * blockDim.x + threadIdx.x) * C;  // C consecutive columns per thread
-    if (slot < 0 || chunk >= len || col >= out_total) return;
+    if (slot < 0 || len <= 0) return;
+    int col = (blockIdx.x * blockDim.x + threadIdx.x) * C;
+    bool active = col < out_total;  // inactive threads still help fill shared memory
     int t = col < b1 ? 0 : (col < b2 ? 1 : 2);
     int rank = slot_rank[slot];
     float scale = slot_scale[slot];
-    int rows = min(EXPAND_ROWS, len - chunk);
     int ylen = n_targets * R;
-    const T* b = Bt + (size_t)slot * R * out_total + col;
-    const float* yr = y + (size_t)(first + chunk) * ylen + t * R;
-    float s[EXPAND_ROWS][C];
+    extern __shared__ float ys[];  // [EXPAND_ROWS][target][k < rank]: launched with room for R
+    const T* b = Bt + (size_t)slot * R * out_total + (active ? col : 0);
+    for (int r0 = 0; r0 < len; r0 += EXPAND_ROWS) {
+        int rows = min(EXPAND_ROWS, len - r0);
+        __syncthreads();
+        for (int e = threadIdx.x; e < rows * n_targets * rank; e += blockDim.x) {
+            int q = e / (n_targets * rank), tk = e % (n_targets * rank);
+            const float* src = yp + (size_t)(first + r0 + q) * ylen + (tk / rank) * R + tk % rank;
+            float v = 0.f;
+            for (int sp = 0; sp < splits; sp++) v += src[sp * plane];
+            ys[e] = v;
+        }
+        __syncthreads();
+        if (!active) continue;
+        const float* yr = ys + t * rank;
+        float s[EXPAND_ROWS][C];
 #pragma unroll
-    for (int q = 0; q < EXPAND_ROWS; q++)
+        for (int q = 0; q < EXPAND_ROWS; q++)
 #pragma unroll
-        for (int c = 0; c < C; c++) s[q][c] = 0.f;
-#pragma unroll 4
-    for (int k = 0; k < rank; k++) {
-        float bv[C];
-        if (C == 4 && sizeof(T) == 2) {
-            uint2 raw = *reinterpret_cast<const uint2*>(b + (size_t)k * out_total);
-            const T* v = reinterpret_cast<const T*>(&raw);
+            for (int c = 0; c < C; c++) s[q][c] = 0.f;
+        for (int k0 = 0; k0 < rank; k0 += EXPAND_K) {
+            Pack<T, C> bv[EXPAND_K];
 #pragma unroll
-            for (int c = 0; c < C; c++) bv[c] = to_f(v[c]);
-        } else {
+            for (int kk = 0; kk < EXPAND_K; kk++)
+                if (k0 + kk < rank) bv[kk] = *reinterpret_cast<const Pack<T, C>*>(b + (size_t)(k0 + kk) * out_total);
 #pragma unroll
-            for (int c = 0; c < C; c++) bv[c] = to_f(b[(size_t)k * out_total + c]);
+            for (int kk = 0; kk < EXPAND_K; kk++) {
+                if (k0 + kk < rank) {
+#pragma unroll
+                    for (int q = 0; q < EXPAND_ROWS; q++) {
+                        if (q < rows) {
+                            float yv = yr[q * n_targets * rank + k0 + kk];
+#pragma unroll
+                            for (int c = 0; c < C; c++) s[q][c] += to_f(bv[kk].v[c]) * yv;
+                        }
+                    }
+                }
+            }
         }
 #pragma unroll
         for (int q = 0; q < EXPAND_ROWS; q++) {
             if (q < rows) {
-                float yv = yr[(size_t)q * ylen + k];
+                Pack<T, C>* o = reinterpret_cast<Pack<T, C>*>(out + (size_t)(first + r0 + q) * out_stride + col);
+                Pack<T, C> ov = *o;
 #pragma unroll
-                for (int c = 0; c < C; c++) s[q][c] += bv[c] * yv;
+                for (int c = 0; c < C; c++) ov.v[c] = from_f<T>(to_f(ov.v[c]) + scale * s[q][c]);
+                *o = ov;
             }
-        }
-    }
-#pragma unroll
-    for (int q = 0; q < EXPAND_ROWS; q++) {
-        if (q < rows) {
-            T* o = out + (size_t)(first + chunk + q) * out_stride + col;
-#pragma unroll
-            for (int c = 0; c < C; c++) o[c] = from_f<T>(to_f(o[c]) + scale * s[q][c]);
         }
     }
 }
@@ -419,8 +459,8 @@ __device__ void fill_uniform(T* p, u64 n, u64 seed, float scale) {
         silu_mul<T>(out, gu, rows, inter);                                                                 \
     }                                                                                                      \
     extern "C" __global__ void lora_shrink_##S(float* y, const T* x, const T* A, const int* items,          \
-                                               const int* slot_rank, int in_dim, int R, int nt) {          \
-        lora_shrink<T>(y, x, A, items, slot_rank, in_dim, R, nt);                                          \
+                                               const int* slot_rank, int in_dim, int R, int nt, u64 plane) { \
+        lora_shrink<T>(y, x, A, items, slot_rank, in_dim, R, nt, plane);                                   \
     }                                                                                                      \
     extern "C" __global__ void fill_uniform_##S(T* p, u64 n, u64 seed, float scale) {                       \
         fill_uniform<T>(p, n, seed, scale);                                                                \
@@ -521,17 +561,19 @@ INSTANTIATE_ATTN_G(__nv_bfloat16, bf16, 2)
 INSTANTIATE_ATTN_G(__nv_bfloat16, bf16, 4)
 INSTANTIATE_ATTN_G(__nv_bfloat16, bf16, 8)
 
-#define INSTANTIATE_EXPAND(T, S, C)                                                                         \
-    extern "C" __global__ void lora_expand_##S##_c##C(T* out, int out_stride, const float* y, const T* Bt,  \
-                                                      const int* items, const int* slot_rank,              \
-                                                      const float* slot_scale, int out_total, int R, int nt, \
-                                                      int b1, int b2) {                                    \
-        lora_expand<T, C>(out, out_stride, y, Bt, items, slot_rank, slot_scale, out_total, R, nt, b1, b2); \
+#define INSTANTIATE_EXPAND(T, S, C, NAME)                                                                  \
+    extern "C" __global__ void lora_expand_##S##_##NAME(T* out, int out_stride, const float* y, int splits,   \
+                                                        u64 plane, const T* Bt, const int* items,            \
+                                                        const int* slot_rank, const float* slot_scale,       \
+                                                        int out_total, int R, int nt, int b1, int b2) {      \
+        lora_expand<T, C>(out, out_stride, y, splits, plane, Bt, items, slot_rank, slot_scale, out_total, R, nt, \
+                          b1, b2);                                                                          \
     }
-INSTANTIATE_EXPAND(float, f32, 1)
-INSTANTIATE_EXPAND(float, f32, 4)
-INSTANTIATE_EXPAND(__nv_bfloat16, bf16, 1)
-INSTANTIATE_EXPAND(__nv_bfloat16, bf16, 4)
+// c1: one column per thread (any shape); vec: one 16-byte load of Bt per thread per rank row.
+INSTANTIATE_EXPAND(float, f32, 1, c1)
+INSTANTIATE_EXPAND(float, f32, 4, vec)
+INSTANTIATE_EXPAND(__nv_bfloat16, bf16, 1, c1)
+INSTANTIATE_EXPAND(__nv_bfloat16, bf16, 8, vec)
 
 extern "C" __global__ void rope_table_f32(float* cs, const int* positions, const float* inv_freq, int half) {
     rope_table(cs, positions, inv_freq, half);

@@ -64,6 +64,28 @@ pub const GEMM_ATTENTION_MIN_ROWS: usize = 64;
 /// are built for many short segments.
 pub const LORA_GEMM_MIN_ROWS: usize = 64;
 
+/// Elements of the shrink input per block (SHRINK_SLICE in llama.cu): the shrink writes one
+/// partial plane per slice and the expand sums them.
+const LORA_SHRINK_SLICE: usize = 2048;
+
+/// Rows per pass of the expand kernel (EXPAND_ROWS in llama.cu), which stages those rows' `y`
+/// in shared memory.
+const EXPAND_ROWS: usize = 4;
+
+/// Largest device-pool rank: the expand's staged `y` (EXPAND_ROWS · 3 targets · rank floats)
+/// must fit the 48 KB of default shared memory.
+pub const MAX_DEVICE_LORA_RANK: usize = 1024;
+
+/// Partial planes the shrink writes for an input of `in_dim`.
+fn lora_splits(in_dim: usize) -> usize {
+    in_dim.div_ceil(LORA_SHRINK_SLICE)
+}
+
+/// Floats per shrink plane: `cap` rows of up to three targets of rank `r`.
+fn lora_y_plane(cap: usize, r: usize) -> usize {
+    cap * 3 * r
+}
+
 /// Scores of one GEMM-attention tile take at most this many bytes (f32).
 const GEMM_ATTENTION_SCORE_BYTES: usize = 256 << 20;
 
@@ -133,7 +155,6 @@ unsafe impl Send for Graph {}
 struct StepShape {
     rows: usize,
     items: usize,
-    max_item_rows: usize,
     wanted: usize,
     lora: bool,
 }
@@ -293,6 +314,12 @@ impl<T: GpuFloat> CudaLlama<T> {
                 c.num_heads / c.num_kv_heads
             )));
         }
+        if opts.lora_slots > 0 && opts.lora_rank > MAX_DEVICE_LORA_RANK {
+            return Err(Error::Model(format!(
+                "--max-lora-rank {}: the GPU's adapter pool supports ranks up to {MAX_DEVICE_LORA_RANK}",
+                opts.lora_rank
+            )));
+        }
         let bs = opts.block_size.max(1);
         let kv_blocks = opts.max_tokens.div_ceil(bs).max(1);
         let slots_total = (kv_blocks + 1) * bs * c.kv_dim();
@@ -357,7 +384,12 @@ impl<T: GpuFloat> CudaLlama<T> {
             attn: gpu.zeros::<T>(cap * qd)?,
             gate_up: gpu.zeros::<T>(cap * 2 * inter)?,
             act: gpu.zeros::<T>(cap * inter)?,
-            lora_y: gpu.zeros::<f32>(if opts.lora_slots > 0 { cap * 3 * r } else { 1 })?,
+            // One plane of [cap, 3R] per split of the widest shrink input.
+            lora_y: gpu.zeros::<f32>(if opts.lora_slots > 0 {
+                lora_splits(h.max(qd).max(inter)) * lora_y_plane(cap, r)
+            } else {
+                1
+            })?,
             lora_y_t: gpu.zeros::<T>(if opts.lora_slots > 0 { cap * r } else { 1 })?,
             rope: gpu.zeros::<f32>(cap * c.head_dim)?,
             final_in: gpu.zeros::<T>(logit_rows * h)?,
@@ -437,7 +469,7 @@ impl<T: GpuFloat> CudaLlama<T> {
         }
         // Order: by LoRA slot in chunked mode (stable), else as given.
         let mut order: Vec<usize> = (0..seqs.len()).collect();
-        if matches!(self.opts.lora_mode, LoraKernelMode::Chunked(_)) && bucket.is_none() {
+        if matches!(self.opts.lora_mode, LoraKernelMode::Chunked(_)) {
             order.sort_by_key(|&i| seq_slots[i]);
         }
         let cap = self.bufs.cap;
@@ -491,8 +523,11 @@ impl<T: GpuFloat> CudaLlama<T> {
                 gemm_lora.push((first_row, n, slot as usize));
             } else if slot >= 0 && n > 0 {
                 match self.opts.lora_mode {
-                    _ if bucket.is_some() => items.push([first_row as i32, 1, slot]),
                     LoraKernelMode::PerSequence => items.push([first_row as i32, n as i32, slot]),
+                    // A decode row stays its own item: merged rows leave too few blocks to keep
+                    // the memory busy, and the adapter's factors come from L2 after the first
+                    // read (chunks of 16 decode rows measured 25% slower at batch 64).
+                    LoraKernelMode::Chunked(_) if n == 1 => items.push([first_row as i32, 1, slot]),
                     LoraKernelMode::Chunked(chunk) => {
                         // Extend the previous item when it is the same adapter and has room.
                         let mut start = first_row;
@@ -533,15 +568,8 @@ impl<T: GpuFloat> CudaLlama<T> {
                 meta[3 * cap + r] = oi as i32;
                 wanted.push(r as i32);
             }
-            // One item per row so the graph's launch shape never changes.
-            let mut per_row = vec![[0, 1, -1]; b];
-            for (r, it) in per_row.iter_mut().enumerate() {
-                it[0] = r as i32;
-            }
-            for it in &items {
-                per_row[it[0] as usize][2] = it[2];
-            }
-            items = per_row;
+            // The graph launches one block column per possible item: pad with empty ones.
+            items.resize(b, [0, 0, -1]);
         }
         for (i, it) in items.iter().enumerate() {
             meta[4 * cap + 3 * i..4 * cap + 3 * i + 3].copy_from_slice(it);
@@ -559,7 +587,6 @@ impl<T: GpuFloat> CudaLlama<T> {
         let shape = StepShape {
             rows,
             items: items.len(),
-            max_item_rows: items.iter().map(|i| i[1] as usize).max().unwrap_or(0),
             wanted: wanted.len(),
             lora: self.lora.is_some() && (bucket.is_some() || !items.is_empty() || !gemm_lora.is_empty()),
         };
@@ -713,13 +740,12 @@ impl<T: GpuFloat> CudaLlama<T> {
         let bufs = &lora.layers[li][g];
         let items = self.meta_ptr(4);
         let y = gpu.ptr(&self.bufs.lora_y);
-        let z = s.max_item_rows.div_ceil(4).max(1) as u32;
-        let warps = 4u32;
+        let (splits, plane) = (lora_splits(in_dim), lora_y_plane(self.bufs.cap, lora.rank) as u64);
         launch!(
             gpu,
             &self.k("lora_shrink"),
-            ((nt as u32 * r as u32).div_ceil(warps), s.items as u32, z),
-            (32 * warps, 1, 1),
+            (nt as u32 * splits as u32, s.items as u32, 1),
+            (256, 1, 1),
             y,
             x,
             gpu.ptr(&bufs.a),
@@ -727,7 +753,8 @@ impl<T: GpuFloat> CudaLlama<T> {
             gpu.ptr(&lora.slot_rank),
             in_dim as i32,
             r,
-            nt
+            nt,
+            plane
         )?;
         let b1 = outs[0] as i32;
         let b2 = if outs.len() > 1 {
@@ -735,16 +762,26 @@ impl<T: GpuFloat> CudaLlama<T> {
         } else {
             i32::MAX
         };
-        // Four columns per thread (8-byte loads of Bᵀ) when every target boundary allows it.
-        let cols = if outs.iter().all(|o| o % 4 == 0) { 4 } else { 1 };
+        // 16 bytes of Bᵀ per thread and rank row when every target boundary and the output
+        // stride keep those loads aligned, else one column per thread.
+        let vec = 16 / std::mem::size_of::<T>();
+        let (variant, cols) = if outs.iter().all(|o| o.is_multiple_of(vec)) && out_stride.is_multiple_of(vec)
+        {
+            ("vec", vec)
+        } else {
+            ("c1", 1)
+        };
         launch!(
             gpu,
-            &format!("lora_expand_{}_c{cols}", T::SUFFIX),
-            ((out_total as u32).div_ceil(128 * cols), s.items as u32, z),
+            &format!("lora_expand_{}_{variant}", T::SUFFIX),
+            ((out_total as u32).div_ceil(128 * cols as u32), s.items as u32, 1),
             (128, 1, 1),
+            shared = (EXPAND_ROWS * outs.len() * lora.rank * 4) as u32,
             out,
             out_stride as i32,
             y,
+            splits as i32,
+            plane,
             gpu.ptr(&bufs.bt),
             items,
             gpu.ptr(&lora.slot_rank),
@@ -891,8 +928,17 @@ impl<T: GpuFloat> CudaLlama<T> {
             c.head_dim.div_ceil(32).next_power_of_two(),
         );
         let attention = format!("attention_{}_g{g_max}_d{dpl}", T::SUFFIX);
-        // Must equal ATTN_WARPS_FOR in llama.cu.
-        let attention_threads = 128u32;
+        // Warps per (kv head, row) block: about 2048 warps in all, from 4 per block for large
+        // batches (8 measured slower at batch 64) up to 16 for a few rows, so that a short batch
+        // still keeps many keys in flight; the merge area must fit 48 KB of shared memory.
+        let blocks = c.num_kv_heads * rows;
+        let merge_bytes = g_max * (2 + 32 * dpl) * 4;
+        let warps = (2048 / blocks.max(1))
+            .clamp(4, 16)
+            .min(48 * 1024 / merge_bytes)
+            .max(1);
+        let attention_threads = 32 * warps as u32;
+        let attention_smem = (warps * merge_bytes) as u32;
         for (li, blk) in self.blocks.iter().enumerate() {
             self.rms_norm(normed, x, &blk.input_norm, null, rows)?;
             gpu.gemm_nt::<T>(
@@ -928,6 +974,7 @@ impl<T: GpuFloat> CudaLlama<T> {
                 &attention,
                 (c.num_kv_heads as u32, r32, 1),
                 (attention_threads, 1, 1),
+                shared = attention_smem,
                 attn,
                 qkv,
                 gpu.ptr(&self.k_cache[li]),

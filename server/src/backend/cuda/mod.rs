@@ -252,8 +252,23 @@ impl Gpu {
     }
 }
 
-/// Launches kernel `$name` (already suffixed) with a grid and block and by-value arguments.
+/// Launches kernel `$name` (already suffixed) with a grid and block and by-value arguments;
+/// `shared = bytes` before the arguments sets the dynamic shared memory.
 macro_rules! launch {
+    ($gpu:expr, $name:expr, $grid:expr, $block:expr, shared = $smem:expr, $($arg:expr),* $(,)?) => {{
+        use cudarc::driver::PushKernelArg;
+        let f = $gpu.kernels.get($name);
+        let mut b = $gpu.stream.launch_builder(f);
+        $( let a = $arg; b.arg(&a); )*
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: $grid,
+            block_dim: $block,
+            shared_mem_bytes: $smem,
+        };
+        unsafe { b.launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| crate::error::Error::Model(format!("CUDA: launching {}: {e}", $name)))
+    }};
     ($gpu:expr, $name:expr, $grid:expr, $block:expr, $($arg:expr),* $(,)?) => {{
         use cudarc::driver::PushKernelArg;
         let f = $gpu.kernels.get($name);
