@@ -4,6 +4,8 @@
 #                              then a compute-sanitizer memcheck pass of the quick check
 #   scripts/gpu/run.sh bench   the Llama-3.1-8B-shape benchmark, then the PEFT peer
 #   scripts/gpu/run.sh serve   the server binary on the GPU against the CPU (serve_check.py)
+#   scripts/gpu/run.sh smollm2 the default model with the example adapters on the GPU against
+#                              PEFT (smollm2_check.py), after model-parts.sh stashed the model
 #   scripts/gpu/run.sh profile ncu per-kernel summary of eager decode steps
 #   scripts/gpu/run.sh all     check, serve and bench
 # Logs go to $OUT (or ./gpu-logs); the last lines printed are the summary tables.
@@ -28,6 +30,10 @@ if [[ $what == check || $what == all ]]; then
 fi
 if [[ $what == serve || $what == all ]]; then
   python3 scripts/gpu/serve_check.py target/release/loraplane-server 2>&1 | tee "$OUT/serve.log"; rc=$((rc | PIPESTATUS[0]))
+fi
+if [[ $what == smollm2 ]]; then
+  scripts/gpu/model-parts.sh join && python3 scripts/gpu/smollm2_check.py target/release/loraplane-server \
+    models/SmolLM2-135M-Instruct.Q4_1.gguf 2>&1 | tee "$OUT/smollm2.log"; rc=$((rc | PIPESTATUS[0]))
 fi
 if [[ $what == profile ]]; then
   # Per-kernel durations of one eager decode step for each BATCH:ADAPTERS pair in
