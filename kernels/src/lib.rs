@@ -2,8 +2,8 @@
 //!
 //! [`Kernels::load`] compiles the sources once per process (the PTX is also cached on disk,
 //! keyed by a hash of the source and the target architecture), loads the module and hands out
-//! functions by name. Kernels are templates over the activation type, exported with `_f32` and
-//! `_bf16` suffixes; see `llama.cu` for each kernel's contract.
+//! functions by name. Kernels are templates over the activation type, exported with the suffixes
+//! in [`TYPE_SUFFIXES`]; see `llama.cu` for each kernel's contract.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -17,6 +17,9 @@ use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 /// GQA attention, KV gather and causal softmax for GEMM prefill attention, LoRA shrink/expand over
 /// work items, argmax, dummy-weight fill).
 pub const LLAMA_CU: &str = include_str!("llama.cu");
+
+/// The activation types every typed kernel is instantiated for: float32, bfloat16, float16.
+pub const TYPE_SUFFIXES: &[&str] = &["f32", "bf16", "f16"];
 
 /// Every kernel name `llama.cu` exports, without the type suffix.
 pub const TYPED_KERNELS: &[&str] = &[
@@ -79,11 +82,11 @@ impl Kernels {
         let mut funcs = HashMap::new();
         let variants = VARIANT_KERNELS.iter().flat_map(|(k, vs)| {
             vs.iter()
-                .flat_map(move |v| [format!("{k}_f32_{v}"), format!("{k}_bf16_{v}")])
+                .flat_map(move |v| TYPE_SUFFIXES.iter().map(move |t| format!("{k}_{t}_{v}")))
         });
         let names = TYPED_KERNELS
             .iter()
-            .flat_map(|k| [format!("{k}_f32"), format!("{k}_bf16")])
+            .flat_map(|k| TYPE_SUFFIXES.iter().map(move |t| format!("{k}_{t}")))
             .chain(UNTYPED_KERNELS.iter().map(|s| s.to_string()))
             .chain(variants);
         for name in names {

@@ -1,22 +1,25 @@
 // loraplane's CUDA kernels for Llama-family decoders with batched multi-LoRA.
 //
-// Every kernel is a template over the activation type T (float or __nv_bfloat16), instantiated
-// with `_f32` / `_bf16` suffixes at the end of this file. Arithmetic is in float; values are
+// Every kernel is a template over the activation type T (float, __nv_bfloat16 or __half),
+// instantiated with `_f32` / `_bf16` / `_f16` suffixes at the end of this file. Arithmetic is in float; values are
 // rounded to T once per output element. Row-major layouts throughout; "rows" are the new tokens
 // of one forward pass (prefill chunks and decode tokens of many sequences, concatenated).
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 typedef unsigned long long u64;
 #define INFINITY __int_as_float(0x7f800000)
 
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
 template <typename T> __device__ __forceinline__ T from_f(float x);
 template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
     return __float2bfloat16(x);
 }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -468,6 +471,7 @@ __device__ void fill_uniform(T* p, u64 n, u64 seed, float scale) {
 
 INSTANTIATE(float, f32)
 INSTANTIATE(__nv_bfloat16, bf16)
+INSTANTIATE(__half, f16)
 
 extern "C" __global__ void argmax_f32(int* out, const float* logits, int vocab) { argmax(out, logits, vocab); }
 
@@ -480,6 +484,7 @@ extern "C" __global__ void argmax_f32(int* out, const float* logits, int vocab) 
     }
 INSTANTIATE_BIAS(float, f32)
 INSTANTIATE_BIAS(__nv_bfloat16, bf16)
+INSTANTIATE_BIAS(__half, f16)
 
 // Copies one sequence's first L cached keys and values out of the paged cache into dense
 // [kv_heads, L, d] buffers, so that prefill attention can run as batched GEMMs.
@@ -542,6 +547,7 @@ __device__ void causal_softmax(T* p, const float* s, int L, int rows_per_head, i
     }
 INSTANTIATE_PREFILL(float, f32)
 INSTANTIATE_PREFILL(__nv_bfloat16, bf16)
+INSTANTIATE_PREFILL(__half, f16)
 
 #define INSTANTIATE_ATTN(T, S, G, D)                                                                        \
     extern "C" __global__ void attention_##S##_g##G##_d##D(                                                \
@@ -557,9 +563,13 @@ INSTANTIATE_ATTN_G(float, f32, 2)
 INSTANTIATE_ATTN_G(float, f32, 4)
 INSTANTIATE_ATTN_G(float, f32, 8)
 INSTANTIATE_ATTN_G(__nv_bfloat16, bf16, 1)
+INSTANTIATE_ATTN_G(__half, f16, 1)
 INSTANTIATE_ATTN_G(__nv_bfloat16, bf16, 2)
+INSTANTIATE_ATTN_G(__half, f16, 2)
 INSTANTIATE_ATTN_G(__nv_bfloat16, bf16, 4)
+INSTANTIATE_ATTN_G(__half, f16, 4)
 INSTANTIATE_ATTN_G(__nv_bfloat16, bf16, 8)
+INSTANTIATE_ATTN_G(__half, f16, 8)
 
 #define INSTANTIATE_EXPAND(T, S, C, NAME)                                                                  \
     extern "C" __global__ void lora_expand_##S##_##NAME(T* out, int out_stride, const float* y, int splits,   \
@@ -573,7 +583,9 @@ INSTANTIATE_ATTN_G(__nv_bfloat16, bf16, 8)
 INSTANTIATE_EXPAND(float, f32, 1, c1)
 INSTANTIATE_EXPAND(float, f32, 4, vec)
 INSTANTIATE_EXPAND(__nv_bfloat16, bf16, 1, c1)
+INSTANTIATE_EXPAND(__half, f16, 1, c1)
 INSTANTIATE_EXPAND(__nv_bfloat16, bf16, 8, vec)
+INSTANTIATE_EXPAND(__half, f16, 8, vec)
 
 extern "C" __global__ void rope_table_f32(float* cs, const int* positions, const float* inv_freq, int half) {
     rope_table(cs, positions, inv_freq, half);

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The server end to end on the GPU: the tiny fixture model with its four PEFT adapters served
-with --device cpu, --device cuda --dtype float32 and --device cuda (bfloat16), the same mixed
-greedy /generate batch (base + every adapter, twice each) sent to each; f32 GPU output ids must
-equal the CPU's, bf16 is reported. A run with 2 device slots for 4 adapters exercises slot
+with --device cpu, --device cuda --dtype float32, --device cuda (bfloat16) and --dtype float16,
+the same mixed greedy /generate batch (base + every adapter, twice each) sent to each; f32 GPU
+output ids must equal the CPU's, half precision is reported. A run with 2 device slots for 4 adapters exercises slot
 eviction and reload on the GPU. Standard library only (runs on the GPU machine as is).
 
 usage: scripts/gpu/serve_check.py [path/to/loraplane-server]
@@ -84,6 +84,7 @@ def main():
         ("cuda float32, triton, no graphs", ["--device", "cuda", "--dtype", "float32", "--lora-backend", "triton",
                                               "--disable-cuda-graph"], True),
         ("cuda bfloat16", ["--device", "cuda"], False),
+        ("cuda float16", ["--device", "cuda", "--dtype", "float16"], False),
         ("cuda, --load-format dummy", ["--device", "cuda", "--load-format", "dummy"], False),
     ]:
         ids, _ = run(label, extra)

@@ -5,8 +5,8 @@
 examples/adapters/reference.json is asked of the base model and of each adapter in ONE mixed
 greedy /generate batch, and the output ids are compared with PEFT's (the reference, computed in
 float32 with transformers + peft) up to the first step whose reference top-1/top-2 logit margin
-is below the mode's bound: 0.01 in float32 (as the CPU test does), 1.0 in bfloat16 (bf16 weights
-and activations move logits by a few tenths on this model). Standard library only.
+is below the mode's bound: 0.01 in float32 (as the CPU test does), 1.0 in bfloat16 and 0.5 in
+float16 (half-precision weights and activations move logits by a few tenths on this model). Standard library only.
 
 usage: scripts/gpu/smollm2_check.py path/to/loraplane-server path/to/SmolLM2-135M-Instruct.Q4_1.gguf [only]
 (`only`: run just the modes whose label contains it, e.g. `cpu` on a machine without a GPU)
@@ -67,6 +67,7 @@ def main():
         ("cuda float32, triton, no graphs", ["--device", "cuda", "--dtype", "float32", "--lora-backend", "triton",
                                              "--disable-cuda-graph"], 0.01),
         ("cuda bfloat16", ["--device", "cuda"], 1.0),
+        ("cuda float16", ["--device", "cuda", "--dtype", "float16"], 0.5),
     ]:
         if len(sys.argv) > 3 and sys.argv[3] not in label:
             continue

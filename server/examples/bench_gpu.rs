@@ -10,7 +10,9 @@
 use std::time::Instant;
 
 use loraplane_server::adapter::LoraTarget;
-use loraplane_server::backend::cuda::{CudaModel, CudaOptions, Gpu, LoraKernelMode, GEMM_ATTENTION_MIN_ROWS};
+use loraplane_server::backend::cuda::{
+    CudaModel, CudaOptions, DeviceDtype, Gpu, LoraKernelMode, GEMM_ATTENTION_MIN_ROWS,
+};
 use loraplane_server::engine::{KvCache, SeqCache};
 use loraplane_server::model::llama::{LogitsWanted, SeqInput};
 use loraplane_server::model::ModelConfig;
@@ -61,7 +63,7 @@ struct Row {
 
 fn opts(mode: LoraKernelMode, graphs: usize) -> CudaOptions {
     CudaOptions {
-        bf16: true,
+        dtype: DeviceDtype::Bfloat16,
         lora_slots: 64,
         lora_rank: 64,
         lora_mode: mode,

@@ -1,8 +1,8 @@
 //! Correctness of the CUDA backend, run on a GPU machine by `scripts/gpu/check.sh`.
 //!
 //! 1. PEFT fixtures (`tests/fixtures/tiny`): one mixed forward pass of every prompt under the
-//!    base model and four adapters on the GPU, f32 within 1e-4 of PEFT's log-probs, bf16 within
-//!    a stated bound; the llama31 (llama3 RoPE), mistral (sliding window) and qwen2 (q/k/v bias)
+//!    base model and four adapters on the GPU, f32 within 1e-4 of PEFT's log-probs, bf16 and f16
+//!    within stated bounds; the llama31 (llama3 RoPE), mistral (sliding window) and qwen2 (q/k/v bias)
 //!    variants the same way.
 //! 2. Random models against the CPU backend (itself checked against PEFT by the CI tests):
 //!    ragged batches of 1 to 256 sequences with prefill chunks of 0 to 40 tokens, adapters of
@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use loraplane_server::adapter::{LoraAdapter, LoraTarget};
 use loraplane_server::backend::cpu::log_softmax;
-use loraplane_server::backend::cuda::{CudaModel, CudaOptions, Gpu, LoraKernelMode};
+use loraplane_server::backend::cuda::{CudaModel, CudaOptions, DeviceDtype, Gpu, LoraKernelMode};
 use loraplane_server::engine::{KvCache, SeqCache};
 use loraplane_server::model::llama::{LogitsWanted, SeqInput};
 use loraplane_server::model::weights::load_hf_weights;
@@ -54,10 +54,10 @@ fn read_reference() -> HashMap<String, (Vec<usize>, Vec<f64>)> {
 
 /// PerSequence runs also attend prefill chunks of 4+ tokens through GEMMs, Chunked ones through
 /// the paged kernel only, so both attention paths meet every reference.
-fn opts(bf16: bool, mode: LoraKernelMode, graphs: usize, max_tokens: usize) -> CudaOptions {
+fn opts(dtype: DeviceDtype, mode: LoraKernelMode, graphs: usize, max_tokens: usize) -> CudaOptions {
     let gemm_min = if mode == LoraKernelMode::PerSequence { 4 } else { 0 };
     CudaOptions {
-        bf16,
+        dtype,
         lora_slots: 8,
         lora_rank: 128,
         lora_mode: mode,
@@ -143,11 +143,16 @@ fn peft_fixtures(gpu: &Arc<Gpu>, quick: bool) {
                 batch.push((p.clone(), Some(a.clone())));
             }
         }
-        // bf16 bound: log-probs of this tiny random model (vocab 384) through bf16 weights and
-        // activations stay within 0.5 of PEFT's f32 values (measured worst 0.16 to 0.40).
-        for (bf16, tol) in [(false, 1e-4), (true, 0.5)] {
+        // Half-precision bounds: log-probs of this tiny random model (vocab 384) through bf16
+        // weights and activations stay within 0.5 of PEFT's f32 values (measured worst 0.16 to
+        // 0.40); f16 keeps 3 more mantissa bits, so within 0.1.
+        for (dtype, tol) in [
+            (DeviceDtype::Float32, 1e-4),
+            (DeviceDtype::Bfloat16, 0.5),
+            (DeviceDtype::Float16, 0.1),
+        ] {
             for mode in [LoraKernelMode::PerSequence, LoraKernelMode::Chunked(16)] {
-                let mut m = CudaModel::from_host(gpu.clone(), &host, opts(bf16, mode, 0, 4096)).unwrap();
+                let mut m = CudaModel::from_host(gpu.clone(), &host, opts(dtype, mode, 0, 4096)).unwrap();
                 let mut kv = m.new_kv_cache();
                 let got = pass(
                     &mut |kv, s| m.forward(kv, s).unwrap(),
@@ -170,14 +175,15 @@ fn peft_fixtures(gpu: &Arc<Gpu>, quick: bool) {
                         .fold(0.0, f64::max);
                     if !d.is_finite() || d > tol {
                         fail(format!(
-                            "PEFT {case} prompt {p} bf16={bf16} {mode:?}: max |Δ logprob| {d:e} > {tol:e}"
+                            "PEFT {case} prompt {p} {} {mode:?}: max |Δ logprob| {d:e} > {tol:e}",
+                            dtype.name()
                         ));
                     }
                     worst = worst.max(d);
                 }
                 println!(
-                    "ok  peft   {variant:8} {} {:?}: {} sequences in one pass, max |Δ logprob| {worst:.2e} (tol {tol:e})",
-                    if bf16 { "bf16" } else { "f32 " },
+                    "ok  peft   {variant:8} {:8} {:?}: {} sequences in one pass, max |Δ logprob| {worst:.2e} (tol {tol:e})",
+                    dtype.name(),
                     mode,
                     batch.len()
                 );
@@ -355,7 +361,8 @@ fn random_vs_cpu(gpu: &Arc<Gpu>) {
             );
             for mode in [LoraKernelMode::PerSequence, LoraKernelMode::Chunked(32)] {
                 let mut m =
-                    CudaModel::from_host(gpu.clone(), &host, opts(false, mode, 0, 16 * 1024)).unwrap();
+                    CudaModel::from_host(gpu.clone(), &host, opts(DeviceDtype::Float32, mode, 0, 16 * 1024))
+                        .unwrap();
                 let mut kv = m.new_kv_cache();
                 let got = pass(
                     &mut |kv, s| m.forward(kv, s).unwrap(),
@@ -407,7 +414,7 @@ fn decode_vs_cpu(
                 CudaModel::from_host(
                     gpu.clone(),
                     host,
-                    opts(false, LoraKernelMode::Chunked(16), g, 16 * 1024),
+                    opts(DeviceDtype::Float32, LoraKernelMode::Chunked(16), g, 16 * 1024),
                 )
                 .unwrap()
             });

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 
 use crate::adapter::LoraTarget;
+use crate::backend::cuda::DeviceDtype;
 use crate::engine::{AdapterSpec, EngineConfig, EvictionPolicy};
 use crate::model::ModelConfig;
 
@@ -269,8 +270,9 @@ pub const DEFAULT_CUDA_GRAPH_MAX_BS: usize = 256;
 pub struct DeviceSettings {
     /// `--device cuda`.
     pub cuda: bool,
-    /// Compute in bfloat16 (the GPU's default); else float32.
-    pub bf16: bool,
+    /// Element type of weights and activations: float32 on the CPU; bfloat16 (the default),
+    /// float16 or float32 on the GPU.
+    pub dtype: DeviceDtype,
     /// Largest CUDA-graph decode batch; 0 with `--disable-cuda-graph`.
     pub cuda_graph_max_bs: usize,
 }
@@ -352,20 +354,17 @@ impl ServeArgs {
             .to_possible_value()
             .map(|v| v.get_name().to_string())
             .unwrap_or_default();
-        let bf16 =
-            match (cuda, self.dtype) {
-                (false, Dtype::Auto | Dtype::Float32) => false,
-                (false, _) => {
-                    return Err(bad(format!(
+        let dtype = match (cuda, self.dtype) {
+            (false, Dtype::Auto | Dtype::Float32) => DeviceDtype::Float32,
+            (false, _) => {
+                return Err(bad(format!(
                     "--dtype {dtype_name}: the CPU backend computes in float32; use --dtype auto or float32"
                 )))
-                }
-                (true, Dtype::Auto | Dtype::Bfloat16) => true,
-                (true, Dtype::Float32) => false,
-                (true, Dtype::Float16) => return Err(bad(
-                    "--dtype float16: the CUDA backend computes in bfloat16 or float32; use --dtype bfloat16",
-                )),
-            };
+            }
+            (true, Dtype::Auto | Dtype::Bfloat16) => DeviceDtype::Bfloat16,
+            (true, Dtype::Float16) => DeviceDtype::Float16,
+            (true, Dtype::Float32) => DeviceDtype::Float32,
+        };
         if self.load_format == LoadFormat::Dummy && !cuda {
             return Err(bad(
                 "--load-format dummy generates random weights on the GPU and needs --device cuda",
@@ -382,7 +381,7 @@ impl ServeArgs {
         }
         let device = DeviceSettings {
             cuda,
-            bf16,
+            dtype,
             cuda_graph_max_bs: if self.disable_cuda_graph {
                 0
             } else {
@@ -703,7 +702,7 @@ impl ServerConfig {
             "page_size": engine.kv_block_size,
             "tp_size": 1,
             "device": if self.device.cuda { "cuda" } else { "cpu" },
-            "dtype": if self.device.bf16 { "bfloat16" } else { "float32" },
+            "dtype": self.device.dtype.name(),
             "cuda_graph_max_bs": if self.device.cuda { self.device.cuda_graph_max_bs } else { 0 },
             "disable_cuda_graph": !self.device.cuda || self.device.cuda_graph_max_bs == 0,
             "load_format": if self.dummy_weights { "dummy" } else { "auto" },
@@ -807,7 +806,7 @@ mod tests {
         assert!(err(&["--enable-lora", "--lora-target-modules", "lm_head"]).contains("lm_head"));
         assert!(err(&["--tp-size", "2"]).contains("not implemented"));
         assert!(err(&["--dtype", "bfloat16"]).contains("float32"));
-        assert!(err(&["--device", "cuda", "--dtype", "float16"]).contains("use --dtype bfloat16"));
+        assert!(err(&["--dtype", "float16"]).contains("the CPU backend computes in float32"));
         assert!(err(&["--load-format", "dummy"]).contains("needs --device cuda"));
         assert!(err(&["--enable-lora", "--enable-lora-overlap-loading"]).contains("not implemented yet"));
         assert!(err(&["--served-model-name", "a:b"]).contains("':'"));

@@ -206,7 +206,7 @@ fn place_model(
     let rank = engine_config.max_lora_rank.unwrap_or(64);
     engine_config.max_lora_rank = Some(rank);
     let opts = CudaOptions {
-        bf16: config.device.bf16,
+        dtype: config.device.dtype,
         lora_slots: if config.lora.enabled {
             engine_config.max_loras_per_batch
         } else {
@@ -234,7 +234,7 @@ fn place_model(
     };
     tracing::info!(
         gpu = %gpu.name,
-        dtype = if config.device.bf16 { "bfloat16" } else { "float32" },
+        dtype = config.device.dtype.name(),
         lora_pool_gb = model.lora_pool_bytes() as f64 / 1e9,
         secs = t0.elapsed().as_secs_f32(),
         "model on the GPU"

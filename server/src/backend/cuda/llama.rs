@@ -30,11 +30,33 @@ pub enum LoraKernelMode {
     Chunked(usize),
 }
 
+/// The element type of a device model's weights and activations (accumulation is in f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceDtype {
+    /// f32: checks against references.
+    Float32,
+    /// bf16: the serving default.
+    Bfloat16,
+    /// f16: for models trained in half precision.
+    Float16,
+}
+
+impl DeviceDtype {
+    /// The name `--dtype` and `/get_server_info` use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Float32 => "float32",
+            Self::Bfloat16 => "bfloat16",
+            Self::Float16 => "float16",
+        }
+    }
+}
+
 /// Sizes and switches for a device model.
 #[derive(Clone, Debug)]
 pub struct CudaOptions {
-    /// Compute in bf16 (else f32).
-    pub bf16: bool,
+    /// Element type of weights and activations.
+    pub dtype: DeviceDtype,
     /// LoRA slots (`--max-loras-per-batch`); 0 disables LoRA.
     pub lora_slots: usize,
     /// Rank every slot holds (`--max-lora-rank`).
@@ -195,6 +217,19 @@ pub enum CudaModel {
     F32(Box<CudaLlama<f32>>),
     /// bf16 weights and activations, f32 accumulation (serving).
     Bf16(Box<CudaLlama<half::bf16>>),
+    /// f16 weights and activations, f32 accumulation.
+    F16(Box<CudaLlama<half::f16>>),
+}
+
+/// Runs `$body` with `$m` bound to the model in whichever element type it has.
+macro_rules! each_dtype {
+    ($model:expr, $m:ident => $body:expr) => {
+        match $model {
+            CudaModel::F32($m) => $body,
+            CudaModel::Bf16($m) => $body,
+            CudaModel::F16($m) => $body,
+        }
+    };
 }
 
 /// Graph bucket sizes: a decode batch is padded up to the next one.
@@ -1177,54 +1212,42 @@ impl<T: GpuFloat> CudaLlama<T> {
 }
 
 impl CudaModel {
-    /// Uploads `host` in bf16 or f32.
+    /// Uploads `host` in `opts.dtype`.
     pub fn from_host(gpu: Arc<Gpu>, host: &LlamaModel, opts: CudaOptions) -> Result<Self> {
-        Ok(if opts.bf16 {
-            Self::Bf16(Box::new(CudaLlama::from_host(gpu, host, opts)?))
-        } else {
-            Self::F32(Box::new(CudaLlama::from_host(gpu, host, opts)?))
+        Ok(match opts.dtype {
+            DeviceDtype::Float32 => Self::F32(Box::new(CudaLlama::from_host(gpu, host, opts)?)),
+            DeviceDtype::Bfloat16 => Self::Bf16(Box::new(CudaLlama::from_host(gpu, host, opts)?)),
+            DeviceDtype::Float16 => Self::F16(Box::new(CudaLlama::from_host(gpu, host, opts)?)),
         })
     }
 
     /// Random weights on the device.
     pub fn dummy(gpu: Arc<Gpu>, config: ModelConfig, opts: CudaOptions, seed: u64) -> Result<Self> {
-        Ok(if opts.bf16 {
-            Self::Bf16(Box::new(CudaLlama::dummy(gpu, config, opts, seed)?))
-        } else {
-            Self::F32(Box::new(CudaLlama::dummy(gpu, config, opts, seed)?))
+        Ok(match opts.dtype {
+            DeviceDtype::Float32 => Self::F32(Box::new(CudaLlama::dummy(gpu, config, opts, seed)?)),
+            DeviceDtype::Bfloat16 => Self::Bf16(Box::new(CudaLlama::dummy(gpu, config, opts, seed)?)),
+            DeviceDtype::Float16 => Self::F16(Box::new(CudaLlama::dummy(gpu, config, opts, seed)?)),
         })
     }
 
     /// The model's configuration.
     pub fn config(&self) -> &ModelConfig {
-        match self {
-            Self::F32(m) => m.config(),
-            Self::Bf16(m) => m.config(),
-        }
+        each_dtype!(self, m => m.config())
     }
 
     /// A block manager matching the device cache.
     pub fn new_kv_cache(&self) -> KvCache {
-        match self {
-            Self::F32(m) => m.new_kv_cache(),
-            Self::Bf16(m) => m.new_kv_cache(),
-        }
+        each_dtype!(self, m => m.new_kv_cache())
     }
 
     /// See [`CudaLlama::forward`].
     pub fn forward(&mut self, kv: &KvCache, seqs: &[SeqInput<'_>]) -> Result<Vec<Vec<f32>>> {
-        match self {
-            Self::F32(m) => m.forward(kv, seqs),
-            Self::Bf16(m) => m.forward(kv, seqs),
-        }
+        each_dtype!(self, m => m.forward(kv, seqs))
     }
 
     /// See [`CudaLlama::forward_greedy`].
     pub fn forward_greedy(&mut self, kv: &KvCache, seqs: &[SeqInput<'_>]) -> Result<Vec<u32>> {
-        match self {
-            Self::F32(m) => m.forward_greedy(kv, seqs),
-            Self::Bf16(m) => m.forward_greedy(kv, seqs),
-        }
+        each_dtype!(self, m => m.forward_greedy(kv, seqs))
     }
 
     /// See [`CudaLlama::forward_greedy_in_slots`].
@@ -1234,10 +1257,7 @@ impl CudaModel {
         seqs: &[SeqInput<'_>],
         slots: &[i32],
     ) -> Result<Vec<u32>> {
-        match self {
-            Self::F32(m) => m.forward_greedy_in_slots(kv, seqs, slots),
-            Self::Bf16(m) => m.forward_greedy_in_slots(kv, seqs, slots),
-        }
+        each_dtype!(self, m => m.forward_greedy_in_slots(kv, seqs, slots))
     }
 
     /// See [`CudaLlama::dummy_adapter_in_slot`].
@@ -1248,25 +1268,16 @@ impl CudaModel {
         targets: &[LoraTarget],
         seed: u64,
     ) -> Result<()> {
-        match self {
-            Self::F32(m) => m.dummy_adapter_in_slot(slot, rank, targets, seed),
-            Self::Bf16(m) => m.dummy_adapter_in_slot(slot, rank, targets, seed),
-        }
+        each_dtype!(self, m => m.dummy_adapter_in_slot(slot, rank, targets, seed))
     }
 
     /// Waits for the device.
     pub fn sync(&self) -> Result<()> {
-        match self {
-            Self::F32(m) => m.gpu().sync(),
-            Self::Bf16(m) => m.gpu().sync(),
-        }
+        each_dtype!(self, m => m.gpu().sync())
     }
 
     /// Device bytes of the LoRA slot pool.
     pub fn lora_pool_bytes(&self) -> usize {
-        match self {
-            Self::F32(m) => m.lora_pool_bytes(),
-            Self::Bf16(m) => m.lora_pool_bytes(),
-        }
+        each_dtype!(self, m => m.lora_pool_bytes())
     }
 }

@@ -14,13 +14,13 @@ use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
 use loraplane_kernels::Kernels;
 
-pub use llama::{CudaLlama, CudaModel, CudaOptions, LoraKernelMode, GEMM_ATTENTION_MIN_ROWS};
+pub use llama::{CudaLlama, CudaModel, CudaOptions, DeviceDtype, LoraKernelMode, GEMM_ATTENTION_MIN_ROWS};
 
 use crate::error::{Error, Result};
 
 /// An element type the device model computes in.
 pub trait GpuFloat: DeviceRepr + ValidAsZeroBits + Copy + Send + Sync + Unpin + 'static {
-    /// Kernel name suffix (`f32`, `bf16`).
+    /// Kernel name suffix (`f32`, `bf16`, `f16`).
     const SUFFIX: &'static str;
     /// cuBLAS data type.
     const BLAS_TYPE: blas_sys::cudaDataType;
@@ -41,6 +41,14 @@ impl GpuFloat for half::bf16 {
     const BLAS_TYPE: blas_sys::cudaDataType = blas_sys::cudaDataType::CUDA_R_16BF;
     fn from_f32(v: f32) -> Self {
         half::bf16::from_f32(v)
+    }
+}
+
+impl GpuFloat for half::f16 {
+    const SUFFIX: &'static str = "f16";
+    const BLAS_TYPE: blas_sys::cudaDataType = blas_sys::cudaDataType::CUDA_R_16F;
+    fn from_f32(v: f32) -> Self {
+        half::f16::from_f32(v)
     }
 }
 
