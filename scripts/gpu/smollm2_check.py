@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """The default model on the GPU: SmolLM2-135M-Instruct (the GGUF) with the example adapters
 (examples/adapters: french, sql, caps) served by the real server binary with --device cpu,
---device cuda --dtype float32 and --device cuda (bfloat16). Every question of
+--device cuda --dtype float32, --device cuda (bfloat16) and --dtype float16. Every question of
 examples/adapters/reference.json is asked of the base model and of each adapter in ONE mixed
 greedy /generate batch, and the output ids are compared with PEFT's (the reference, computed in
 float32 with transformers + peft) up to the first step whose reference top-1/top-2 logit margin
 is below the mode's bound: 0.01 in float32 (as the CPU test does), 1.0 in bfloat16 and 0.5 in
-float16 (half-precision weights and activations move logits by a few tenths on this model). Standard library only.
+float16 (half-precision weights and activations move logits by a few tenths on this model).
+Standard library only.
 
 usage: scripts/gpu/smollm2_check.py path/to/loraplane-server path/to/SmolLM2-135M-Instruct.Q4_1.gguf [only]
 (`only`: run just the modes whose label contains it, e.g. `cpu` on a machine without a GPU)
