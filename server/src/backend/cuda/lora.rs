@@ -137,7 +137,10 @@ impl<T: GpuFloat> LoraSlots<T> {
         Ok(out)
     }
 
-    /// Copies `a`'s factors into `slot`, zero-padding ranks and absent targets.
+    /// Copies `a`'s factors into `slot`: the rows below its rank of every target's `A` block and
+    /// of `Bᵀ` (zeros for targets it does not adapt). Rows from its rank up to the pool's are
+    /// never read (every kernel and GEMM stops at the slot's rank), so they are not copied: a
+    /// rank-16 adapter in a rank-64 pool moves a quarter of the padded bytes.
     fn write_slot(&mut self, gpu: &Gpu, c: &ModelConfig, slot: usize, a: &LoraAdapter) -> Result<()> {
         let r_pool = self.rank;
         if a.rank > r_pool {
@@ -146,44 +149,46 @@ impl<T: GpuFloat> LoraSlots<T> {
                 a.name, a.rank
             )));
         }
+        let r = a.rank;
+        let copy_err = |e| Error::Model(format!("CUDA: copying adapter {} to its slot: {e}", a.name));
         for (li, groups) in self.layers.iter_mut().enumerate() {
             for (g, bufs) in groups.iter_mut().enumerate() {
                 let (in_dim, outs) = group_dims(c, g);
                 let nt = outs.len();
                 let out_total: usize = outs.iter().sum();
-                let mut host_a = vec![T::from_f32(0.0); nt * r_pool * in_dim];
-                let mut host_bt = vec![T::from_f32(0.0); r_pool * out_total];
+                let mut host_bt = vec![T::from_f32(0.0); r * out_total];
+                let mut host_a = vec![T::from_f32(0.0); r * in_dim];
                 let mut col = 0;
                 for (t, target) in GROUPS[g].iter().enumerate() {
-                    if let Some(w) = &a.layers[li][target.index()] {
-                        for k in 0..a.rank {
-                            let dst = &mut host_a[(t * r_pool + k) * in_dim..(t * r_pool + k + 1) * in_dim];
-                            for (d, s) in dst.iter_mut().zip(w.a.row(k)) {
-                                *d = T::from_f32(*s);
-                            }
+                    let w = a.layers[li][target.index()].as_ref();
+                    for (k, dst) in host_a.chunks_mut(in_dim).enumerate() {
+                        match w {
+                            Some(w) => dst
+                                .iter_mut()
+                                .zip(w.a.row(k))
+                                .for_each(|(d, s)| *d = T::from_f32(*s)),
+                            None => dst.fill(T::from_f32(0.0)),
                         }
+                    }
+                    if let Some(w) = w {
                         for j in 0..outs[t] {
                             let brow = w.b.row(j);
-                            for k in 0..a.rank {
+                            for k in 0..r {
                                 host_bt[k * out_total + col + j] = T::from_f32(brow[k]);
                             }
                         }
                     }
+                    // Rows [t·R, t·R + r) of the slot's A block.
+                    let first = (slot * nt + t) * r_pool * in_dim;
+                    gpu.stream
+                        .memcpy_htod(&host_a, &mut bufs.a.slice_mut(first..first + r * in_dim))
+                        .map_err(copy_err)?;
                     col += outs[t];
                 }
-                let a_len = nt * r_pool * in_dim;
-                let bt_len = r_pool * out_total;
+                let first = slot * r_pool * out_total;
                 gpu.stream
-                    .memcpy_htod(&host_a, &mut bufs.a.slice_mut(slot * a_len..(slot + 1) * a_len))
-                    .and_then(|_| {
-                        gpu.stream.memcpy_htod(
-                            &host_bt,
-                            &mut bufs.bt.slice_mut(slot * bt_len..(slot + 1) * bt_len),
-                        )
-                    })
-                    .map_err(|e| {
-                        Error::Model(format!("CUDA: copying adapter {} to its slot: {e}", a.name))
-                    })?;
+                    .memcpy_htod(&host_bt, &mut bufs.bt.slice_mut(first..first + r * out_total))
+                    .map_err(copy_err)?;
             }
         }
         self.host_rank[slot] = a.rank as i32;
