@@ -3,7 +3,8 @@
 //! [`Kernels::load`] compiles the sources once per process (the PTX is also cached on disk,
 //! keyed by a hash of the source and the target architecture), loads the module and hands out
 //! functions by name. Kernels are templates over the activation type, exported with the suffixes
-//! in [`TYPE_SUFFIXES`]; see `llama.cu` for each kernel's contract.
+//! in [`TYPE_SUFFIXES`]; see `llama.cu` and `sampling.cu` for each kernel's contract. The two
+//! files are compiled as one program ([`source`]).
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -21,6 +22,16 @@ pub const LLAMA_CU: &str = include_str!("llama.cu");
 /// The activation types every typed kernel is instantiated for: float32, bfloat16, float16.
 pub const TYPE_SUFFIXES: &[&str] = &["f32", "bf16", "f16"];
 
+/// Token sampling on the device (greedy, temperature, top-k, top-p, min-p) and the gather of the
+/// logits rows the host still needs.
+pub const SAMPLING_CU: &str = include_str!("sampling.cu");
+
+/// The whole program NVRTC compiles: `llama.cu` then `sampling.cu`, each under its own file name
+/// for compiler messages.
+pub fn source() -> String {
+    format!("#line 1 \"llama.cu\"\n{LLAMA_CU}\n#line 1 \"sampling.cu\"\n{SAMPLING_CU}")
+}
+
 /// Every kernel name `llama.cu` exports, without the type suffix.
 pub const TYPED_KERNELS: &[&str] = &[
     "embed",
@@ -37,6 +48,9 @@ pub const TYPED_KERNELS: &[&str] = &[
 /// Kernels that exist in one version only.
 pub const UNTYPED_KERNELS: &[&str] = &["argmax_f32", "rope_table_f32"];
 
+/// The kernels `sampling.cu` exports (f32 logits only).
+pub const SAMPLING_KERNELS: &[&str] = &["sample_f32", "gather_rows_f32"];
+
 /// Kernel families with compile-time shape variants: `{name}_{type}_{variant}`.
 pub const VARIANT_KERNELS: &[(&str, &[&str])] = &[
     (
@@ -48,6 +62,21 @@ pub const VARIANT_KERNELS: &[(&str, &[&str])] = &[
     ),
     ("lora_expand", &["c1", "vec"]),
 ];
+
+/// Every exported kernel name, with its suffixes: what [`Kernels::load`] loads.
+pub fn kernel_names() -> Vec<String> {
+    let variants = VARIANT_KERNELS.iter().flat_map(|(k, vs)| {
+        vs.iter()
+            .flat_map(move |v| TYPE_SUFFIXES.iter().map(move |t| format!("{k}_{t}_{v}")))
+    });
+    TYPED_KERNELS
+        .iter()
+        .flat_map(|k| TYPE_SUFFIXES.iter().map(move |t| format!("{k}_{t}")))
+        .chain(UNTYPED_KERNELS.iter().map(|s| s.to_string()))
+        .chain(SAMPLING_KERNELS.iter().map(|s| s.to_string()))
+        .chain(variants)
+        .collect()
+}
 
 /// The loaded module and its functions.
 pub struct Kernels {
@@ -80,16 +109,7 @@ impl Kernels {
             .load_module(ptx)
             .map_err(|e| format!("loading the kernel module: {e}"))?;
         let mut funcs = HashMap::new();
-        let variants = VARIANT_KERNELS.iter().flat_map(|(k, vs)| {
-            vs.iter()
-                .flat_map(move |v| TYPE_SUFFIXES.iter().map(move |t| format!("{k}_{t}_{v}")))
-        });
-        let names = TYPED_KERNELS
-            .iter()
-            .flat_map(|k| TYPE_SUFFIXES.iter().map(move |t| format!("{k}_{t}")))
-            .chain(UNTYPED_KERNELS.iter().map(|s| s.to_string()))
-            .chain(variants);
-        for name in names {
+        for name in kernel_names() {
             let f = module
                 .load_function(&name)
                 .map_err(|e| format!("kernel {name}: {e}"))?;
@@ -101,7 +121,7 @@ impl Kernels {
         })
     }
 
-    /// The function `name` (with its type suffix); panics on a name `llama.cu` does not export,
+    /// The function `name` (with its type suffix); panics on a name the sources do not export,
     /// which is a programming error caught by the first GPU test.
     pub fn get(&self, name: &str) -> &CudaFunction {
         self.funcs
@@ -122,8 +142,9 @@ fn cuda_include_dir() -> String {
 /// PTX for `arch`, from `$XDG_CACHE_HOME/loraplane` (or `~/.cache`) when a previous process
 /// compiled the same source, else compiled now (about a second) and written there.
 fn cached_ptx(arch: &'static str) -> Result<Ptx, String> {
+    let src = source();
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    (LLAMA_CU, arch).hash(&mut h);
+    (&src, arch).hash(&mut h);
     let key = format!("llama-{arch}-{:016x}.ptx", h.finish());
     let dir = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
@@ -140,7 +161,7 @@ fn cached_ptx(arch: &'static str) -> Result<Ptx, String> {
         options: vec!["--std=c++17".into()],
         ..Default::default()
     };
-    let ptx = compile_ptx_with_opts(LLAMA_CU, opts).map_err(|e| format!("NVRTC compile failed: {e}"))?;
+    let ptx = compile_ptx_with_opts(&src, opts).map_err(|e| format!("NVRTC compile failed: {e}"))?;
     if let Some(d) = dir {
         // Best effort: a read-only home only costs a recompile next time.
         if std::fs::create_dir_all(&d).is_ok() {

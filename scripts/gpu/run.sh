@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (one device call) after scripts/gpu/build.sh here:
-#   scripts/gpu/run.sh check   correctness: PEFT fixtures + random models vs the CPU backend,
-#                              then a compute-sanitizer memcheck pass of the quick check
+#   scripts/gpu/run.sh check   correctness: PEFT fixtures + random models vs the CPU backend +
+#                              device sampling vs the host's, then a compute-sanitizer memcheck
+#                              pass of the quick check
 #   scripts/gpu/run.sh bench   the Llama-3.1-8B-shape benchmark, then the PEFT peer
 #   scripts/gpu/run.sh serve   the server binary on the GPU against the CPU (serve_check.py)
 #   scripts/gpu/run.sh smollm2 the default model with the example adapters on the GPU against

@@ -2,8 +2,11 @@
 """The server end to end on the GPU: the tiny fixture model with its four PEFT adapters served
 with --device cpu, --device cuda --dtype float32, --device cuda (bfloat16) and --dtype float16,
 the same mixed greedy /generate batch (base + every adapter, twice each) sent to each; f32 GPU
-output ids must equal the CPU's, half precision is reported. A run with 2 device slots for 4 adapters exercises slot
-eviction and reload on the GPU. Standard library only (runs on the GPU machine as is).
+output ids must equal the CPU's, half precision is reported. A run with 2 device slots for 4
+adapters exercises slot eviction and reload on the GPU. Then sampling on the GPU: two identical
+requests with temperature 0.8 and seed 7 must return identical text, and a batch mixing greedy,
+sampled and repetition-penalised requests (the last sampled on the host) must complete. Standard
+library only (runs on the GPU machine as is).
 
 usage: scripts/gpu/serve_check.py [path/to/loraplane-server]
 """
@@ -75,6 +78,46 @@ def run(label, extra):
         proc.wait(timeout=30)
 
 
+def sampling(label, extra):
+    """Seeded sampling reproduces; greedy, device-sampled and host-sampled requests share a batch."""
+    proc, addr = start(extra)
+    try:
+        seeded = {"text": PROMPTS[0], "sampling_params": {
+            "max_new_tokens": 24, "temperature": 0.8, "seed": 7, "ignore_eos": True}}
+        a, b = post(addr, "/generate", seeded), post(addr, "/generate", seeded)
+        same = a["output_ids"] == b["output_ids"] and a["text"] == b["text"]
+        print(f"  {'ok ' if same else 'FAIL'} {label}: temperature 0.8, seed 7 twice: "
+              f"{'identical' if same else 'different'} text ({len(a['output_ids'])} tokens)")
+        if not same:
+            print(f"    first {a['output_ids']}\n    second {b['output_ids']}")
+        kinds = [
+            ("greedy", {"temperature": 0}),
+            ("T=0.8 seed", {"temperature": 0.8, "seed": 11}),
+            ("T=1.2 top_k=20 top_p=0.9 min_p=0.05", {"temperature": 1.2, "top_k": 20, "top_p": 0.9, "min_p": 0.05}),
+            ("repetition_penalty=1.2 (host)", {"temperature": 0.8, "repetition_penalty": 1.2}),
+        ]
+        texts, loras, params, names = [], [], [], []
+        for i, p in enumerate(PROMPTS):
+            for j, (name, kind) in enumerate(kinds):
+                texts.append(p)
+                loras.append(([None] + ADAPTERS)[(i + j) % (len(ADAPTERS) + 1)])
+                params.append({"max_new_tokens": 16, "ignore_eos": True, **kind})
+                names.append(name)
+        out = post(addr, "/generate", {"text": texts, "lora_path": loras, "sampling_params": params})
+        done = [len(o["output_ids"]) == 16 and (o["meta_info"].get("finish_reason") or {}).get("type") == "length"
+                for o in out]
+        ok = same and len(out) == len(texts) and all(done)
+        print(f"  {'ok ' if all(done) and len(out) == len(texts) else 'FAIL'} {label}: mixed batch of "
+              f"{len(texts)} (greedy, device-sampled, host-sampled; base and adapters): {sum(done)} completed")
+        for d, n, l, o in zip(done, names, loras, out):
+            if not d:
+                print(f"    {n} {l or 'base'}: {o.get('meta_info')}")
+        return ok
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def main():
     cpu, loras = run("cpu float32", ["--device", "cpu"])
     failed = False
@@ -98,6 +141,10 @@ def main():
             for a, b, l in zip(ids, cpu, loras):
                 if a != b:
                     print(f"    {l or 'base'}: gpu {a} cpu {b}")
+    print("sampling on the GPU")
+    for label, extra in [("cuda bfloat16", ["--device", "cuda"]),
+                         ("cuda float32", ["--device", "cuda", "--dtype", "float32"])]:
+        failed |= not sampling(label, extra)
     sys.exit(1 if failed else 0)
 
 

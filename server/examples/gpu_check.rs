@@ -9,19 +9,26 @@
 //!    ranks 1/4/8/16/64/128 mixed in one batch, both LoRA kernel schemes, then decode steps with
 //!    and without CUDA graphs (a graph that dropped the LoRA delta would fail here).
 //!
+//! 3. Sampling on the device against the host's reference (see `sampling_checks` below).
+//!
 //! Prints one line per case and exits non-zero on the first failure.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use cudarc::driver::CudaSlice;
 use loraplane_server::adapter::{LoraAdapter, LoraTarget};
 use loraplane_server::backend::cpu::log_softmax;
+use loraplane_server::backend::cuda::sampling::{sample_rows, SampleRow};
 use loraplane_server::backend::cuda::{CudaModel, CudaOptions, DeviceDtype, Gpu, LoraKernelMode};
+use loraplane_server::engine::generate::argmax;
+use loraplane_server::engine::request::SamplingParams;
+use loraplane_server::engine::sampling::kept_tokens;
 use loraplane_server::engine::{KvCache, SeqCache};
 use loraplane_server::model::llama::{LogitsWanted, SeqInput};
 use loraplane_server::model::weights::load_hf_weights;
-use loraplane_server::model::{LlamaModel, ModelConfig};
+use loraplane_server::model::{DeviceSample, LlamaModel, ModelConfig, SeqOutput};
 use loraplane_server::tensor::Tensor;
 
 fn repo() -> PathBuf {
@@ -473,11 +480,510 @@ fn decode_vs_cpu(
 fn main() {
     let gpu = Gpu::open(0).unwrap_or_else(|e| fail(e.to_string()));
     println!("device: {}", gpu.name);
-    // --quick: the PEFT check of one model only (for compute-sanitizer, which is slow).
-    let quick = std::env::args().any(|a| a == "--quick");
-    peft_fixtures(&gpu, quick);
-    if !quick {
-        random_vs_cpu(&gpu);
+    // --quick: the PEFT check of one model and a few sampling draws (for compute-sanitizer,
+    // which is slow). `--only sampling` runs the sampling checks alone.
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1));
+    if only.is_none_or(|o| o != "sampling") {
+        peft_fixtures(&gpu, quick);
+        if !quick {
+            random_vs_cpu(&gpu);
+        }
     }
+    sampling_checks(&gpu, quick);
     println!("all GPU checks passed");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Sampling on the device (`backend::cuda::sampling`, kernels/src/sampling.cu) against the
+//    host's reference (`engine::sampling::kept_tokens`, the kept set `draw()` uses):
+//    - greedy (temperature 0) and top_k = 1 return the host argmax, the lowest id on exact ties;
+//    - every returned log-prob is the host log-softmax of the token within 1e-4;
+//    - for 54 combinations (temperature 0.7/1.0/1.5, top_k 0/5/50, top_p 1.0/0.9/0.5,
+//      min_p 0/0.05) on peaked and flat rows of vocab 1000 and 128256, every one of N draws
+//      (distinct seeds) lies in the host's kept set (widened by rounding slack and exact ties),
+//      and the draws' distribution over rank bins is within a total-variation bound of the
+//      host's exact kept distribution; the check also shows that it would catch a sampler that
+//      ignored the temperature or top-p;
+//    - the same seeds give the same tokens;
+//    - `forward_sampled` on a random model with adapters (reordered rows, prompt log-probs,
+//      CUDA graph padding) matches `forward` + host argmax / log-softmax, and the logits it
+//      still returns are `forward`'s, bit for bit;
+//    - the time to sample 64 rows of 128256.
+// ---------------------------------------------------------------------------------------------
+
+/// Draws per (row, combination) for the distribution check.
+const SAMPLING_DRAWS: usize = 65536;
+/// Chance that a correct sampler fails one distribution check (see `tv_bound`).
+const SAMPLING_FAIL_PROB: f64 = 1e-9;
+
+fn permutation(n: usize, rng: &mut Rng) -> Vec<usize> {
+    let mut p: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        p.swap(i, rng.below(i + 1));
+    }
+    p
+}
+
+/// Rows with distinct logits in random token order: `peaked` (the top token holds about 60% of
+/// the mass at T = 1) and `flat` (logits evenly spread over 8 nats).
+fn sampling_rows(vocab: usize, rng: &mut Rng) -> Vec<(&'static str, Vec<f32>)> {
+    let peaked = permutation(vocab, rng)
+        .iter()
+        .map(|&r| 5.0 - 2.0 * (r as f32).sqrt())
+        .collect();
+    let flat = permutation(vocab, rng)
+        .iter()
+        .map(|&r| 1.0 - r as f32 * (8.0 / vocab as f32))
+        .collect();
+    vec![("peaked", peaked), ("flat", flat)]
+}
+
+fn params(temperature: f32, top_k: usize, top_p: f32, min_p: f32) -> SamplingParams {
+    SamplingParams {
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        ..Default::default()
+    }
+}
+
+fn device(p: &SamplingParams, seed: u64) -> DeviceSample {
+    DeviceSample {
+        temperature: p.temperature,
+        top_k: p.top_k,
+        top_p: p.top_p,
+        min_p: p.min_p,
+        seed,
+    }
+}
+
+/// Tokens a correct device sampler may return: the host's kept set under slightly looser top-p
+/// and min-p (f32 versus f64 rounding at the boundary), widened to every token tied with its
+/// lowest logit (the device keeps exact ties at a threshold).
+fn allowed_tokens(l: &[f32], p: &SamplingParams) -> Vec<bool> {
+    let mut loose = p.clone();
+    if loose.top_p < 1.0 {
+        loose.top_p = (loose.top_p + 1e-5).min(1.0);
+    }
+    loose.min_p = (loose.min_p - 1e-6).max(0.0);
+    let floor = kept_tokens(l, &loose)
+        .iter()
+        .map(|&(i, _)| l[i as usize])
+        .fold(f32::INFINITY, f32::min);
+    let slack = 1e-6 * (1.0 + floor.abs());
+    l.iter().map(|&v| v >= floor - slack).collect()
+}
+
+/// The host's exact distribution of `draw()` over tokens.
+fn kept_distribution(l: &[f32], p: &SamplingParams) -> Vec<f64> {
+    let kept = kept_tokens(l, p);
+    let total: f64 = kept.iter().map(|c| c.1).sum();
+    let mut d = vec![0.0; l.len()];
+    for (i, w) in kept {
+        d[i as usize] = w / total;
+    }
+    d
+}
+
+/// Rank bins (rank 0 = the largest logit): ranks 0..15 alone, then [16, 32), [32, 64), ...
+/// Returns each token's bin and the number of bins.
+fn rank_bins(l: &[f32]) -> (Vec<usize>, usize) {
+    let mut order: Vec<usize> = (0..l.len()).collect();
+    order.sort_by(|&a, &b| l[b].total_cmp(&l[a]).then(a.cmp(&b)));
+    let bin_of_rank = |r: usize| {
+        if r < 16 {
+            r
+        } else {
+            11 + (usize::BITS - r.leading_zeros()) as usize
+        }
+    };
+    let mut bin = vec![0; l.len()];
+    for (r, &t) in order.iter().enumerate() {
+        bin[t] = bin_of_rank(r);
+    }
+    (bin, bin_of_rank(l.len() - 1) + 1)
+}
+
+fn binned(dist: impl Iterator<Item = (usize, f64)>, bins: &[usize], n: usize) -> Vec<f64> {
+    let mut b = vec![0.0; n];
+    for (t, p) in dist {
+        b[bins[t]] += p;
+    }
+    b
+}
+
+fn tv(a: &[f64], b: &[f64]) -> f64 {
+    0.5 * a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f64>()
+}
+
+/// Bretagnolle-Huber-Carol: for the empirical distribution of `n` draws over `bins` bins,
+/// P(sum |p̂ - p| >= λ) <= 2^bins · exp(-n λ² / 2); the returned bound on TV = λ / 2 is exceeded
+/// by a correct sampler with probability at most SAMPLING_FAIL_PROB.
+fn tv_bound(bins: usize, n: usize) -> f64 {
+    let lambda = (2.0 * (bins as f64 * 2f64.ln() - SAMPLING_FAIL_PROB.ln()) / n as f64).sqrt();
+    lambda / 2.0
+}
+
+fn device_sample_rows(
+    gpu: &Arc<Gpu>,
+    logits: &CudaSlice<f32>,
+    vocab: usize,
+    rows: &[SampleRow],
+) -> Vec<(u32, f32)> {
+    sample_rows(gpu, gpu.ptr(logits), vocab, rows)
+        .unwrap_or_else(|e| fail(format!("device sampling: {e}")))
+        .into_iter()
+        .map(|t| (t.token_id, t.logprob))
+        .collect()
+}
+
+fn check_logprob(what: &str, l: &[f32], lp_host: &[f32], token: u32, lp: f32) {
+    if token as usize >= l.len() {
+        fail(format!(
+            "{what}: token {token} outside the vocabulary of {}",
+            l.len()
+        ));
+    }
+    let d = (lp - lp_host[token as usize]).abs();
+    if d.is_nan() || d > 1e-4 {
+        fail(format!(
+            "{what}: log-prob of token {token} is {lp}, host log-softmax {} (|Δ| {d:e} > 1e-4)",
+            lp_host[token as usize]
+        ));
+    }
+}
+
+fn sampling_kernel_checks(gpu: &Arc<Gpu>, quick: bool) {
+    let mut rng = Rng(0x5a3b_1ed0_0df0_0d11);
+    let draws = if quick { 256 } else { SAMPLING_DRAWS };
+    let temps = [0.7f32, 1.0, 1.5];
+    let ks = [0usize, 5, 50];
+    let ps = [1.0f32, 0.9, 0.5];
+    let mps = [0.0f32, 0.05];
+    let mut combos = Vec::new();
+    for &t in &temps {
+        for &k in &ks {
+            for &p in &ps {
+                for &mp in &mps {
+                    combos.push(params(t, k, p, mp));
+                }
+            }
+        }
+    }
+    if quick {
+        // Under compute-sanitizer: every branch of the kernel, a few draws each.
+        combos = vec![
+            params(1.0, 0, 1.0, 0.0),
+            params(0.7, 50, 1.0, 0.0),
+            params(1.5, 0, 0.9, 0.0),
+            params(1.0, 5, 0.5, 0.05),
+        ];
+    }
+    // The largest separations between the exact distribution and what a sampler ignoring the
+    // temperature or top-p would produce, over bound, over all cases: must exceed 2.
+    let (mut sep_t, mut sep_p) = (0.0f64, 0.0f64);
+    for vocab in [1000usize, 128256] {
+        let mut rows = sampling_rows(vocab, &mut rng);
+        // Exact ties at the maximum: greedy must return the lower id.
+        let mut tied: Vec<f32> = (0..vocab).map(|_| 3.0 * rng.f()).collect();
+        let (a, b) = (rng.below(vocab / 2), vocab / 2 + rng.below(vocab / 2));
+        tied[a] = 4.0;
+        tied[b] = 4.0;
+        rows.push(("tied", tied));
+        let host: Vec<f32> = rows.iter().flat_map(|r| r.1.iter().copied()).collect();
+        let dev = gpu.upload(&host).unwrap_or_else(|e| fail(e.to_string()));
+        let lps: Vec<Vec<f32>> = rows.iter().map(|r| log_softmax(&r.1)).collect();
+
+        // Greedy: temperature 0, and top_k = 1 at temperature 1.
+        let greedy: Vec<SampleRow> = (0..rows.len())
+            .flat_map(|r| {
+                [
+                    SampleRow::new(r, &device(&params(0.0, 0, 1.0, 0.0), r as u64)),
+                    SampleRow::new(r, &device(&params(1.0, 1, 1.0, 0.0), r as u64)),
+                ]
+            })
+            .collect();
+        for (i, &(tok, lp)) in device_sample_rows(gpu, &dev, vocab, &greedy).iter().enumerate() {
+            let (name, l) = (&rows[i / 2].0, &rows[i / 2].1);
+            let what = format!("greedy vocab {vocab} {name} {}", ["T=0", "top_k=1"][i % 2]);
+            check_logprob(&what, l, &lps[i / 2], tok, lp);
+            let want = argmax(l);
+            if tok != want {
+                fail(format!("{what}: token {tok}, host argmax {want}"));
+            }
+        }
+        println!(
+            "ok  sampling vocab {vocab:6}: greedy and top_k=1 = host argmax (lowest id of an exact tie), log-probs within 1e-4"
+        );
+
+        for (ri, (name, l)) in rows.iter().enumerate().take(2) {
+            let (bins, nbins) = rank_bins(l);
+            let bound = tv_bound(nbins, draws);
+            let mut worst = (0.0f64, String::new());
+            for (ci, p) in combos.iter().enumerate() {
+                let what = format!(
+                    "vocab {vocab} {name} T={} top_k={} top_p={} min_p={}",
+                    p.temperature, p.top_k, p.top_p, p.min_p
+                );
+                let seed0 = ((vocab as u64) << 40) ^ ((ri as u64) << 32) ^ ((ci as u64) << 20);
+                let batch: Vec<SampleRow> = (0..draws)
+                    .map(|i| SampleRow::new(ri, &device(p, seed0 + i as u64)))
+                    .collect();
+                let got = device_sample_rows(gpu, &dev, vocab, &batch);
+                // Same seeds, same tokens (and log-probs), bit for bit.
+                let again = device_sample_rows(gpu, &dev, vocab, &batch[..draws.min(4096)]);
+                if got[..again.len()] != again[..] {
+                    fail(format!("{what}: the same seeds gave different tokens"));
+                }
+                let allowed = allowed_tokens(l, p);
+                let mut counts = vec![0usize; vocab];
+                for &(tok, lp) in &got {
+                    check_logprob(&what, l, &lps[ri], tok, lp);
+                    if !allowed[tok as usize] {
+                        fail(format!(
+                            "{what}: drew token {tok} (logit {}) outside the host's kept set of {} tokens",
+                            l[tok as usize],
+                            kept_tokens(l, p).len()
+                        ));
+                    }
+                    counts[tok as usize] += 1;
+                }
+                if quick {
+                    continue;
+                }
+                let bin = |d: &[f64]| binned(d.iter().copied().enumerate(), &bins, nbins);
+                let exact = bin(&kept_distribution(l, p));
+                let seen = binned(
+                    counts
+                        .iter()
+                        .enumerate()
+                        .map(|(t, &c)| (t, c as f64 / draws as f64)),
+                    &bins,
+                    nbins,
+                );
+                let d = tv(&seen, &exact);
+                if d > bound {
+                    fail(format!(
+                        "{what}: total variation {d:.4} between {draws} draws and the host distribution (over {nbins} rank bins) exceeds {bound:.4}"
+                    ));
+                }
+                if d / bound > worst.0 {
+                    worst = (d / bound, what.clone());
+                }
+                let ignore_t = params(1.0, p.top_k, p.top_p, p.min_p);
+                let ignore_p = params(p.temperature, p.top_k, 1.0, p.min_p);
+                sep_t = sep_t.max(tv(&bin(&kept_distribution(l, &ignore_t)), &exact) / bound);
+                sep_p = sep_p.max(tv(&bin(&kept_distribution(l, &ignore_p)), &exact) / bound);
+            }
+            if quick {
+                println!(
+                    "ok  sampling vocab {vocab:6} {name:6}: {} combinations × {draws} draws inside the host kept set, log-probs within 1e-4, seeds reproduce",
+                    combos.len()
+                );
+            } else {
+                println!(
+                    "ok  sampling vocab {vocab:6} {name:6}: {} combinations × {draws} draws inside the host kept set, seeds reproduce, TV over {nbins} rank bins within {bound:.4} (worst {:.2} of it: {})",
+                    combos.len(),
+                    worst.0,
+                    worst.1
+                );
+            }
+        }
+    }
+    if !quick {
+        if sep_t <= 2.0 || sep_p <= 2.0 {
+            fail(format!(
+                "the distribution check is too weak: ignoring the temperature moves TV by at most {sep_t:.2}, ignoring top-p by {sep_p:.2} times the bound (need > 2)"
+            ));
+        }
+        println!(
+            "ok  sampling: the check would catch a sampler ignoring the temperature (TV up to {sep_t:.1}× the bound) or top-p ({sep_p:.1}×)"
+        );
+    }
+}
+
+/// `forward_sampled` against `forward` on the same inputs (re-running a step rewrites the same
+/// KV entries, so both see identical logits).
+fn sampling_forward_checks(gpu: &Arc<Gpu>) {
+    let mut rng = Rng(0xfeed_5a3b_0123_4567);
+    let c = config(256, 4, 2, 64);
+    let host = random_model(&c, &mut rng);
+    let adapters: Vec<Arc<LoraAdapter>> = (0..2)
+        .map(|i| {
+            Arc::new(LoraAdapter::dummy(
+                &format!("s{i}"),
+                &c,
+                8,
+                &LoraTarget::ALL,
+                300 + i,
+            ))
+        })
+        .collect();
+    for graphs in [0usize, 16] {
+        let mut m = CudaModel::from_host(
+            gpu.clone(),
+            &host,
+            opts(
+                DeviceDtype::Float32,
+                LoraKernelMode::Chunked(16),
+                graphs,
+                16 * 1024,
+            ),
+        )
+        .unwrap();
+        let mut kv = m.new_kv_cache();
+        let n = 9;
+        let mut toks: Vec<Vec<u32>> = (0..n)
+            .map(|_| {
+                (0..1 + rng.below(30))
+                    .map(|_| rng.below(c.vocab_size) as u32)
+                    .collect()
+            })
+            .collect();
+        let held: Vec<Option<Arc<LoraAdapter>>> = (0..n)
+            .map(|i| match i % 3 {
+                0 => None,
+                k => Some(adapters[k - 1].clone()),
+            })
+            .collect();
+        let mut caches = vec![SeqCache::default(); n];
+        for step in 0..4 {
+            let mut inputs = Vec::new();
+            for (i, cache) in caches.iter_mut().enumerate() {
+                kv.reserve(cache, toks[i].len()).unwrap();
+            }
+            // Step 0 is the prefill, with prompt log-probs for every fourth sequence; then decode
+            // steps: mixed, all host logits, all sampled.
+            let wants_all = |i: usize| step == 0 && i % 4 == 1;
+            let sampled = |i: usize| !wants_all(i) && (step == 3 || (step != 2 && i.is_multiple_of(2)));
+            for (i, cache) in caches.iter().enumerate() {
+                inputs.push(SeqInput {
+                    tokens: &toks[i][cache.len..],
+                    cache,
+                    adapter: held[i].as_deref(),
+                    logits: if wants_all(i) {
+                        LogitsWanted::All
+                    } else {
+                        LogitsWanted::Last
+                    },
+                });
+            }
+            let sampling: Vec<Option<DeviceSample>> = (0..n)
+                .map(|i| {
+                    sampled(i).then(|| {
+                        let t = if i % 4 == 0 { 0.0 } else { 0.9 };
+                        device(&params(t, 0, 0.95, 0.0), (step * 100 + i) as u64)
+                    })
+                })
+                .collect();
+            let want = m.forward(&kv, &inputs).unwrap();
+            let got = m.forward_sampled(&kv, &inputs, &sampling).unwrap();
+            drop(inputs);
+            let what = |i: usize| format!("forward_sampled graphs={graphs} step {step} seq {i}");
+            for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+                match (g, &sampling[i]) {
+                    (SeqOutput::Logits(l), None) => {
+                        if l != w {
+                            fail(format!("{}: host logits differ from forward's", what(i)));
+                        }
+                    }
+                    (SeqOutput::Sampled(t), Some(s)) => {
+                        let row = &w[w.len() - c.vocab_size..];
+                        check_logprob(&what(i), row, &log_softmax(row), t.token_id, t.logprob);
+                        if s.temperature == 0.0 && t.token_id != argmax(row) {
+                            fail(format!(
+                                "{}: greedy token {} != argmax {}",
+                                what(i),
+                                t.token_id,
+                                argmax(row)
+                            ));
+                        }
+                        let p = params(s.temperature, 0, s.top_p, 0.0);
+                        if s.temperature > 0.0 && !allowed_tokens(row, &p)[t.token_id as usize] {
+                            fail(format!(
+                                "{}: token {} outside the host's kept set",
+                                what(i),
+                                t.token_id
+                            ));
+                        }
+                    }
+                    _ => fail(format!("{}: the wrong kind of output", what(i))),
+                }
+            }
+            // Advance every sequence by one token (the sampled one where there is one).
+            for (i, cache) in caches.iter_mut().enumerate() {
+                cache.len = toks[i].len();
+                let next = match &got[i] {
+                    SeqOutput::Sampled(t) => t.token_id,
+                    SeqOutput::Logits(_) => ((i * 31 + step * 7) % c.vocab_size) as u32,
+                };
+                toks[i].push(next);
+            }
+        }
+        let bad = SeqInput {
+            tokens: &toks[0],
+            cache: &caches[0],
+            adapter: None,
+            logits: LogitsWanted::All,
+        };
+        if m.forward_sampled(&kv, &[bad], &[Some(device(&params(1.0, 0, 1.0, 0.0), 1))])
+            .is_ok()
+        {
+            fail("forward_sampled accepted a sampled sequence that wants every row's logits".into());
+        }
+        println!(
+            "ok  sampling forward_sampled graphs={graphs:2}: 4 steps × {n} sequences (adapters, prompt log-probs, mixed/all-host/all-device), logits bit-identical, tokens = argmax / inside the kept set"
+        );
+    }
+}
+
+fn sampling_timing(gpu: &Arc<Gpu>) {
+    let (rows, vocab) = (64usize, 128256usize);
+    let mut rng = Rng(0x7157_0000_1234_5678);
+    let host: Vec<f32> = (0..rows * vocab).map(|_| 4.0 * rng.f()).collect();
+    let dev = gpu.upload(&host).unwrap_or_else(|e| fail(e.to_string()));
+    let time = |f: &mut dyn FnMut()| {
+        for _ in 0..3 {
+            f();
+        }
+        let t0 = std::time::Instant::now();
+        let iters = 50;
+        for _ in 0..iters {
+            f();
+        }
+        t0.elapsed().as_secs_f64() * 1e3 / iters as f64
+    };
+    let download = time(&mut || {
+        gpu.download(&dev, rows * vocab).unwrap();
+    });
+    println!("    timing: copying {rows} rows × {vocab} logits to the host: {download:.3} ms");
+    for (label, p) in [
+        ("greedy", params(0.0, 0, 1.0, 0.0)),
+        ("T=0.8", params(0.8, 0, 1.0, 0.0)),
+        ("T=0.8 top_k=50", params(0.8, 50, 1.0, 0.0)),
+        ("T=0.8 top_p=0.9", params(0.8, 0, 0.9, 0.0)),
+        ("T=0.8 top_k=50 top_p=0.9 min_p=0.05", params(0.8, 50, 0.9, 0.05)),
+    ] {
+        let batch: Vec<SampleRow> = (0..rows)
+            .map(|r| SampleRow::new(r, &device(&p, r as u64)))
+            .collect();
+        let ms = time(&mut || {
+            device_sample_rows(gpu, &dev, vocab, &batch);
+        });
+        println!("    timing: sampling {rows} rows × {vocab} on the device, {label}: {ms:.3} ms (upload, kernel, download)");
+    }
+}
+
+fn sampling_checks(gpu: &Arc<Gpu>, quick: bool) {
+    sampling_kernel_checks(gpu, quick);
+    sampling_forward_checks(gpu);
+    if !quick {
+        sampling_timing(gpu);
+    }
 }

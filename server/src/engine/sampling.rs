@@ -1,8 +1,11 @@
 //! Token selection: penalties, temperature, top-k, top-p and min-p over one row of logits, with a
-//! per-request seeded generator so that a given `seed` reproduces the same text.
+//! per-request seeded generator so that a given `seed` reproduces the same text; and which
+//! sequences a model that samples on its device may sample instead ([`device_eligible`]).
 
-use super::request::{SamplingParams, TokenLogprob};
+use super::request::{EngineRequest, SamplingParams, TokenLogprob};
 use crate::backend::cpu::log_softmax;
+use crate::model::llama::LogitsWanted;
+use crate::model::DeviceSample;
 
 /// SplitMix64: small, fast and deterministic per request.
 #[derive(Clone, Debug)]
@@ -22,7 +25,8 @@ impl Rng {
         Self(s)
     }
 
-    fn next_u64(&mut self) -> u64 {
+    /// The next 64 random bits (also the per-step seed of device sampling).
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -33,6 +37,28 @@ impl Rng {
     /// Uniform in [0, 1).
     pub fn uniform(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Whether a sequence's next token may be sampled on the device this step: its chunk is the last
+/// of its pending tokens and wants only the last logits (no prompt log-probs), it generates, its
+/// penalties are neutral (they need the token history, which stays on the host) and it asks for
+/// no top log-probs (the device returns the chosen token's only).
+pub fn device_eligible(req: &EngineRequest, logits: LogitsWanted, last_chunk: bool) -> bool {
+    let p = &req.sampling;
+    let neutral = p.repetition_penalty == 1.0 && p.frequency_penalty == 0.0 && p.presence_penalty == 0.0;
+    let no_top = !req.logprobs.return_logprob || req.logprobs.top_logprobs_num == 0;
+    last_chunk && logits == LogitsWanted::Last && p.max_new_tokens > 0 && neutral && no_top
+}
+
+/// The device's share of `p`, with this step's seed.
+pub fn device_sample(p: &SamplingParams, seed: u64) -> DeviceSample {
+    DeviceSample {
+        temperature: p.temperature,
+        top_k: p.top_k,
+        top_p: p.top_p,
+        min_p: p.min_p,
+        seed,
     }
 }
 
@@ -121,6 +147,23 @@ fn argmax(v: &[f32]) -> u32 {
 }
 
 fn draw(l: &[f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
+    let cand = kept_tokens(l, p);
+    let total: f64 = cand.iter().map(|c| c.1).sum();
+    let mut u = rng.uniform() * total;
+    for &(i, w) in &cand {
+        if u < w {
+            return i;
+        }
+        u -= w;
+    }
+    cand.last().map(|c| c.0).unwrap_or(0)
+}
+
+/// The tokens `draw` chooses among with their unnormalised weights `exp((l - max) / T)`, most
+/// likely first (ties: lower id first): top-k, then min-p relative to the most likely, then the
+/// shortest run whose mass reaches `top_p` of the top-k set's. `p.temperature` must be positive.
+/// The reference for the device sampler.
+pub fn kept_tokens(l: &[f32], p: &SamplingParams) -> Vec<(u32, f64)> {
     let t = p.temperature;
     let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut cand: Vec<(u32, f64)> = l
@@ -149,15 +192,7 @@ fn draw(l: &[f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
         }
         cand.truncate(keep.max(1));
     }
-    let total: f64 = cand.iter().map(|c| c.1).sum();
-    let mut u = rng.uniform() * total;
-    for &(i, w) in &cand {
-        if u < w {
-            return i;
-        }
-        u -= w;
-    }
-    cand.last().map(|c| c.0).unwrap_or(0)
+    cand
 }
 
 #[cfg(test)]
@@ -204,6 +239,107 @@ mod tests {
             let t = sample(&logits, &nucleus, &[], &[], 0, &mut Rng::new(Some(s))).token_id;
             assert_eq!(t, 1, "top_p 0.5 keeps only the most likely token here");
         }
+    }
+
+    fn request(f: impl FnOnce(&mut EngineRequest)) -> EngineRequest {
+        let mut r = EngineRequest {
+            input_ids: vec![1, 2, 3],
+            lora: None,
+            sampling: SamplingParams::default(),
+            logprobs: Default::default(),
+        };
+        f(&mut r);
+        r
+    }
+
+    #[test]
+    fn device_eligibility() {
+        use LogitsWanted::{All, Last, None as NoLogits};
+        let plain = request(|_| {});
+        assert!(device_eligible(&plain, Last, true));
+        let greedy = request(|r| r.sampling.temperature = 0.0);
+        assert!(device_eligible(&greedy, Last, true));
+        let chosen_logprob = request(|r| r.logprobs.return_logprob = true);
+        assert!(device_eligible(&chosen_logprob, Last, true));
+        // Top-n asked for but return_logprob off: nothing is returned, so the device may sample.
+        let top_off = request(|r| r.logprobs.top_logprobs_num = 5);
+        assert!(device_eligible(&top_off, Last, true));
+
+        assert!(!device_eligible(&plain, Last, false), "not the last chunk");
+        assert!(!device_eligible(&plain, All, true), "prompt log-probs");
+        assert!(!device_eligible(&plain, NoLogits, true));
+        let top = request(|r| {
+            r.logprobs.return_logprob = true;
+            r.logprobs.top_logprobs_num = 1;
+        });
+        assert!(!device_eligible(&top, Last, true), "top log-probs");
+        let prefill_only = request(|r| r.sampling.max_new_tokens = 0);
+        assert!(!device_eligible(&prefill_only, Last, true));
+        for penalised in [
+            request(|r| r.sampling.repetition_penalty = 1.2),
+            request(|r| r.sampling.frequency_penalty = 0.5),
+            request(|r| r.sampling.presence_penalty = -0.5),
+        ] {
+            assert!(
+                !device_eligible(&penalised, Last, true),
+                "{:?}",
+                penalised.sampling
+            );
+        }
+    }
+
+    #[test]
+    fn device_sample_copies_the_settings_and_seed() {
+        let p = params(|p| {
+            p.temperature = 0.8;
+            p.top_k = 40;
+            p.top_p = 0.9;
+            p.min_p = 0.05;
+            p.repetition_penalty = 1.3;
+        });
+        let d = device_sample(&p, 99);
+        assert_eq!(
+            (d.temperature, d.top_k, d.top_p, d.min_p, d.seed),
+            (0.8, 40, 0.9, 0.05, 99)
+        );
+    }
+
+    #[test]
+    fn kept_tokens_applies_top_k_min_p_then_top_p_over_the_top_k_mass() {
+        // Weights at T = 1: 1, e^-1, e^-2, e^-3, e^-4 (ids 4, 3, 2, 1, 0).
+        let logits = [0.0, 1.0, 2.0, 3.0, 4.0];
+        let ids = |p: &SamplingParams| kept_tokens(&logits, p).iter().map(|c| c.0).collect::<Vec<_>>();
+        assert_eq!(ids(&params(|_| {})), [4, 3, 2, 1, 0]);
+        assert_eq!(ids(&params(|p| p.top_k = 2)), [4, 3]);
+        // e^-2 = 0.135 >= 0.1 > e^-3.
+        assert_eq!(ids(&params(|p| p.min_p = 0.1)), [4, 3, 2]);
+        // Masses 0.636, 0.234, 0.086, ...: 0.87 is reached at the second token.
+        assert_eq!(ids(&params(|p| p.top_p = 0.85)), [4, 3]);
+        // Top-p normalised by the top-3 mass (1.503): 1.368 / 1.503 = 0.91 >= 0.9.
+        assert_eq!(
+            ids(&params(|p| {
+                p.top_k = 3;
+                p.top_p = 0.9;
+            })),
+            [4, 3]
+        );
+        // Min-p leaves 1 + e^-1, 0.91 of the top-3 mass, below top_p 0.95: all of it is kept.
+        assert_eq!(
+            ids(&params(|p| {
+                p.top_k = 3;
+                p.min_p = 0.2;
+                p.top_p = 0.95;
+            })),
+            [4, 3]
+        );
+        // Temperature 0.5 squares the ratios: e^-2 = 0.135 is below min_p 0.2.
+        assert_eq!(
+            ids(&params(|p| {
+                p.temperature = 0.5;
+                p.min_p = 0.2;
+            })),
+            [4]
+        );
     }
 
     #[test]

@@ -17,14 +17,14 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::adapter_pool::{Acquire, AdapterPool};
 use super::handle::{Command, Published};
 use super::request::{EngineError, EngineEvent, EngineRequest, FinishReason, TokenLogprob};
-use super::sampling::{sample, top_logprobs, Rng};
+use super::sampling::{device_eligible, device_sample, sample, top_logprobs, Rng};
 use super::{AdapterSpec, EngineConfig, EngineHandle, KvCache, SeqCache};
 use crate::adapter::LoraAdapter;
 use crate::backend::cpu::log_softmax;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::model::llama::{LogitsWanted, SeqInput};
-use crate::model::{Forward, Model};
+use crate::model::{DeviceSample, Forward, Model, SeqOutput};
 
 /// Steps the head of the queue may be passed over before admission stops for everyone else.
 const STARVATION_STEPS: u32 = 32;
@@ -355,6 +355,16 @@ impl Scheduler {
             plan.push((idx, from, to, logits));
         }
         plan.sort_by_key(|p| self.running[p.0].key);
+        // Sequences the model samples itself: only their token crosses to the host.
+        let on_device = self.model.samples_on_device();
+        let sampling: Vec<Option<DeviceSample>> = plan
+            .iter()
+            .map(|&(idx, _, to, logits)| {
+                let s = &mut self.running[idx];
+                (on_device && device_eligible(&s.req, logits, to == s.tokens.len()))
+                    .then(|| device_sample(&s.req.sampling, s.rng.next_u64()))
+            })
+            .collect();
         let t0 = Instant::now();
         let inputs: Vec<SeqInput<'_>> = plan
             .iter()
@@ -368,7 +378,7 @@ impl Scheduler {
                 }
             })
             .collect();
-        let outputs = self.model.forward(&mut self.kv, &inputs)?;
+        let outputs = self.model.forward_sampled(&mut self.kv, &inputs, &sampling)?;
         drop(inputs);
         self.metrics.step_seconds.observe(t0.elapsed().as_secs_f64());
         let vocab = self.model.config().vocab_size;
@@ -377,13 +387,12 @@ impl Scheduler {
         for (&(idx, from, to, logits), out) in plan.iter().zip(outputs) {
             let s = &mut self.running[idx];
             s.cache.len = to;
-            if logits == LogitsWanted::All {
-                collect_input_logprobs(s, from, to, &out, vocab);
+            if let (LogitsWanted::All, SeqOutput::Logits(l)) = (logits, &out) {
+                collect_input_logprobs(s, from, to, l, vocab);
             }
             if to < s.tokens.len() {
                 continue;
             }
-            let last_row = &out[out.len() - vocab..];
             if !s.started {
                 s.started = true;
                 if self.config.prefix_cache {
@@ -400,19 +409,24 @@ impl Scheduler {
                 finished.push((idx, Some(FinishReason::Length)));
                 continue;
             }
-            let top_n = if s.req.logprobs.return_logprob {
-                s.req.logprobs.top_logprobs_num
-            } else {
-                0
+            let tok = match out {
+                SeqOutput::Sampled(tok) => tok,
+                SeqOutput::Logits(l) => {
+                    let top_n = if s.req.logprobs.return_logprob {
+                        s.req.logprobs.top_logprobs_num
+                    } else {
+                        0
+                    };
+                    sample(
+                        &l[l.len() - vocab..],
+                        &s.req.sampling,
+                        &s.tokens[..s.prompt_len],
+                        &s.tokens[s.prompt_len..],
+                        top_n,
+                        &mut s.rng,
+                    )
+                }
             };
-            let tok = sample(
-                last_row,
-                &s.req.sampling,
-                &s.tokens[..s.prompt_len],
-                &s.tokens[s.prompt_len..],
-                top_n,
-                &mut s.rng,
-            );
             let id = tok.token_id;
             s.tokens.push(id);
             let now = Instant::now();

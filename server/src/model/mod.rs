@@ -11,9 +11,37 @@ pub use config::{Architecture, ModelConfig};
 pub use llama::LlamaModel;
 
 use crate::backend::cuda::CudaModel;
+use crate::engine::request::TokenLogprob;
 use crate::engine::KvCache;
 use crate::error::Result;
 use llama::SeqInput;
+
+/// How a model that samples on its device picks a sequence's next token in
+/// [`Forward::forward_sampled`]: the request's settings without the penalties (they need the
+/// token history, which stays on the host), and this step's seed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DeviceSample {
+    /// 0 (or below) is greedy.
+    pub temperature: f32,
+    /// Keep the k most likely tokens; 0 disables, 1 is greedy.
+    pub top_k: usize,
+    /// Nucleus mass in (0, 1]; 1 disables.
+    pub top_p: f32,
+    /// Drop tokens below `min_p * p_max`; 0 disables.
+    pub min_p: f32,
+    /// This step's randomness, drawn from the request's generator.
+    pub seed: u64,
+}
+
+/// One sequence's share of [`Forward::forward_sampled`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum SeqOutput {
+    /// Its wanted logits, as [`Forward::forward`] returns them.
+    Logits(Vec<f32>),
+    /// Its next token, sampled by the model, with the log-probability under the unmodified
+    /// distribution (`top` is empty).
+    Sampled(TokenLogprob),
+}
 
 /// A model that runs mixed prefill/decode forward passes over a paged KV cache.
 pub trait Forward {
@@ -23,6 +51,27 @@ pub trait Forward {
     fn forward(&mut self, kv: &mut KvCache, seqs: &[SeqInput<'_>]) -> Result<Vec<Vec<f32>>>;
     /// A KV cache for `max_tokens` tokens in blocks of `block_size` that this model can use.
     fn new_kv_cache(&self, max_tokens: usize, block_size: usize) -> KvCache;
+    /// Whether [`Forward::forward_sampled`] samples. Callers draw seeds only when it does, so
+    /// that host sampling consumes each request's generator exactly as without it.
+    fn samples_on_device(&self) -> bool {
+        false
+    }
+    /// One forward pass in which each sequence with `Some` in `sampling` (one per sequence; such a
+    /// sequence must want only its last logits) gets its next token sampled by the model, and
+    /// every other sequence its logits. A model that does not sample returns logits for all.
+    fn forward_sampled(
+        &mut self,
+        kv: &mut KvCache,
+        seqs: &[SeqInput<'_>],
+        sampling: &[Option<DeviceSample>],
+    ) -> Result<Vec<SeqOutput>> {
+        let _ = sampling;
+        Ok(self
+            .forward(kv, seqs)?
+            .into_iter()
+            .map(SeqOutput::Logits)
+            .collect())
+    }
 }
 
 impl Forward for LlamaModel {
@@ -62,6 +111,20 @@ impl Forward for Model {
         match self {
             Model::Cpu(m) => LlamaModel::forward(m, kv, seqs),
             Model::Cuda(m) => m.forward(kv, seqs),
+        }
+    }
+    fn samples_on_device(&self) -> bool {
+        matches!(self, Model::Cuda(_))
+    }
+    fn forward_sampled(
+        &mut self,
+        kv: &mut KvCache,
+        seqs: &[SeqInput<'_>],
+        sampling: &[Option<DeviceSample>],
+    ) -> Result<Vec<SeqOutput>> {
+        match self {
+            Model::Cpu(m) => m.forward_sampled(kv, seqs, sampling),
+            Model::Cuda(m) => m.forward_sampled(kv, seqs, sampling),
         }
     }
     /// On the GPU the cache was sized when the model was placed; the arguments are ignored.

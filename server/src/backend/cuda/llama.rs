@@ -13,12 +13,13 @@ use std::sync::Arc;
 use cudarc::driver::{sys as drv, CudaGraph, CudaSlice};
 
 use super::lora::{group_dims, LoraSlots};
+use super::sampling::{check_sampling, split_outputs};
 use super::{launch, Gpu, GpuFloat};
 use crate::adapter::{LoraAdapter, LoraTarget};
 use crate::engine::KvCache;
 use crate::error::{Error, Result};
 use crate::model::llama::{check_seq_input, rope_inv_freq, LogitsWanted, SeqInput};
-use crate::model::{LlamaModel, ModelConfig};
+use crate::model::{DeviceSample, LlamaModel, ModelConfig, SeqOutput};
 
 /// How LoRA rows are cut into kernel work items.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1171,6 +1172,26 @@ impl<T: GpuFloat> CudaLlama<T> {
             .collect())
     }
 
+    /// One forward pass in which each sequence with `Some` in `sampling` gets its next token
+    /// sampled on the device (only the token and its log-probability cross to the host) and every
+    /// other sequence its wanted logits, as [`CudaLlama::forward`] returns them.
+    pub fn forward_sampled(
+        &mut self,
+        kv: &KvCache,
+        seqs: &[SeqInput<'_>],
+        sampling: &[Option<DeviceSample>],
+    ) -> Result<Vec<SeqOutput>> {
+        check_sampling(seqs, sampling)?;
+        let out = self.step(kv, seqs)?;
+        split_outputs(
+            &self.gpu,
+            &self.bufs.logits,
+            self.config.vocab_size,
+            &out.per_seq,
+            sampling,
+        )
+    }
+
     /// One forward pass returning each sequence's greedy next token, chosen on the device (only
     /// the ids cross to the host). Every sequence must want its last logits.
     pub fn forward_greedy(&mut self, kv: &KvCache, seqs: &[SeqInput<'_>]) -> Result<Vec<u32>> {
@@ -1243,6 +1264,16 @@ impl CudaModel {
     /// See [`CudaLlama::forward`].
     pub fn forward(&mut self, kv: &KvCache, seqs: &[SeqInput<'_>]) -> Result<Vec<Vec<f32>>> {
         each_dtype!(self, m => m.forward(kv, seqs))
+    }
+
+    /// See [`CudaLlama::forward_sampled`].
+    pub fn forward_sampled(
+        &mut self,
+        kv: &KvCache,
+        seqs: &[SeqInput<'_>],
+        sampling: &[Option<DeviceSample>],
+    ) -> Result<Vec<SeqOutput>> {
+        each_dtype!(self, m => m.forward_sampled(kv, seqs, sampling))
     }
 
     /// See [`CudaLlama::forward_greedy`].

@@ -1,12 +1,14 @@
 //! The CUDA backend: one GPU context with its stream, cuBLAS handle and kernels ([`Gpu`]), the
 //! element types the model runs in ([`GpuFloat`]), and the Llama model on the device
-//! ([`CudaLlama`], with its LoRA slot pool in [`lora`]).
+//! ([`CudaLlama`], with its LoRA slot pool in [`lora`] and token sampling on the device in
+//! [`sampling`]).
 //!
 //! Everything is issued on one non-default stream with cudarc's cross-stream event tracking
 //! off, so a decode step can be captured once as a CUDA graph and replayed.
 
 mod llama;
 pub mod lora;
+pub mod sampling;
 
 use std::sync::Arc;
 

@@ -1,0 +1,318 @@
+// Token sampling on the device: one block per sampled row of f32 logits `[rows, vocab]`, so that
+// only the chosen token and its log-probability cross to the host.
+//
+// Compiled after llama.cu in one NVRTC program (kernels/src/lib.rs) but self-contained: the
+// helpers live in namespace smp. The kept set is the host's (`draw()` in
+// server/src/engine/sampling.rs): with w = exp((l - max) / T), top-k keeps the k largest w, min-p
+// drops w < min_p (w_max = 1), top-p keeps the shortest run, in descending order of what is left,
+// whose mass reaches top_p of the top-k set's mass; the token is drawn in proportion to w.
+// Thresholds come from radix select over order-preserving bits of the logits (count or mass
+// histograms in shared memory, 8 bits per pass), not from a sort. Tokens exactly tied with a
+// threshold are all kept (the host keeps the lower ids among them). Masses are fixed point
+// summed with integer atomics, so no sum depends on thread timing: a row's token is a function
+// of its logits, parameters and seed.
+
+namespace smp {
+
+typedef unsigned long long u64;
+
+constexpr unsigned FULL = 0xffffffffu;
+constexpr int BINS = 256;
+constexpr int NO_TOKEN = 0x7fffffff;
+// w = 1 in fixed point (2^40): tokens with w below 2^-41 weigh nothing, and 2^24 tokens of w = 1
+// still fit in 64 bits (the host refuses larger vocabularies).
+constexpr float MASS_ONE = 1099511627776.0f;
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+// a < b  <=>  key(a) < key(b) for non-NaN floats (-0 sorts just below +0).
+__device__ __forceinline__ unsigned key(float f) {
+    unsigned u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// SplitMix64's finaliser: host seeds may be small consecutive integers.
+__device__ __forceinline__ u64 mix(u64 z) {
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// Per-row parameters, laid out as `SampleRow` in server/src/backend/cuda/sampling.rs.
+struct SampleRow {
+    float temperature;  // <= 0: greedy
+    float top_p;        // (0, 1]; 1: off
+    float min_p;        // [0, 1]; 0: off
+    int top_k;          // 0: off; 1: greedy
+    int row;            // row of the logits matrix
+    int pad;
+    u64 seed;
+};
+
+struct SampleOut {
+    int token;
+    float logprob;  // under the unmodified distribution: l[token] - logsumexp(l)
+};
+
+// Running max, sum of exp(l - max) and the lowest index of the max.
+struct Stats {
+    float max;
+    float sum;
+    int arg;
+};
+
+// Commutative bit for bit, so every lane of a butterfly reduction agrees.
+__device__ __forceinline__ Stats merge(Stats a, Stats b) {
+    float m = fmaxf(a.max, b.max);
+    float sa = a.sum == 0.f ? 0.f : a.sum * expf(a.max - m);
+    float sb = b.sum == 0.f ? 0.f : b.sum * expf(b.max - m);
+    int arg = a.max > b.max ? a.arg : (b.max > a.max ? b.arg : min(a.arg, b.arg));
+    return {m, sa + sb, arg};
+}
+
+// One pass: max, argmax (lowest index on ties) and the softmax normaliser. Every thread gets it.
+__device__ Stats row_stats(const float* l, int vocab) {
+    __shared__ Stats s_warp[32];
+    __shared__ Stats s_all;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    Stats st = {neg_inf(), 0.f, NO_TOKEN};
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+        float v = l[j];
+        if (v > st.max) {
+            st.sum = st.sum * expf(st.max - v) + 1.f;
+            st.max = v;
+            st.arg = j;
+        } else if (v > neg_inf()) {
+            st.sum += expf(v - st.max);
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        Stats x = {__shfl_xor_sync(FULL, st.max, o), __shfl_xor_sync(FULL, st.sum, o),
+                   __shfl_xor_sync(FULL, st.arg, o)};
+        st = merge(st, x);
+    }
+    if (lane == 0) s_warp[warp] = st;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        Stats a = s_warp[0];
+        for (int w = 1; w < nwarps; w++) a = merge(a, s_warp[w]);
+        s_all = a;
+    }
+    __syncthreads();
+    return s_all;
+}
+
+// A thread's pending histogram increment: consecutive hits on one bin become one atomic, which
+// matters on the first pass, where most logits share a few exponent bins.
+template <typename T>
+struct BinRun {
+    int bin = -1;
+    T acc = 0;
+    __device__ __forceinline__ void add(T* hist, int b, T v) {
+        if (b != bin) {
+            flush(hist);
+            bin = b;
+        }
+        acc += v;
+    }
+    __device__ __forceinline__ void flush(T* hist) {
+        if (bin >= 0 && acc != 0) atomicAdd(hist + bin, acc);
+        acc = 0;
+    }
+};
+
+// The largest key K such that the tokens with key >= K, among those with key >= floor, weigh at
+// least `need` (by `weight`, u32 counts or u64 masses), found 8 bits per pass. `need_of` turns
+// the candidates' total weight (known after the first pass) into `need`. Every thread gets K;
+// all tokens with key exactly K are included.
+template <typename T, typename Weight, typename Need>
+__device__ unsigned radix_select(const float* l, int vocab, unsigned floor, Weight weight, Need need_of,
+                                 T* hist) {
+    __shared__ unsigned s_prefix;
+    __shared__ T s_need;
+    __shared__ bool s_done;
+    const int lane = threadIdx.x & 31;
+    unsigned prefix = 0, mask = 0;
+    T need = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < BINS; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        BinRun<T> run;
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+            float v = l[j];
+            unsigned k = key(v);
+            if (k >= floor && (k & mask) == prefix) run.add(hist, (k >> shift) & (BINS - 1), weight(v));
+        }
+        run.flush(hist);
+        __syncthreads();
+        if (threadIdx.x < 32) {
+            // Warp 0: lane L owns bins [8L, 8L + 8); suffix sums over lanes find the bin where the
+            // weight from the top first reaches `need`.
+            constexpr int PER = BINS / 32;
+            T own = 0;
+            for (int i = 0; i < PER; i++) own += hist[lane * PER + i];
+            T suf = own;
+            for (int o = 1; o < 32; o <<= 1) {
+                T x = __shfl_down_sync(FULL, suf, o);
+                if (lane + o < 32) suf += x;
+            }
+            if (shift == 24) need = need_of(__shfl_sync(FULL, suf, 0));
+            unsigned ok = __ballot_sync(FULL, suf >= need);
+            // NB: `ok` is never 0 (need <= the total); if it were, the threshold would keep all.
+            int owner = ok ? 31 - __clz(ok) : 0;
+            if (lane == owner) {
+                T above = suf - own, h = 0;
+                int d = 0;
+                if (ok) {
+                    for (int i = PER - 1; i >= 0; i--) {
+                        h = hist[lane * PER + i];
+                        if (above + h >= need) {
+                            d = lane * PER + i;
+                            break;
+                        }
+                        above += h;
+                    }
+                }
+                s_prefix = prefix | ((unsigned)d << shift);
+                s_need = ok ? need - above : need;
+                // The whole bin is needed: the threshold is its lowest key.
+                s_done = !ok || h == need - above;
+            }
+        }
+        __syncthreads();
+        prefix = s_prefix;
+        need = s_need;
+        mask |= (unsigned)(BINS - 1) << shift;
+        if (s_done) break;
+    }
+    return prefix;
+}
+
+__device__ __forceinline__ u64 warp_sum_u64(u64 v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL, v, o);
+    return v;
+}
+
+// Exclusive prefix sum over the block, in thread order.
+__device__ u64 block_exclusive_scan(u64 v) {
+    __shared__ u64 s_tot[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    u64 inc = v;
+    for (int o = 1; o < 32; o <<= 1) {
+        u64 x = __shfl_up_sync(FULL, inc, o);
+        if (lane >= o) inc += x;
+    }
+    if (lane == 31) s_tot[warp] = inc;
+    __syncthreads();
+    u64 off = 0;
+    for (int w = 0; w < warp; w++) off += s_tot[w];
+    return off + inc - v;
+}
+
+// Inverse CDF in token-id order over `mass(j)`, with one uniform from `seed`: warps sum
+// contiguous chunks, then the block scans the chosen chunk. Returns NO_TOKEN when all masses are 0.
+template <typename Mass>
+__device__ int draw(int vocab, u64 seed, Mass mass) {
+    __shared__ u64 s_chunk[32];
+    __shared__ int s_lo, s_hi, s_tok;
+    __shared__ u64 s_rest;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    int chunk = ((vocab + nwarps - 1) / nwarps + 31) & ~31;
+    int lo = warp * chunk, hi = min(lo + chunk, vocab);
+    u64 sum = 0;
+    for (int j = lo + lane; j < hi; j += 32) sum += mass(j);
+    sum = warp_sum_u64(sum);
+    if (lane == 0) s_chunk[warp] = sum;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        u64 total = 0;
+        for (int w = 0; w < nwarps; w++) total += s_chunk[w];
+        s_tok = NO_TOKEN;
+        s_lo = s_hi = 0;
+        if (total > 0) {
+            u64 r = __umul64hi(mix(seed), total);  // uniform in [0, total)
+            int w = 0;
+            while (r >= s_chunk[w]) r -= s_chunk[w++];
+            s_lo = w * chunk;
+            s_hi = min(s_lo + chunk, vocab);
+            s_rest = r;
+        }
+    }
+    __syncthreads();
+    int lo2 = s_lo, hi2 = s_hi;
+    u64 rest = s_rest;
+    int per = (hi2 - lo2 + (int)blockDim.x - 1) / (int)blockDim.x;
+    int a = lo2 + threadIdx.x * per, b = min(a + per, hi2);
+    u64 own = 0;
+    for (int j = a; j < b; j++) own += mass(j);
+    u64 before = block_exclusive_scan(own);
+    if (hi2 > lo2 && own > 0 && rest >= before && rest - before < own) {
+        u64 x = rest - before;
+        for (int j = a; j < b; j++) {
+            u64 m = mass(j);
+            if (x < m) {
+                s_tok = j;
+                break;
+            }
+            x -= m;
+        }
+    }
+    __syncthreads();
+    return s_tok;
+}
+
+}  // namespace smp
+
+// out[i] = the token drawn for rows[i] (see the top of this file) and its log-probability.
+// Any block size that is a multiple of 32, up to 1024; any vocabulary below 2^24.
+extern "C" __global__ void __launch_bounds__(1024)
+    sample_f32(smp::SampleOut* out, const float* logits, const smp::SampleRow* rows, int vocab) {
+    using namespace smp;
+    const SampleRow p = rows[blockIdx.x];
+    const float* l = logits + (size_t)p.row * vocab;
+    const Stats st = row_stats(l, vocab);
+    int tok = st.arg;
+    if (p.temperature > 0.f && p.top_k != 1) {
+        const float t = p.temperature, mx = st.max, min_p = p.min_p;
+        auto weight = [=](float v) { return expf((v - mx) / t); };
+        auto fixed = [](float w) -> u64 { return __float2ull_rn(w * MASS_ONE); };
+        __shared__ unsigned counts[BINS];
+        __shared__ u64 masses[BINS];
+        unsigned kth = 0, pth = 0;
+        if (p.top_k > 1 && p.top_k < vocab) {
+            unsigned k = (unsigned)p.top_k;
+            kth = radix_select<unsigned>(
+                l, vocab, 0u, [](float) { return 1u; }, [=](unsigned) { return k; }, counts);
+        }
+        if (p.top_p < 1.f) {
+            // Over the top-k set, before min-p: both cut a tail of the same order, so the top-p
+            // threshold found here, combined with min-p below, is the host's.
+            const double top_p = p.top_p;
+            pth = radix_select<u64>(
+                l, vocab, kth, [=](float v) { return fixed(weight(v)); },
+                [=](u64 total) {
+                    u64 n = (u64)ceil(top_p * (double)total);
+                    return n < 1 ? 1 : (n > total ? total : n);
+                },
+                masses);
+        }
+        const unsigned thr = max(kth, pth);
+        int drawn = draw(vocab, p.seed, [=](int j) -> u64 {
+            float v = l[j];
+            if (key(v) < thr) return 0;
+            float w = weight(v);
+            return w >= min_p ? fixed(w) : 0;
+        });
+        if (drawn != NO_TOKEN) tok = drawn;
+    }
+    if (tok < 0 || tok >= vocab) tok = 0;  // no finite logit: nothing to choose from
+    if (threadIdx.x == 0) out[blockIdx.x] = {tok, (l[tok] - st.max) - logf(st.sum)};
+}
+
+// out[i, :] = logits[rows[i], :]: the rows the host still needs, packed for one copy.
+extern "C" __global__ void gather_rows_f32(float* out, const float* logits, const int* rows, int vocab) {
+    const float* src = logits + (size_t)rows[blockIdx.x] * vocab;
+    float* dst = out + (size_t)blockIdx.x * vocab;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) dst[j] = src[j];
+}

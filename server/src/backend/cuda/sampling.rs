@@ -1,0 +1,218 @@
+//! Token sampling on the device for the serving path: the per-row parameters of the `sample_f32`
+//! kernel (`kernels/src/sampling.cu`) and its launch, the copy of only those logits rows the host
+//! still needs, and the split of one forward pass's results into sampled tokens and host logits
+//! ([`split_outputs`], behind `CudaLlama::forward_sampled`).
+
+use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+
+use super::{cuda_err, launch, Gpu};
+use crate::engine::request::TokenLogprob;
+use crate::error::{Error, Result};
+use crate::model::llama::{LogitsWanted, SeqInput};
+use crate::model::{DeviceSample, SeqOutput};
+
+/// Threads per sampled row: the kernel reads the row about ten times, so one full block per row.
+pub const SAMPLE_THREADS: u32 = 1024;
+
+/// Largest vocabulary the kernel's fixed-point masses (2^40 per unit weight, 64-bit sums) allow.
+pub const MAX_SAMPLE_VOCAB: usize = (1 << 24) - 1;
+
+/// One row to sample: which logits row and how. Laid out as `SampleRow` in `sampling.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SampleRow {
+    /// 0 (or below): greedy.
+    pub temperature: f32,
+    /// Nucleus mass in (0, 1]; 1 disables.
+    pub top_p: f32,
+    /// Relative floor in [0, 1]; 0 disables.
+    pub min_p: f32,
+    /// 0 disables; 1 is greedy.
+    pub top_k: i32,
+    /// Row of the logits matrix.
+    pub row: i32,
+    _pad: i32,
+    /// Randomness of this draw.
+    pub seed: u64,
+}
+
+// SAFETY: plain `repr(C)` data with the kernel's layout (checked by the size assertion below).
+unsafe impl DeviceRepr for SampleRow {}
+const _: () = assert!(std::mem::size_of::<SampleRow>() == 32);
+
+impl SampleRow {
+    /// Sampling of logits row `row` as `s` says.
+    pub fn new(row: usize, s: &DeviceSample) -> Self {
+        Self {
+            temperature: s.temperature,
+            top_p: s.top_p,
+            min_p: s.min_p,
+            // Any k at or above the vocabulary keeps everything, as 0 does.
+            top_k: s.top_k.min(i32::MAX as usize) as i32,
+            row: row as i32,
+            _pad: 0,
+            seed: s.seed,
+        }
+    }
+}
+
+/// The kernel's answer for one row. Laid out as `SampleOut` in `sampling.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct SampleOut {
+    token: i32,
+    logprob: f32,
+}
+
+// SAFETY: plain `repr(C)` data; all-zero bits are a valid value.
+unsafe impl DeviceRepr for SampleOut {}
+unsafe impl ValidAsZeroBits for SampleOut {}
+
+/// Samples one token per entry of `rows` from the f32 logits at device address `logits`
+/// (`[_, vocab]`, row-major) and returns each with its log-probability under the unmodified
+/// distribution. Waits for the result.
+pub fn sample_rows(gpu: &Gpu, logits: u64, vocab: usize, rows: &[SampleRow]) -> Result<Vec<TokenLogprob>> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    if vocab == 0 || vocab > MAX_SAMPLE_VOCAB {
+        return Err(Error::Model(format!(
+            "device sampling supports vocabularies of 1 to {MAX_SAMPLE_VOCAB} tokens, not {vocab}"
+        )));
+    }
+    let params = gpu.upload(rows)?;
+    let out = gpu.zeros::<SampleOut>(rows.len())?;
+    launch!(
+        gpu,
+        "sample_f32",
+        (rows.len() as u32, 1, 1),
+        (SAMPLE_THREADS, 1, 1),
+        gpu.ptr(&out),
+        logits,
+        gpu.ptr(&params),
+        vocab as i32
+    )?;
+    Ok(gpu
+        .download(&out, rows.len())?
+        .into_iter()
+        .map(|o| TokenLogprob {
+            token_id: o.token as u32,
+            logprob: o.logprob,
+            top: Vec::new(),
+        })
+        .collect())
+}
+
+/// Logits rows `rows` (in that order) of the `[_, vocab]` matrix `logits`, concatenated on the
+/// host. A run of consecutive rows is one copy; anything else is first packed on the device.
+pub fn download_rows(gpu: &Gpu, logits: &CudaSlice<f32>, vocab: usize, rows: &[usize]) -> Result<Vec<f32>> {
+    let Some(&first) = rows.first() else {
+        return Ok(Vec::new());
+    };
+    let mut host = vec![0f32; rows.len() * vocab];
+    let consecutive = rows.iter().enumerate().all(|(i, &r)| r == first + i);
+    if consecutive {
+        let view = logits.slice(first * vocab..(first + rows.len()) * vocab);
+        gpu.stream
+            .memcpy_dtoh(&view, &mut host)
+            .map_err(|e| cuda_err("device-to-host copy", e))?;
+        return Ok(host);
+    }
+    let index: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
+    let index = gpu.upload(&index)?;
+    let packed = gpu.zeros::<f32>(rows.len() * vocab)?;
+    launch!(
+        gpu,
+        "gather_rows_f32",
+        (rows.len() as u32, 1, 1),
+        (256, 1, 1),
+        gpu.ptr(&packed),
+        gpu.ptr(logits),
+        gpu.ptr(&index),
+        vocab as i32
+    )?;
+    gpu.stream
+        .memcpy_dtoh(&packed, &mut host)
+        .map_err(|e| cuda_err("device-to-host copy", e))?;
+    Ok(host)
+}
+
+/// Checks that every sequence with `Some` in `sampling` wants exactly one logits row.
+pub fn check_sampling(seqs: &[SeqInput<'_>], sampling: &[Option<DeviceSample>]) -> Result<()> {
+    if sampling.len() != seqs.len() {
+        return Err(Error::Model(format!(
+            "{} sampling entries for {} sequences",
+            sampling.len(),
+            seqs.len()
+        )));
+    }
+    for (s, p) in seqs.iter().zip(sampling) {
+        if p.is_some() && (s.logits != LogitsWanted::Last || s.tokens.is_empty()) {
+            return Err(Error::Model(
+                "a sequence sampled on the device must want its last logits only".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The results of a forward pass whose wanted logits are in `logits`, sequence `i` owning rows
+/// `per_seq[i] = (first, count)`: the sequences with `Some` in `sampling` (one row each) are
+/// sampled on the device, the others get their rows copied to the host.
+pub fn split_outputs(
+    gpu: &Gpu,
+    logits: &CudaSlice<f32>,
+    vocab: usize,
+    per_seq: &[(usize, usize)],
+    sampling: &[Option<DeviceSample>],
+) -> Result<Vec<SeqOutput>> {
+    let rows: Vec<SampleRow> = per_seq
+        .iter()
+        .zip(sampling)
+        .filter_map(|(&(first, _), s)| s.as_ref().map(|s| SampleRow::new(first, s)))
+        .collect();
+    let host_rows: Vec<usize> = per_seq
+        .iter()
+        .zip(sampling)
+        .filter(|(_, s)| s.is_none())
+        .flat_map(|(&(first, count), _)| first..first + count)
+        .collect();
+    let mut tokens = sample_rows(gpu, gpu.ptr(logits), vocab, &rows)?.into_iter();
+    let host = download_rows(gpu, logits, vocab, &host_rows)?;
+    let mut next = 0;
+    per_seq
+        .iter()
+        .zip(sampling)
+        .map(|(&(_, count), s)| match s {
+            Some(_) => tokens
+                .next()
+                .map(SeqOutput::Sampled)
+                .ok_or_else(|| Error::Model("device sampling returned too few tokens".into())),
+            None => {
+                let l = host[next * vocab..(next + count) * vocab].to_vec();
+                next += count;
+                Ok(SeqOutput::Logits(l))
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_row_carries_the_request_and_clamps_k() {
+        let s = DeviceSample {
+            temperature: 0.7,
+            top_k: usize::MAX,
+            top_p: 0.9,
+            min_p: 0.05,
+            seed: u64::MAX - 3,
+        };
+        let r = SampleRow::new(5, &s);
+        assert_eq!((r.temperature, r.top_p, r.min_p), (0.7, 0.9, 0.05));
+        assert_eq!((r.top_k, r.row, r.seed), (i32::MAX, 5, u64::MAX - 3));
+        assert_eq!(std::mem::align_of::<SampleRow>(), 8);
+    }
+}
