@@ -2,7 +2,7 @@
 // only the chosen token and its log-probability cross to the host.
 //
 // Compiled after llama.cu in one NVRTC program (kernels/src/lib.rs) but self-contained: the
-// helpers live in namespace smp. The kept set is the host's (`draw()` in
+// helpers live in namespace smp. The kept set is the host's (`kept_tokens()` in
 // server/src/engine/sampling.rs): with w = exp((l - max) / T), top-k keeps the k largest w, min-p
 // drops w < min_p (w_max = 1), top-p keeps the shortest run, in descending order of what is left,
 // whose mass reaches top_p of the top-k set's mass; the token is drawn in proportion to w.
