@@ -5,7 +5,8 @@
 //! max(bytes that must be read / 3.0 TB/s, FLOPs / 790 TFLOP/s), where the bytes are the base
 //! weights, every distinct adapter's weights and the KV cache read by the step.
 //!
-//! Run by `scripts/gpu/bench.sh` on the GPU machine; prints a Markdown table.
+//! Run by `scripts/gpu/run.sh bench` (or `quick-bench`) on the GPU machine; prints a Markdown
+//! table.
 
 use std::time::Instant;
 
@@ -203,10 +204,11 @@ fn main() {
         return;
     }
     println!("device: {}", gpu.name);
-    let batches: &[usize] = if only_fast {
-        &[1, 64]
-    } else {
-        &[1, 8, 32, 64, 128, 256]
+    // LORAPLANE_BENCH_BATCHES (e.g. "128,256") replaces the batch sizes.
+    let batches: Vec<usize> = match std::env::var("LORAPLANE_BENCH_BATCHES") {
+        Ok(v) => v.split(',').filter_map(|b| b.trim().parse().ok()).collect(),
+        Err(_) if only_fast => vec![1, 64],
+        Err(_) => vec![1, 8, 32, 64, 128, 256],
     };
     let adapter_counts = [0usize, 1, 8, 64];
     let ranks = [16usize, 64];
@@ -231,7 +233,7 @@ fn main() {
                 m.dummy_adapter_in_slot(s, rank, &LoraTarget::ALL, 1000 + s as u64)
                     .unwrap();
             }
-            for &bs in batches {
+            for &bs in &batches {
                 for &n in &adapter_counts {
                     if n > bs || (n == 0 && rank != ranks[0]) {
                         continue;

@@ -1,4 +1,4 @@
-//! Correctness of the CUDA backend, run on a GPU machine by `scripts/gpu/check.sh`.
+//! Correctness of the CUDA backend, run on a GPU machine by `scripts/gpu/run.sh check`.
 //!
 //! 1. PEFT fixtures (`tests/fixtures/tiny`): one mixed forward pass of every prompt under the
 //!    base model and four adapters on the GPU, f32 within 1e-4 of PEFT's log-probs, bf16 and f16

@@ -91,6 +91,13 @@ pub const LORA_GEMM_MIN_ROWS: usize = 64;
 /// partial plane per slice and the expand sums them.
 const LORA_SHRINK_SLICE: usize = 2048;
 
+/// Batches of at least this many rows merge decode rows of one adapter into shared work items.
+const DECODE_MERGE_MIN_BATCH: usize = 128;
+
+/// Rows of a merged decode work item: one pass of the shrink and expand kernels
+/// (SHRINK_ROWS and EXPAND_ROWS in llama.cu).
+const DECODE_MERGE_ROWS: usize = 4;
+
 /// Rows per pass of the expand kernel (EXPAND_ROWS in llama.cu), which stages those rows' `y`
 /// in shared memory.
 const EXPAND_ROWS: usize = 4;
@@ -560,11 +567,16 @@ impl<T: GpuFloat> CudaLlama<T> {
             } else if slot >= 0 && n > 0 {
                 match self.opts.lora_mode {
                     LoraKernelMode::PerSequence => items.push([first_row as i32, n as i32, slot]),
-                    // A decode row stays its own item: merged rows leave too few blocks to keep
-                    // the memory busy, and the adapter's factors come from L2 after the first
-                    // read (chunks of 16 decode rows measured 25% slower at batch 64).
-                    LoraKernelMode::Chunked(_) if n == 1 => items.push([first_row as i32, 1, slot]),
                     LoraKernelMode::Chunked(chunk) => {
+                        // Decode rows: up to batch 64 each is its own item (merged rows leave
+                        // too few blocks to keep the memory busy; chunks of 16 measured 25%
+                        // slower at batch 64); in larger batches rows of one adapter share items
+                        // of DECODE_MERGE_ROWS, so its factors are not re-read for every row.
+                        let chunk = match n {
+                            1 if rows < DECODE_MERGE_MIN_BATCH => 1,
+                            1 => DECODE_MERGE_ROWS,
+                            _ => chunk,
+                        };
                         // Extend the previous item when it is the same adapter and has room.
                         let mut start = first_row;
                         let end_row = first_row + n;
