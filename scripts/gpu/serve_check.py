@@ -12,11 +12,10 @@ usage: scripts/gpu/serve_check.py [path/to/loraplane-server]
 """
 import json
 import os
-import re
-import subprocess
 import sys
-import time
 import urllib.request
+
+import server_proc
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 BIN = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "target/release/loraplane-server")
@@ -26,21 +25,8 @@ PROMPTS = ["The quick brown fox", "Once upon a time", "A B C D E F", "hello worl
 
 
 def start(extra):
-    args = [BIN, "--host", "127.0.0.1", "--port", "0", "--model-path", f"{TINY}/llama", "--lora-paths"]
-    args += [f"{TINY}/adapters/{a}" for a in ADAPTERS] + extra
-    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env={**os.environ, "RUST_LOG": "info"})
-    deadline = time.time() + 120
-    log = []
-    while time.time() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        log.append(line)
-        m = re.search(r"serving on http://([0-9.:]+)", line)
-        if m:
-            return proc, m.group(1)
-    proc.kill()
-    raise SystemExit("server did not start:\n" + "".join(log[-20:]))
+    args = [BIN, "--model-path", f"{TINY}/llama", "--lora-paths"]
+    return server_proc.start(args + [f"{TINY}/adapters/{a}" for a in ADAPTERS] + extra, timeout=120)
 
 
 def post(addr, path, body):

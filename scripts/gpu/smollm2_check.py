@@ -14,32 +14,20 @@ usage: scripts/gpu/smollm2_check.py path/to/loraplane-server path/to/SmolLM2-135
 """
 import json
 import os
-import re
-import subprocess
 import sys
 import time
 import urllib.request
+
+import server_proc
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 ADAPTERS = ["french", "sql", "caps"]
 
 
 def start(binary, gguf, extra):
-    args = [binary, "--host", "127.0.0.1", "--port", "0", "--model-path", gguf, "--lora-paths"]
-    args += [f"{a}={ROOT}/examples/adapters/{a}" for a in ADAPTERS] + ["--max-loras-per-batch", "4"] + extra
-    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env={**os.environ, "RUST_LOG": "info"})
-    deadline = time.time() + 180
-    log = []
-    while time.time() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        log.append(line)
-        m = re.search(r"serving on http://([0-9.:]+)", line)
-        if m:
-            return proc, m.group(1)
-    proc.kill()
-    raise SystemExit("server did not start:\n" + "".join(log[-20:]))
+    args = [binary, "--model-path", gguf, "--lora-paths"]
+    args += [f"{a}={ROOT}/examples/adapters/{a}" for a in ADAPTERS] + ["--max-loras-per-batch", "4"]
+    return server_proc.start(args + extra)
 
 
 def generate(addr, ids, loras):

@@ -24,7 +24,7 @@ use loraplane_server::backend::cuda::sampling::{sample_rows, SampleRow};
 use loraplane_server::backend::cuda::{CudaModel, CudaOptions, DeviceDtype, Gpu, LoraKernelMode};
 use loraplane_server::engine::generate::argmax;
 use loraplane_server::engine::request::SamplingParams;
-use loraplane_server::engine::sampling::kept_tokens;
+use loraplane_server::engine::sampling::{device_sample, kept_tokens};
 use loraplane_server::engine::{KvCache, SeqCache};
 use loraplane_server::model::llama::{LogitsWanted, SeqInput};
 use loraplane_server::model::weights::load_hf_weights;
@@ -553,16 +553,6 @@ fn params(temperature: f32, top_k: usize, top_p: f32, min_p: f32) -> SamplingPar
     }
 }
 
-fn device(p: &SamplingParams, seed: u64) -> DeviceSample {
-    DeviceSample {
-        temperature: p.temperature,
-        top_k: p.top_k,
-        top_p: p.top_p,
-        min_p: p.min_p,
-        seed,
-    }
-}
-
 /// Tokens a correct device sampler may return: the host's kept set under slightly looser top-p
 /// and min-p (f32 versus f64 rounding at the boundary), widened to every token tied with its
 /// lowest logit (the device keeps exact ties at a threshold).
@@ -704,8 +694,8 @@ fn sampling_kernel_checks(gpu: &Arc<Gpu>, quick: bool) {
         let greedy: Vec<SampleRow> = (0..rows.len())
             .flat_map(|r| {
                 [
-                    SampleRow::new(r, &device(&params(0.0, 0, 1.0, 0.0), r as u64)),
-                    SampleRow::new(r, &device(&params(1.0, 1, 1.0, 0.0), r as u64)),
+                    SampleRow::new(r, &device_sample(&params(0.0, 0, 1.0, 0.0), r as u64)),
+                    SampleRow::new(r, &device_sample(&params(1.0, 1, 1.0, 0.0), r as u64)),
                 ]
             })
             .collect();
@@ -733,7 +723,7 @@ fn sampling_kernel_checks(gpu: &Arc<Gpu>, quick: bool) {
                 );
                 let seed0 = ((vocab as u64) << 40) ^ ((ri as u64) << 32) ^ ((ci as u64) << 20);
                 let batch: Vec<SampleRow> = (0..draws)
-                    .map(|i| SampleRow::new(ri, &device(p, seed0 + i as u64)))
+                    .map(|i| SampleRow::new(ri, &device_sample(p, seed0 + i as u64)))
                     .collect();
                 let got = device_sample_rows(gpu, &dev, vocab, &batch);
                 // Same seeds, same tokens (and log-probs), bit for bit.
@@ -878,7 +868,7 @@ fn sampling_forward_checks(gpu: &Arc<Gpu>) {
                 .map(|i| {
                     sampled(i).then(|| {
                         let t = if i % 4 == 0 { 0.0 } else { 0.9 };
-                        device(&params(t, 0, 0.95, 0.0), (step * 100 + i) as u64)
+                        device_sample(&params(t, 0, 0.95, 0.0), (step * 100 + i) as u64)
                     })
                 })
                 .collect();
@@ -932,7 +922,7 @@ fn sampling_forward_checks(gpu: &Arc<Gpu>) {
             adapter: None,
             logits: LogitsWanted::All,
         };
-        if m.forward_sampled(&kv, &[bad], &[Some(device(&params(1.0, 0, 1.0, 0.0), 1))])
+        if m.forward_sampled(&kv, &[bad], &[Some(device_sample(&params(1.0, 0, 1.0, 0.0), 1))])
             .is_ok()
         {
             fail("forward_sampled accepted a sampled sequence that wants every row's logits".into());
@@ -971,7 +961,7 @@ fn sampling_timing(gpu: &Arc<Gpu>) {
         ("T=0.8 top_k=50 top_p=0.9 min_p=0.05", params(0.8, 50, 0.9, 0.05)),
     ] {
         let batch: Vec<SampleRow> = (0..rows)
-            .map(|r| SampleRow::new(r, &device(&p, r as u64)))
+            .map(|r| SampleRow::new(r, &device_sample(&p, r as u64)))
             .collect();
         let ms = time(&mut || {
             device_sample_rows(gpu, &dev, vocab, &batch);

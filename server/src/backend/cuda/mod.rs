@@ -279,19 +279,8 @@ macro_rules! launch {
             .map(|_| ())
             .map_err(|e| crate::error::Error::Model(format!("CUDA: launching {}: {e}", $name)))
     }};
-    ($gpu:expr, $name:expr, $grid:expr, $block:expr, $($arg:expr),* $(,)?) => {{
-        use cudarc::driver::PushKernelArg;
-        let f = $gpu.kernels.get($name);
-        let mut b = $gpu.stream.launch_builder(f);
-        $( let a = $arg; b.arg(&a); )*
-        let cfg = cudarc::driver::LaunchConfig {
-            grid_dim: $grid,
-            block_dim: $block,
-            shared_mem_bytes: 0,
-        };
-        unsafe { b.launch(cfg) }
-            .map(|_| ())
-            .map_err(|e| crate::error::Error::Model(format!("CUDA: launching {}: {e}", $name)))
-    }};
+    ($gpu:expr, $name:expr, $grid:expr, $block:expr, $($arg:expr),* $(,)?) => {
+        $crate::backend::cuda::launch!($gpu, $name, $grid, $block, shared = 0, $($arg),*)
+    };
 }
 pub(crate) use launch;
