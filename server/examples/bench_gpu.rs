@@ -206,7 +206,14 @@ fn main() {
     println!("device: {}", gpu.name);
     // LORAPLANE_BENCH_BATCHES (e.g. "128,256") replaces the batch sizes.
     let batches: Vec<usize> = match std::env::var("LORAPLANE_BENCH_BATCHES") {
-        Ok(v) => v.split(',').filter_map(|b| b.trim().parse().ok()).collect(),
+        Ok(v) => v
+            .split(',')
+            .map(|b| {
+                b.trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("LORAPLANE_BENCH_BATCHES: {b:?} is not a batch size"))
+            })
+            .collect(),
         Err(_) if only_fast => vec![1, 64],
         Err(_) => vec![1, 8, 32, 64, 128, 256],
     };

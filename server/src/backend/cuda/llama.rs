@@ -1173,15 +1173,13 @@ impl<T: GpuFloat> CudaLlama<T> {
 
     /// One forward pass returning each sequence's wanted logits on the host (as the CPU model).
     pub fn forward(&mut self, kv: &KvCache, seqs: &[SeqInput<'_>]) -> Result<Vec<Vec<f32>>> {
-        let out = self.step(kv, seqs)?;
-        let vocab = self.config.vocab_size;
-        let n = out.per_seq.iter().map(|p| p.0 + p.1).max().unwrap_or(0);
-        let all = self.gpu.download(&self.bufs.logits, n * vocab)?;
-        Ok(out
-            .per_seq
-            .iter()
-            .map(|&(first, count)| all[first * vocab..(first + count) * vocab].to_vec())
-            .collect())
+        self.forward_sampled(kv, seqs, &vec![None; seqs.len()])?
+            .into_iter()
+            .map(|o| match o {
+                SeqOutput::Logits(l) => Ok(l),
+                SeqOutput::Sampled(_) => Err(Error::Model("a sequence was sampled unasked".into())),
+            })
+            .collect()
     }
 
     /// One forward pass in which each sequence with `Some` in `sampling` gets its next token
