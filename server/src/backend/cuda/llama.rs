@@ -26,7 +26,8 @@ use crate::model::{DeviceSample, LlamaModel, ModelConfig, SeqOutput};
 pub enum LoraKernelMode {
     /// One item per sequence (`--lora-backend triton`).
     PerSequence,
-    /// Rows sorted by adapter, each adapter's run cut into chunks of this many rows
+    /// Rows sorted by adapter; each adapter's prefill rows cut into chunks of this many rows,
+    /// its decode rows one per item below batch 128 and four per item from there
     /// (`--lora-backend csgmv`, `--max-lora-chunk-size`).
     Chunked(usize),
 }
