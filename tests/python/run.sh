@@ -2,29 +2,39 @@
 # Client compatibility tests: the official `openai` Python client and SGLang's documented
 # `requests` flows against a loraplane-server on 127.0.0.1 (a free port) serving the tiny
 # fixture model with its four adapters. Installs openai, requests and pytest into a venv under
-# the cargo target directory, builds the server, runs pytest, stops the server.
+# the cargo target directory, builds the server (unless LORAPLANE_SERVER_BIN names one), runs
+# pytest, stops the server.
 #
 #   tests/python/run.sh [--release] [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-# The test profile (optimized, output in target/debug) is the build `cargo test` just made, so
-# this reuses it instead of compiling an unoptimized server.
-profile=debug
+target=${CARGO_TARGET_DIR:-target}
+# LORAPLANE_SERVER_BIN names a server binary that is already built: scripts/test.sh passes the
+# one `cargo test --workspace` just made. Building here with `-p loraplane-server` would resolve
+# features for the server alone and so recompile every dependency, doubling the disk CI needs.
+bin=${LORAPLANE_SERVER_BIN:-}
 cargo_flags=(--locked -p loraplane-server --profile test)
+profile=debug
 if [[ "${1:-}" == "--release" ]]; then
   profile=release
   cargo_flags=(--locked -p loraplane-server --release)
+  bin=
   shift
 fi
-target=${CARGO_TARGET_DIR:-target}
 venv=$target/pyenv
 if [[ ! -x $venv/bin/python ]]; then
   python3 -m venv "$venv"
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "openai>=1.40" requests pytest
-cargo build "${cargo_flags[@]}" >&2
-bin=$target/$profile/loraplane-server
+if [[ -z $bin ]]; then
+  cargo build "${cargo_flags[@]}" >&2
+  bin=$target/$profile/loraplane-server
+fi
+if [[ ! -x $bin ]]; then
+  echo "tests/python/run.sh: no server binary at $bin" >&2
+  exit 1
+fi
 
 fixtures=tests/fixtures/tiny
 logs=$(mktemp -d)
