@@ -8,6 +8,8 @@
 #   scripts/gpu/run.sh smollm2 the default model with the example adapters on the GPU against
 #                              PEFT (smollm2_check.py), after model-parts.sh stashed the model
 #   scripts/gpu/run.sh profile ncu per-kernel summary of eager decode steps
+#   scripts/gpu/run.sh slot-loads  adapter slot loads, synchronous and overlapped, alone and
+#                              during decode steps
 #   scripts/gpu/run.sh all     check, serve and bench
 # Logs go to $OUT (or ./gpu-logs); the last lines printed are the summary tables.
 set -uo pipefail
@@ -55,6 +57,10 @@ for k, v in sorted(t.items(), key=lambda x: -x[1]):
     print(f"{v/1e3:9.1f} us  {n[k]:3d}x  {v/1e3/n[k]:7.1f} us each  {k}")
 PY
   done
+fi
+if [[ $what == slot-loads ]]; then
+  "$BIN/bench_gpu" --slot-loads 2>"$OUT/slot-loads.err" | tee "$OUT/slot-loads.log"; rc=$((rc | PIPESTATUS[0]))
+  tail -5 "$OUT/slot-loads.err"
 fi
 if [[ $what == bench || $what == all || $what == quick-bench ]]; then
   flag=""; [[ $what == quick-bench ]] && flag=--quick

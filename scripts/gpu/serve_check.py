@@ -2,8 +2,9 @@
 """The server end to end on the GPU: the tiny fixture model with its four PEFT adapters served
 with --device cpu, --device cuda --dtype float32, --device cuda (bfloat16) and --dtype float16,
 the same mixed greedy /generate batch (base + every adapter, twice each) sent to each; f32 GPU
-output ids must equal the CPU's, half precision is reported. A run with 2 device slots for 4
-adapters exercises slot eviction and reload on the GPU. Then sampling on the GPU: two identical
+output ids must equal the CPU's, half precision is reported. Runs with 2 device slots for 4
+adapters exercise slot eviction and reload on the GPU, synchronous and with
+--enable-lora-overlap-loading (also with one adapter pinned in 3 slots). Then sampling on the GPU: two identical
 requests with temperature 0.8 and seed 7 must return identical text, and a batch mixing greedy,
 sampled and repetition-penalised requests (the last sampled on the host) must complete. Standard
 library only (runs on the GPU machine as is).
@@ -24,9 +25,12 @@ ADAPTERS = ["qv_r2", "mlp_r8_rslora", "all_r16", "attn_r4"]
 PROMPTS = ["The quick brown fox", "Once upon a time", "A B C D E F", "hello world, this is"]
 
 
-def start(extra):
+def start(extra, pin_first=False):
     args = [BIN, "--model-path", f"{TINY}/llama", "--lora-paths"]
-    return server_proc.start(args + [f"{TINY}/adapters/{a}" for a in ADAPTERS] + extra, timeout=120)
+    paths = [f"{TINY}/adapters/{a}" for a in ADAPTERS]
+    if pin_first:
+        paths[0] = json.dumps({"lora_name": ADAPTERS[0], "lora_path": paths[0], "pinned": True})
+    return server_proc.start(args + paths + extra, timeout=120)
 
 
 def post(addr, path, body):
@@ -48,16 +52,20 @@ def batch(addr):
     return [o["output_ids"] for o in out], loras
 
 
-def run(label, extra):
-    proc, addr = start(extra)
+def run(label, extra, pin_first=False):
+    proc, addr = start(extra, pin_first)
     try:
         ids, loras = batch(addr)
         info = json.loads(urllib.request.urlopen(f"http://{addr}/get_server_info", timeout=10).read())
         metrics = urllib.request.urlopen(f"http://{addr}/metrics", timeout=10).read().decode()
-        evictions = sum(float(l.split()[-1]) for l in metrics.splitlines()
-                        if l.startswith("loraplane_lora_adapter_evictions_total{") and 'pool="device"' in l)
+        def total(prefix):
+            return sum(float(l.split()[-1]) for l in metrics.splitlines()
+                       if l.startswith(prefix + "{") and 'pool="device"' in l)
+        evictions = total("loraplane_lora_adapter_evictions_total")
+        loads = total("loraplane_lora_adapter_loads_total")
         print(f"{label:32} device={info.get('device')} dtype={info.get('dtype')} "
-              f"sequences={len(ids)} device-slot evictions={evictions:.0f}")
+              f"overlap={info.get('enable_lora_overlap_loading')} sequences={len(ids)} "
+              f"device-slot loads={loads:.0f} evictions={evictions:.0f}")
         return ids, loras
     finally:
         proc.terminate()
@@ -107,16 +115,22 @@ def sampling(label, extra):
 def main():
     cpu, loras = run("cpu float32", ["--device", "cpu"])
     failed = False
-    for label, extra, exact in [
-        ("cuda float32", ["--device", "cuda", "--dtype", "float32"], True),
-        ("cuda float32, 2 slots (eviction)", ["--device", "cuda", "--dtype", "float32", "--max-loras-per-batch", "2"], True),
+    f32 = ["--device", "cuda", "--dtype", "float32"]
+    overlap = ["--enable-lora-overlap-loading"]
+    for label, extra, exact, pin_first in [
+        ("cuda float32", f32, True, False),
+        ("cuda float32, 2 slots (eviction)", f32 + ["--max-loras-per-batch", "2"], True, False),
+        ("cuda float32, 2 slots, overlap loading", f32 + ["--max-loras-per-batch", "2"] + overlap, True, False),
+        ("cuda float32, 3 slots, 1 pinned, overlap", f32 + ["--max-loras-per-batch", "3"] + overlap, True, True),
+        ("cuda bfloat16, 2 slots, overlap loading", ["--device", "cuda", "--max-loras-per-batch", "2"] + overlap,
+         False, False),
         ("cuda float32, triton, no graphs", ["--device", "cuda", "--dtype", "float32", "--lora-backend", "triton",
-                                              "--disable-cuda-graph"], True),
-        ("cuda bfloat16", ["--device", "cuda"], False),
-        ("cuda float16", ["--device", "cuda", "--dtype", "float16"], False),
-        ("cuda, --load-format dummy", ["--device", "cuda", "--load-format", "dummy"], False),
+                                              "--disable-cuda-graph"], True, False),
+        ("cuda bfloat16", ["--device", "cuda"], False, False),
+        ("cuda float16", ["--device", "cuda", "--dtype", "float16"], False, False),
+        ("cuda, --load-format dummy", ["--device", "cuda", "--load-format", "dummy"], False, False),
     ]:
-        ids, _ = run(label, extra)
+        ids, _ = run(label, extra, pin_first)
         same = sum(a == b for a, b in zip(ids, cpu))
         first_tok = sum(a[:1] == b[:1] for a, b in zip(ids, cpu))
         ok = same == len(cpu) if exact else True

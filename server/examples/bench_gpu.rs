@@ -5,12 +5,16 @@
 //! max(bytes that must be read / 3.0 TB/s, FLOPs / 790 TFLOP/s), where the bytes are the base
 //! weights, every distinct adapter's weights and the KV cache read by the step.
 //!
-//! Run by `scripts/gpu/run.sh bench` (or `quick-bench`) on the GPU machine; prints a Markdown
-//! table.
+//! `--slot-loads` times adapter slot loads instead: a synchronous copy of a rank-16 adapter from
+//! host memory, staging it in pinned memory, an overlapped copy, and decode steps at batch 64
+//! with one slot load per step, synchronous or overlapped (`--enable-lora-overlap-loading`).
+//!
+//! Run by `scripts/gpu/run.sh bench` (or `quick-bench`, `slot-loads`) on the GPU machine; prints
+//! a Markdown table.
 
 use std::time::Instant;
 
-use loraplane_server::adapter::LoraTarget;
+use loraplane_server::adapter::{LoraAdapter, LoraTarget};
 use loraplane_server::backend::cuda::{
     CudaModel, CudaOptions, DeviceDtype, Gpu, LoraKernelMode, GEMM_ATTENTION_MIN_ROWS,
 };
@@ -77,8 +81,17 @@ fn opts(mode: LoraKernelMode, graphs: usize) -> CudaOptions {
     }
 }
 
-/// Prefills `bs` random prompts, then times `steps` greedy decode steps. Returns ms per step.
-fn decode(m: &mut CudaModel, kv: &mut KvCache, bs: usize, slots: &[i32], steps: usize, profile: bool) -> f64 {
+/// Prefills `bs` random prompts, then times `steps` greedy decode steps, each after
+/// `before_step` (slot loads). Returns ms per step.
+fn decode(
+    m: &mut CudaModel,
+    kv: &mut KvCache,
+    bs: usize,
+    slots: &[i32],
+    steps: usize,
+    profile: bool,
+    mut before_step: impl FnMut(&mut CudaModel),
+) -> f64 {
     let vocab = m.config().vocab_size as u32;
     let mut caches = vec![SeqCache::default(); bs];
     let mut toks: Vec<Vec<u32>> = (0..bs)
@@ -110,7 +123,7 @@ fn decode(m: &mut CudaModel, kv: &mut KvCache, bs: usize, slots: &[i32], steps: 
             toks[i].push(t);
         }
     }
-    let mut step = |caches: &mut Vec<SeqCache>, toks: &mut Vec<Vec<u32>>, kv: &mut KvCache| {
+    let step = |m: &mut CudaModel, caches: &mut Vec<SeqCache>, toks: &mut Vec<Vec<u32>>, kv: &mut KvCache| {
         for (c, t) in caches.iter_mut().zip(toks.iter()) {
             kv.reserve(c, t.len()).expect("kv");
         }
@@ -132,14 +145,15 @@ fn decode(m: &mut CudaModel, kv: &mut KvCache, bs: usize, slots: &[i32], steps: 
         }
     };
     for _ in 0..3 {
-        step(&mut caches, &mut toks, kv); // warm-up (and graph capture)
+        step(m, &mut caches, &mut toks, kv); // warm-up (and graph capture)
     }
     if profile {
         cudarc::driver::profiler_start().expect("profiler");
     }
     let t0 = Instant::now();
     for _ in 0..steps {
-        step(&mut caches, &mut toks, kv);
+        before_step(m);
+        step(m, &mut caches, &mut toks, kv);
     }
     let ms = t0.elapsed().as_secs_f64() * 1e3 / steps as f64;
     if profile {
@@ -200,7 +214,11 @@ fn main() {
         let slots: Vec<i32> = (0..bs)
             .map(|i| if n == 0 { -1 } else { (i % n) as i32 })
             .collect();
-        decode(&mut m, &mut kv, bs, &slots, 1, true);
+        decode(&mut m, &mut kv, bs, &slots, 1, true, |_| {});
+        return;
+    }
+    if std::env::args().any(|a| a == "--slot-loads") {
+        slot_loads(&gpu, &c);
         return;
     }
     println!("device: {}", gpu.name);
@@ -249,7 +267,7 @@ fn main() {
                         .map(|i| if n == 0 { -1 } else { (i % n) as i32 })
                         .collect();
                     let steps = if bs >= 128 { 10 } else { 20 };
-                    let ms = decode(&mut m, &mut kv, bs, &slots, steps, false);
+                    let ms = decode(&mut m, &mut kv, bs, &slots, steps, false, |_| {});
                     let ctx = PROMPT + 3 + steps / 2;
                     let bytes = base_bytes(&c)
                         + n as f64 * adapter_bytes(&c, rank)
@@ -393,5 +411,80 @@ fn gemm_rate(gpu: &std::sync::Arc<Gpu>) {
     println!(
         "cuBLAS bf16 GEMM {m}x{n}x{k}: {ms:.2} ms, {:.0} TFLOP/s",
         2.0 * (m * n * k) as f64 / ms / 1e9
+    );
+}
+
+/// Slot loads of rank-16 adapters on all seven targets (84 MB in bf16): alone, and one per
+/// decode step at batch 64 (63 distinct adapters in the batch, the load goes to the 64th slot).
+fn slot_loads(gpu: &std::sync::Arc<Gpu>, c: &ModelConfig) {
+    println!("device: {}", gpu.name);
+    let mut m = CudaModel::dummy(gpu.clone(), c.clone(), opts(LoraKernelMode::Chunked(16), 256), 42).unwrap();
+    let mut kv = m.new_kv_cache();
+    for s in 0..63 {
+        m.dummy_adapter_in_slot(s, 16, &LoraTarget::ALL, 1000 + s as u64)
+            .unwrap();
+    }
+    let adapters: Vec<LoraAdapter> = (0..4)
+        .map(|i| LoraAdapter::dummy(&format!("host{i}"), c, 16, &LoraTarget::ALL, 7 + i as u64))
+        .collect();
+    let mb = adapter_bytes(c, 16) / 1e6;
+    let time = |f: &mut dyn FnMut()| {
+        let t0 = Instant::now();
+        f();
+        t0.elapsed().as_secs_f64() * 1e3
+    };
+    let mut sync_ms = Vec::new();
+    let mut stage_ms = Vec::new();
+    let mut copy_ms = Vec::new();
+    for a in &adapters {
+        sync_ms.push(time(&mut || {
+            m.load_slot(63, a, false).unwrap();
+            m.sync().unwrap();
+        }));
+        stage_ms.push(time(&mut || m.stage_adapter(a).unwrap()));
+        copy_ms.push(time(&mut || {
+            m.load_slot(63, a, true).unwrap();
+            m.slot_ready(63, true).unwrap();
+        }));
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!("\n| slot load of one rank-16 adapter ({mb:.0} MB bf16) | ms (median of 4) |\n|---|---|");
+    println!(
+        "| synchronous: convert on the host + copy from pageable memory | {:.2} |",
+        median(&mut sync_ms)
+    );
+    println!(
+        "| staging: convert into pinned memory (once per adapter) | {:.2} |",
+        median(&mut stage_ms)
+    );
+    println!(
+        "| overlapped: copy from pinned memory on the copy stream | {:.2} |",
+        median(&mut copy_ms)
+    );
+    let slots: Vec<i32> = (0..64).map(|i| i % 63).collect();
+    let steps = 20;
+    let plain = decode(&mut m, &mut kv, 64, &slots, steps, false, |_| {});
+    let mut k = 0;
+    let sync = decode(&mut m, &mut kv, 64, &slots, steps, false, |m| {
+        k += 1;
+        m.load_slot(63, &adapters[k % 4], false).unwrap();
+    });
+    let overlapped = decode(&mut m, &mut kv, 64, &slots, steps, false, |m| {
+        k += 1;
+        m.load_slot(63, &adapters[k % 4], true).unwrap();
+    });
+    m.slot_ready(63, true).unwrap();
+    println!("\n| decode bs=64, 63 x r16, csgmv+graphs | ms/step | vs no loads |\n|---|---|---|");
+    println!("| no slot loads | {plain:.2} | 1.00x |");
+    println!(
+        "| one synchronous slot load per step | {sync:.2} | {:.2}x |",
+        sync / plain
+    );
+    println!(
+        "| one overlapped slot load per step | {overlapped:.2} | {:.2}x |",
+        overlapped / plain
     );
 }

@@ -171,7 +171,10 @@ pub struct ServeArgs {
         help_heading = "LoRA"
     )]
     pub lora_eviction_policy: EvictionPolicy,
-    /// Overlap adapter host-to-device copies with compute (needs --device cuda).
+    /// Copy adapters into their device slots on a side stream from pinned host memory while the
+    /// running batch computes; a request joins the batch once its adapter's copy is done. Keeps
+    /// pinned copies of up to 2 × --max-loras-per-batch adapters, so --max-loaded-loras defaults
+    /// to (and may not exceed) that (needs --device cuda).
     #[arg(long, help_heading = "LoRA")]
     pub enable_lora_overlap_loading: bool,
     /// Largest token chunk of the chunked-SGMV kernels: a power of two from 16 to 128.
@@ -298,6 +301,8 @@ pub struct LoraSettings {
     pub eviction_policy: EvictionPolicy,
     /// `--max-lora-chunk-size`.
     pub max_chunk_size: usize,
+    /// `--enable-lora-overlap-loading`.
+    pub overlap_loading: bool,
 }
 
 /// The validated server configuration.
@@ -370,12 +375,6 @@ impl ServeArgs {
                 "--load-format dummy generates random weights on the GPU and needs --device cuda",
             ));
         }
-        if self.enable_lora_overlap_loading {
-            return Err(bad(
-                "--enable-lora-overlap-loading: overlapped adapter copies are not implemented yet \
-                 (adapters are copied into their device slot before the step that needs them); drop the flag",
-            ));
-        }
         if !cuda && (self.disable_cuda_graph || self.cuda_graph_max_bs.is_some()) {
             tracing::debug!("CUDA graph flags have no effect on the CPU");
         }
@@ -404,7 +403,7 @@ impl ServeArgs {
                 return Err(bad("--api-key must not be empty"));
             }
         }
-        let lora = self.lora_settings()?;
+        let lora = self.lora_settings(cuda)?;
         if self.max_running_requests == 0 {
             return Err(bad("--max-running-requests must be at least 1"));
         }
@@ -456,7 +455,7 @@ impl ServeArgs {
         })
     }
 
-    fn lora_settings(&self) -> Result<LoraSettings, ArgError> {
+    fn lora_settings(&self, cuda: bool) -> Result<LoraSettings, ArgError> {
         let enabled = self.enable_lora || !self.lora_paths.is_empty();
         if !enabled {
             // Flags that only mean something with adapters: SGLang ignores them silently, which
@@ -465,6 +464,7 @@ impl ServeArgs {
                 ("--max-loaded-loras", self.max_loaded_loras.is_some()),
                 ("--max-lora-rank", self.max_lora_rank.is_some()),
                 ("--lora-target-modules", !self.lora_target_modules.is_empty()),
+                ("--enable-lora-overlap-loading", self.enable_lora_overlap_loading),
             ];
             if let Some((flag, _)) = lora_only.iter().find(|(_, given)| *given) {
                 return Err(bad(format!(
@@ -497,7 +497,28 @@ impl ServeArgs {
             }
             adapters.push(spec);
         }
-        if let Some(max_loaded) = self.max_loaded_loras {
+        let mut max_loaded_loras = self.max_loaded_loras;
+        if self.enable_lora_overlap_loading {
+            if !cuda {
+                return Err(bad(
+                    "--enable-lora-overlap-loading needs --device cuda: the CPU backend uses adapters \
+                     from host memory, so there is no copy to overlap",
+                ));
+            }
+            // Pinned host copies are kept for this many adapters (SGLang's limit).
+            let cap = 2 * max_loras_per_batch;
+            match max_loaded_loras {
+                Some(n) if n > cap => {
+                    return Err(bad(format!(
+                        "--max-loaded-loras {n} exceeds 2 × --max-loras-per-batch = {cap}, the most \
+                         adapters --enable-lora-overlap-loading keeps in pinned host memory"
+                    )))
+                }
+                Some(_) => {}
+                None => max_loaded_loras = Some(cap),
+            }
+        }
+        if let Some(max_loaded) = max_loaded_loras {
             if max_loaded < max_loras_per_batch {
                 return Err(bad(format!(
                     "--max-loaded-loras {max_loaded} is below --max-loras-per-batch {max_loras_per_batch}: \
@@ -523,12 +544,13 @@ impl ServeArgs {
             enabled,
             adapters,
             max_loras_per_batch,
-            max_loaded_loras: self.max_loaded_loras,
+            max_loaded_loras,
             max_lora_rank: self.max_lora_rank,
             target_modules: parse_target_modules(&self.lora_target_modules)?,
             backend: self.lora_backend,
             eviction_policy: self.lora_eviction_policy,
             max_chunk_size: chunk,
+            overlap_loading: self.enable_lora_overlap_loading,
         })
     }
 }
@@ -659,6 +681,7 @@ impl ServerConfig {
             max_lora_rank: self.lora.max_lora_rank,
             lora_target_modules: self.lora.target_modules.clone(),
             eviction_policy: self.lora.eviction_policy,
+            lora_overlap_loading: self.lora.overlap_loading,
             max_running_requests: self.max_running_requests,
             max_queued_requests: self.max_queued_requests,
             max_total_tokens: self.max_total_tokens,
@@ -691,7 +714,7 @@ impl ServerConfig {
             }),
             "lora_backend": lora.backend.to_possible_value().map(|v| v.get_name().to_string()),
             "lora_eviction_policy": lora.eviction_policy.as_str(),
-            "enable_lora_overlap_loading": false,
+            "enable_lora_overlap_loading": lora.overlap_loading,
             "max_lora_chunk_size": lora.max_chunk_size,
             "max_running_requests": engine.max_running_requests,
             "max_queued_requests": engine.max_queued_requests,
@@ -808,11 +831,42 @@ mod tests {
         assert!(err(&["--dtype", "bfloat16"]).contains("float32"));
         assert!(err(&["--dtype", "float16"]).contains("the CPU backend computes in float32"));
         assert!(err(&["--load-format", "dummy"]).contains("needs --device cuda"));
-        assert!(err(&["--enable-lora", "--enable-lora-overlap-loading"]).contains("not implemented yet"));
+        assert!(err(&["--enable-lora", "--enable-lora-overlap-loading"]).contains("needs --device cuda"));
+        assert!(err(&["--enable-lora-overlap-loading"]).contains("needs LoRA serving"));
         assert!(err(&["--served-model-name", "a:b"]).contains("':'"));
         assert!(err(&["--chunked-prefill-size", "0"]).contains("--chunked-prefill-size"));
         assert!(err(&["--context-length", "65536"]).contains("--max-total-tokens"));
         assert!(err(&["--max-running-requests", "0"]).contains("--max-running-requests"));
+    }
+
+    #[test]
+    fn overlap_loading_caps_the_host_cache_at_twice_the_slots() {
+        let base = [
+            "--device",
+            "cuda",
+            "--enable-lora",
+            "--enable-lora-overlap-loading",
+        ];
+        let c = serve(&base).unwrap();
+        assert!(c.lora.overlap_loading);
+        assert_eq!(
+            c.lora.max_loaded_loras,
+            Some(16),
+            "default: 2 × the 8 default slots"
+        );
+        let mut args = base.to_vec();
+        args.extend(["--max-loras-per-batch", "4", "--max-loaded-loras", "6"]);
+        assert_eq!(serve(&args).unwrap().lora.max_loaded_loras, Some(6));
+        let mut args = base.to_vec();
+        args.extend(["--max-loras-per-batch", "4", "--max-loaded-loras", "9"]);
+        let e = serve(&args).expect_err("above 2 × slots").0;
+        assert!(e.contains("--max-loaded-loras 9") && e.contains("= 8"), "{e}");
+        assert!(
+            !serve(&["--device", "cuda", "--enable-lora"])
+                .unwrap()
+                .lora
+                .overlap_loading
+        );
     }
 
     #[test]

@@ -30,6 +30,7 @@ fn config(slots: usize, host: Option<usize>) -> EngineConfig {
         max_lora_rank: None,
         lora_target_modules: None,
         eviction_policy: EvictionPolicy::Lru,
+        lora_overlap_loading: false,
         max_running_requests: 64,
         max_queued_requests: 1024,
         max_total_tokens: 4096,

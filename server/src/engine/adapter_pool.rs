@@ -9,8 +9,10 @@
 //! - Pinned adapters hold a slot from load to unload; at most `slots - 1` may be pinned, so the
 //!   pool can always serve one more adapter.
 //!
-//! On the CPU backend a slot holds a reference to the host copy; the bound, the choice of victims
-//! and the metrics are the same as for a device pool.
+//! The pool decides which slot an adapter occupies; the scheduler then has the model copy it
+//! there (`Forward::load_slot`), so a device pool holds exactly what this pool says, pinned
+//! adapters included. On the CPU backend a slot is a reference to the host copy; the bound, the
+//! choice of victims and the metrics are the same.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -46,7 +48,14 @@ struct Slot {
 /// Outcome of asking for an adapter's slot.
 pub enum Acquire {
     /// In a slot; run with these weights.
-    Ready(Arc<LoraAdapter>),
+    Ready {
+        /// The weights.
+        adapter: Arc<LoraAdapter>,
+        /// Its slot.
+        slot: usize,
+        /// Just placed there: the model must copy it into the slot before a pass uses it.
+        fresh: bool,
+    },
     /// Every slot is pinned or used by the running batch: wait.
     Wait,
 }
@@ -102,8 +111,14 @@ impl AdapterPool {
             .collect()
     }
 
-    /// Loads `path` as `name`. On any failure nothing changes.
-    pub fn register(&mut self, name: &str, path: &Path, pinned: bool) -> Result<(), EngineError> {
+    /// Loads `path` as `name`. On any failure nothing changes. A pinned adapter is placed in a
+    /// slot at once: the slot and weights are returned for the model to copy there.
+    pub fn register(
+        &mut self,
+        name: &str,
+        path: &Path,
+        pinned: bool,
+    ) -> Result<Option<(usize, Arc<LoraAdapter>)>, EngineError> {
         if name.is_empty() {
             return Err(EngineError::Adapter("lora_name must not be empty".into()));
         }
@@ -132,19 +147,23 @@ impl AdapterPool {
                 uid,
             },
         );
+        let mut placed = None;
         if pinned {
             // Pinning takes a slot now; only unpinned slots outside any batch can be evicted.
-            if !self.place_in_slot(uid, true, &HashSet::new()) {
-                self.registry.remove(name);
-                self.host.remove(&uid);
-                return Err(EngineError::Adapter(format!(
-                    "cannot pin {name:?}: no slot can be freed"
-                )));
+            match self.place_in_slot(uid, true, &HashSet::new()) {
+                Some(slot) => placed = Some((slot, self.host[&uid].adapter.clone())),
+                None => {
+                    self.registry.remove(name);
+                    self.host.remove(&uid);
+                    return Err(EngineError::Adapter(format!(
+                        "cannot pin {name:?}: no slot can be freed"
+                    )));
+                }
             }
         }
         self.evict_host_over_cap();
         self.publish_gauges();
-        Ok(())
+        Ok(placed)
     }
 
     fn load_from_disk(&self, name: &str, path: &Path, reason: &str) -> Result<LoraAdapter, EngineError> {
@@ -227,14 +246,19 @@ impl AdapterPool {
             None => return Err(EngineError::AdapterNotFound(name.to_string())),
         };
         let t = self.tick();
-        if let Some(slot) = self.slots.iter_mut().flatten().find(|s| s.uid == uid) {
+        if let Some(idx) = self.slot_of(uid) {
+            let slot = self.slots[idx].as_mut().expect("slot_of found it");
             slot.used_at = t;
             if let Some(h) = self.host.get_mut(&uid) {
                 h.used_at = t;
             }
             self.metrics.slot_hits.inc();
             let adapter = self.host[&uid].adapter.clone();
-            return Ok(Acquire::Ready(adapter));
+            return Ok(Acquire::Ready {
+                adapter,
+                slot: idx,
+                fresh: false,
+            });
         }
         if !self.slots.iter().any(|s| s.is_none()) && self.victim(in_batch).is_none() {
             return Ok(Acquire::Wait);
@@ -245,11 +269,38 @@ impl AdapterPool {
         }
         self.host.get_mut(&uid).expect("just ensured").used_at = t;
         self.metrics.slot_misses.inc();
-        let placed = self.place_in_slot(uid, false, in_batch);
-        debug_assert!(placed, "a slot was free or evictable");
+        let slot = self
+            .place_in_slot(uid, false, in_batch)
+            .expect("a slot was free or evictable");
         self.evict_host_over_cap();
         self.publish_gauges();
-        Ok(Acquire::Ready(self.host[&uid].adapter.clone()))
+        Ok(Acquire::Ready {
+            adapter: self.host[&uid].adapter.clone(),
+            slot,
+            fresh: true,
+        })
+    }
+
+    /// The host copy of the adapter with load id `uid`, if it is held.
+    pub fn host_copy(&self, uid: u64) -> Option<Arc<LoraAdapter>> {
+        self.host.get(&uid).map(|h| h.adapter.clone())
+    }
+
+    /// The slot holding the adapter with load id `uid`.
+    pub fn slot_of(&self, uid: u64) -> Option<usize> {
+        self.slots.iter().position(|s| s.is_some_and(|s| s.uid == uid))
+    }
+
+    /// Empties `slot` after the model failed to copy its adapter there, so the pool never
+    /// claims a slot whose device copy is missing.
+    pub fn release_slot(&mut self, slot: usize) {
+        if self.slots[slot].take().is_some() {
+            self.metrics
+                .adapter_evictions
+                .with_label_values(&["device", self.policy.as_str(), "load_failed"])
+                .inc();
+        }
+        self.publish_gauges();
     }
 
     /// The slot to evict: unpinned, not in the batch, oldest by the policy.
@@ -266,8 +317,7 @@ impl AdapterPool {
             .map(|(i, _)| i)
     }
 
-    fn place_in_slot(&mut self, uid: u64, pinned: bool, in_batch: &HashSet<u64>) -> bool {
-        let t0 = Instant::now();
+    fn place_in_slot(&mut self, uid: u64, pinned: bool, in_batch: &HashSet<u64>) -> Option<usize> {
         let idx = match self.slots.iter().position(|s| s.is_none()) {
             Some(i) => i,
             None => match self.victim(in_batch) {
@@ -278,7 +328,7 @@ impl AdapterPool {
                         .inc();
                     i
                 }
-                None => return false,
+                None => return None,
             },
         };
         let t = self.tick();
@@ -288,15 +338,12 @@ impl AdapterPool {
             loaded_at: t,
             used_at: t,
         });
+        // The copy's latency is observed by the scheduler, which has the model do it.
         self.metrics
             .adapter_loads
             .with_label_values(&["device", if pinned { "pin" } else { "request" }])
             .inc();
-        self.metrics
-            .adapter_load_seconds
-            .with_label_values(&["device"])
-            .observe(t0.elapsed().as_secs_f64());
-        true
+        Some(idx)
     }
 
     /// Drops host copies over the cap: never pinned ones or ones in a slot.
@@ -345,5 +392,87 @@ impl AdapterPool {
         self.registry
             .get(name)
             .is_some_and(|r| self.host.contains_key(&r.uid))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(rel: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/tiny")
+            .join(rel)
+    }
+
+    fn pool(slots: usize) -> AdapterPool {
+        let model = ModelConfig::from_hf_file(&fixture("llama/config.json")).unwrap();
+        let config = EngineConfig {
+            max_loras_per_batch: slots,
+            max_loaded_loras: None,
+            max_lora_rank: None,
+            lora_target_modules: None,
+            eviction_policy: EvictionPolicy::Lru,
+            lora_overlap_loading: false,
+            max_running_requests: 8,
+            max_queued_requests: 8,
+            max_total_tokens: 64,
+            chunked_prefill_size: 16,
+            context_length: 64,
+            prefix_cache: false,
+            kv_block_size: 4,
+        };
+        AdapterPool::new(model, &config, Arc::new(Metrics::new()))
+    }
+
+    fn ready(a: Acquire) -> (usize, bool) {
+        match a {
+            Acquire::Ready { slot, fresh, .. } => (slot, fresh),
+            Acquire::Wait => panic!("expected a slot"),
+        }
+    }
+
+    /// The slot the pool reports is the one the model must copy into: fresh once, then a hit in
+    /// the same slot; an eviction hands the victim's slot to the newcomer.
+    #[test]
+    fn acquire_names_the_slot_to_copy_into() {
+        let mut p = pool(2);
+        for (name, dir) in [("a", "qv_r2"), ("b", "attn_r4"), ("c", "all_r16")] {
+            assert!(p
+                .register(name, &fixture(&format!("adapters/{dir}")), false)
+                .unwrap()
+                .is_none());
+        }
+        let none = HashSet::new();
+        let (sa, fresh) = ready(p.acquire("a", &none).unwrap());
+        assert!(fresh);
+        assert_eq!(ready(p.acquire("a", &none).unwrap()), (sa, false));
+        let (sb, fresh) = ready(p.acquire("b", &none).unwrap());
+        assert!(fresh && sb != sa);
+        // `a` is in the batch, so `c` takes `b`'s slot.
+        let batch: HashSet<u64> = [p.uid("a").unwrap()].into();
+        assert_eq!(ready(p.acquire("c", &batch).unwrap()), (sb, true));
+        assert_eq!(p.slot_of(p.uid("c").unwrap()), Some(sb));
+        assert_eq!(p.slot_of(p.uid("b").unwrap()), None);
+        // Both slots in the batch: wait.
+        let batch: HashSet<u64> = [p.uid("a").unwrap(), p.uid("c").unwrap()].into();
+        assert!(matches!(p.acquire("b", &batch).unwrap(), Acquire::Wait));
+        // A failed copy frees the slot, and the next acquire copies afresh.
+        p.release_slot(sb);
+        assert_eq!(p.slot_of(p.uid("c").unwrap()), None);
+        assert_eq!(ready(p.acquire("c", &none).unwrap()), (sb, true));
+    }
+
+    /// A pinned adapter gets its slot at registration, for the model to copy into at once.
+    #[test]
+    fn pinned_registration_returns_its_slot() {
+        let mut p = pool(2);
+        let (slot, adapter) = p
+            .register("pinned", &fixture("adapters/qv_r2"), true)
+            .unwrap()
+            .expect("pinned adapters take a slot");
+        assert_eq!(p.slot_of(p.uid("pinned").unwrap()), Some(slot));
+        assert_eq!(adapter.rank, 2);
+        assert!(p.host_copy(p.uid("pinned").unwrap()).is_some());
     }
 }

@@ -59,6 +59,8 @@ pub struct EngineConfig {
     pub lora_target_modules: Option<Vec<LoraTarget>>,
     /// Slot and host eviction policy (`--lora-eviction-policy`).
     pub eviction_policy: EvictionPolicy,
+    /// Copy adapters into device slots while the batch runs (`--enable-lora-overlap-loading`).
+    pub lora_overlap_loading: bool,
     /// Requests in the running batch at most (`--max-running-requests`).
     pub max_running_requests: usize,
     /// Requests waiting at most before new ones get 503.

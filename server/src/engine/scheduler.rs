@@ -6,6 +6,11 @@
 //! `--chunked-prefill-size` prompt tokens), ordered by adapter so each adapter is one LoRA segment.
 //! Requests join and leave between steps. A request whose stream is dropped is cancelled.
 //! When the KV cache runs out, the newest request is preempted and recomputed later.
+//!
+//! An adapter placed in a slot is copied there by the model before its request joins the batch.
+//! With `--enable-lora-overlap-loading` the copy runs on the device's copy stream while the
+//! running batch keeps stepping; the request waits in the queue until the copy is done (or
+//! waits for it directly when nothing else runs).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::mpsc::{Receiver, TryRecvError};
@@ -59,6 +64,13 @@ impl Sequence {
     }
 }
 
+/// An overlapped copy into a slot, not yet known to be done.
+struct Loading {
+    uid: u64,
+    slot: usize,
+    since: Instant,
+}
+
 struct Scheduler {
     model: Model,
     config: EngineConfig,
@@ -69,6 +81,7 @@ struct Scheduler {
     commands: Receiver<Command>,
     published: Arc<RwLock<Published>>,
     metrics: Arc<Metrics>,
+    loading: Vec<Loading>,
 }
 
 pub(crate) fn spawn(
@@ -78,14 +91,10 @@ pub(crate) fn spawn(
     metrics: Arc<Metrics>,
 ) -> Result<EngineHandle> {
     let mc = model.config().clone();
-    let mut pool = AdapterPool::new(mc.clone(), &config, metrics.clone());
-    for a in &adapters {
-        pool.register(&a.name, &a.path, a.pinned)
-            .map_err(|e| Error::Model(format!("--lora-paths {}: {e}", a.name)))?;
-    }
+    let pool = AdapterPool::new(mc.clone(), &config, metrics.clone());
     let (tx, rx) = std::sync::mpsc::channel();
     let published = Arc::new(RwLock::new(Published {
-        adapters: pool.list(),
+        adapters: Vec::new(),
         waiting: 0,
         running: 0,
     }));
@@ -109,7 +118,13 @@ pub(crate) fn spawn(
         commands: rx,
         published,
         metrics,
+        loading: Vec::new(),
     };
+    for a in &adapters {
+        s.register(&a.name, &a.path, a.pinned)
+            .map_err(|e| Error::Model(format!("--lora-paths {}: {e}", a.name)))?;
+    }
+    s.publish_adapters();
     s.publish();
     std::thread::Builder::new()
         .name("loraplane-engine".into())
@@ -200,7 +215,7 @@ impl Scheduler {
                 pinned,
                 reply,
             } => {
-                let r = self.pool.register(&name, &path, pinned);
+                let r = self.register(&name, &path, pinned);
                 if r.is_ok() {
                     tracing::info!(adapter = %name, path = %path.display(), pinned, "adapter loaded");
                 }
@@ -221,6 +236,103 @@ impl Scheduler {
         }
     }
 
+    /// Registers an adapter; a pinned one is copied into its slot now. Overlap loading stages
+    /// it in pinned memory now, so its first request does not pay the conversion.
+    fn register(&mut self, name: &str, path: &std::path::Path, pinned: bool) -> Result<(), EngineError> {
+        let placed = self.pool.register(name, path, pinned)?;
+        let staged = match (&placed, self.config.lora_overlap_loading) {
+            (None, true) => {
+                let uid = self.pool.uid(name).expect("just registered");
+                let adapter = self.pool.host_copy(uid).expect("just registered");
+                self.model.stage_adapter(&adapter)
+            }
+            _ => Ok(()),
+        };
+        let loaded = match placed {
+            Some((slot, adapter)) => {
+                let uid = self.pool.uid(name).expect("just registered");
+                self.load_into_slot(uid, slot, &adapter, false)
+            }
+            None => Ok(()),
+        };
+        if let Err(e) = staged.and(loaded) {
+            let _ = self.pool.unregister(name);
+            return Err(EngineError::Adapter(format!(
+                "copying adapter {name:?} to the device: {e}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Has the model copy `adapter` (load id `uid`) into `slot`, which the pool just gave it.
+    /// An overlapped copy still in flight is remembered in `loading`; a failed one frees the slot.
+    fn load_into_slot(&mut self, uid: u64, slot: usize, adapter: &LoraAdapter, overlap: bool) -> Result<()> {
+        let t0 = Instant::now();
+        let copied = self
+            .model
+            .load_slot(slot, adapter, overlap)
+            .and_then(|()| self.model.slot_ready(slot, false));
+        match copied {
+            Ok(true) => {
+                self.observe_device_load(t0);
+                Ok(())
+            }
+            Ok(false) => {
+                self.loading.push(Loading { uid, slot, since: t0 });
+                Ok(())
+            }
+            Err(e) => {
+                self.pool.release_slot(slot);
+                Err(e)
+            }
+        }
+    }
+
+    fn observe_device_load(&self, since: Instant) {
+        self.metrics
+            .adapter_load_seconds
+            .with_label_values(&["device"])
+            .observe(since.elapsed().as_secs_f64());
+    }
+
+    /// Whether the adapter with load id `uid` may run: no overlapped copy into its slot is in
+    /// flight. With `wait`, waits for one that is. A copy that failed frees the slot.
+    fn copy_done(&mut self, uid: u64, wait: bool) -> Result<bool> {
+        let Some(i) = self.loading.iter().position(|l| l.uid == uid) else {
+            return Ok(true);
+        };
+        let slot = self.loading[i].slot;
+        match self.model.slot_ready(slot, wait) {
+            Ok(false) => Ok(false),
+            Ok(true) => {
+                let l = self.loading.swap_remove(i);
+                self.observe_device_load(l.since);
+                Ok(true)
+            }
+            Err(e) => {
+                self.loading.swap_remove(i);
+                self.pool.release_slot(slot);
+                Err(e)
+            }
+        }
+    }
+
+    /// Forgets copies whose adapter left its slot (unloaded while copying) and records the
+    /// ones that finished.
+    fn poll_loading(&mut self) {
+        let uids: Vec<u64> = self.loading.iter().map(|l| l.uid).collect();
+        for uid in uids {
+            let slot = self.loading.iter().find(|l| l.uid == uid).map(|l| l.slot);
+            if self.pool.slot_of(uid) != slot {
+                self.loading.retain(|l| l.uid != uid);
+                continue;
+            }
+            if let Err(e) = self.copy_done(uid, false) {
+                tracing::error!(error = %e, "overlapped adapter copy failed; its slot was freed");
+            }
+        }
+    }
+
     fn drop_cancelled(&mut self) {
         let mut i = 0;
         while i < self.running.len() {
@@ -236,12 +348,16 @@ impl Scheduler {
 
     /// FCFS admission with adapter-aware packing.
     fn admit(&mut self) {
+        self.poll_loading();
+        // Slots the batch uses, and slots with a copy in flight, are not evictable.
         let mut in_batch: HashSet<u64> = self
             .running
             .iter()
             .filter(|s| s.adapter.is_some())
             .map(|s| s.key)
+            .chain(self.loading.iter().map(|l| l.uid))
             .collect();
+        let overlap = self.config.lora_overlap_loading;
         let mut i = 0;
         while i < self.waiting.len() && self.running.len() < self.config.max_running_requests {
             // Once the head has waited too long, admit nothing past it so slots drain for it.
@@ -252,7 +368,31 @@ impl Scheduler {
             let adapter = match &name {
                 None => None,
                 Some(n) => match self.pool.acquire(n, &in_batch) {
-                    Ok(Acquire::Ready(a)) => Some(a),
+                    Ok(Acquire::Ready { adapter, slot, fresh }) => {
+                        let uid = self.pool.uid(n).unwrap_or(0);
+                        let copied = if fresh {
+                            self.load_into_slot(uid, slot, &adapter, overlap)
+                        } else {
+                            Ok(())
+                        };
+                        // Nothing runs to overlap with: waiting for the copy loses nothing.
+                        let wait = self.running.is_empty();
+                        match copied.and_then(|()| self.copy_done(uid, wait)) {
+                            Ok(true) => Some(adapter),
+                            Ok(false) => {
+                                in_batch.insert(uid);
+                                self.waiting[i].skipped += 1;
+                                i += 1;
+                                continue;
+                            }
+                            Err(e) => {
+                                let mut s = self.waiting.remove(i).expect("index in range");
+                                let msg = format!("copying LoRA adapter {n:?} to the device failed: {e}");
+                                self.finish(&mut s, FinishReason::Abort(msg));
+                                continue;
+                            }
+                        }
+                    }
                     Ok(Acquire::Wait) => {
                         self.waiting[i].skipped += 1;
                         i += 1;

@@ -10,6 +10,7 @@ pub mod weights;
 pub use config::{Architecture, ModelConfig};
 pub use llama::LlamaModel;
 
+use crate::adapter::LoraAdapter;
 use crate::backend::cuda::CudaModel;
 use crate::engine::request::TokenLogprob;
 use crate::engine::KvCache;
@@ -72,6 +73,25 @@ pub trait Forward {
             .map(SeqOutput::Logits)
             .collect())
     }
+    /// Copies `adapter` into LoRA slot `slot` of the model's device pool; the engine's adapter
+    /// pool chose the slot, and no running sequence uses it. With `overlap` the copy may still
+    /// be in flight on return (see [`Forward::slot_ready`]); without, it is done. A model whose
+    /// adapters stay in host memory has nothing to copy.
+    fn load_slot(&mut self, slot: usize, adapter: &LoraAdapter, overlap: bool) -> Result<()> {
+        let _ = (slot, adapter, overlap);
+        Ok(())
+    }
+    /// Whether the last copy into `slot` has finished; with `wait`, waits for it first.
+    fn slot_ready(&mut self, slot: usize, wait: bool) -> Result<bool> {
+        let _ = (slot, wait);
+        Ok(true)
+    }
+    /// Prepares `adapter` for fast slot loads (pinned host memory in the device's dtype), so
+    /// that converting it is paid when it is registered rather than when a request needs it.
+    fn stage_adapter(&mut self, adapter: &LoraAdapter) -> Result<()> {
+        let _ = adapter;
+        Ok(())
+    }
 }
 
 impl Forward for LlamaModel {
@@ -125,6 +145,24 @@ impl Forward for Model {
         match self {
             Model::Cpu(m) => m.forward_sampled(kv, seqs, sampling),
             Model::Cuda(m) => m.forward_sampled(kv, seqs, sampling),
+        }
+    }
+    fn load_slot(&mut self, slot: usize, adapter: &LoraAdapter, overlap: bool) -> Result<()> {
+        match self {
+            Model::Cpu(_) => Ok(()),
+            Model::Cuda(m) => m.load_slot(slot, adapter, overlap),
+        }
+    }
+    fn slot_ready(&mut self, slot: usize, wait: bool) -> Result<bool> {
+        match self {
+            Model::Cpu(_) => Ok(true),
+            Model::Cuda(m) => m.slot_ready(slot, wait),
+        }
+    }
+    fn stage_adapter(&mut self, adapter: &LoraAdapter) -> Result<()> {
+        match self {
+            Model::Cpu(_) => Ok(()),
+            Model::Cuda(m) => m.stage_adapter(adapter),
         }
     }
     /// On the GPU the cache was sized when the model was placed; the arguments are ignored.

@@ -483,6 +483,26 @@ impl<T: GpuFloat> CudaLlama<T> {
         lora.fill_dummy(&self.gpu, &self.config, slot, rank, targets, seed)
     }
 
+    fn device_pool(lora: &mut Option<LoraSlots<T>>) -> Result<&mut LoraSlots<T>> {
+        lora.as_mut()
+            .ok_or_else(|| Error::InvalidRequest("LoRA is disabled on this device model (no slots)".into()))
+    }
+
+    /// See [`LoraSlots::load`].
+    pub fn load_slot(&mut self, slot: usize, adapter: &LoraAdapter, overlap: bool) -> Result<()> {
+        Self::device_pool(&mut self.lora)?.load(&self.gpu, &self.config, slot, adapter, overlap)
+    }
+
+    /// See [`LoraSlots::ready`].
+    pub fn slot_ready(&mut self, slot: usize, wait: bool) -> Result<bool> {
+        Self::device_pool(&mut self.lora)?.ready(slot, wait)
+    }
+
+    /// See [`LoraSlots::stage`].
+    pub fn stage_adapter(&mut self, adapter: &LoraAdapter) -> Result<()> {
+        Self::device_pool(&mut self.lora)?.stage(&self.gpu, &self.config, adapter)
+    }
+
     fn meta_ptr(&self, section: usize) -> u64 {
         self.gpu.ptr(&self.bufs.meta) + (section * self.bufs.cap * 4) as u64
     }
@@ -1112,10 +1132,7 @@ impl<T: GpuFloat> CudaLlama<T> {
         let slot_of: Vec<usize> = if distinct.is_empty() {
             Vec::new()
         } else {
-            let lora = self.lora.as_mut().ok_or_else(|| {
-                Error::InvalidRequest("LoRA is disabled on this device model (no slots)".into())
-            })?;
-            lora.assign(&self.gpu, &self.config, &distinct)?
+            Self::device_pool(&mut self.lora)?.assign(&self.gpu, &self.config, &distinct)?
         };
         let seq_slots: Vec<i32> = seqs
             .iter()
@@ -1300,6 +1317,21 @@ impl CudaModel {
         slots: &[i32],
     ) -> Result<Vec<u32>> {
         each_dtype!(self, m => m.forward_greedy_in_slots(kv, seqs, slots))
+    }
+
+    /// See [`CudaLlama::load_slot`].
+    pub fn load_slot(&mut self, slot: usize, adapter: &LoraAdapter, overlap: bool) -> Result<()> {
+        each_dtype!(self, m => m.load_slot(slot, adapter, overlap))
+    }
+
+    /// See [`CudaLlama::slot_ready`].
+    pub fn slot_ready(&mut self, slot: usize, wait: bool) -> Result<bool> {
+        each_dtype!(self, m => m.slot_ready(slot, wait))
+    }
+
+    /// See [`CudaLlama::stage_adapter`].
+    pub fn stage_adapter(&mut self, adapter: &LoraAdapter) -> Result<()> {
+        each_dtype!(self, m => m.stage_adapter(adapter))
     }
 
     /// See [`CudaLlama::dummy_adapter_in_slot`].

@@ -1,10 +1,18 @@
 //! The LoRA slot pool in device memory (S-LoRA/SGLang style): per layer and per fused group of
 //! targets, `A` as `[slots, targets · R, in]` and `Bᵀ` as `[slots, R, out_total]`, zero-padded to
 //! the pool's rank `R`, plus each slot's rank and scaling. Loading an adapter into a slot is a
-//! host-to-device copy; which adapter leaves a full pool follows the engine's host-side pool
-//! (LRU among adapters not in the current batch).
+//! host-to-device copy into the slot the engine's adapter pool chose ([`LoraSlots::load`]); callers
+//! without an engine let [`LoraSlots::assign`] pick LRU victims.
+//!
+//! With overlap loading, the copy reads a pinned host image of the adapter in the device dtype
+//! (kept for the `2 · slots` most recently staged adapters, as SGLang limits
+//! `--max-loaded-loras`) on a side stream, and records an event that the compute stream waits
+//! on before its first use of the slot.
 
-use cudarc::driver::CudaSlice;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
 
 use super::{Gpu, GpuFloat};
 use crate::adapter::{LoraAdapter, LoraTarget};
@@ -33,6 +41,29 @@ pub struct GroupBuffers<T> {
     pub bt: CudaSlice<T>,
 }
 
+/// One contiguous run of a slot's factors: `len` elements at element `dst` of a layer's group
+/// buffer (`A`, or `Bᵀ` when `bt`), taken from element `src` of the adapter's slot image.
+struct Piece {
+    layer: usize,
+    group: usize,
+    bt: bool,
+    dst: usize,
+    src: usize,
+    len: usize,
+}
+
+/// An adapter's slot image in pinned host memory, ready for an asynchronous copy.
+struct Staged<T> {
+    image: PinnedHostSlice<T>,
+    rank: usize,
+}
+
+/// A copy into a slot still in flight on the copy stream, with the image it reads.
+struct Pending<T> {
+    done: CudaEvent,
+    _image: Arc<Staged<T>>,
+}
+
 /// The pool.
 pub struct LoraSlots<T> {
     /// Slots.
@@ -50,6 +81,18 @@ pub struct LoraSlots<T> {
     tick: u64,
     host_rank: Vec<i32>,
     host_scale: Vec<f32>,
+    /// Side stream for overlapped copies, created on first use.
+    copy_stream: Option<Arc<CudaStream>>,
+    staged: HashMap<u64, Arc<Staged<T>>>,
+    /// Staged ids, least recently staged or used first.
+    staged_order: VecDeque<u64>,
+    pending: Vec<Option<Pending<T>>>,
+    /// Copies superseded by a newer copy into the same slot, kept until done so that the
+    /// image they read stays alive.
+    superseded: Vec<Pending<T>>,
+    /// Host buffer synchronous loads convert into, kept so that its pages are touched once
+    /// (first-touch faults cost more than the conversion).
+    scratch: Vec<T>,
 }
 
 impl<T: GpuFloat> LoraSlots<T> {
@@ -81,6 +124,12 @@ impl<T: GpuFloat> LoraSlots<T> {
             tick: 0,
             host_rank: vec![0; slots],
             host_scale: vec![0.0; slots],
+            copy_stream: None,
+            staged: HashMap::new(),
+            staged_order: VecDeque::new(),
+            pending: (0..slots).map(|_| None).collect(),
+            superseded: Vec::new(),
+            scratch: Vec::new(),
         })
     }
 
@@ -116,7 +165,6 @@ impl<T: GpuFloat> LoraSlots<T> {
                 self.last_use[s] = self.tick;
             }
         }
-        let mut changed = false;
         for (i, a) in adapters.iter().enumerate() {
             if out[i] != usize::MAX {
                 continue;
@@ -125,75 +173,236 @@ impl<T: GpuFloat> LoraSlots<T> {
                 .filter(|&s| self.last_use[s] != self.tick)
                 .min_by_key(|&s| (self.resident[s].is_some(), self.last_use[s]))
                 .expect("fewer adapters than slots");
-            self.write_slot(gpu, c, victim, a)?;
-            self.resident[victim] = Some(a.id);
+            self.load(gpu, c, victim, a, false)?;
             self.last_use[victim] = self.tick;
             out[i] = victim;
-            changed = true;
         }
-        if changed {
-            self.upload_slot_params(gpu)?;
+        for &s in &out {
+            self.order_after_copy(gpu, s)?;
         }
         Ok(out)
     }
 
-    /// Copies `a`'s factors into `slot`: the rows below its rank of every target's `A` block and
-    /// of `Bᵀ` (zeros for targets it does not adapt). Rows from its rank up to the pool's are
-    /// never read (every kernel and GEMM stops at the slot's rank), so they are not copied: a
-    /// rank-16 adapter in a rank-64 pool moves a quarter of the padded bytes.
-    fn write_slot(&mut self, gpu: &Gpu, c: &ModelConfig, slot: usize, a: &LoraAdapter) -> Result<()> {
-        let r_pool = self.rank;
-        if a.rank > r_pool {
-            return Err(Error::InvalidRequest(format!(
-                "adapter {} has rank {}, above the device pool's rank {r_pool} (--max-lora-rank)",
-                a.name, a.rank
-            )));
-        }
-        let r = a.rank;
-        let copy_err = |e| Error::Model(format!("CUDA: copying adapter {} to its slot: {e}", a.name));
-        for (li, groups) in self.layers.iter_mut().enumerate() {
-            for (g, bufs) in groups.iter_mut().enumerate() {
-                let (in_dim, outs) = group_dims(c, g);
-                let nt = outs.len();
-                let out_total: usize = outs.iter().sum();
-                let mut host_bt = vec![T::from_f32(0.0); r * out_total];
-                let mut host_a = vec![T::from_f32(0.0); r * in_dim];
-                let mut col = 0;
-                for (t, target) in GROUPS[g].iter().enumerate() {
-                    let w = a.layers[li][target.index()].as_ref();
-                    for (k, dst) in host_a.chunks_mut(in_dim).enumerate() {
-                        match w {
-                            Some(w) => dst
-                                .iter_mut()
-                                .zip(w.a.row(k))
-                                .for_each(|(d, s)| *d = T::from_f32(*s)),
-                            None => dst.fill(T::from_f32(0.0)),
-                        }
-                    }
-                    if let Some(w) = w {
-                        for j in 0..outs[t] {
-                            let brow = w.b.row(j);
-                            for k in 0..r {
-                                host_bt[k * out_total + col + j] = T::from_f32(brow[k]);
-                            }
-                        }
-                    }
-                    // Rows [t·R, t·R + r) of the slot's A block.
-                    let first = (slot * nt + t) * r_pool * in_dim;
-                    gpu.stream
-                        .memcpy_htod(&host_a, &mut bufs.a.slice_mut(first..first + r * in_dim))
-                        .map_err(copy_err)?;
-                    col += outs[t];
-                }
-                let first = slot * r_pool * out_total;
+    /// Makes the compute stream wait for an overlapped copy into `slot` that may still be in
+    /// flight (the engine admits a request only once its copy is done, so this rarely waits).
+    fn order_after_copy(&mut self, gpu: &Gpu, slot: usize) -> Result<()> {
+        if let Some(p) = &self.pending[slot] {
+            if p.done
+                .try_is_complete()
+                .map_err(|e| cuda_copy_err("checking a slot copy", e))?
+            {
+                self.pending[slot] = None;
+            } else {
                 gpu.stream
-                    .memcpy_htod(&host_bt, &mut bufs.bt.slice_mut(first..first + r * out_total))
-                    .map_err(copy_err)?;
+                    .wait(&p.done)
+                    .map_err(|e| cuda_copy_err("ordering after a slot copy", e))?;
             }
         }
+        Ok(())
+    }
+
+    /// Copies `a` into `slot`, the slot the engine's pool chose for it. Without `overlap` the
+    /// copy is issued on the compute stream, so it is ordered before any later forward pass.
+    /// With `overlap` it reads `a`'s pinned image (staged now if it is not yet) on the copy
+    /// stream, after the compute stream's work so far, and [`LoraSlots::ready`] says when it is
+    /// done.
+    pub fn load(
+        &mut self,
+        gpu: &Gpu,
+        c: &ModelConfig,
+        slot: usize,
+        a: &LoraAdapter,
+        overlap: bool,
+    ) -> Result<()> {
+        if slot >= self.slots {
+            return Err(Error::Model(format!(
+                "LoRA slot {slot} is outside the device pool's {} slots",
+                self.slots
+            )));
+        }
+        self.check_rank(a)?;
+        if overlap {
+            // A copy still in flight into this slot is ahead on the same copy stream.
+            let staged = self.staged_image(gpu, c, a)?;
+            let stream = match &self.copy_stream {
+                Some(s) => s.clone(),
+                None => {
+                    let s = gpu
+                        .ctx
+                        .new_stream()
+                        .map_err(|e| cuda_copy_err("creating the adapter copy stream", e))?;
+                    self.copy_stream = Some(s.clone());
+                    s
+                }
+            };
+            // Earlier forward passes may still read the slot's previous adapter.
+            stream
+                .join(&gpu.stream)
+                .map_err(|e| cuda_copy_err("ordering a slot copy", e))?;
+            let image = staged
+                .image
+                .as_slice()
+                .map_err(|e| cuda_copy_err("reading a staged adapter", e))?;
+            for p in self.pieces(c, slot, staged.rank) {
+                let dst = self.piece_ptr(gpu, &p);
+                // SAFETY: `dst` lies inside the slot's buffer (pieces stay within the slot) and
+                // the pinned image outlives the copy: `pending` holds it until the event fires.
+                unsafe {
+                    cudarc::driver::result::memcpy_htod_async(
+                        dst,
+                        &image[p.src..p.src + p.len],
+                        stream.cu_stream(),
+                    )
+                }
+                .map_err(|e| cuda_copy_err(&format!("copying adapter {} to its slot", a.name), e))?;
+            }
+            let done = stream
+                .record_event(None)
+                .map_err(|e| cuda_copy_err("recording a slot copy", e))?;
+            self.superseded.retain(|p| !p.done.is_complete());
+            if let Some(old) = self.pending[slot].replace(Pending { done, _image: staged }) {
+                self.superseded.push(old);
+            }
+        } else {
+            // A copy still in flight into this slot must land before this one overwrites it.
+            self.order_after_copy(gpu, slot)?;
+            let len = slot_image_len(c, a);
+            if self.scratch.len() < len {
+                self.scratch.resize(len, T::from_f32(0.0));
+            }
+            fill_slot_image(c, a, &mut self.scratch[..len]);
+            let image = &self.scratch[..len];
+            for p in self.pieces(c, slot, a.rank) {
+                let bufs = &mut self.layers[p.layer][p.group];
+                let buf = if p.bt { &mut bufs.bt } else { &mut bufs.a };
+                gpu.stream
+                    .memcpy_htod(
+                        &image[p.src..p.src + p.len],
+                        &mut buf.slice_mut(p.dst..p.dst + p.len),
+                    )
+                    .map_err(|e| cuda_copy_err(&format!("copying adapter {} to its slot", a.name), e))?;
+            }
+        }
+        self.resident[slot] = Some(a.id);
+        self.last_use[slot] = self.tick;
         self.host_rank[slot] = a.rank as i32;
         self.host_scale[slot] = a.scaling;
+        self.upload_slot_params(gpu)
+    }
+
+    /// Whether the last copy into `slot` is done; with `wait`, blocks until it is.
+    pub fn ready(&mut self, slot: usize, wait: bool) -> Result<bool> {
+        let Some(p) = &self.pending[slot] else {
+            return Ok(true);
+        };
+        let done = if wait {
+            p.done
+                .synchronize()
+                .map_err(|e| cuda_copy_err("waiting for a slot copy", e))?;
+            true
+        } else {
+            p.done
+                .try_is_complete()
+                .map_err(|e| cuda_copy_err("checking a slot copy", e))?
+        };
+        if done {
+            self.pending[slot] = None;
+        }
+        Ok(done)
+    }
+
+    /// `a`'s slot image in pinned host memory, converting it if it is not staged yet. The
+    /// `2 · slots` most recently used images are kept; images a copy still reads stay alive
+    /// through that copy.
+    pub fn stage(&mut self, gpu: &Gpu, c: &ModelConfig, a: &LoraAdapter) -> Result<()> {
+        self.staged_image(gpu, c, a).map(|_| ())
+    }
+
+    fn staged_image(&mut self, gpu: &Gpu, c: &ModelConfig, a: &LoraAdapter) -> Result<Arc<Staged<T>>> {
+        self.check_rank(a)?;
+        if let Some(s) = self.staged.get(&a.id).cloned() {
+            self.staged_order.retain(|&id| id != a.id);
+            self.staged_order.push_back(a.id);
+            return Ok(s);
+        }
+        let len = slot_image_len(c, a);
+        // SAFETY: `fill_slot_image` writes every element before the buffer is read.
+        let mut pinned = unsafe { gpu.ctx.alloc_pinned::<T>(len.max(1)) }
+            .map_err(|e| cuda_copy_err(&format!("allocating pinned memory for adapter {}", a.name), e))?;
+        let image = pinned
+            .as_mut_slice()
+            .map_err(|e| cuda_copy_err("writing a staged adapter", e))?;
+        fill_slot_image(c, a, &mut image[..len]);
+        let staged = Arc::new(Staged {
+            image: pinned,
+            rank: a.rank,
+        });
+        self.staged.insert(a.id, staged.clone());
+        self.staged_order.push_back(a.id);
+        while self.staged.len() > 2 * self.slots {
+            let Some(old) = self.staged_order.pop_front() else {
+                break;
+            };
+            self.staged.remove(&old);
+        }
+        Ok(staged)
+    }
+
+    fn check_rank(&self, a: &LoraAdapter) -> Result<()> {
+        if a.rank > self.rank {
+            return Err(Error::InvalidRequest(format!(
+                "adapter {} has rank {}, above the device pool's rank {} (--max-lora-rank)",
+                a.name, a.rank, self.rank
+            )));
+        }
         Ok(())
+    }
+
+    /// Where each run of a rank-`r` slot image goes in `slot`, in image order: per layer and
+    /// group, the rows below `r` of each target's `A` block, then the rows below `r` of `Bᵀ`.
+    /// Rows from `r` up to the pool's rank are never read (every kernel and GEMM stops at the
+    /// slot's rank), so a rank-16 adapter in a rank-64 pool moves a quarter of the padded bytes.
+    fn pieces(&self, c: &ModelConfig, slot: usize, r: usize) -> Vec<Piece> {
+        let r_pool = self.rank;
+        let mut out = Vec::new();
+        let mut src = 0;
+        for layer in 0..self.layers.len() {
+            for group in 0..GROUPS.len() {
+                let (in_dim, outs) = group_dims(c, group);
+                let nt = outs.len();
+                let out_total: usize = outs.iter().sum();
+                for t in 0..nt {
+                    let len = r * in_dim;
+                    let dst = (slot * nt + t) * r_pool * in_dim;
+                    out.push(Piece {
+                        layer,
+                        group,
+                        bt: false,
+                        dst,
+                        src,
+                        len,
+                    });
+                    src += len;
+                }
+                let len = r * out_total;
+                out.push(Piece {
+                    layer,
+                    group,
+                    bt: true,
+                    dst: slot * r_pool * out_total,
+                    src,
+                    len,
+                });
+                src += len;
+            }
+        }
+        out
+    }
+
+    fn piece_ptr(&self, gpu: &Gpu, p: &Piece) -> u64 {
+        let bufs = &self.layers[p.layer][p.group];
+        let buf = if p.bt { &bufs.bt } else { &bufs.a };
+        gpu.ptr(buf) + (p.dst * std::mem::size_of::<T>()) as u64
     }
 
     /// Fills `slot` with random factors of rank `rank` on `targets` (benchmarks): no host copy.
@@ -259,5 +468,116 @@ impl<T: GpuFloat> LoraSlots<T> {
             .memcpy_htod(&self.host_rank, &mut self.slot_rank)
             .and_then(|_| gpu.stream.memcpy_htod(&self.host_scale, &mut self.slot_scale))
             .map_err(|e| Error::Model(format!("CUDA: uploading slot ranks: {e}")))
+    }
+}
+
+fn cuda_copy_err(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Model(format!("CUDA: {what}: {e}"))
+}
+
+/// Elements of a rank-`r` slot image per layer (see [`fill_slot_image`]).
+fn image_layer_len(c: &ModelConfig, r: usize) -> usize {
+    (0..GROUPS.len())
+        .map(|g| {
+            let (in_dim, outs) = group_dims(c, g);
+            r * (outs.len() * in_dim + outs.iter().sum::<usize>())
+        })
+        .sum()
+}
+
+/// Elements of `a`'s slot image.
+fn slot_image_len(c: &ModelConfig, a: &LoraAdapter) -> usize {
+    a.layers.len() * image_layer_len(c, a.rank)
+}
+
+/// Writes `a`'s factors in the device dtype into `out` (`slot_image_len` elements), in the
+/// order of [`LoraSlots::pieces`] for its rank: per layer and group, each target's `A` rows
+/// (zeros for targets it does not adapt), then `Bᵀ`. Layers convert in parallel, each writing
+/// its part front to back (the pinned buffer is write-combined).
+fn fill_slot_image<T: GpuFloat>(c: &ModelConfig, a: &LoraAdapter, out: &mut [T]) {
+    use rayon::prelude::*;
+    let r = a.rank;
+    let zero = T::from_f32(0.0);
+    out.par_chunks_mut(image_layer_len(c, r))
+        .zip(a.layers.par_iter())
+        .for_each(|(dst, layer)| {
+            let mut at = 0;
+            for (g, targets) in GROUPS.iter().enumerate() {
+                let (in_dim, outs) = group_dims(c, g);
+                for target in targets.iter() {
+                    let part = &mut dst[at..at + r * in_dim];
+                    match layer[target.index()].as_ref() {
+                        Some(w) => part
+                            .iter_mut()
+                            .zip(&w.a.data[..r * in_dim])
+                            .for_each(|(d, &v)| *d = T::from_f32(v)),
+                        None => part.fill(zero),
+                    }
+                    at += r * in_dim;
+                }
+                // Bᵀ: row k holds column k of every target's B, side by side.
+                for k in 0..r {
+                    for (t, target) in targets.iter().enumerate() {
+                        let part = &mut dst[at..at + outs[t]];
+                        match layer[target.index()].as_ref() {
+                            Some(w) => part
+                                .iter_mut()
+                                .zip(w.b.data.iter().skip(k).step_by(r))
+                                .for_each(|(d, &v)| *d = T::from_f32(v)),
+                            None => part.fill(zero),
+                        }
+                        at += outs[t];
+                    }
+                }
+            }
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapter::LoraTarget;
+
+    /// The image holds each target's `A` rows and `Bᵀ` where `pieces` says, for a rank below
+    /// the pool's and targets on only some projections.
+    #[test]
+    fn slot_image_matches_the_factors() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/tiny/llama/config.json"
+        );
+        let c = ModelConfig::from_hf_file(std::path::Path::new(path)).unwrap();
+        let a = LoraAdapter::dummy("x", &c, 3, &[LoraTarget::KProj, LoraTarget::UpProj], 5);
+        let mut img = vec![0.0f32; slot_image_len(&c, &a)];
+        fill_slot_image(&c, &a, &mut img);
+        let mut at = 0;
+        for layer in &a.layers {
+            for (g, targets) in GROUPS.iter().enumerate() {
+                let (in_dim, outs) = group_dims(&c, g);
+                let out_total: usize = outs.iter().sum();
+                for t in targets.iter() {
+                    for k in 0..3 {
+                        let row = &img[at + k * in_dim..at + (k + 1) * in_dim];
+                        match &layer[t.index()] {
+                            Some(w) => assert_eq!(row, w.a.row(k)),
+                            None => assert!(row.iter().all(|&v| v == 0.0)),
+                        }
+                    }
+                    at += 3 * in_dim;
+                }
+                let mut col = 0;
+                for (ti, t) in targets.iter().enumerate() {
+                    for j in 0..outs[ti] {
+                        for k in 0..3 {
+                            let want = layer[t.index()].as_ref().map_or(0.0, |w| w.b.row(j)[k]);
+                            assert_eq!(img[at + k * out_total + col + j], want);
+                        }
+                    }
+                    col += outs[ti];
+                }
+                at += 3 * out_total;
+            }
+        }
+        assert_eq!(at, img.len());
     }
 }
