@@ -495,7 +495,7 @@ impl<T: GpuFloat> CudaLlama<T> {
 
     /// See [`LoraSlots::ready`].
     pub fn slot_ready(&mut self, slot: usize, wait: bool) -> Result<bool> {
-        Self::device_pool(&mut self.lora)?.ready(slot, wait)
+        Self::device_pool(&mut self.lora)?.ready(&self.gpu, slot, wait)
     }
 
     /// See [`LoraSlots::stage`].
@@ -1165,6 +1165,10 @@ impl<T: GpuFloat> CudaLlama<T> {
         match bucket {
             Some(b) => self.replay(b, &shape)?,
             None => self.run(&shape)?,
+        }
+        // Queued overlapped slot copies start now, behind this pass's uploads.
+        if let Some(lora) = &mut self.lora {
+            lora.issue_copies(&self.gpu)?;
         }
         Ok(out)
     }

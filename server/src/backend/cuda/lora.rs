@@ -7,7 +7,9 @@
 //! With overlap loading, the copy reads a pinned host image of the adapter in the device dtype
 //! (kept for the `2 · slots` most recently staged adapters, as SGLang limits
 //! `--max-loaded-loras`) on a side stream, and records an event that the compute stream waits
-//! on before its first use of the slot.
+//! on before its first use of the slot. The copy is queued, then issued right after the next
+//! forward pass has issued its own uploads and kernels ([`LoraSlots::issue_copies`]): issued
+//! earlier, it would hold the copy engine while that pass's small uploads waited behind it.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -58,10 +60,23 @@ struct Staged<T> {
     rank: usize,
 }
 
-/// A copy into a slot still in flight on the copy stream, with the image it reads.
+/// An overlapped copy into a slot: queued (`done` is `None`) until the next forward pass issues
+/// it after `after`, the compute stream's work when it was queued; then in flight until `done`.
 struct Pending<T> {
-    done: CudaEvent,
-    _image: Arc<Staged<T>>,
+    after: CudaEvent,
+    done: Option<CudaEvent>,
+    image: Arc<Staged<T>>,
+}
+
+impl<T> Pending<T> {
+    fn finished(&self) -> Result<bool> {
+        match &self.done {
+            None => Ok(false),
+            Some(e) => e
+                .try_is_complete()
+                .map_err(|e| cuda_copy_err("checking a slot copy", e)),
+        }
+    }
 }
 
 /// The pool.
@@ -90,6 +105,8 @@ pub struct LoraSlots<T> {
     /// Copies superseded by a newer copy into the same slot, kept until done so that the
     /// image they read stays alive.
     superseded: Vec<Pending<T>>,
+    /// Each group's input width and target output widths.
+    dims: Vec<(usize, Vec<usize>)>,
     /// Host buffer synchronous loads convert into, kept so that its pages are touched once
     /// (first-touch faults cost more than the conversion).
     scratch: Vec<T>,
@@ -130,6 +147,7 @@ impl<T: GpuFloat> LoraSlots<T> {
             pending: (0..slots).map(|_| None).collect(),
             superseded: Vec::new(),
             scratch: Vec::new(),
+            dims: (0..GROUPS.len()).map(|g| group_dims(c, g)).collect(),
         })
     }
 
@@ -186,17 +204,71 @@ impl<T: GpuFloat> LoraSlots<T> {
     /// Makes the compute stream wait for an overlapped copy into `slot` that may still be in
     /// flight (the engine admits a request only once its copy is done, so this rarely waits).
     fn order_after_copy(&mut self, gpu: &Gpu, slot: usize) -> Result<()> {
+        if self.pending[slot].as_ref().is_some_and(|p| p.done.is_none()) {
+            self.issue_copies(gpu)?;
+        }
         if let Some(p) = &self.pending[slot] {
-            if p.done
-                .try_is_complete()
-                .map_err(|e| cuda_copy_err("checking a slot copy", e))?
-            {
+            if p.finished()? {
                 self.pending[slot] = None;
-            } else {
+            } else if let Some(done) = &p.done {
                 gpu.stream
-                    .wait(&p.done)
+                    .wait(done)
                     .map_err(|e| cuda_copy_err("ordering after a slot copy", e))?;
             }
+        }
+        Ok(())
+    }
+
+    /// Issues the queued overlapped copies on the copy stream. Called after a forward pass has
+    /// issued its work, so the copies overlap it without delaying its uploads.
+    pub fn issue_copies(&mut self, gpu: &Gpu) -> Result<()> {
+        let queued: Vec<usize> = (0..self.slots)
+            .filter(|&s| self.pending[s].as_ref().is_some_and(|p| p.done.is_none()))
+            .collect();
+        if queued.is_empty() {
+            return Ok(());
+        }
+        let stream = match &self.copy_stream {
+            Some(s) => s.clone(),
+            None => {
+                let s = gpu
+                    .ctx
+                    .new_stream()
+                    .map_err(|e| cuda_copy_err("creating the adapter copy stream", e))?;
+                self.copy_stream = Some(s.clone());
+                s
+            }
+        };
+        for slot in queued {
+            let p = self.pending[slot].as_ref().expect("queued above");
+            // Forward passes issued before the copy was queued may still read the slot's
+            // previous adapter; the pass just issued does not use the slot.
+            stream
+                .wait(&p.after)
+                .map_err(|e| cuda_copy_err("ordering a slot copy", e))?;
+            let image = p
+                .image
+                .image
+                .as_slice()
+                .map_err(|e| cuda_copy_err("reading a staged adapter", e))?;
+            for piece in self.pieces(slot, p.image.rank) {
+                let dst = self.piece_ptr(gpu, &piece);
+                // SAFETY: `dst` lies inside the slot's buffer (pieces stay within the slot) and
+                // the pinned image outlives the copy: `pending` (or `superseded`) holds it
+                // until the event fires.
+                unsafe {
+                    cudarc::driver::result::memcpy_htod_async(
+                        dst,
+                        &image[piece.src..piece.src + piece.len],
+                        stream.cu_stream(),
+                    )
+                }
+                .map_err(|e| cuda_copy_err("copying an adapter to its slot", e))?;
+            }
+            let done = stream
+                .record_event(None)
+                .map_err(|e| cuda_copy_err("recording a slot copy", e))?;
+            self.pending[slot].as_mut().expect("queued above").done = Some(done);
         }
         Ok(())
     }
@@ -222,49 +294,26 @@ impl<T: GpuFloat> LoraSlots<T> {
         }
         self.check_rank(a)?;
         if overlap {
-            // A copy still in flight into this slot is ahead on the same copy stream.
-            let staged = self.staged_image(gpu, c, a)?;
-            let stream = match &self.copy_stream {
-                Some(s) => s.clone(),
-                None => {
-                    let s = gpu
-                        .ctx
-                        .new_stream()
-                        .map_err(|e| cuda_copy_err("creating the adapter copy stream", e))?;
-                    self.copy_stream = Some(s.clone());
-                    s
-                }
-            };
-            // Earlier forward passes may still read the slot's previous adapter.
-            stream
-                .join(&gpu.stream)
-                .map_err(|e| cuda_copy_err("ordering a slot copy", e))?;
-            let image = staged
-                .image
-                .as_slice()
-                .map_err(|e| cuda_copy_err("reading a staged adapter", e))?;
-            for p in self.pieces(c, slot, staged.rank) {
-                let dst = self.piece_ptr(gpu, &p);
-                // SAFETY: `dst` lies inside the slot's buffer (pieces stay within the slot) and
-                // the pinned image outlives the copy: `pending` holds it until the event fires.
-                unsafe {
-                    cudarc::driver::result::memcpy_htod_async(
-                        dst,
-                        &image[p.src..p.src + p.len],
-                        stream.cu_stream(),
-                    )
-                }
-                .map_err(|e| cuda_copy_err(&format!("copying adapter {} to its slot", a.name), e))?;
-            }
-            let done = stream
+            let image = self.staged_image(gpu, c, a)?;
+            let after = gpu
+                .stream
                 .record_event(None)
-                .map_err(|e| cuda_copy_err("recording a slot copy", e))?;
-            self.superseded.retain(|p| !p.done.is_complete());
-            if let Some(old) = self.pending[slot].replace(Pending { done, _image: staged }) {
-                self.superseded.push(old);
+                .map_err(|e| cuda_copy_err("ordering a slot copy", e))?;
+            let queued = Pending {
+                after,
+                done: None,
+                image,
+            };
+            // A copy already issued into this slot is ahead on the same copy stream; one still
+            // queued is simply replaced.
+            self.superseded.retain(|p| !p.finished().unwrap_or(true));
+            if let Some(old) = self.pending[slot].replace(queued) {
+                if old.done.is_some() {
+                    self.superseded.push(old);
+                }
             }
         } else {
-            // A copy still in flight into this slot must land before this one overwrites it.
+            // A copy queued or in flight into this slot must land before this one overwrites it.
             self.order_after_copy(gpu, slot)?;
             let len = slot_image_len(c, a);
             if self.scratch.len() < len {
@@ -272,7 +321,7 @@ impl<T: GpuFloat> LoraSlots<T> {
             }
             fill_slot_image(c, a, &mut self.scratch[..len]);
             let image = &self.scratch[..len];
-            for p in self.pieces(c, slot, a.rank) {
+            for p in self.pieces(slot, a.rank) {
                 let bufs = &mut self.layers[p.layer][p.group];
                 let buf = if p.bt { &mut bufs.bt } else { &mut bufs.a };
                 gpu.stream
@@ -290,20 +339,22 @@ impl<T: GpuFloat> LoraSlots<T> {
         self.upload_slot_params(gpu)
     }
 
-    /// Whether the last copy into `slot` is done; with `wait`, blocks until it is.
-    pub fn ready(&mut self, slot: usize, wait: bool) -> Result<bool> {
+    /// Whether the last copy into `slot` is done; with `wait`, issues it if it is still queued
+    /// and blocks until it is done.
+    pub fn ready(&mut self, gpu: &Gpu, slot: usize, wait: bool) -> Result<bool> {
+        if wait && self.pending[slot].as_ref().is_some_and(|p| p.done.is_none()) {
+            self.issue_copies(gpu)?;
+        }
         let Some(p) = &self.pending[slot] else {
             return Ok(true);
         };
-        let done = if wait {
-            p.done
-                .synchronize()
-                .map_err(|e| cuda_copy_err("waiting for a slot copy", e))?;
-            true
-        } else {
-            p.done
-                .try_is_complete()
-                .map_err(|e| cuda_copy_err("checking a slot copy", e))?
+        let done = match (&p.done, wait) {
+            (Some(e), true) => {
+                e.synchronize()
+                    .map_err(|e| cuda_copy_err("waiting for a slot copy", e))?;
+                true
+            }
+            _ => p.finished()?,
         };
         if done {
             self.pending[slot] = None;
@@ -362,13 +413,14 @@ impl<T: GpuFloat> LoraSlots<T> {
     /// group, the rows below `r` of each target's `A` block, then the rows below `r` of `Bᵀ`.
     /// Rows from `r` up to the pool's rank are never read (every kernel and GEMM stops at the
     /// slot's rank), so a rank-16 adapter in a rank-64 pool moves a quarter of the padded bytes.
-    fn pieces(&self, c: &ModelConfig, slot: usize, r: usize) -> Vec<Piece> {
+    fn pieces(&self, slot: usize, r: usize) -> Vec<Piece> {
         let r_pool = self.rank;
         let mut out = Vec::new();
         let mut src = 0;
         for layer in 0..self.layers.len() {
             for group in 0..GROUPS.len() {
-                let (in_dim, outs) = group_dims(c, group);
+                let (in_dim, outs) = &self.dims[group];
+                let in_dim = *in_dim;
                 let nt = outs.len();
                 let out_total: usize = outs.iter().sum();
                 for t in 0..nt {
