@@ -113,8 +113,11 @@ impl Metrics {
                 "Requests whose adapter had to be loaded into a slot"
             )),
             adapter_load_seconds: reg!(HistogramVec::new(
-                HistogramOpts::new("loraplane_lora_adapter_load_seconds", "Adapter load time by pool")
-                    .buckets(buckets(0.0001, 2.0, 18)),
+                HistogramOpts::new(
+                    "loraplane_lora_adapter_load_seconds",
+                    "Adapter load time by pool (host: from disk; device: the copy into a slot, until done)"
+                )
+                .buckets(buckets(0.0001, 2.0, 18)),
                 &["pool"]
             )),
             queue_length: reg!(IntGauge::new(
