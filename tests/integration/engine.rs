@@ -1,9 +1,16 @@
 //! The serving engine through its handle: continuous batching with slot churn against the PEFT
 //! reference, the adapter lifecycle (eviction, pinning, host reload, unload in flight, reload
-//! under the same name), the prefix cache and cancellation.
+//! under the same name), the prefix cache and cancellation; and, through a model whose slot
+//! copies stay in flight for a few polls, the scheduler's side of `--enable-lora-overlap-loading`.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use loraplane_server::adapter::LoraAdapter;
+use loraplane_server::engine::KvCache;
+use loraplane_server::error::{Error, Result as ModelResult};
+use loraplane_server::model::llama::SeqInput;
 
 use loraplane_server::engine::request::{
     EngineError, EngineEvent, EngineRequest, FinishReason, LogprobOptions, SamplingParams,
@@ -11,7 +18,7 @@ use loraplane_server::engine::request::{
 use loraplane_server::engine::{self, AdapterSpec, EngineConfig, EngineHandle, EvictionPolicy};
 use loraplane_server::metrics::Metrics;
 use loraplane_server::model::weights::load_hf_weights;
-use loraplane_server::model::{LlamaModel, ModelConfig};
+use loraplane_server::model::{Forward, LlamaModel, ModelConfig};
 
 use crate::common::{fixture, read_safetensors};
 
@@ -52,7 +59,7 @@ fn spec(name: &str, adapter: &str, pinned: bool) -> AdapterSpec {
 fn start(cfg: EngineConfig, adapters: Vec<AdapterSpec>) -> (EngineHandle, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new());
     (
-        engine::start(tiny_model().into(), cfg, adapters, metrics.clone()).unwrap(),
+        engine::start(tiny_model(), cfg, adapters, metrics.clone()).unwrap(),
         metrics,
     )
 }
@@ -275,5 +282,197 @@ async fn a_dropped_stream_cancels_its_request() {
     assert_eq!(
         metric(&m, "loraplane_requests_finished_total{reason=\"cancelled\"}"),
         1.0
+    );
+}
+
+/// What [`SlowCopies`] saw, shared with the test.
+#[derive(Default)]
+struct CopyLog {
+    /// Polls an overlapped copy stays in flight.
+    polls_per_copy: u32,
+    /// Fail the next `load_slot`.
+    fail_next: bool,
+    /// Slots whose copy is still in flight, with the polls left.
+    in_flight: HashMap<usize, u32>,
+    /// Which adapter (by id) each slot holds.
+    slot_of: HashMap<u64, usize>,
+    /// Every `load_slot`: (slot, adapter name, overlap).
+    loads: Vec<(usize, String, bool)>,
+    /// `slot_ready` answers of "not yet".
+    not_ready: usize,
+}
+
+/// The CPU model with slot copies that behave like the GPU's overlapped ones: a copy stays in
+/// flight for `polls_per_copy` polls of `slot_ready` (or until one waits). A forward pass that
+/// uses an adapter whose slot copy is in flight, or that was never copied to its slot, fails.
+struct SlowCopies {
+    inner: LlamaModel,
+    log: Arc<Mutex<CopyLog>>,
+}
+
+impl Forward for SlowCopies {
+    fn config(&self) -> &ModelConfig {
+        self.inner.config()
+    }
+    fn forward(&mut self, kv: &mut KvCache, seqs: &[SeqInput<'_>]) -> ModelResult<Vec<Vec<f32>>> {
+        {
+            let log = self.log.lock().unwrap();
+            for a in seqs.iter().filter_map(|s| s.adapter) {
+                match log.slot_of.get(&a.id) {
+                    None => return Err(Error::Model(format!("{} was never copied to a slot", a.name))),
+                    Some(slot) if log.in_flight.contains_key(slot) => {
+                        return Err(Error::Model(format!(
+                            "{} ran while its copy was in flight",
+                            a.name
+                        )))
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        self.inner.forward(kv, seqs)
+    }
+    fn new_kv_cache(&self, max_tokens: usize, block_size: usize) -> KvCache {
+        KvCache::new(self.inner.config(), max_tokens, block_size)
+    }
+    fn load_slot(&mut self, slot: usize, adapter: &LoraAdapter, overlap: bool) -> ModelResult<()> {
+        let mut log = self.log.lock().unwrap();
+        log.loads.push((slot, adapter.name.clone(), overlap));
+        if std::mem::take(&mut log.fail_next) {
+            return Err(Error::Model("simulated copy failure".into()));
+        }
+        log.slot_of.retain(|_, s| *s != slot);
+        log.slot_of.insert(adapter.id, slot);
+        if overlap {
+            let polls = log.polls_per_copy;
+            log.in_flight.insert(slot, polls);
+        }
+        Ok(())
+    }
+    fn slot_ready(&mut self, slot: usize, wait: bool) -> ModelResult<bool> {
+        let mut log = self.log.lock().unwrap();
+        let done = match log.in_flight.get_mut(&slot) {
+            None => true,
+            Some(_) if wait => true,
+            Some(left) if *left <= 1 => true,
+            Some(left) => {
+                *left -= 1;
+                false
+            }
+        };
+        if done {
+            log.in_flight.remove(&slot);
+        } else {
+            log.not_ready += 1;
+        }
+        Ok(done)
+    }
+}
+
+fn start_slow(
+    cfg: EngineConfig,
+    adapters: Vec<AdapterSpec>,
+    polls: u32,
+) -> (EngineHandle, Arc<Mutex<CopyLog>>) {
+    let log = Arc::new(Mutex::new(CopyLog {
+        polls_per_copy: polls,
+        ..Default::default()
+    }));
+    let model = SlowCopies {
+        inner: tiny_model(),
+        log: log.clone(),
+    };
+    let h = engine::start(model, cfg, adapters, Arc::new(Metrics::new())).unwrap();
+    (h, log)
+}
+
+/// Overlapped copies: requests wait in the queue while their adapter's copy is in flight (a
+/// forward pass using it would fail), a running base request keeps stepping meanwhile, pinned
+/// adapters are copied at registration, and every result still matches PEFT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapped_copies_hold_requests_until_their_slot_is_ready() {
+    let mut cfg = config(3, Some(6));
+    cfg.lora_overlap_loading = true;
+    let adapters = vec![
+        spec("qv_r2", "qv_r2", true),
+        spec("mlp_r8_rslora", "mlp_r8_rslora", false),
+        spec("all_r16", "all_r16", false),
+        spec("attn_r4", "attn_r4", false),
+    ];
+    let (h, log) = start_slow(cfg, adapters, 3);
+    {
+        let log = log.lock().unwrap();
+        assert_eq!(log.loads.len(), 1, "only the pinned adapter is copied at start");
+        assert_eq!(log.loads[0].1, "qv_r2");
+        assert!(
+            !log.loads[0].2,
+            "a pinned adapter is copied at once, not overlapped"
+        );
+    }
+    // A long base request keeps the batch running, so copies overlap its steps.
+    let (base_prompt, _, _) = reference_greedy("llama", 0);
+    let base = h.submit(greedy(base_prompt, None, 48)).unwrap();
+    let mut pending = Vec::new();
+    for round in 0..2 {
+        for (name, case) in [
+            ("mlp_r8_rslora", "llama+mlp_r8_rslora"),
+            ("all_r16", "llama+all_r16"),
+            ("attn_r4", "llama+attn_r4"),
+            ("qv_r2", "llama+qv_r2"),
+        ] {
+            let p = 1 + round;
+            let (prompt, _, _) = reference_greedy("llama", p);
+            pending.push((case, p, h.submit(greedy(prompt, Some(name), 12)).unwrap()));
+        }
+    }
+    for (case, p, rx) in pending {
+        let out = collect(rx).await;
+        assert!(
+            matches!(out.reason, FinishReason::Length),
+            "{case}: {:?}",
+            out.reason
+        );
+        assert_greedy(case, p, &out.tokens);
+    }
+    let out = collect(base).await;
+    assert!(
+        matches!(out.reason, FinishReason::Length),
+        "base: {:?}",
+        out.reason
+    );
+    assert_greedy("llama", 0, &out.tokens);
+    let log = log.lock().unwrap();
+    assert!(log.not_ready > 0, "no admission ever found a copy in flight");
+    assert!(
+        log.loads.iter().skip(1).all(|l| l.2),
+        "request-driven copies are overlapped: {:?}",
+        log.loads
+    );
+    assert!(
+        log.loads.iter().skip(1).all(|l| l.1 != "qv_r2"),
+        "the pinned adapter is never copied again: {:?}",
+        log.loads
+    );
+}
+
+/// A failed slot copy aborts the request that needed it with a message naming the adapter,
+/// frees the slot, and the next request copies the adapter afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_slot_copy_aborts_its_request_and_frees_the_slot() {
+    let (h, log) = start_slow(config(2, None), vec![spec("a", "attn_r4", false)], 0);
+    log.lock().unwrap().fail_next = true;
+    let (prompt, _, _) = reference_greedy("llama", 2);
+    let out = collect(h.submit(greedy(prompt.clone(), Some("a"), 4)).unwrap()).await;
+    match out.reason {
+        FinishReason::Abort(m) => assert!(m.contains("\"a\"") && m.contains("simulated copy failure"), "{m}"),
+        r => panic!("expected an abort, got {r:?}"),
+    }
+    let out = collect(h.submit(greedy(prompt, Some("a"), 12)).unwrap()).await;
+    assert!(matches!(out.reason, FinishReason::Length), "{:?}", out.reason);
+    assert_greedy("llama+attn_r4", 2, &out.tokens);
+    assert_eq!(
+        log.lock().unwrap().loads.len(),
+        2,
+        "the second request copied it again"
     );
 }

@@ -24,7 +24,7 @@ pub use kv_cache::{KvCache, SeqCache};
 use crate::adapter::LoraTarget;
 use crate::error::Result;
 use crate::metrics::Metrics;
-use crate::model::Model;
+use crate::model::Forward;
 
 /// Which unpinned adapter leaves a full pool first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -89,9 +89,11 @@ pub struct AdapterSpec {
 }
 
 /// Loads `adapters`, starts the engine thread and returns its handle. Any adapter that fails
-/// to load, or more pinned adapters than `max_loras_per_batch - 1`, stops start-up.
-pub fn start(
-    model: Model,
+/// to load, or more pinned adapters than `max_loras_per_batch - 1`, stops start-up. The server
+/// passes a [`Model`](crate::model::Model); tests may pass any [`Forward`] (for instance one
+/// whose slot copies stay in flight for a while).
+pub fn start<M: Forward + Send + 'static>(
+    model: M,
     config: EngineConfig,
     adapters: Vec<AdapterSpec>,
     metrics: Arc<Metrics>,

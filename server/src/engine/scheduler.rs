@@ -29,7 +29,7 @@ use crate::backend::cpu::log_softmax;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::model::llama::{LogitsWanted, SeqInput};
-use crate::model::{DeviceSample, Forward, Model, SeqOutput};
+use crate::model::{DeviceSample, Forward, SeqOutput};
 
 /// Steps the head of the queue may be passed over before admission stops for everyone else.
 const STARVATION_STEPS: u32 = 32;
@@ -71,8 +71,8 @@ struct Loading {
     since: Instant,
 }
 
-struct Scheduler {
-    model: Model,
+struct Scheduler<M> {
+    model: M,
     config: EngineConfig,
     kv: KvCache,
     pool: AdapterPool,
@@ -84,8 +84,8 @@ struct Scheduler {
     loading: Vec<Loading>,
 }
 
-pub(crate) fn spawn(
-    model: Model,
+pub(crate) fn spawn<M: Forward + Send + 'static>(
+    model: M,
     config: EngineConfig,
     adapters: Vec<AdapterSpec>,
     metrics: Arc<Metrics>,
@@ -143,7 +143,7 @@ pub(crate) fn spawn(
     Ok(handle)
 }
 
-impl Scheduler {
+impl<M: Forward> Scheduler<M> {
     fn run(mut self) {
         loop {
             if self.running.is_empty() && self.waiting.is_empty() {
