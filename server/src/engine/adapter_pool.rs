@@ -119,6 +119,29 @@ impl AdapterPool {
         path: &Path,
         pinned: bool,
     ) -> Result<Option<(usize, Arc<LoraAdapter>)>, EngineError> {
+        self.check_new(name, pinned)?;
+        let adapter = self.load_from_disk(name, path, "register")?;
+        self.insert_registered(name, path, pinned, adapter)
+    }
+
+    /// [`AdapterPool::register`] for an adapter its caller already read from `path`, taking
+    /// `seconds` (the HTTP handler reads it off the engine thread, which keeps stepping).
+    pub fn register_loaded(
+        &mut self,
+        name: &str,
+        path: &Path,
+        pinned: bool,
+        adapter: LoraAdapter,
+        seconds: f64,
+    ) -> Result<Option<(usize, Arc<LoraAdapter>)>, EngineError> {
+        self.check_new(name, pinned)?;
+        self.check_limits(&adapter, path)?;
+        self.record_host_load("register", seconds);
+        self.insert_registered(name, path, pinned, adapter)
+    }
+
+    /// A name that can be registered now, pinned or not.
+    fn check_new(&self, name: &str, pinned: bool) -> Result<(), EngineError> {
         if name.is_empty() {
             return Err(EngineError::Adapter("lora_name must not be empty".into()));
         }
@@ -134,7 +157,16 @@ impl AdapterPool {
                 self.slots.len().saturating_sub(1)
             )));
         }
-        let adapter = self.load_from_disk(name, path, "register")?;
+        Ok(())
+    }
+
+    fn insert_registered(
+        &mut self,
+        name: &str,
+        path: &Path,
+        pinned: bool,
+        adapter: LoraAdapter,
+    ) -> Result<Option<(usize, Arc<LoraAdapter>)>, EngineError> {
         let uid = self.next_uid;
         self.next_uid += 1;
         let t = self.tick();
@@ -170,6 +202,13 @@ impl AdapterPool {
         let t0 = Instant::now();
         let adapter =
             LoraAdapter::load(name, path, &self.model).map_err(|e| EngineError::Adapter(e.to_string()))?;
+        self.check_limits(&adapter, path)?;
+        self.record_host_load(reason, t0.elapsed().as_secs_f64());
+        Ok(adapter)
+    }
+
+    /// `--max-lora-rank` and `--lora-target-modules`.
+    fn check_limits(&self, adapter: &LoraAdapter, path: &Path) -> Result<(), EngineError> {
         if let Some(max) = self.max_rank {
             if adapter.rank > max {
                 return Err(EngineError::Adapter(format!(
@@ -188,6 +227,10 @@ impl AdapterPool {
                 )));
             }
         }
+        Ok(())
+    }
+
+    fn record_host_load(&self, reason: &str, seconds: f64) {
         self.metrics
             .adapter_loads
             .with_label_values(&["host", reason])
@@ -195,8 +238,7 @@ impl AdapterPool {
         self.metrics
             .adapter_load_seconds
             .with_label_values(&["host"])
-            .observe(t0.elapsed().as_secs_f64());
-        Ok(adapter)
+            .observe(seconds);
     }
 
     fn insert_host(&mut self, uid: u64, adapter: LoraAdapter, t: u64) {

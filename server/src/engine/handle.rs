@@ -8,6 +8,7 @@ use std::sync::{Arc, RwLock};
 use tokio::sync::{mpsc, oneshot};
 
 use super::request::{AdapterInfo, EngineError, EngineEvent, EngineRequest, EventStream};
+use crate::adapter::LoraAdapter;
 use crate::model::ModelConfig;
 
 /// What the handle asks of the scheduler thread.
@@ -16,10 +17,13 @@ pub(crate) enum Command {
         req: EngineRequest,
         events: mpsc::UnboundedSender<EngineEvent>,
     },
+    /// Register an adapter the handle already read from `path` in `seconds`.
     Load {
         name: String,
         path: PathBuf,
         pinned: bool,
+        adapter: Box<LoraAdapter>,
+        seconds: f64,
         reply: oneshot::Sender<Result<(), EngineError>>,
     },
     Unload {
@@ -95,14 +99,32 @@ impl EngineHandle {
         Ok(rx)
     }
 
-    /// Loads (or replaces) adapter `name` from `path`; `pinned` keeps it in the slot pool.
+    /// Loads adapter `name` from `path`; `pinned` keeps it in the slot pool. The files are read
+    /// and checked on a blocking thread, so the engine keeps stepping while a large adapter
+    /// loads; the engine then registers it (and rechecks the name and the pin bound).
     pub async fn load_adapter(&self, name: String, path: PathBuf, pinned: bool) -> Result<(), EngineError> {
+        if name.is_empty() {
+            return Err(EngineError::Adapter("lora_name must not be empty".into()));
+        }
+        if self.adapters().iter().any(|a| a.name == name) {
+            return Err(EngineError::Adapter(format!(
+                "LoRA adapter {name:?} is already loaded; unload it first to replace it"
+            )));
+        }
+        let (n, p, model) = (name.clone(), path.clone(), self.model.clone());
+        let t0 = std::time::Instant::now();
+        let adapter = tokio::task::spawn_blocking(move || LoraAdapter::load(&n, &p, &model))
+            .await
+            .map_err(|e| EngineError::Adapter(format!("loading adapter {name:?}: {e}")))?
+            .map_err(|e| EngineError::Adapter(e.to_string()))?;
         let (reply, rx) = oneshot::channel();
         self.commands
             .send(Command::Load {
                 name,
                 path,
                 pinned,
+                adapter: Box::new(adapter),
+                seconds: t0.elapsed().as_secs_f64(),
                 reply,
             })
             .map_err(|_| EngineError::ShuttingDown)?;

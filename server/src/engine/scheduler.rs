@@ -121,7 +121,7 @@ pub(crate) fn spawn<M: Forward + Send + 'static>(
         loading: Vec::new(),
     };
     for a in &adapters {
-        s.register(&a.name, &a.path, a.pinned)
+        s.register(&a.name, &a.path, a.pinned, None)
             .map_err(|e| Error::Model(format!("--lora-paths {}: {e}", a.name)))?;
     }
     s.publish_adapters();
@@ -213,9 +213,11 @@ impl<M: Forward> Scheduler<M> {
                 name,
                 path,
                 pinned,
+                adapter,
+                seconds,
                 reply,
             } => {
-                let r = self.register(&name, &path, pinned);
+                let r = self.register(&name, &path, pinned, Some((*adapter, seconds)));
                 if r.is_ok() {
                     tracing::info!(adapter = %name, path = %path.display(), pinned, "adapter loaded");
                 }
@@ -236,10 +238,20 @@ impl<M: Forward> Scheduler<M> {
         }
     }
 
-    /// Registers an adapter; a pinned one is copied into its slot now. Overlap loading stages
-    /// it in pinned memory now, so its first request does not pay the conversion.
-    fn register(&mut self, name: &str, path: &std::path::Path, pinned: bool) -> Result<(), EngineError> {
-        let placed = self.pool.register(name, path, pinned)?;
+    /// Registers an adapter, reading it from `path` unless `loaded` brings it (with the seconds
+    /// that took); a pinned one is copied into its slot now. Overlap loading stages it in pinned
+    /// memory now, so its first request does not pay the conversion.
+    fn register(
+        &mut self,
+        name: &str,
+        path: &std::path::Path,
+        pinned: bool,
+        loaded: Option<(LoraAdapter, f64)>,
+    ) -> Result<(), EngineError> {
+        let placed = match loaded {
+            Some((adapter, seconds)) => self.pool.register_loaded(name, path, pinned, adapter, seconds)?,
+            None => self.pool.register(name, path, pinned)?,
+        };
         let staged = match (&placed, self.config.lora_overlap_loading) {
             (None, true) => {
                 let uid = self.pool.uid(name).expect("just registered");
