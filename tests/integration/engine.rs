@@ -1,24 +1,27 @@
 //! The serving engine through its handle: continuous batching with slot churn against the PEFT
 //! reference, the adapter lifecycle (eviction, pinning, host reload, unload in flight, reload
 //! under the same name), the prefix cache and cancellation; and, through a model whose slot
-//! copies stay in flight for a few polls, the scheduler's side of `--enable-lora-overlap-loading`.
+//! copies stay in flight for a few polls, the scheduler's side of `--enable-lora-overlap-loading`;
+//! through one that samples greedily itself, the scheduler's device-sampling branch.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use loraplane_server::adapter::LoraAdapter;
+use loraplane_server::backend::cpu::log_softmax;
+use loraplane_server::engine::generate::argmax;
 use loraplane_server::engine::KvCache;
 use loraplane_server::error::{Error, Result as ModelResult};
 use loraplane_server::model::llama::SeqInput;
 
 use loraplane_server::engine::request::{
-    EngineError, EngineEvent, EngineRequest, FinishReason, LogprobOptions, SamplingParams,
+    EngineError, EngineEvent, EngineRequest, FinishReason, LogprobOptions, SamplingParams, TokenLogprob,
 };
 use loraplane_server::engine::{self, AdapterSpec, EngineConfig, EngineHandle, EvictionPolicy};
 use loraplane_server::metrics::Metrics;
 use loraplane_server::model::weights::load_hf_weights;
-use loraplane_server::model::{Forward, LlamaModel, ModelConfig};
+use loraplane_server::model::{DeviceSample, Forward, LlamaModel, ModelConfig, SeqOutput};
 
 use crate::common::{fixture, read_safetensors};
 
@@ -474,5 +477,115 @@ async fn a_failed_slot_copy_aborts_its_request_and_frees_the_slot() {
         log.lock().unwrap().loads.len(),
         2,
         "the second request copied it again"
+    );
+}
+
+/// How many sequences [`DeviceGreedy`] sampled itself and how many it returned logits for.
+#[derive(Default)]
+struct SampleLog {
+    on_device: usize,
+    logits: usize,
+}
+
+/// The CPU model posing as one that samples on its device (as the CUDA model does): greedy
+/// choices for the sequences the engine hands it, logits for the others.
+struct DeviceGreedy {
+    inner: LlamaModel,
+    log: Arc<Mutex<SampleLog>>,
+}
+
+impl Forward for DeviceGreedy {
+    fn config(&self) -> &ModelConfig {
+        self.inner.config()
+    }
+    fn forward(&mut self, kv: &mut KvCache, seqs: &[SeqInput<'_>]) -> ModelResult<Vec<Vec<f32>>> {
+        self.inner.forward(kv, seqs)
+    }
+    fn new_kv_cache(&self, max_tokens: usize, block_size: usize) -> KvCache {
+        KvCache::new(self.inner.config(), max_tokens, block_size)
+    }
+    fn samples_on_device(&self) -> bool {
+        true
+    }
+    fn forward_sampled(
+        &mut self,
+        kv: &mut KvCache,
+        seqs: &[SeqInput<'_>],
+        sampling: &[Option<DeviceSample>],
+    ) -> ModelResult<Vec<SeqOutput>> {
+        let logits = self.inner.forward(kv, seqs)?;
+        let mut log = self.log.lock().unwrap();
+        logits
+            .into_iter()
+            .zip(sampling)
+            .map(|(l, s)| match s {
+                Some(s) if s.temperature <= 0.0 => {
+                    log.on_device += 1;
+                    let lp = log_softmax(&l);
+                    let token_id = argmax(&lp);
+                    Ok(SeqOutput::Sampled(TokenLogprob {
+                        token_id,
+                        logprob: lp[token_id as usize],
+                        top: Vec::new(),
+                    }))
+                }
+                Some(_) => Err(Error::Model("this test model samples greedily only".into())),
+                None => {
+                    // Earlier prefill chunks want no logits; count the rows a sampler needs.
+                    if !l.is_empty() {
+                        log.logits += 1;
+                    }
+                    Ok(SeqOutput::Logits(l))
+                }
+            })
+            .collect()
+    }
+}
+
+/// With a model that samples on its device, plain greedy requests take their tokens from the
+/// model (and still match PEFT), while a request with a repetition penalty or top log-probs
+/// gets logits and is sampled on the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_sampling_model_samples_eligible_requests_and_returns_logits_for_the_rest() {
+    let log = Arc::new(Mutex::new(SampleLog::default()));
+    let model = DeviceGreedy {
+        inner: tiny_model(),
+        log: log.clone(),
+    };
+    let adapters = vec![spec("all_r16", "all_r16", false)];
+    let h = engine::start(model, config(2, None), adapters, Arc::new(Metrics::new())).unwrap();
+    let (prompt, _, _) = reference_greedy("llama", 3);
+    let base = collect(h.submit(greedy(prompt.clone(), None, 12)).unwrap()).await;
+    let lora = collect(h.submit(greedy(prompt.clone(), Some("all_r16"), 12)).unwrap()).await;
+    assert_greedy("llama", 3, &base.tokens);
+    assert_greedy("llama+all_r16", 3, &lora.tokens);
+    let sampled = log.lock().unwrap().on_device;
+    assert_eq!(
+        sampled, 24,
+        "every token of the two greedy requests came from the model"
+    );
+    assert_eq!(log.lock().unwrap().logits, 0);
+    let mut penalised = greedy(prompt.clone(), None, 6);
+    penalised.sampling.repetition_penalty = 1.3;
+    let mut top = greedy(prompt, None, 6);
+    top.logprobs = LogprobOptions {
+        return_logprob: true,
+        top_logprobs_num: 3,
+        ..Default::default()
+    };
+    for (what, req) in [("repetition penalty", penalised), ("top log-probs", top)] {
+        let out = collect(h.submit(req).unwrap()).await;
+        assert!(
+            matches!(out.reason, FinishReason::Length),
+            "{what}: {:?}",
+            out.reason
+        );
+        assert_eq!(out.tokens.len(), 6, "{what}");
+    }
+    let log = log.lock().unwrap();
+    assert_eq!(log.on_device, 24, "no host-only request was sampled by the model");
+    assert_eq!(
+        log.logits, 12,
+        "both host-sampled requests got logits for each of their 6 steps"
     );
 }
