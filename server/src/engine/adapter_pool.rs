@@ -51,6 +51,8 @@ pub enum Acquire {
     Ready {
         /// The weights.
         adapter: Arc<LoraAdapter>,
+        /// Its load id.
+        uid: u64,
         /// Its slot.
         slot: usize,
         /// Just placed there: the model must copy it into the slot before a pass uses it.
@@ -58,6 +60,17 @@ pub enum Acquire {
     },
     /// Every slot is pinned or used by the running batch: wait.
     Wait,
+}
+
+/// A newly registered adapter: its load id, weights, and slot when it was pinned into one (the
+/// model must copy it there).
+pub struct Registration {
+    /// Its load id.
+    pub uid: u64,
+    /// The weights.
+    pub adapter: Arc<LoraAdapter>,
+    /// The slot a pinned adapter took.
+    pub slot: Option<usize>,
 }
 
 /// Registry, host cache and slot pool.
@@ -112,13 +125,8 @@ impl AdapterPool {
     }
 
     /// Loads `path` as `name`. On any failure nothing changes. A pinned adapter is placed in a
-    /// slot at once: the slot and weights are returned for the model to copy there.
-    pub fn register(
-        &mut self,
-        name: &str,
-        path: &Path,
-        pinned: bool,
-    ) -> Result<Option<(usize, Arc<LoraAdapter>)>, EngineError> {
+    /// slot at once, for the model to copy there.
+    pub fn register(&mut self, name: &str, path: &Path, pinned: bool) -> Result<Registration, EngineError> {
         self.check_new(name, pinned)?;
         let adapter = self.load_from_disk(name, path, "register")?;
         self.insert_registered(name, path, pinned, adapter)
@@ -133,7 +141,7 @@ impl AdapterPool {
         pinned: bool,
         adapter: LoraAdapter,
         seconds: f64,
-    ) -> Result<Option<(usize, Arc<LoraAdapter>)>, EngineError> {
+    ) -> Result<Registration, EngineError> {
         self.check_new(name, pinned)?;
         self.check_limits(&adapter, path)?;
         self.record_host_load("register", seconds);
@@ -166,7 +174,7 @@ impl AdapterPool {
         path: &Path,
         pinned: bool,
         adapter: LoraAdapter,
-    ) -> Result<Option<(usize, Arc<LoraAdapter>)>, EngineError> {
+    ) -> Result<Registration, EngineError> {
         let uid = self.next_uid;
         self.next_uid += 1;
         let t = self.tick();
@@ -179,23 +187,22 @@ impl AdapterPool {
                 uid,
             },
         );
-        let mut placed = None;
+        let mut slot = None;
         if pinned {
             // Pinning takes a slot now; only unpinned slots outside any batch can be evicted.
-            match self.place_in_slot(uid, true, &HashSet::new()) {
-                Some(slot) => placed = Some((slot, self.host[&uid].adapter.clone())),
-                None => {
-                    self.registry.remove(name);
-                    self.host.remove(&uid);
-                    return Err(EngineError::Adapter(format!(
-                        "cannot pin {name:?}: no slot can be freed"
-                    )));
-                }
+            slot = self.place_in_slot(uid, true, &HashSet::new());
+            if slot.is_none() {
+                self.registry.remove(name);
+                self.host.remove(&uid);
+                return Err(EngineError::Adapter(format!(
+                    "cannot pin {name:?}: no slot can be freed"
+                )));
             }
         }
+        let adapter = self.host[&uid].adapter.clone();
         self.evict_host_over_cap();
         self.publish_gauges();
-        Ok(placed)
+        Ok(Registration { uid, adapter, slot })
     }
 
     fn load_from_disk(&self, name: &str, path: &Path, reason: &str) -> Result<LoraAdapter, EngineError> {
@@ -298,6 +305,7 @@ impl AdapterPool {
             let adapter = self.host[&uid].adapter.clone();
             return Ok(Acquire::Ready {
                 adapter,
+                uid,
                 slot: idx,
                 fresh: false,
             });
@@ -318,14 +326,10 @@ impl AdapterPool {
         self.publish_gauges();
         Ok(Acquire::Ready {
             adapter: self.host[&uid].adapter.clone(),
+            uid,
             slot,
             fresh: true,
         })
-    }
-
-    /// The host copy of the adapter with load id `uid`, if it is held.
-    pub fn host_copy(&self, uid: u64) -> Option<Arc<LoraAdapter>> {
-        self.host.get(&uid).map(|h| h.adapter.clone())
     }
 
     /// The slot holding the adapter with load id `uid`.
@@ -480,10 +484,10 @@ mod tests {
     fn acquire_names_the_slot_to_copy_into() {
         let mut p = pool(2);
         for (name, dir) in [("a", "qv_r2"), ("b", "attn_r4"), ("c", "all_r16")] {
-            assert!(p
+            let r = p
                 .register(name, &fixture(&format!("adapters/{dir}")), false)
-                .unwrap()
-                .is_none());
+                .unwrap();
+            assert_eq!((r.slot, Some(r.uid)), (None, p.uid(name)));
         }
         let none = HashSet::new();
         let (sa, fresh) = ready(p.acquire("a", &none).unwrap());
@@ -509,12 +513,9 @@ mod tests {
     #[test]
     fn pinned_registration_returns_its_slot() {
         let mut p = pool(2);
-        let (slot, adapter) = p
-            .register("pinned", &fixture("adapters/qv_r2"), true)
-            .unwrap()
-            .expect("pinned adapters take a slot");
-        assert_eq!(p.slot_of(p.uid("pinned").unwrap()), Some(slot));
-        assert_eq!(adapter.rank, 2);
-        assert!(p.host_copy(p.uid("pinned").unwrap()).is_some());
+        let r = p.register("pinned", &fixture("adapters/qv_r2"), true).unwrap();
+        let slot = r.slot.expect("pinned adapters take a slot");
+        assert_eq!(p.slot_of(r.uid), Some(slot));
+        assert_eq!(r.adapter.rank, 2);
     }
 }

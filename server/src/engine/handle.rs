@@ -101,16 +101,8 @@ impl EngineHandle {
 
     /// Loads adapter `name` from `path`; `pinned` keeps it in the slot pool. The files are read
     /// and checked on a blocking thread, so the engine keeps stepping while a large adapter
-    /// loads; the engine then registers it (and rechecks the name and the pin bound).
+    /// loads; the engine then registers it (checking the name and the pin bound).
     pub async fn load_adapter(&self, name: String, path: PathBuf, pinned: bool) -> Result<(), EngineError> {
-        if name.is_empty() {
-            return Err(EngineError::Adapter("lora_name must not be empty".into()));
-        }
-        if self.adapters().iter().any(|a| a.name == name) {
-            return Err(EngineError::Adapter(format!(
-                "LoRA adapter {name:?} is already loaded; unload it first to replace it"
-            )));
-        }
         let (n, p, model) = (name.clone(), path.clone(), self.model.clone());
         let t0 = std::time::Instant::now();
         let adapter = tokio::task::spawn_blocking(move || LoraAdapter::load(&n, &p, &model))

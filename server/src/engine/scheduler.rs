@@ -248,26 +248,16 @@ impl<M: Forward> Scheduler<M> {
         pinned: bool,
         loaded: Option<(LoraAdapter, f64)>,
     ) -> Result<(), EngineError> {
-        let placed = match loaded {
+        let r = match loaded {
             Some((adapter, seconds)) => self.pool.register_loaded(name, path, pinned, adapter, seconds)?,
             None => self.pool.register(name, path, pinned)?,
         };
-        let staged = match (&placed, self.config.lora_overlap_loading) {
-            (None, true) => {
-                let uid = self.pool.uid(name).expect("just registered");
-                let adapter = self.pool.host_copy(uid).expect("just registered");
-                self.model.stage_adapter(&adapter)
-            }
-            _ => Ok(()),
-        };
-        let loaded = match placed {
-            Some((slot, adapter)) => {
-                let uid = self.pool.uid(name).expect("just registered");
-                self.load_into_slot(uid, slot, &adapter, false)
-            }
+        let copied = match r.slot {
+            Some(slot) => self.load_into_slot(r.uid, slot, &r.adapter, false),
+            None if self.config.lora_overlap_loading => self.model.stage_adapter(&r.adapter),
             None => Ok(()),
         };
-        if let Err(e) = staged.and(loaded) {
+        if let Err(e) = copied {
             let _ = self.pool.unregister(name);
             return Err(EngineError::Adapter(format!(
                 "copying adapter {name:?} to the device: {e}"
@@ -332,17 +322,24 @@ impl<M: Forward> Scheduler<M> {
     /// Forgets copies whose adapter left its slot (unloaded while copying) and records the
     /// ones that finished.
     fn poll_loading(&mut self) {
+        let pool = &self.pool;
+        self.loading.retain(|l| pool.slot_of(l.uid) == Some(l.slot));
         let uids: Vec<u64> = self.loading.iter().map(|l| l.uid).collect();
         for uid in uids {
-            let slot = self.loading.iter().find(|l| l.uid == uid).map(|l| l.slot);
-            if self.pool.slot_of(uid) != slot {
-                self.loading.retain(|l| l.uid != uid);
-                continue;
-            }
             if let Err(e) = self.copy_done(uid, false) {
                 tracing::error!(error = %e, "overlapped adapter copy failed; its slot was freed");
             }
         }
+    }
+
+    /// Whether a request whose adapter the pool just gave `slot` may join the batch: copies
+    /// the adapter there if it is `fresh`, and reports an overlapped copy still in flight
+    /// (waiting for it when nothing runs to overlap with).
+    fn slot_ready_for(&mut self, uid: u64, slot: usize, adapter: &LoraAdapter, fresh: bool) -> Result<bool> {
+        if fresh {
+            self.load_into_slot(uid, slot, adapter, self.config.lora_overlap_loading)?;
+        }
+        self.copy_done(uid, self.running.is_empty())
     }
 
     fn drop_cancelled(&mut self) {
@@ -369,7 +366,6 @@ impl<M: Forward> Scheduler<M> {
             .map(|s| s.key)
             .chain(self.loading.iter().map(|l| l.uid))
             .collect();
-        let overlap = self.config.lora_overlap_loading;
         let mut i = 0;
         while i < self.waiting.len() && self.running.len() < self.config.max_running_requests {
             // Once the head has waited too long, admit nothing past it so slots drain for it.
@@ -377,34 +373,30 @@ impl<M: Forward> Scheduler<M> {
                 break;
             }
             let name = self.waiting[i].req.lora.clone();
-            let adapter = match &name {
-                None => None,
+            let (adapter, key) = match &name {
+                None => (None, 0),
                 Some(n) => match self.pool.acquire(n, &in_batch) {
-                    Ok(Acquire::Ready { adapter, slot, fresh }) => {
-                        let uid = self.pool.uid(n).unwrap_or(0);
-                        let copied = if fresh {
-                            self.load_into_slot(uid, slot, &adapter, overlap)
-                        } else {
-                            Ok(())
-                        };
-                        // Nothing runs to overlap with: waiting for the copy loses nothing.
-                        let wait = self.running.is_empty();
-                        match copied.and_then(|()| self.copy_done(uid, wait)) {
-                            Ok(true) => Some(adapter),
-                            Ok(false) => {
-                                in_batch.insert(uid);
-                                self.waiting[i].skipped += 1;
-                                i += 1;
-                                continue;
-                            }
-                            Err(e) => {
-                                let mut s = self.waiting.remove(i).expect("index in range");
-                                let msg = format!("copying LoRA adapter {n:?} to the device failed: {e}");
-                                self.finish(&mut s, FinishReason::Abort(msg));
-                                continue;
-                            }
+                    Ok(Acquire::Ready {
+                        adapter,
+                        uid,
+                        slot,
+                        fresh,
+                    }) => match self.slot_ready_for(uid, slot, &adapter, fresh) {
+                        Ok(true) => (Some(adapter), uid),
+                        Ok(false) => {
+                            // Its copy is in flight: keep the slot, try again next step.
+                            in_batch.insert(uid);
+                            self.waiting[i].skipped += 1;
+                            i += 1;
+                            continue;
                         }
-                    }
+                        Err(e) => {
+                            let mut s = self.waiting.remove(i).expect("index in range");
+                            let msg = format!("copying LoRA adapter {n:?} to the device failed: {e}");
+                            self.finish(&mut s, FinishReason::Abort(msg));
+                            continue;
+                        }
+                    },
                     Ok(Acquire::Wait) => {
                         self.waiting[i].skipped += 1;
                         i += 1;
@@ -421,10 +413,6 @@ impl<M: Forward> Scheduler<M> {
                         continue;
                     }
                 },
-            };
-            let key = match (&name, &adapter) {
-                (Some(n), Some(_)) => self.pool.uid(n).unwrap_or(0),
-                _ => 0,
             };
             let s = &mut self.waiting[i];
             s.adapter = adapter;
