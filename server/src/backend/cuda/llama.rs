@@ -476,11 +476,7 @@ impl<T: GpuFloat> CudaLlama<T> {
         targets: &[LoraTarget],
         seed: u64,
     ) -> Result<()> {
-        let lora = self
-            .lora
-            .as_mut()
-            .ok_or_else(|| Error::Model("the device model has no LoRA slots".into()))?;
-        lora.fill_dummy(&self.gpu, &self.config, slot, rank, targets, seed)
+        Self::device_pool(&mut self.lora)?.fill_dummy(&self.gpu, &self.config, slot, rank, targets, seed)
     }
 
     fn device_pool(lora: &mut Option<LoraSlots<T>>) -> Result<&mut LoraSlots<T>> {
