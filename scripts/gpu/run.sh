@@ -10,6 +10,8 @@
 #   scripts/gpu/run.sh profile ncu per-kernel summary of eager decode steps
 #   scripts/gpu/run.sh slot-loads  adapter slot loads, synchronous and overlapped, alone and
 #                              during decode steps
+#   scripts/gpu/run.sh ncu-lora    ncu memory, occupancy and warp-state sections of the eight LoRA
+#                              kernels of one eager decode step (batch 64, 64 rank-16 adapters)
 #   scripts/gpu/run.sh all     check, serve and bench
 # Logs go to $OUT (or ./gpu-logs); the last lines printed are the summary tables.
 set -uo pipefail
@@ -57,6 +59,13 @@ for k, v in sorted(t.items(), key=lambda x: -x[1]):
     print(f"{v/1e3:9.1f} us  {n[k]:3d}x  {v/1e3/n[k]:7.1f} us each  {k}")
 PY
   done
+fi
+if [[ $what == ncu-lora ]]; then
+  LORAPLANE_PROFILE_BS=64 LORAPLANE_PROFILE_ADAPTERS=64 ncu --profile-from-start off --clock-control none \
+    --kernel-name regex:lora --launch-count 8 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+    --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
+    "$BIN/bench_gpu" --profile >"$OUT/ncu-lora.txt" 2>&1; rc=$((rc | $?))
+  grep -E "lora_|Duration|Memory Throughput|Registers Per|Achieved Occupancy|Eligible Warps" "$OUT/ncu-lora.txt"
 fi
 if [[ $what == slot-loads ]]; then
   "$BIN/bench_gpu" --slot-loads 2>"$OUT/slot-loads.err" | tee "$OUT/slot-loads.log"; rc=$((rc | PIPESTATUS[0]))
