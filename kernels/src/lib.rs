@@ -26,10 +26,27 @@ pub const TYPE_SUFFIXES: &[&str] = &["f32", "bf16", "f16"];
 /// logits rows the host still needs.
 pub const SAMPLING_CU: &str = include_str!("sampling.cu");
 
-/// The whole program NVRTC compiles: `llama.cu` then `sampling.cu`, each under its own file name
-/// for compiler messages.
+/// Flash-style causal prefill attention over the paged KV cache on tensor cores (bf16 and f16
+/// only; uses `llama.cu`'s helpers).
+pub const FLASH_ATTENTION_CU: &str = include_str!("flash_attention.cu");
+
+/// The whole program NVRTC compiles: `llama.cu`, `flash_attention.cu`, then `sampling.cu`, each
+/// under its own file name for compiler messages.
 pub fn source() -> String {
-    format!("#line 1 \"llama.cu\"\n{LLAMA_CU}\n#line 1 \"sampling.cu\"\n{SAMPLING_CU}")
+    format!(
+        "#line 1 \"llama.cu\"\n{LLAMA_CU}\n#line 1 \"flash_attention.cu\"\n{FLASH_ATTENTION_CU}\n\
+         #line 1 \"sampling.cu\"\n{SAMPLING_CU}"
+    )
+}
+
+/// Head sizes `flash_attention.cu` is built for (a multiple of the 16-wide tensor-core step).
+pub const FLASH_HEAD_DIMS: &[usize] = &[16, 32, 64, 128];
+
+/// The flash prefill kernel for element type `suffix` and head size `head_dim`, where one is
+/// built: `flash_attention_{bf16,f16}_d{16,32,64,128}`.
+pub fn flash_attention_kernel(suffix: &str, head_dim: usize) -> Option<String> {
+    (matches!(suffix, "bf16" | "f16") && FLASH_HEAD_DIMS.contains(&head_dim))
+        .then(|| format!("flash_attention_{suffix}_d{head_dim}"))
 }
 
 /// Every kernel name `llama.cu` exports, without the type suffix.
@@ -75,6 +92,11 @@ pub fn kernel_names() -> Vec<String> {
         .chain(UNTYPED_KERNELS.iter().map(|s| s.to_string()))
         .chain(SAMPLING_KERNELS.iter().map(|s| s.to_string()))
         .chain(variants)
+        .chain(["bf16", "f16"].iter().flat_map(|t| {
+            FLASH_HEAD_DIMS
+                .iter()
+                .filter_map(move |&d| flash_attention_kernel(t, d))
+        }))
         .collect()
 }
 

@@ -81,8 +81,11 @@ __device__ void rms_norm(T* out, const T* x, const T* w, const int* rows_map, in
 template <typename T>
 __device__ void rope_cache(T* qkv, T* k_cache, T* v_cache, const float* cs, const int* slots, int n_heads,
                            int n_kv_heads, int d) {
-    // One block per (row, head); the extra head index n_heads + n_kv_heads copies v.
-    int r = blockIdx.x, head = blockIdx.y;
+    // Block (x, y) threads take (pair, head): blockDim.y heads per block (thousands of
+    // single-head blocks per prefill chunk left the SMs waiting on block launches); the extra
+    // head index n_heads + n_kv_heads copies v.
+    int r = blockIdx.x, head = blockIdx.y * blockDim.y + threadIdx.y;
+    if (head > n_heads + n_kv_heads) return;
     int half = d / 2;
     int qd = n_heads * d, kvd = n_kv_heads * d;
     T* row = qkv + (size_t)r * (qd + 2 * kvd);
@@ -107,16 +110,36 @@ __device__ void rope_cache(T* qkv, T* k_cache, T* v_cache, const float* cs, cons
     }
 }
 
-// out[r, j] = silu(gu[r, j]) * gu[r, inter + j]
+// out[r, j] = silu(gu[r, j]) * gu[r, inter + j]. Grid: (column blocks, rows); each thread takes
+// 16 bytes of one row (V values) when inter is a multiple of V, else strides over the row.
+template <typename T>
+__device__ __forceinline__ T silu_mul_one(T g, T u) {
+    float gf = to_f(g);
+    float s = to_f(from_f<T>(gf / (1.f + __expf(-gf))));
+    return from_f<T>(s * to_f(u));
+}
 template <typename T>
 __device__ void silu_mul(T* out, const T* gu, int rows, int inter) {
-    size_t n = (size_t)rows * inter;
-    for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n;
-         idx += (size_t)gridDim.x * blockDim.x) {
-        size_t r = idx / inter, j = idx % inter;
-        float g = to_f(gu[r * 2 * inter + j]), u = to_f(gu[r * 2 * inter + inter + j]);
-        float s = to_f(from_f<T>(g / (1.f + __expf(-g))));
-        out[idx] = from_f<T>(s * u);
+    constexpr int V = 16 / sizeof(T);
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+        const T* g = gu + (size_t)r * 2 * inter;
+        const T* u = g + inter;
+        T* o = out + (size_t)r * inter;
+        if (inter % V == 0) {
+            for (int j = (blockIdx.x * blockDim.x + threadIdx.x) * V; j < inter; j += gridDim.x * blockDim.x * V) {
+                uint4 graw = *reinterpret_cast<const uint4*>(g + j), uraw = *reinterpret_cast<const uint4*>(u + j);
+                const T* gv = reinterpret_cast<const T*>(&graw);
+                const T* uv = reinterpret_cast<const T*>(&uraw);
+                uint4 oraw;
+                T* ov = reinterpret_cast<T*>(&oraw);
+#pragma unroll
+                for (int k = 0; k < V; k++) ov[k] = silu_mul_one(gv[k], uv[k]);
+                *reinterpret_cast<uint4*>(o + j) = oraw;
+            }
+        } else {
+            for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < inter; j += gridDim.x * blockDim.x)
+                o[j] = silu_mul_one(g[j], u[j]);
+        }
     }
 }
 

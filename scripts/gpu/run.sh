@@ -12,6 +12,9 @@
 #                              during decode steps
 #   scripts/gpu/run.sh ncu-lora    ncu memory, occupancy and warp-state sections of the eight LoRA
 #                              kernels of one eager decode step (batch 64, 64 rank-16 adapters)
+#   scripts/gpu/run.sh prefill     2k-token prefill with flash and with GEMM attention, and the
+#                              cuBLAS rate (bench_gpu --prefill-only)
+#   scripts/gpu/run.sh profile-prefill  ncu per-kernel summary of one 2k-token prefill with an adapter
 #   scripts/gpu/run.sh all     check, serve and bench
 # Logs go to $OUT (or ./gpu-logs); the last lines printed are the summary tables.
 set -uo pipefail
@@ -60,12 +63,32 @@ for k, v in sorted(t.items(), key=lambda x: -x[1]):
 PY
   done
 fi
+if [[ $what == profile-prefill ]]; then
+  # Per-kernel durations of one 2k-token prefill with a rank-16 adapter, summed by kernel name.
+  ncu --profile-from-start off --clock-control none --cache-control none --metrics gpu__time_duration.sum \
+    --csv --page raw "$BIN/bench_gpu" --profile-prefill >"$OUT/ncu-prefill.csv" 2>"$OUT/ncu-prefill.err"
+  rc=$((rc | $?))
+  python3 - "$OUT/ncu-prefill.csv" <<'PY'
+import csv, sys, collections
+rows = [r for r in csv.DictReader(l for l in open(sys.argv[1]) if l.startswith('"'))][1:]
+t = collections.defaultdict(float); n = collections.Counter()
+for r in rows:
+    k = r["Kernel Name"][:70] + " " + r.get("Grid Size", ""); t[k] += float(r["gpu__time_duration.sum"].replace(",", "")); n[k] += 1
+print(f"{sum(t.values())/1e3:9.1f} us in {len(rows)} kernels")
+for k, v in sorted(t.items(), key=lambda x: -x[1])[:40]:
+    print(f"{v/1e3:9.1f} us  {n[k]:4d}x  {v/1e3/n[k]:8.1f} us each  {k}")
+PY
+fi
 if [[ $what == ncu-lora ]]; then
   LORAPLANE_PROFILE_BS=64 LORAPLANE_PROFILE_ADAPTERS=64 ncu --profile-from-start off --clock-control none \
     --kernel-name regex:lora --launch-count 8 --section SpeedOfLight --section MemoryWorkloadAnalysis \
     --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
     "$BIN/bench_gpu" --profile >"$OUT/ncu-lora.txt" 2>&1; rc=$((rc | $?))
   grep -E "lora_|Duration|Memory Throughput|Registers Per|Achieved Occupancy|Eligible Warps" "$OUT/ncu-lora.txt"
+fi
+if [[ $what == prefill ]]; then
+  "$BIN/bench_gpu" --prefill-only 2>"$OUT/prefill.err" | tee "$OUT/prefill.log"; rc=$((rc | PIPESTATUS[0]))
+  tail -5 "$OUT/prefill.err"
 fi
 if [[ $what == slot-loads ]]; then
   "$BIN/bench_gpu" --slot-loads 2>"$OUT/slot-loads.err" | tee "$OUT/slot-loads.log"; rc=$((rc | PIPESTATUS[0]))

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use loraplane_server::adapter::{LoraAdapter, LoraTarget};
 use loraplane_server::backend::cuda::{
-    CudaModel, CudaOptions, DeviceDtype, Gpu, LoraKernelMode, GEMM_ATTENTION_MIN_ROWS,
+    CudaModel, CudaOptions, DeviceDtype, Gpu, LoraKernelMode, PREFILL_ATTENTION_MIN_ROWS,
 };
 use loraplane_server::engine::{KvCache, SeqCache};
 use loraplane_server::model::llama::{LogitsWanted, SeqInput};
@@ -77,7 +77,8 @@ fn opts(mode: LoraKernelMode, graphs: usize) -> CudaOptions {
         block_size: 16,
         max_rows: 8192,
         max_seq_len: 4096,
-        gemm_attention_min_rows: GEMM_ATTENTION_MIN_ROWS,
+        prefill_attention_min_rows: PREFILL_ATTENTION_MIN_ROWS,
+        flash_prefill: true,
     }
 }
 
@@ -173,16 +174,32 @@ fn main() {
     let c = llama31_8b();
     let only_fast = std::env::args().any(|a| a == "--quick");
     let mut rows: Vec<Row> = Vec::new();
-    // --prefill-only: the prefill rows and the GEMM rate, nothing else.
+    // --prefill-only: the prefill rows with flash attention, then with GEMM attention, and the
+    // GEMM rate, nothing else.
     if std::env::args().any(|a| a == "--prefill-only") {
-        let mut m =
-            CudaModel::dummy(gpu.clone(), c.clone(), opts(LoraKernelMode::Chunked(16), 0), 42).unwrap();
-        let mut kv = m.new_kv_cache();
-        for s in 0..4 {
-            m.dummy_adapter_in_slot(s, 16, &LoraTarget::ALL, 2000 + s as u64)
-                .unwrap();
+        println!("device: {}", gpu.name);
+        for flash in [true, false] {
+            let o = CudaOptions {
+                flash_prefill: flash,
+                ..opts(LoraKernelMode::Chunked(16), 0)
+            };
+            let mut m = CudaModel::dummy(gpu.clone(), c.clone(), o, 42).unwrap();
+            let mut kv = m.new_kv_cache();
+            for s in 0..4 {
+                m.dummy_adapter_in_slot(s, 16, &LoraTarget::ALL, 2000 + s as u64)
+                    .unwrap();
+            }
+            let before = rows.len();
+            prefill(&mut m, &mut kv, &c, &mut rows);
+            let label = if flash {
+                "flash attention"
+            } else {
+                "GEMM attention"
+            };
+            for r in &mut rows[before..] {
+                r.what = format!("{}, {label}", r.what);
+            }
         }
-        prefill(&mut m, &mut kv, &c, &mut rows);
         gemm_rate(&gpu);
         for r in &rows {
             println!(
@@ -215,6 +232,22 @@ fn main() {
             .map(|i| if n == 0 { -1 } else { (i % n) as i32 })
             .collect();
         decode(&mut m, &mut kv, bs, &slots, 1, true, |_| {});
+        return;
+    }
+    // --profile-prefill: one 2k-token prefill with a rank-16 adapter (after a warm-up pass)
+    // between cuProfilerStart/Stop.
+    if std::env::args().any(|a| a == "--profile-prefill") {
+        let mut m =
+            CudaModel::dummy(gpu.clone(), c.clone(), opts(LoraKernelMode::Chunked(16), 0), 42).unwrap();
+        let mut kv = m.new_kv_cache();
+        m.dummy_adapter_in_slot(0, 16, &LoraTarget::ALL, 2000).unwrap();
+        let vocab = c.vocab_size as u32;
+        let toks = vec![(0..2048).map(|j| (j * 7) as u32 % vocab).collect::<Vec<u32>>()];
+        prefill_pass(&mut m, &mut kv, &toks, &[0]);
+        cudarc::driver::profiler_start().expect("profiler");
+        let ms = prefill_pass(&mut m, &mut kv, &toks, &[0]);
+        cudarc::driver::profiler_stop().expect("profiler");
+        eprintln!("profiled prefill: {ms:.1} ms");
         return;
     }
     if std::env::args().any(|a| a == "--slot-loads") {
@@ -319,6 +352,34 @@ fn main() {
     }
 }
 
+/// One prefill pass of `toks` (sequence i in LoRA slot `slots[i]`, -1 for none) from an empty
+/// cache; returns its milliseconds.
+fn prefill_pass(m: &mut CudaModel, kv: &mut KvCache, toks: &[Vec<u32>], slots: &[i32]) -> f64 {
+    let mut caches = vec![SeqCache::default(); toks.len()];
+    for (cch, t) in caches.iter_mut().zip(toks) {
+        kv.reserve(cch, t.len()).unwrap();
+    }
+    let inputs: Vec<SeqInput<'_>> = caches
+        .iter()
+        .zip(toks)
+        .map(|(cc, t)| SeqInput {
+            tokens: t,
+            cache: cc,
+            adapter: None,
+            logits: LogitsWanted::Last,
+        })
+        .collect();
+    m.sync().unwrap();
+    let t0 = Instant::now();
+    m.forward_greedy_in_slots(kv, &inputs, slots).unwrap();
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    drop(inputs);
+    for cch in caches.iter_mut() {
+        kv.release(cch);
+    }
+    ms
+}
+
 /// 2k-token prompts: 1 and 4 per pass, base and with distinct rank-16 adapters.
 fn prefill(m: &mut CudaModel, kv: &mut KvCache, c: &ModelConfig, rows: &mut Vec<Row>) {
     let vocab = c.vocab_size as u32;
@@ -328,31 +389,7 @@ fn prefill(m: &mut CudaModel, kv: &mut KvCache, c: &ModelConfig, rows: &mut Vec<
                 .map(|i| (0..2048).map(|j| ((i * 31 + j * 7) as u32) % vocab).collect())
                 .collect();
             let slots: Vec<i32> = (0..n).map(|i| if with_lora { i as i32 } else { -1 }).collect();
-            let mut times = Vec::new();
-            for _ in 0..4 {
-                let mut caches = vec![SeqCache::default(); n];
-                for cch in caches.iter_mut() {
-                    kv.reserve(cch, 2048).unwrap();
-                }
-                let inputs: Vec<SeqInput<'_>> = caches
-                    .iter()
-                    .zip(&toks)
-                    .map(|(cc, t)| SeqInput {
-                        tokens: t,
-                        cache: cc,
-                        adapter: None,
-                        logits: LogitsWanted::Last,
-                    })
-                    .collect();
-                m.sync().unwrap();
-                let t0 = Instant::now();
-                m.forward_greedy_in_slots(kv, &inputs, &slots).unwrap();
-                times.push(t0.elapsed().as_secs_f64() * 1e3);
-                drop(inputs);
-                for cch in caches.iter_mut() {
-                    kv.release(cch);
-                }
-            }
+            let times: Vec<f64> = (0..4).map(|_| prefill_pass(m, kv, &toks, &slots)).collect();
             let ms = times[1..].iter().cloned().fold(f64::INFINITY, f64::min);
             let tokens = (n * 2048) as f64;
             // Linear layers + causal attention FLOPs.

@@ -16,6 +16,9 @@
 //!    (the pass that needs the slot must issue the copy and wait for it); every pass equals a
 //!    pass in a pool where the adapters never move.
 //!
+//! 5. Flash prefill attention in bf16 and f16 against the f32 CPU backend, next to the GEMM
+//!    path (see `flash_prefill_checks` below).
+//!
 //! Prints one line per case and exits non-zero on the first failure.
 
 use std::collections::HashMap;
@@ -78,7 +81,8 @@ fn opts(dtype: DeviceDtype, mode: LoraKernelMode, graphs: usize, max_tokens: usi
         block_size: 16,
         max_rows: 16384,
         max_seq_len: 4096,
-        gemm_attention_min_rows: gemm_min,
+        prefill_attention_min_rows: gemm_min,
+        flash_prefill: true,
     }
 }
 
@@ -336,13 +340,14 @@ fn random_vs_cpu(gpu: &Arc<Gpu>) {
                 ))
             })
             .collect();
-        for bs in [1usize, 3, 17, 64, 256, 2] {
+        for bs in [1usize, 3, 17, 64, 256, 2, 5] {
             // Ragged prefill: 0..40 new tokens each (0 = an empty segment), random adapters; the
-            // last batch has two long prompts (several GEMM-attention tiles are not needed for
-            // correctness, but long rows are).
+            // batch of 2 has two long prompts (several GEMM-attention tiles are not needed for
+            // correctness, but long rows are), the batch of 5 three long prompts (GEMM LoRA
+            // segments, written before the base GEMM) between short ones (kernel items).
             let batch: Vec<(Vec<u32>, Option<Arc<LoraAdapter>>)> = (0..bs)
-                .map(|_| {
-                    let n = if bs == 2 {
+                .map(|i| {
+                    let n = if bs == 2 || (bs == 5 && i % 2 == 0) {
                         300 + rng.below(500)
                     } else if rng.below(8) == 0 {
                         0
@@ -502,6 +507,7 @@ fn main() {
     sampling_checks(&gpu, quick);
     if only.is_none_or(|o| o != "sampling") {
         slot_load_checks(&gpu);
+        flash_prefill_checks(&gpu, quick);
     }
     println!("all GPU checks passed");
 }
@@ -1075,5 +1081,149 @@ fn slot_load_checks(gpu: &Arc<Gpu>) {
              still in flight after a base pass): max rel err {worst:.1e} vs a pool without eviction",
             dtype.name()
         );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Flash prefill attention (kernels/src/flash_attention.cu). Each sequence is prefilled in two
+//    chunks: a cached prefix of 0 to 700 tokens, then 16 to 700 new tokens on top of it, so key
+//    tiles start anywhere in a KV block and query tiles end anywhere. Head dims 16/32/64/128,
+//    1 to 4 query heads per kv head (SmolLM2's 9/3 among them), with and without a sliding
+//    window. Every chunk's log-probs in bf16 and f16 are compared with the f32 CPU backend, and
+//    the same batch through the GEMM path gives the yardstick: both round activations and
+//    probabilities to the same type, so the flash error must stay within 2x the GEMM path's
+//    (+1e-3). A masking, prefix or tiling bug shows as errors of order one.
+// ---------------------------------------------------------------------------------------------
+
+/// Both chunks' log-probs of every sequence: `cached` prefix tokens, then the rest.
+fn two_chunk_pass(
+    run: &mut Runner<'_>,
+    kv: &mut KvCache,
+    seqs: &[(Vec<u32>, usize)],
+    vocab: usize,
+) -> Vec<Vec<f32>> {
+    let mut caches = vec![SeqCache::default(); seqs.len()];
+    let mut out = Vec::new();
+    for part in 0..2 {
+        let spans: Vec<(usize, usize)> = seqs
+            .iter()
+            .map(|(t, cached)| {
+                if part == 0 {
+                    (0, *cached)
+                } else {
+                    (*cached, t.len())
+                }
+            })
+            .collect();
+        for (c, &(_, end)) in caches.iter_mut().zip(&spans) {
+            kv.reserve(c, end).unwrap();
+        }
+        let inputs: Vec<SeqInput<'_>> = seqs
+            .iter()
+            .zip(&caches)
+            .zip(&spans)
+            .map(|(((t, _), c), &(from, end))| SeqInput {
+                tokens: &t[from..end],
+                cache: c,
+                adapter: None,
+                logits: LogitsWanted::All,
+            })
+            .collect();
+        let logits = run(kv, &inputs);
+        drop(inputs);
+        out.extend(
+            logits
+                .into_iter()
+                .map(|l| l.chunks_exact(vocab).flat_map(log_softmax).collect::<Vec<f32>>()),
+        );
+        for (c, &(_, end)) in caches.iter_mut().zip(&spans) {
+            c.len = end;
+        }
+    }
+    for c in &mut caches {
+        kv.release(c);
+    }
+    out
+}
+
+fn flash_prefill_checks(gpu: &Arc<Gpu>, quick: bool) {
+    let mut rng = Rng(0xf1a5_4a77_e000_0001);
+    let shapes: &[(usize, usize, usize, usize, Option<usize>)] = if quick {
+        &[(256, 8, 2, 64, None)]
+    } else {
+        &[
+            (256, 16, 4, 16, None),
+            (256, 8, 8, 32, None),
+            (576, 9, 3, 64, None),
+            (512, 4, 1, 128, None),
+            (512, 8, 2, 128, Some(100)),
+        ]
+    };
+    // (cached prefix, new tokens): no prefix and many tiles, prefixes off the 64-key tile, a
+    // chunk of exactly one tile, chunks below one tile.
+    let spans = [
+        (0usize, 700usize),
+        (37, 64),
+        (130, 16),
+        (700, 333),
+        (64, 129),
+        (5, 40),
+    ];
+    for &(h, heads, kv_heads, hd, window) in shapes {
+        let mut json = format!(
+            r#"{{"architectures":["LlamaForCausalLM"],"vocab_size":512,"hidden_size":{h},"intermediate_size":{},
+            "num_hidden_layers":2,"num_attention_heads":{heads},"num_key_value_heads":{kv_heads},"head_dim":{hd},
+            "max_position_embeddings":4096,"tie_word_embeddings":false"#,
+            h * 2 + 32
+        );
+        if let Some(w) = window {
+            json += &format!(r#","sliding_window":{w}"#);
+        }
+        let c = ModelConfig::from_hf_json(&(json + "}")).unwrap();
+        let host = random_model(&c, &mut rng);
+        let seqs: Vec<(Vec<u32>, usize)> = spans
+            .iter()
+            .map(|&(cached, n)| {
+                let t = (0..cached + n).map(|_| rng.below(c.vocab_size) as u32).collect();
+                (t, cached)
+            })
+            .collect();
+        let mut cpu_kv = KvCache::new(&c, 16 * 1024, 16);
+        let want = two_chunk_pass(
+            &mut |kv, s| host.forward(kv, s).unwrap(),
+            &mut cpu_kv,
+            &seqs,
+            c.vocab_size,
+        );
+        for dtype in [DeviceDtype::Bfloat16, DeviceDtype::Float16] {
+            let mut errs = [0.0f64; 2];
+            for (e, flash) in errs.iter_mut().zip([true, false]) {
+                let o = CudaOptions {
+                    prefill_attention_min_rows: 16,
+                    flash_prefill: flash,
+                    ..opts(dtype, LoraKernelMode::Chunked(16), 0, 16 * 1024)
+                };
+                let mut m = CudaModel::from_host(gpu.clone(), &host, o).unwrap();
+                let mut kv = m.new_kv_cache();
+                let got = two_chunk_pass(
+                    &mut |kv, s| m.forward(kv, s).unwrap(),
+                    &mut kv,
+                    &seqs,
+                    c.vocab_size,
+                );
+                *e = rel_err(&got, &want);
+            }
+            let [flash, gemm] = errs;
+            let what = format!(
+                "flash  heads={heads}/{kv_heads} d={hd:3} window={window:?} {}",
+                dtype.name()
+            );
+            if !flash.is_finite() || flash > 2.0 * gemm + 1e-3 {
+                fail(format!(
+                    "{what}: rel err {flash:e} against the GEMM path's {gemm:e}"
+                ));
+            }
+            println!("ok  {what}: rel err vs f32 CPU {flash:.1e} (GEMM path {gemm:.1e})");
+        }
     }
 }

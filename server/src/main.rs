@@ -14,7 +14,9 @@ use clap::Parser;
 use loraplane_server::adapter::LoraAdapter;
 use loraplane_server::api::{self, params::Limits, AppState};
 use loraplane_server::args::{Cli, Command, GenerateArgs, LoraBackend, ServeArgs, ServerConfig};
-use loraplane_server::backend::cuda::{CudaModel, CudaOptions, Gpu, LoraKernelMode, GEMM_ATTENTION_MIN_ROWS};
+use loraplane_server::backend::cuda::{
+    CudaModel, CudaOptions, Gpu, LoraKernelMode, PREFILL_ATTENTION_MIN_ROWS,
+};
 use loraplane_server::engine;
 use loraplane_server::engine::generate::{generate_greedy, GenRequest};
 use loraplane_server::engine::KvCache;
@@ -225,7 +227,8 @@ fn place_model(
         block_size: engine_config.kv_block_size,
         max_rows: engine_config.chunked_prefill_size + engine_config.max_running_requests,
         max_seq_len: engine_config.context_length,
-        gemm_attention_min_rows: GEMM_ATTENTION_MIN_ROWS,
+        prefill_attention_min_rows: PREFILL_ATTENTION_MIN_ROWS,
+        flash_prefill: true,
     };
     let t0 = Instant::now();
     let model = match &host {

@@ -75,13 +75,17 @@ pub struct CudaOptions {
     pub max_rows: usize,
     /// Longest sequence (prompt + output, `--context-length`): sizes each block table.
     pub max_seq_len: usize,
-    /// Prefill chunks of at least this many tokens attend through batched cuBLAS GEMMs (scores,
-    /// causal softmax, values) instead of the paged kernel; 0 never.
-    pub gemm_attention_min_rows: usize,
+    /// Prefill chunks of at least this many tokens attend through the prefill path (the flash
+    /// kernel, or batched GEMMs) instead of the per-row paged kernel; 0 never.
+    pub prefill_attention_min_rows: usize,
+    /// The prefill path is the flash kernel (`flash_attention.cu`) where one is built for the
+    /// element type and head size (bf16/f16, head dim 16/32/64/128); otherwise, or when false,
+    /// batched cuBLAS GEMMs (scores, causal softmax, values).
+    pub flash_prefill: bool,
 }
 
-/// Default for [`CudaOptions::gemm_attention_min_rows`].
-pub const GEMM_ATTENTION_MIN_ROWS: usize = 64;
+/// Default for [`CudaOptions::prefill_attention_min_rows`].
+pub const PREFILL_ATTENTION_MIN_ROWS: usize = 64;
 
 /// A sequence's LoRA segment of at least this many rows (a prefill chunk) runs as cuBLAS GEMMs
 /// (per target: `x·Aᵀ`, then `out += s·(x·Aᵀ)·Bᵀ`) instead of the shrink/expand kernels, which
@@ -117,12 +121,17 @@ fn lora_y_plane(cap: usize, r: usize) -> usize {
     cap * 3 * r
 }
 
+/// Query rows per block and threads per block of the flash prefill kernel (FA_BR and
+/// FA_THREADS in flash_attention.cu).
+const FLASH_QUERY_ROWS: usize = 64;
+const FLASH_THREADS: u32 = 128;
+
 /// Scores of one GEMM-attention tile take at most this many bytes (f32).
 const GEMM_ATTENTION_SCORE_BYTES: usize = 256 << 20;
 
-/// A prefill chunk attended through GEMMs.
+/// A prefill chunk attended by the prefill path (flash kernel or GEMMs).
 #[derive(Clone, Copy)]
-struct GemmAttention {
+struct PrefillChunk {
     /// Its index in the step's block tables.
     table_row: usize,
     first_row: usize,
@@ -165,7 +174,7 @@ struct Buffers<T> {
     gate_up: CudaSlice<T>,
     act: CudaSlice<T>,
     lora_y: CudaSlice<f32>,
-    /// One target's shrunk rows for the GEMM LoRA path, `[rows, R]`.
+    /// One group's shrunk rows for the GEMM LoRA path, `[rows, 3·R]` (target t at column t·R).
     lora_y_t: CudaSlice<T>,
     /// Each row's RoPE `[cos; d/2, sin; d/2]`, computed once per step.
     rope: CudaSlice<f32>,
@@ -188,6 +197,8 @@ struct StepShape {
     items: usize,
     wanted: usize,
     lora: bool,
+    /// Some row attends through the paged kernel (not every row is in a prefill chunk).
+    paged: bool,
 }
 
 /// What a prepared step returns to its caller, per sequence in the caller's order.
@@ -213,8 +224,10 @@ pub struct CudaLlama<T: GpuFloat> {
     lora: Option<LoraSlots<T>>,
     bufs: Buffers<T>,
     graphs: HashMap<usize, Graph>,
-    /// This step's prefill chunks attended through GEMMs.
-    gemm_attention: Vec<GemmAttention>,
+    /// This step's prefill chunks attended by the prefill path.
+    prefill_chunks: Vec<PrefillChunk>,
+    /// The flash prefill kernel, where it is used; else prefill chunks attend through GEMMs.
+    flash_kernel: Option<String>,
     /// This step's long LoRA segments run as GEMMs: (first row, rows, slot).
     gemm_lora: Vec<(usize, usize, usize)>,
     attention_scratch: Option<AttentionScratch<T>>,
@@ -387,6 +400,10 @@ impl<T: GpuFloat> CudaLlama<T> {
             .max(1);
         let cap = opts.max_rows.max(opts.cuda_graph_max_bs).max(1);
         let bufs = Self::buffers(&gpu, c, &opts, cap, max_blocks, cap.min(512))?;
+        let flash_kernel = opts
+            .flash_prefill
+            .then(|| loraplane_kernels::flash_attention_kernel(T::SUFFIX, c.head_dim))
+            .flatten();
         Ok(Self {
             gpu,
             config,
@@ -402,7 +419,8 @@ impl<T: GpuFloat> CudaLlama<T> {
             lora,
             bufs,
             graphs: HashMap::new(),
-            gemm_attention: Vec::new(),
+            prefill_chunks: Vec::new(),
+            flash_kernel,
             gemm_lora: Vec::new(),
             attention_scratch: None,
         })
@@ -434,7 +452,7 @@ impl<T: GpuFloat> CudaLlama<T> {
             } else {
                 1
             })?,
-            lora_y_t: gpu.zeros::<T>(if opts.lora_slots > 0 { cap * r } else { 1 })?,
+            lora_y_t: gpu.zeros::<T>(if opts.lora_slots > 0 { cap * 3 * r } else { 1 })?,
             rope: gpu.zeros::<f32>(cap * c.head_dim)?,
             final_in: gpu.zeros::<T>(logit_rows * h)?,
             logits: gpu.zeros::<f32>(logit_rows * c.vocab_size)?,
@@ -543,7 +561,7 @@ impl<T: GpuFloat> CudaLlama<T> {
         let mut items: Vec<[i32; 3]> = Vec::new();
         let mut wanted: Vec<i32> = Vec::new();
         let mut per_seq = vec![(0usize, 0usize); seqs.len()];
-        let mut gemm_attention = Vec::new();
+        let mut prefill_chunks = Vec::new();
         let mut gemm_lora = Vec::new();
         for (oi, &si) in order.iter().enumerate() {
             let s = &seqs[si];
@@ -566,12 +584,12 @@ impl<T: GpuFloat> CudaLlama<T> {
                 row += 1;
             }
             let n = s.tokens.len();
-            let min_rows = self.opts.gemm_attention_min_rows;
+            let min_rows = self.opts.prefill_attention_min_rows;
             if bucket.is_none() && min_rows > 0 && n >= min_rows {
                 for r in first_row..first_row + n {
                     meta[3 * cap + r] = -1; // the paged kernel skips these rows
                 }
-                gemm_attention.push(GemmAttention {
+                prefill_chunks.push(PrefillChunk {
                     table_row: oi,
                     first_row,
                     rows: n,
@@ -643,16 +661,20 @@ impl<T: GpuFloat> CudaLlama<T> {
         if wanted.len() > self.bufs.logit_rows {
             self.grow_logits(wanted.len())?;
         }
-        self.reserve_attention_scratch(&gemm_attention)?;
-        self.gemm_attention = gemm_attention;
+        if self.flash_kernel.is_none() {
+            self.reserve_attention_scratch(&prefill_chunks)?;
+        }
+        self.prefill_chunks = prefill_chunks;
         self.gpu
             .stream
             .memcpy_htod(&meta, &mut self.bufs.meta.slice_mut(..meta.len()))
             .map_err(|e| Error::Model(format!("CUDA: uploading step metadata: {e}")))?;
+        let chunk_rows: usize = self.prefill_chunks.iter().map(|g| g.rows).sum();
         let shape = StepShape {
             rows,
             items: items.len(),
             wanted: wanted.len(),
+            paged: chunk_rows < rows,
             lora: self.lora.is_some() && (bucket.is_some() || !items.is_empty() || !gemm_lora.is_empty()),
         };
         self.gemm_lora = gemm_lora;
@@ -660,7 +682,7 @@ impl<T: GpuFloat> CudaLlama<T> {
     }
 
     /// Keeps the GEMM-attention scratch large enough for `chunks`.
-    fn reserve_attention_scratch(&mut self, chunks: &[GemmAttention]) -> Result<()> {
+    fn reserve_attention_scratch(&mut self, chunks: &[PrefillChunk]) -> Result<()> {
         let c = &self.config;
         let longest = chunks.iter().map(|g| g.cached + g.rows).max().unwrap_or(0);
         if longest == 0 {
@@ -684,10 +706,45 @@ impl<T: GpuFloat> CudaLlama<T> {
         Ok(())
     }
 
+    /// Causal attention of one prefill chunk (and its cached prefix) in one flash kernel: scores
+    /// stay on chip, keys and values are read through the block table.
+    fn flash_attention(
+        &self,
+        kernel: &str,
+        layer: usize,
+        g: &PrefillChunk,
+        qkv: u64,
+        attn: u64,
+    ) -> Result<()> {
+        let c = &self.config;
+        let gpu = &self.gpu;
+        let table = self.meta_ptr(8) + (g.table_row * self.bufs.max_blocks * 4) as u64;
+        let scale_log2 = std::f32::consts::LOG2_E / (c.head_dim as f32).sqrt();
+        launch!(
+            gpu,
+            kernel,
+            (c.num_heads as u32, g.rows.div_ceil(FLASH_QUERY_ROWS) as u32, 1),
+            (FLASH_THREADS, 1, 1),
+            attn,
+            qkv,
+            gpu.ptr(&self.k_cache[layer]),
+            gpu.ptr(&self.v_cache[layer]),
+            table,
+            g.first_row as i32,
+            g.rows as i32,
+            g.cached as i32,
+            self.opts.block_size as i32,
+            c.num_heads as i32,
+            c.num_kv_heads as i32,
+            scale_log2,
+            c.sliding_window.map_or(0, |w| w as i32)
+        )
+    }
+
     /// Causal attention of one prefill chunk (and its cached prefix) as batched GEMMs: gather the
     /// sequence's keys and values densely, then per query-row tile and per query head within a
     /// kv group, scores = q·kᵀ (one batched GEMM over kv heads), causal softmax, out = p·v.
-    fn gemm_attention(&self, layer: usize, g: &GemmAttention, qkv: u64, attn: u64) -> Result<()> {
+    fn gemm_attention(&self, layer: usize, g: &PrefillChunk, qkv: u64, attn: u64) -> Result<()> {
         let c = &self.config;
         let gpu = &self.gpu;
         let scratch = self.attention_scratch.as_ref().expect("reserved in prepare");
@@ -779,7 +836,10 @@ impl<T: GpuFloat> CudaLlama<T> {
         format!("{name}_{}", T::SUFFIX)
     }
 
-    /// Applies one fused group's LoRA delta: `out[:, col] += scale · (x Aᵀ) Bᵀ` per work item.
+    /// Applies one fused group's LoRA delta after its base GEMM: `out[:, col] += scale · (x Aᵀ) Bᵀ`
+    /// for the long segments as GEMMs (unless `gemms_done`: [`Self::lora_gemms_first`] wrote
+    /// them), then for the kernels' work items.
+    #[allow(clippy::too_many_arguments)]
     fn lora_group(
         &self,
         li: usize,
@@ -788,12 +848,15 @@ impl<T: GpuFloat> CudaLlama<T> {
         out: u64,
         out_stride: usize,
         s: &StepShape,
+        gemms_done: bool,
     ) -> Result<()> {
         let Some(lora) = &self.lora else { return Ok(()) };
         if !s.lora {
             return Ok(());
         }
-        self.lora_group_gemms(lora, li, g, x, out, out_stride)?;
+        if !gemms_done {
+            self.lora_group_gemms(lora, li, g, x, out, out_stride, 1.0)?;
+        }
         if s.items == 0 {
             return Ok(());
         }
@@ -860,6 +923,51 @@ impl<T: GpuFloat> CudaLlama<T> {
     }
 
     /// The long segments' LoRA delta through cuBLAS, one target at a time.
+    /// For a group whose base GEMM overwrites its output (q/k/v, gate/up) in a step with long
+    /// LoRA segments: writes those segments' deltas into `out` (expand with beta 0) and zeros
+    /// every other row, so that the base GEMM then accumulates onto them (beta 1) in its
+    /// epilogue, where reading `out` hides under the math. That saves the expand's
+    /// read-modify-write of an output far wider than the rank. Returns the base GEMM's beta.
+    /// `out_stride` must be the group's full width (its rows are contiguous).
+    #[allow(clippy::too_many_arguments)]
+    fn lora_gemms_first(
+        &self,
+        li: usize,
+        g: usize,
+        x: u64,
+        out: u64,
+        out_stride: usize,
+        rows: usize,
+        s: &StepShape,
+    ) -> Result<f32> {
+        let Some(lora) = &self.lora else { return Ok(0.0) };
+        if !s.lora || self.gemm_lora.is_empty() {
+            return Ok(0.0);
+        }
+        let row_bytes = out_stride * std::mem::size_of::<T>();
+        let mut zero_from = 0;
+        // Segments are in row order; a rank-0 slot writes nothing, so its rows are zeroed too.
+        for &(first, n, slot) in &self.gemm_lora {
+            if lora.slot_params(slot).0 > 0 {
+                self.gpu.zero_bytes(
+                    out + (zero_from * row_bytes) as u64,
+                    (first - zero_from) * row_bytes,
+                )?;
+                zero_from = first + n;
+            }
+        }
+        self.gpu.zero_bytes(
+            out + (zero_from * row_bytes) as u64,
+            (rows - zero_from) * row_bytes,
+        )?;
+        self.lora_group_gemms(lora, li, g, x, out, out_stride, 0.0)?;
+        Ok(1.0)
+    }
+
+    /// The long segments' LoRA delta as cuBLAS GEMMs: one shrink for the whole group
+    /// (`y = x · [A_t]ᵀ`, target t at column t·R), then one expand per target,
+    /// `out = scale · y_t · B_tᵀ + beta · out`.
+    #[allow(clippy::too_many_arguments)]
     fn lora_group_gemms(
         &self,
         lora: &LoraSlots<T>,
@@ -868,6 +976,7 @@ impl<T: GpuFloat> CudaLlama<T> {
         x: u64,
         out: u64,
         out_stride: usize,
+        beta: f32,
     ) -> Result<()> {
         let gpu = &self.gpu;
         let (in_dim, outs) = group_dims(&self.config, g);
@@ -881,22 +990,26 @@ impl<T: GpuFloat> CudaLlama<T> {
             if rank == 0 {
                 continue;
             }
+            // y[rows, y_w] = x[first.., in] · A_slotᵀ over the rows the targets use: each
+            // target's first `rank` of its R rows (the rows between belong to no one and are
+            // computed but never read). Reads x once for the group.
+            let y_w = (nt - 1) * r_pool + rank;
+            let a = gpu.ptr(&bufs.a) + (slot * nt * r_pool * in_dim * ts) as u64;
+            let xs = x + (first * in_dim * ts) as u64;
+            gpu.gemm_nt::<T>(y, y_w, false, xs, in_dim, a, rows, y_w, in_dim, 0.0)?;
             let mut col = 0;
             for (t, &out_t) in outs.iter().enumerate() {
-                // y[rows, rank] = x[first.., in] · A_tᵀ (A_t: rows t·R.. of the slot's block).
-                let a = gpu.ptr(&bufs.a) + (((slot * nt + t) * r_pool) * in_dim * ts) as u64;
-                let xs = x + (first * in_dim * ts) as u64;
-                gpu.gemm_nt::<T>(y, rank, false, xs, in_dim, a, rows, rank, in_dim, 0.0)?;
-                // out[first.., col..col+out_t] += scale · y · Bᵀ_t (Bᵀ: [R, out_total] per slot).
+                // out[first.., col..col+out_t] = scale · y_t · Bᵀ_t + beta · out
+                // (Bᵀ: [R, out_total] per slot).
                 let bt = gpu.ptr(&bufs.bt) + ((slot * r_pool * out_total + col) * ts) as u64;
                 let o = out + ((first * out_stride + col) * ts) as u64;
                 gpu.gemm_batched(
                     false,
                     false,
                     (out_t, rows, rank),
-                    (scale, 1.0),
+                    (scale, beta),
                     (bt, T::BLAS_TYPE, out_total, 0),
-                    (y, T::BLAS_TYPE, rank, 0),
+                    (y + (t * r_pool * ts) as u64, T::BLAS_TYPE, y_w, 0),
                     (o, T::BLAS_TYPE, out_stride, 0),
                     1,
                 )?;
@@ -1004,8 +1117,19 @@ impl<T: GpuFloat> CudaLlama<T> {
             .max(1);
         let attention_threads = 32 * warps as u32;
         let attention_smem = (warps * merge_bytes) as u32;
+        // RoPE threads: one per rotary pair of a head (at least a warp), heads stacked in y up
+        // to 256 threads.
+        let rope_x = (c.head_dim as u32 / 2).clamp(32, 128);
+        let rope_heads = (256 / rope_x as usize).max(1);
+        // SiLU-and-multiply: 16 bytes per thread, 256 threads per block.
+        let silu_grid = (
+            inter.div_ceil(256 * (16 / std::mem::size_of::<T>())) as u32,
+            rows.min(65535) as u32,
+            1,
+        );
         for (li, blk) in self.blocks.iter().enumerate() {
             self.rms_norm(normed, x, &blk.input_norm, null, rows)?;
+            let qkv_beta = self.lora_gemms_first(li, 0, normed, qkv, qkv_w, rows, s)?;
             gpu.gemm_nt::<T>(
                 qkv,
                 qkv_w,
@@ -1016,15 +1140,19 @@ impl<T: GpuFloat> CudaLlama<T> {
                 rows,
                 qkv_w,
                 h,
-                0.0,
+                qkv_beta,
             )?;
             self.bias(qkv, &blk.qkv.bias, rows, qkv_w)?;
-            self.lora_group(li, 0, normed, qkv, qkv_w, s)?;
+            self.lora_group(li, 0, normed, qkv, qkv_w, s, qkv_beta == 1.0)?;
             launch!(
                 gpu,
                 &self.k("rope_cache"),
-                (r32, (c.num_heads + c.num_kv_heads + 1) as u32, 1),
-                ((c.head_dim as u32 / 2).clamp(32, 128), 1, 1),
+                (
+                    r32,
+                    (c.num_heads + c.num_kv_heads + 1).div_ceil(rope_heads) as u32,
+                    1
+                ),
+                (rope_x, rope_heads as u32, 1),
                 qkv,
                 gpu.ptr(&self.k_cache[li]),
                 gpu.ptr(&self.v_cache[li]),
@@ -1034,34 +1162,40 @@ impl<T: GpuFloat> CudaLlama<T> {
                 c.num_kv_heads as i32,
                 c.head_dim as i32
             )?;
-            launch!(
-                gpu,
-                &attention,
-                (c.num_kv_heads as u32, r32, 1),
-                (attention_threads, 1, 1),
-                shared = attention_smem,
-                attn,
-                qkv,
-                gpu.ptr(&self.k_cache[li]),
-                gpu.ptr(&self.v_cache[li]),
-                positions,
-                row_seq,
-                tables,
-                b.max_blocks as i32,
-                self.opts.block_size as i32,
-                c.num_heads as i32,
-                c.num_kv_heads as i32,
-                c.head_dim as i32,
-                scale,
-                window
-            )?;
-            for g in &self.gemm_attention {
-                self.gemm_attention(li, g, qkv, attn)?;
+            if s.paged {
+                launch!(
+                    gpu,
+                    &attention,
+                    (c.num_kv_heads as u32, r32, 1),
+                    (attention_threads, 1, 1),
+                    shared = attention_smem,
+                    attn,
+                    qkv,
+                    gpu.ptr(&self.k_cache[li]),
+                    gpu.ptr(&self.v_cache[li]),
+                    positions,
+                    row_seq,
+                    tables,
+                    b.max_blocks as i32,
+                    self.opts.block_size as i32,
+                    c.num_heads as i32,
+                    c.num_kv_heads as i32,
+                    c.head_dim as i32,
+                    scale,
+                    window
+                )?;
+            }
+            for g in &self.prefill_chunks {
+                match &self.flash_kernel {
+                    Some(kernel) => self.flash_attention(kernel, li, g, qkv, attn)?,
+                    None => self.gemm_attention(li, g, qkv, attn)?,
+                }
             }
             gpu.gemm_nt::<T>(x, h, false, attn, qd, gpu.ptr(&blk.o.w), rows, h, qd, 1.0)?;
             self.bias(x, &blk.o.bias, rows, h)?;
-            self.lora_group(li, 1, attn, x, h, s)?;
+            self.lora_group(li, 1, attn, x, h, s, false)?;
             self.rms_norm(normed, x, &blk.post_norm, null, rows)?;
+            let gu_beta = self.lora_gemms_first(li, 2, normed, gu, 2 * inter, rows, s)?;
             gpu.gemm_nt::<T>(
                 gu,
                 2 * inter,
@@ -1072,13 +1206,13 @@ impl<T: GpuFloat> CudaLlama<T> {
                 rows,
                 2 * inter,
                 h,
-                0.0,
+                gu_beta,
             )?;
-            self.lora_group(li, 2, normed, gu, 2 * inter, s)?;
+            self.lora_group(li, 2, normed, gu, 2 * inter, s, gu_beta == 1.0)?;
             launch!(
                 gpu,
                 &self.k("silu_mul"),
-                (((rows * inter) as u32).div_ceil(256).min(65535), 1, 1),
+                silu_grid,
                 (256, 1, 1),
                 act,
                 gu,
@@ -1086,7 +1220,7 @@ impl<T: GpuFloat> CudaLlama<T> {
                 inter as i32
             )?;
             gpu.gemm_nt::<T>(x, h, false, act, inter, gpu.ptr(&blk.down.w), rows, h, inter, 1.0)?;
-            self.lora_group(li, 3, act, x, h, s)?;
+            self.lora_group(li, 3, act, x, h, s, false)?;
         }
         if s.wanted > 0 {
             let fin = gpu.ptr(&b.final_in);

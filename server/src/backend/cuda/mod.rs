@@ -16,7 +16,7 @@ use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
 use loraplane_kernels::Kernels;
 
-pub use llama::{CudaLlama, CudaModel, CudaOptions, DeviceDtype, LoraKernelMode, GEMM_ATTENTION_MIN_ROWS};
+pub use llama::{CudaLlama, CudaModel, CudaOptions, DeviceDtype, LoraKernelMode, PREFILL_ATTENTION_MIN_ROWS};
 
 use crate::error::{Error, Result};
 
@@ -126,6 +126,15 @@ impl Gpu {
     /// Waits for every queued operation.
     pub fn sync(&self) -> Result<()> {
         self.stream.synchronize().map_err(|e| cuda_err("synchronize", e))
+    }
+
+    /// Zeros `bytes` bytes of device memory from `ptr`, in stream order.
+    pub fn zero_bytes(&self, ptr: u64, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        unsafe { cudarc::driver::result::memset_d8_async(ptr, 0, bytes, self.stream.cu_stream()) }
+            .map_err(|e| cuda_err("memset", e))
     }
 
     /// Raw device address of a buffer (the stream is the only user, so no event guards).
