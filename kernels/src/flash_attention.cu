@@ -115,16 +115,24 @@ __device__ void flash_attention(T* out, const T* qkv, const T* kc, const T* vc, 
     int tiles = (kend - kbeg + FA_BC - 1) / FA_BC;
     int warp_last_pos = cached + min(wr + 15, last);
     int warp_first_pos = cached + wr;
-    // Keys k0 .. k0 + FA_BC of one cache (K or V) into shared memory with cp.async; keys past
-    // kend are zero (a masked key's V must not be NaN: 0 x NaN is NaN).
-    auto load_tile = [&](T* dst, const T* cache, int k0) {
+    // Cache rows of a tile's keys, computed once per tile (not per 16-byte load) into one of two
+    // buffers: -1 past kend.
+    __shared__ int key_slot[2][FA_BC];
+    auto find_slots = [&](int buf, int k0) {
+        if (threadIdx.x < FA_BC) {
+            int p = k0 + threadIdx.x;
+            key_slot[buf][threadIdx.x] = p < kend ? table[p / block_size] * block_size + p % block_size : -1;
+        }
+    };
+    // One cache's (K or V) tile into shared memory with cp.async; keys past kend are zero (a
+    // masked key's V must not be NaN: 0 x NaN is NaN).
+    auto load_tile = [&](T* dst, const T* cache, int buf) {
         for (int c = threadIdx.x; c < FA_BC * (D / 8); c += FA_THREADS) {
             int key = c / (D / 8), part = c % (D / 8);
-            int p = k0 + key;
+            int slot = key_slot[buf][key];
             T* d = dst + key * LD + part * 8;
-            if (p < kend) {
-                size_t slot = (size_t)table[p / block_size] * block_size + p % block_size;
-                cp_async16(d, cache + slot * kvd + kvh * D + part * 8);
+            if (slot >= 0) {
+                cp_async16(d, cache + (size_t)slot * kvd + kvh * D + part * 8);
             } else {
                 *reinterpret_cast<uint4*>(d) = make_uint4(0, 0, 0, 0);
             }
@@ -134,11 +142,15 @@ __device__ void flash_attention(T* out, const T* qkv, const T* kc, const T* vc, 
     // Staggered pipeline with one K and one V buffer: K of the next tile loads during this
     // tile's P·V, V of the next tile during the next tile's Q·Kᵀ and softmax. Every thread
     // commits the same groups (empty ones past the end), so wait_group 1 always means "all but
-    // the newest landed".
-    load_tile(ks, kc, kbeg);
-    load_tile(vs, vc, kbeg);
+    // the newest landed". Slots of tile j + 1 are found at the top of iteration j; the barrier
+    // after them publishes them before any load of that tile.
+    find_slots(0, kbeg);
+    __syncthreads();
+    load_tile(ks, kc, 0);
+    load_tile(vs, vc, 0);
     for (int j = 0; j < tiles; j++) {
-        int k0 = kbeg + j * FA_BC;
+        int k0 = kbeg + j * FA_BC, next = (j + 1) & 1;
+        if (j + 1 < tiles) find_slots(next, k0 + FA_BC);
         cp_async_wait<1>();  // K of tile j
         __syncthreads();
         // A warp none of whose rows sees a key of this tile (rows past the chunk, keys past
@@ -160,19 +172,24 @@ __device__ void flash_attention(T* out, const T* qkv, const T* kc, const T* vc, 
                     Mma<T>::run(s[n], qf[kk], b);
                 }
             }
-            // Scale, mask (not needed when every key of the tile is visible to every row of the
-            // warp), and the running max of each of the thread's two rows.
+            // Mask (not needed when every key of the tile is visible to every row of the warp)
+            // and the running max of each of the thread's two rows, in raw score units; the
+            // max is kept scaled (m), and exp2(s · scale - m) is one FFMA and one EX2.
             bool full = k0 + FA_BC - 1 <= cached + wr && (window <= 0 || warp_last_pos - window < k0);
-            float mx[2] = {m[0], m[1]};
+            if (!full) {
+#pragma unroll
+                for (int n = 0; n < SN; n++) {
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        int key = k0 + n * 8 + t4 * 2 + (i & 1);
+                        int pos = i < 2 ? pa : pb;
+                        if (key > pos || (window > 0 && key <= pos - window)) s[n][i] = -INFINITY;
+                    }
+                }
+            }
+            float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
             for (int n = 0; n < SN; n++) {
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    int key = k0 + n * 8 + t4 * 2 + (i & 1);
-                    int pos = i < 2 ? pa : pb;
-                    bool ok = full || (key <= pos && (window <= 0 || key > pos - window));
-                    s[n][i] = ok ? s[n][i] * scale_log2 : -INFINITY;
-                }
                 mx[0] = fmaxf(mx[0], fmaxf(s[n][0], s[n][1]));
                 mx[1] = fmaxf(mx[1], fmaxf(s[n][2], s[n][3]));
             }
@@ -182,7 +199,8 @@ __device__ void flash_attention(T* out, const T* qkv, const T* kc, const T* vc, 
                 mx[j2] = fmaxf(mx[j2], __shfl_xor_sync(0xffffffff, mx[j2], 1));
                 mx[j2] = fmaxf(mx[j2], __shfl_xor_sync(0xffffffff, mx[j2], 2));
                 // A row with no key seen yet keeps max -inf: subtract 0 so exp2 gives 0, not NaN.
-                base[j2] = mx[j2] == -INFINITY ? 0.f : mx[j2];
+                float mn = fmaxf(m[j2], mx[j2] * scale_log2);
+                base[j2] = mn == -INFINITY ? 0.f : mn;
                 float corr = exp2f(m[j2] - base[j2]);
                 l[j2] *= corr;
 #pragma unroll
@@ -190,14 +208,16 @@ __device__ void flash_attention(T* out, const T* qkv, const T* kc, const T* vc, 
                     o[n][2 * j2] *= corr;
                     o[n][2 * j2 + 1] *= corr;
                 }
-                m[j2] = mx[j2];
+                m[j2] = mn;
             }
             // P as A fragments: n-tiles 2k and 2k+1 of S hold the 16 keys of k-step k. The
             // thread's partial row sums are reduced over its quad once, at the end.
 #pragma unroll
             for (int n = 0; n < SN; n++) {
-                float p0 = exp2f(s[n][0] - base[0]), p1 = exp2f(s[n][1] - base[0]);
-                float p2 = exp2f(s[n][2] - base[1]), p3 = exp2f(s[n][3] - base[1]);
+                float p0 = exp2f(fmaf(s[n][0], scale_log2, -base[0]));
+                float p1 = exp2f(fmaf(s[n][1], scale_log2, -base[0]));
+                float p2 = exp2f(fmaf(s[n][2], scale_log2, -base[1]));
+                float p3 = exp2f(fmaf(s[n][3], scale_log2, -base[1]));
                 l[0] += p0 + p1;
                 l[1] += p2 + p3;
                 pf[n / 2][(n & 1) * 2] = Mma<T>::pack(p0, p1);
@@ -205,7 +225,7 @@ __device__ void flash_attention(T* out, const T* qkv, const T* kc, const T* vc, 
             }
         }
         __syncthreads();  // every warp is done with K of tile j
-        if (j + 1 < tiles) load_tile(ks, kc, k0 + FA_BC);
+        if (j + 1 < tiles) load_tile(ks, kc, next);
         else cp_async_commit();
         cp_async_wait<1>();  // V of tile j
         __syncthreads();
@@ -224,7 +244,7 @@ __device__ void flash_attention(T* out, const T* qkv, const T* kc, const T* vc, 
             }
         }
         __syncthreads();  // every warp is done with V of tile j
-        if (j + 1 < tiles) load_tile(vs, vc, k0 + FA_BC);
+        if (j + 1 < tiles) load_tile(vs, vc, next);
         else cp_async_commit();
     }
     // Each row's sum is spread over the 4 threads of its quad.

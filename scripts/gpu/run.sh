@@ -15,6 +15,7 @@
 #   scripts/gpu/run.sh prefill     2k-token prefill with flash and with GEMM attention, and the
 #                              cuBLAS rate (bench_gpu --prefill-only)
 #   scripts/gpu/run.sh profile-prefill  ncu per-kernel summary of one 2k-token prefill with an adapter
+#   scripts/gpu/run.sh ncu-flash   ncu sections of one flash prefill attention kernel
 #   scripts/gpu/run.sh all     check, serve and bench
 # Logs go to $OUT (or ./gpu-logs); the last lines printed are the summary tables.
 set -uo pipefail
@@ -78,6 +79,14 @@ print(f"{sum(t.values())/1e3:9.1f} us in {len(rows)} kernels")
 for k, v in sorted(t.items(), key=lambda x: -x[1])[:40]:
     print(f"{v/1e3:9.1f} us  {n[k]:4d}x  {v/1e3/n[k]:8.1f} us each  {k}")
 PY
+fi
+if [[ $what == ncu-flash ]]; then
+  # ncu sections of the first layer's flash prefill kernel (2k tokens, Llama-3.1-8B shape).
+  ncu --profile-from-start off --clock-control none --kernel-name regex:flash_attention --launch-count 1 \
+    --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+    --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
+    "$BIN/bench_gpu" --profile-prefill >"$OUT/ncu-flash.txt" 2>&1; rc=$((rc | $?))
+  grep -E "Duration|Throughput|Pipe|Registers|Occupancy|Eligible|Issued|Stall|stall|Bank|L1|L2|DRAM" "$OUT/ncu-flash.txt" | head -60
 fi
 if [[ $what == ncu-lora ]]; then
   LORAPLANE_PROFILE_BS=64 LORAPLANE_PROFILE_ADAPTERS=64 ncu --profile-from-start off --clock-control none \
