@@ -281,7 +281,7 @@ __device__ void rope_table(float* cs, const int* positions, const float* inv_fre
 // w, w + warps, ... below the slot's rank, holds its slice of the A row in registers (every
 // load in flight at once) and then walks the item's rows.
 #define SHRINK_ROWS 4
-#define SHRINK_SLICE 2048
+#define SHRINK_SLICE 512
 template <typename T>
 __device__ void lora_shrink(float* yp, const T* x, const T* A, const int* items, const int* slot_rank,
                             int in_dim, int R, int n_targets, u64 plane) {
