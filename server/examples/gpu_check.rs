@@ -67,8 +67,9 @@ fn read_reference() -> HashMap<String, (Vec<usize>, Vec<f64>)> {
         .collect()
 }
 
-/// PerSequence runs also attend prefill chunks of 4+ tokens through GEMMs, Chunked ones through
-/// the paged kernel only, so both attention paths meet every reference.
+/// PerSequence runs also attend prefill chunks of 4+ tokens through the prefill path (GEMMs in
+/// f32, the flash kernel in bf16/f16), Chunked ones through the paged kernel only, so every
+/// attention path meets every reference.
 fn opts(dtype: DeviceDtype, mode: LoraKernelMode, graphs: usize, max_tokens: usize) -> CudaOptions {
     let gemm_min = if mode == LoraKernelMode::PerSequence { 4 } else { 0 };
     CudaOptions {
