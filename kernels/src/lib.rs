@@ -192,3 +192,40 @@ fn cached_ptx(arch: &'static str) -> Result<Ptx, String> {
     }
     Ok(ptx)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flash_kernels_exist_only_for_half_types_and_tensor_core_head_sizes() {
+        assert_eq!(
+            flash_attention_kernel("bf16", 128).as_deref(),
+            Some("flash_attention_bf16_d128")
+        );
+        assert_eq!(
+            flash_attention_kernel("f16", 64).as_deref(),
+            Some("flash_attention_f16_d64")
+        );
+        // f32 and head sizes the kernel is not built for fall back to GEMM attention.
+        assert_eq!(flash_attention_kernel("f32", 128), None);
+        assert_eq!(flash_attention_kernel("bf16", 96), None);
+        assert_eq!(flash_attention_kernel("bf16", 256), None);
+        // Kernels::load asks for every instantiated variant, and the source defines each one.
+        let names = kernel_names();
+        let src = source();
+        for t in ["bf16", "f16"] {
+            for &d in FLASH_HEAD_DIMS {
+                let name = format!("flash_attention_{t}_d{d}");
+                assert!(names.contains(&name), "{name} not loaded");
+                assert!(
+                    src.contains(&format!(
+                        "INSTANTIATE_FLASH(__{}, {t}, {d})",
+                        if t == "bf16" { "nv_bfloat16" } else { "half" }
+                    )),
+                    "{name} not instantiated"
+                );
+            }
+        }
+    }
+}
