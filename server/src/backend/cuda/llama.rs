@@ -88,8 +88,8 @@ pub struct CudaOptions {
 pub const PREFILL_ATTENTION_MIN_ROWS: usize = 64;
 
 /// A sequence's LoRA segment of at least this many rows (a prefill chunk) runs as cuBLAS GEMMs
-/// (per target: `x·Aᵀ`, then `out += s·(x·Aᵀ)·Bᵀ`) instead of the shrink/expand kernels, which
-/// are built for many short segments.
+/// (one shrink `x·Aᵀ` per group, then `s·(x·Aᵀ)·Bᵀ` per target) instead of the shrink/expand
+/// kernels, which are built for many short segments.
 pub const LORA_GEMM_MIN_ROWS: usize = 64;
 
 /// Elements of the shrink input per block (SHRINK_SLICE in llama.cu): the shrink writes one
@@ -924,13 +924,13 @@ impl<T: GpuFloat> CudaLlama<T> {
         )
     }
 
-    /// The long segments' LoRA delta through cuBLAS, one target at a time.
     /// For a group whose base GEMM overwrites its output (q/k/v, gate/up) in a step with long
     /// LoRA segments: writes those segments' deltas into `out` (expand with beta 0) and zeros
     /// every other row, so that the base GEMM then accumulates onto them (beta 1) in its
     /// epilogue, where reading `out` hides under the math. That saves the expand's
-    /// read-modify-write of an output far wider than the rank. Returns the base GEMM's beta.
-    /// `out_stride` must be the group's full width (its rows are contiguous).
+    /// read-modify-write of an output far wider than the rank. Returns whether it did, i.e.
+    /// whether the base GEMM must accumulate. `out_stride` must be the group's full width (its
+    /// rows are contiguous).
     #[allow(clippy::too_many_arguments)]
     fn lora_gemms_first(
         &self,
@@ -941,10 +941,10 @@ impl<T: GpuFloat> CudaLlama<T> {
         out_stride: usize,
         rows: usize,
         s: &StepShape,
-    ) -> Result<f32> {
-        let Some(lora) = &self.lora else { return Ok(0.0) };
+    ) -> Result<bool> {
+        let Some(lora) = &self.lora else { return Ok(false) };
         if !s.lora || self.gemm_lora.is_empty() {
-            return Ok(0.0);
+            return Ok(false);
         }
         let row_bytes = out_stride * std::mem::size_of::<T>();
         let mut zero_from = 0;
@@ -963,7 +963,7 @@ impl<T: GpuFloat> CudaLlama<T> {
             (rows - zero_from) * row_bytes,
         )?;
         self.lora_group_gemms(lora, li, g, x, out, out_stride, 0.0)?;
-        Ok(1.0)
+        Ok(true)
     }
 
     /// The long segments' LoRA delta as cuBLAS GEMMs: one shrink for the whole group
@@ -1131,7 +1131,7 @@ impl<T: GpuFloat> CudaLlama<T> {
         );
         for (li, blk) in self.blocks.iter().enumerate() {
             self.rms_norm(normed, x, &blk.input_norm, null, rows)?;
-            let qkv_beta = self.lora_gemms_first(li, 0, normed, qkv, qkv_w, rows, s)?;
+            let qkv_lora_first = self.lora_gemms_first(li, 0, normed, qkv, qkv_w, rows, s)?;
             gpu.gemm_nt::<T>(
                 qkv,
                 qkv_w,
@@ -1142,10 +1142,10 @@ impl<T: GpuFloat> CudaLlama<T> {
                 rows,
                 qkv_w,
                 h,
-                qkv_beta,
+                if qkv_lora_first { 1.0 } else { 0.0 },
             )?;
             self.bias(qkv, &blk.qkv.bias, rows, qkv_w)?;
-            self.lora_group(li, 0, normed, qkv, qkv_w, s, qkv_beta == 1.0)?;
+            self.lora_group(li, 0, normed, qkv, qkv_w, s, qkv_lora_first)?;
             launch!(
                 gpu,
                 &self.k("rope_cache"),
@@ -1197,7 +1197,7 @@ impl<T: GpuFloat> CudaLlama<T> {
             self.bias(x, &blk.o.bias, rows, h)?;
             self.lora_group(li, 1, attn, x, h, s, false)?;
             self.rms_norm(normed, x, &blk.post_norm, null, rows)?;
-            let gu_beta = self.lora_gemms_first(li, 2, normed, gu, 2 * inter, rows, s)?;
+            let gu_lora_first = self.lora_gemms_first(li, 2, normed, gu, 2 * inter, rows, s)?;
             gpu.gemm_nt::<T>(
                 gu,
                 2 * inter,
@@ -1208,9 +1208,9 @@ impl<T: GpuFloat> CudaLlama<T> {
                 rows,
                 2 * inter,
                 h,
-                gu_beta,
+                if gu_lora_first { 1.0 } else { 0.0 },
             )?;
-            self.lora_group(li, 2, normed, gu, 2 * inter, s, gu_beta == 1.0)?;
+            self.lora_group(li, 2, normed, gu, 2 * inter, s, gu_lora_first)?;
             launch!(
                 gpu,
                 &self.k("silu_mul"),
