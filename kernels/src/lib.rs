@@ -78,6 +78,7 @@ pub const VARIANT_KERNELS: &[(&str, &[&str])] = &[
         ],
     ),
     ("lora_expand", &["c1", "vec"]),
+    ("lora_expand_store", &["c1", "vec"]),
 ];
 
 /// Every exported kernel name, with its suffixes: what [`Kernels::load`] loads.

@@ -49,12 +49,15 @@ __device__ void embed(T* out, const T* table, const int* ids, int h) {
 }
 
 // out[r, :] = rmsnorm(x[src_row(r), :]) * w, HF LlamaRMSNorm (normalised value rounded to T
-// before the weight). `rows_map` selects input rows (nullptr: identity).
+// before the weight). `rows_map` selects input rows (nullptr: identity). With `delta` (a LoRA
+// delta computed beside the GEMM that wrote x, same row layout), the row is first updated in
+// place: x += delta.
 template <typename T>
-__device__ void rms_norm(T* out, const T* x, const T* w, const int* rows_map, int h, float eps) {
+__device__ void rms_norm(T* out, T* x, const T* delta, const T* w, const int* rows_map, int h, float eps) {
     int r = blockIdx.x;
     int src = rows_map ? rows_map[r] : r;
-    const T* xr = x + (size_t)src * h;
+    T* xr = x + (size_t)src * h;
+    const T* dr = delta ? delta + (size_t)src * h : nullptr;
     T* orow = out + (size_t)r * h;
     constexpr int V = 16 / sizeof(T);
     float ss = 0.f;
@@ -62,13 +65,24 @@ __device__ void rms_norm(T* out, const T* x, const T* w, const int* rows_map, in
         // 16-byte loads: a few iterations per thread instead of many dependent ones.
         for (int i = threadIdx.x * V; i < h; i += blockDim.x * V) {
             uint4 raw = *reinterpret_cast<const uint4*>(xr + i);
-            const T* v = reinterpret_cast<const T*>(&raw);
+            T* v = reinterpret_cast<T*>(&raw);
+            if (dr) {
+                uint4 draw = *reinterpret_cast<const uint4*>(dr + i);
+                const T* dv = reinterpret_cast<const T*>(&draw);
+#pragma unroll
+                for (int j = 0; j < V; j++) v[j] = from_f<T>(to_f(v[j]) + to_f(dv[j]));
+                *reinterpret_cast<uint4*>(xr + i) = raw;
+            }
 #pragma unroll
             for (int j = 0; j < V; j++) ss += to_f(v[j]) * to_f(v[j]);
         }
     } else {
-        for (int i = threadIdx.x; i < h; i += blockDim.x) ss += to_f(xr[i]) * to_f(xr[i]);
+        for (int i = threadIdx.x; i < h; i += blockDim.x) {
+            if (dr) xr[i] = from_f<T>(to_f(xr[i]) + to_f(dr[i]));
+            ss += to_f(xr[i]) * to_f(xr[i]);
+        }
     }
+    // NB: block_sum's barriers also make this block's updates of x visible to all its threads.
     float inv = rsqrtf(block_sum(ss) / h + eps);
     for (int i = threadIdx.x; i < h; i += blockDim.x) {
         float n = to_f(from_f<T>(to_f(xr[i]) * inv));
@@ -77,10 +91,15 @@ __device__ void rms_norm(T* out, const T* x, const T* w, const int* rows_map, in
 }
 
 // Rotates q and k of every row in place (HF rotate_half) with the step's cos/sin table, and
-// writes k and v into the paged cache at slots[r]. qkv rows are [q_dim | kv_dim | kv_dim].
+// writes k and v into the paged cache at slots[r]. qkv rows are [q_dim | kv_dim | kv_dim]. A
+// non-null `delta` (same layout) is added first: the LoRA delta computed beside the GEMM.
 template <typename T>
-__device__ void rope_cache(T* qkv, T* k_cache, T* v_cache, const float* cs, const int* slots, int n_heads,
-                           int n_kv_heads, int d) {
+__device__ __forceinline__ float plus_delta(const T* p, const T* delta, size_t i) {
+    return delta ? to_f(from_f<T>(to_f(p[i]) + to_f(delta[i]))) : to_f(p[i]);
+}
+template <typename T>
+__device__ void rope_cache(T* qkv, const T* delta, T* k_cache, T* v_cache, const float* cs, const int* slots,
+                           int n_heads, int n_kv_heads, int d) {
     // Block (x, y) threads take (pair, head): blockDim.y heads per block (thousands of
     // single-head blocks per prefill chunk left the SMs waiting on block launches); the extra
     // head index n_heads + n_kv_heads copies v.
@@ -89,16 +108,19 @@ __device__ void rope_cache(T* qkv, T* k_cache, T* v_cache, const float* cs, cons
     int half = d / 2;
     int qd = n_heads * d, kvd = n_kv_heads * d;
     T* row = qkv + (size_t)r * (qd + 2 * kvd);
+    const T* drow = delta ? delta + (size_t)r * (qd + 2 * kvd) : nullptr;
     size_t slot = (size_t)slots[r];
     if (head == n_heads + n_kv_heads) {
-        for (int i = threadIdx.x; i < kvd; i += blockDim.x) v_cache[slot * kvd + i] = row[qd + kvd + i];
+        for (int i = threadIdx.x; i < kvd; i += blockDim.x)
+            v_cache[slot * kvd + i] = from_f<T>(plus_delta(row, drow, qd + kvd + i));
         return;
     }
     const float* cr = cs + (size_t)r * d;
     T* hp = row + head * d;
+    const T* dp = drow ? drow + head * d : nullptr;
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
         float c = cr[i], s = cr[half + i];
-        float x1 = to_f(hp[i]), x2 = to_f(hp[i + half]);
+        float x1 = plus_delta(hp, dp, i), x2 = plus_delta(hp, dp, i + half);
         T a = from_f<T>(x1 * c - x2 * s), b = from_f<T>(x2 * c + x1 * s);
         hp[i] = a;
         hp[i + half] = b;
@@ -111,7 +133,8 @@ __device__ void rope_cache(T* qkv, T* k_cache, T* v_cache, const float* cs, cons
 }
 
 // out[r, j] = silu(gu[r, j]) * gu[r, inter + j]. Grid: (column blocks, rows); each thread takes
-// 16 bytes of one row (V values) when inter is a multiple of V, else strides over the row.
+// 16 bytes of one row (V values) when inter is a multiple of V, else strides over the row. A
+// non-null `delta` (same layout as gu: the LoRA delta computed beside the GEMM) is added first.
 template <typename T>
 __device__ __forceinline__ T silu_mul_one(T g, T u) {
     float gf = to_f(g);
@@ -119,15 +142,29 @@ __device__ __forceinline__ T silu_mul_one(T g, T u) {
     return from_f<T>(s * to_f(u));
 }
 template <typename T>
-__device__ void silu_mul(T* out, const T* gu, int rows, int inter) {
+__device__ __forceinline__ uint4 add_pack(uint4 a, const T* delta) {
+    uint4 d = *reinterpret_cast<const uint4*>(delta);
+    T* av = reinterpret_cast<T*>(&a);
+    const T* dv = reinterpret_cast<const T*>(&d);
+#pragma unroll
+    for (int k = 0; k < 16 / (int)sizeof(T); k++) av[k] = from_f<T>(to_f(av[k]) + to_f(dv[k]));
+    return a;
+}
+template <typename T>
+__device__ void silu_mul(T* out, const T* gu, const T* delta, int rows, int inter) {
     constexpr int V = 16 / sizeof(T);
     for (int r = blockIdx.y; r < rows; r += gridDim.y) {
         const T* g = gu + (size_t)r * 2 * inter;
         const T* u = g + inter;
+        const T* dg = delta ? delta + (size_t)r * 2 * inter : nullptr;
         T* o = out + (size_t)r * inter;
         if (inter % V == 0) {
             for (int j = (blockIdx.x * blockDim.x + threadIdx.x) * V; j < inter; j += gridDim.x * blockDim.x * V) {
                 uint4 graw = *reinterpret_cast<const uint4*>(g + j), uraw = *reinterpret_cast<const uint4*>(u + j);
+                if (dg) {
+                    graw = add_pack(graw, dg + j);
+                    uraw = add_pack(uraw, dg + inter + j);
+                }
                 const T* gv = reinterpret_cast<const T*>(&graw);
                 const T* uv = reinterpret_cast<const T*>(&uraw);
                 uint4 oraw;
@@ -138,7 +175,7 @@ __device__ void silu_mul(T* out, const T* gu, int rows, int inter) {
             }
         } else {
             for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < inter; j += gridDim.x * blockDim.x)
-                o[j] = silu_mul_one(g[j], u[j]);
+                o[j] = silu_mul_one(from_f<T>(plus_delta(g, dg, j)), from_f<T>(plus_delta(u, dg ? dg + inter : nullptr, j)));
         }
     }
 }
@@ -358,7 +395,7 @@ template <typename T, int C>
 struct alignas(C * sizeof(T) >= 16 ? 16 : sizeof(T)) Pack {
     T v[C];
 };
-template <typename T, int C>
+template <typename T, int C, bool STORE>
 __device__ void lora_expand(T* out, int out_stride, const float* yp, int splits, u64 plane, const T* Bt,
                             const int* items, const int* slot_rank, const float* slot_scale, int out_total,
                             int R, int n_targets, int b1, int b2) {
@@ -380,6 +417,7 @@ __device__ void lora_expand(T* out, int out_stride, const float* yp, int splits,
             int q = e / (n_targets * rank), tk = e % (n_targets * rank);
             const float* src = yp + (size_t)(first + r0 + q) * ylen + (tk / rank) * R + tk % rank;
             float v = 0.f;
+#pragma unroll 8
             for (int sp = 0; sp < splits; sp++) v += src[sp * plane];
             ys[e] = v;
         }
@@ -414,9 +452,15 @@ __device__ void lora_expand(T* out, int out_stride, const float* yp, int splits,
         for (int q = 0; q < EXPAND_ROWS; q++) {
             if (q < rows) {
                 Pack<T, C>* o = reinterpret_cast<Pack<T, C>*>(out + (size_t)(first + r0 + q) * out_stride + col);
-                Pack<T, C> ov = *o;
+                Pack<T, C> ov;
+                if (STORE) {
 #pragma unroll
-                for (int c = 0; c < C; c++) ov.v[c] = from_f<T>(to_f(ov.v[c]) + scale * s[q][c]);
+                    for (int c = 0; c < C; c++) ov.v[c] = from_f<T>(scale * s[q][c]);
+                } else {
+                    ov = *o;
+#pragma unroll
+                    for (int c = 0; c < C; c++) ov.v[c] = from_f<T>(to_f(ov.v[c]) + scale * s[q][c]);
+                }
                 *o = ov;
             }
         }
@@ -473,16 +517,16 @@ __device__ void fill_uniform(T* p, u64 n, u64 seed, float scale) {
     extern "C" __global__ void embed_##S(T* out, const T* table, const int* ids, int h) {                   \
         embed<T>(out, table, ids, h);                                                                      \
     }                                                                                                      \
-    extern "C" __global__ void rms_norm_##S(T* out, const T* x, const T* w, const int* rows_map, int h,     \
-                                            float eps) {                                                   \
-        rms_norm<T>(out, x, w, rows_map, h, eps);                                                          \
+    extern "C" __global__ void rms_norm_##S(T* out, T* x, const T* delta, const T* w, const int* rows_map,  \
+                                            int h, float eps) {                                            \
+        rms_norm<T>(out, x, delta, w, rows_map, h, eps);                                                   \
     }                                                                                                      \
-    extern "C" __global__ void rope_cache_##S(T* qkv, T* kc, T* vc, const float* cs, const int* slots,      \
-                                              int nh, int nkv, int d) {                                    \
-        rope_cache<T>(qkv, kc, vc, cs, slots, nh, nkv, d);                                                 \
+    extern "C" __global__ void rope_cache_##S(T* qkv, const T* delta, T* kc, T* vc, const float* cs,        \
+                                              const int* slots, int nh, int nkv, int d) {                  \
+        rope_cache<T>(qkv, delta, kc, vc, cs, slots, nh, nkv, d);                                          \
     }                                                                                                      \
-    extern "C" __global__ void silu_mul_##S(T* out, const T* gu, int rows, int inter) {                     \
-        silu_mul<T>(out, gu, rows, inter);                                                                 \
+    extern "C" __global__ void silu_mul_##S(T* out, const T* gu, const T* delta, int rows, int inter) {     \
+        silu_mul<T>(out, gu, delta, rows, inter);                                                          \
     }                                                                                                      \
     extern "C" __global__ void lora_shrink_##S(float* y, const T* x, const T* A, const int* items,          \
                                                const int* slot_rank, int in_dim, int R, int nt, u64 plane) { \
@@ -594,14 +638,18 @@ INSTANTIATE_ATTN_G(__half, f16, 4)
 INSTANTIATE_ATTN_G(__nv_bfloat16, bf16, 8)
 INSTANTIATE_ATTN_G(__half, f16, 8)
 
-#define INSTANTIATE_EXPAND(T, S, C, NAME)                                                                  \
-    extern "C" __global__ void lora_expand_##S##_##NAME(T* out, int out_stride, const float* y, int splits,   \
-                                                        u64 plane, const T* Bt, const int* items,            \
-                                                        const int* slot_rank, const float* slot_scale,       \
-                                                        int out_total, int R, int nt, int b1, int b2) {      \
-        lora_expand<T, C>(out, out_stride, y, splits, plane, Bt, items, slot_rank, slot_scale, out_total, R, nt, \
-                          b1, b2);                                                                          \
+// lora_expand adds the delta to `out`; lora_expand_store writes it (into a delta buffer).
+#define INSTANTIATE_EXPAND_AS(T, S, C, NAME, KIND, STORE)                                                  \
+    extern "C" __global__ void KIND##_##S##_##NAME(T* out, int out_stride, const float* y, int splits,       \
+                                                   u64 plane, const T* Bt, const int* items,                 \
+                                                   const int* slot_rank, const float* slot_scale,            \
+                                                   int out_total, int R, int nt, int b1, int b2) {           \
+        lora_expand<T, C, STORE>(out, out_stride, y, splits, plane, Bt, items, slot_rank, slot_scale, out_total, \
+                                 R, nt, b1, b2);                                                           \
     }
+#define INSTANTIATE_EXPAND(T, S, C, NAME)                          \
+    INSTANTIATE_EXPAND_AS(T, S, C, NAME, lora_expand, false)       \
+    INSTANTIATE_EXPAND_AS(T, S, C, NAME, lora_expand_store, true)
 // c1: one column per thread (any shape); vec: one 16-byte load of Bt per thread per rank row.
 INSTANTIATE_EXPAND(float, f32, 1, c1)
 INSTANTIATE_EXPAND(float, f32, 4, vec)

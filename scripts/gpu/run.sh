@@ -16,6 +16,9 @@
 #                              cuBLAS rate (bench_gpu --prefill-only)
 #   scripts/gpu/run.sh profile-prefill  ncu per-kernel summary of one 2k-token prefill with an adapter
 #   scripts/gpu/run.sh ncu-flash   ncu sections of one flash prefill attention kernel
+#   scripts/gpu/run.sh compare     csgmv + graphs decode with each group's LoRA after its base
+#                              GEMM and beside it on the side stream (bench_gpu --compare;
+#                              batches from LORAPLANE_BENCH_BATCHES, default 1,8,64)
 #   scripts/gpu/run.sh all     check, serve and bench
 # Logs go to $OUT (or ./gpu-logs); the last lines printed are the summary tables.
 set -uo pipefail
@@ -98,6 +101,11 @@ fi
 if [[ $what == prefill ]]; then
   "$BIN/bench_gpu" --prefill-only 2>"$OUT/prefill.err" | tee "$OUT/prefill.log"; rc=$((rc | PIPESTATUS[0]))
   tail -5 "$OUT/prefill.err"
+fi
+if [[ $what == compare ]]; then
+  LORAPLANE_BENCH_BATCHES=${LORAPLANE_BENCH_BATCHES:-1,8,64} "$BIN/bench_gpu" --compare 2>"$OUT/compare.err" \
+    >"$OUT/compare.log"; rc=$((rc | $?))
+  grep '^|' "$OUT/compare.log"; tail -5 "$OUT/compare.err"
 fi
 if [[ $what == slot-loads ]]; then
   "$BIN/bench_gpu" --slot-loads 2>"$OUT/slot-loads.err" | tee "$OUT/slot-loads.log"; rc=$((rc | PIPESTATUS[0]))

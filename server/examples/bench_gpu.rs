@@ -5,6 +5,9 @@
 //! max(bytes that must be read / 3.0 TB/s, FLOPs / 790 TFLOP/s), where the bytes are the base
 //! weights, every distinct adapter's weights and the KV cache read by the step.
 //!
+//! `--compare` times csgmv + graphs decode under variants of the LoRA kernels' scheduling (see
+//! `main`) in one table.
+//!
 //! `--slot-loads` times adapter slot loads instead: a synchronous copy of a rank-16 adapter from
 //! host memory, staging it in pinned memory, an overlapped copy, and decode steps at batch 64
 //! with one slot load per step, synchronous or overlapped (`--enable-lora-overlap-loading`).
@@ -16,7 +19,8 @@ use std::time::Instant;
 
 use loraplane_server::adapter::{LoraAdapter, LoraTarget};
 use loraplane_server::backend::cuda::{
-    CudaModel, CudaOptions, DeviceDtype, Gpu, LoraKernelMode, PREFILL_ATTENTION_MIN_ROWS,
+    CudaModel, CudaOptions, DeviceDtype, Gpu, LoraKernelMode, DECODE_MERGE_MIN_BATCH,
+    PREFILL_ATTENTION_MIN_ROWS,
 };
 use loraplane_server::engine::{KvCache, SeqCache};
 use loraplane_server::model::llama::{LogitsWanted, SeqInput};
@@ -79,6 +83,8 @@ fn opts(mode: LoraKernelMode, graphs: usize) -> CudaOptions {
         max_seq_len: 4096,
         prefill_attention_min_rows: PREFILL_ATTENTION_MIN_ROWS,
         flash_prefill: true,
+        lora_side_stream: true,
+        decode_merge_min_batch: DECODE_MERGE_MIN_BATCH,
     }
 }
 
@@ -201,16 +207,7 @@ fn main() {
             }
         }
         gemm_rate(&gpu);
-        for r in &rows {
-            println!(
-                "| {} | {:.2} | {:.0} | {:.2} | {:.2} |",
-                r.what,
-                r.ms,
-                r.tok_s,
-                r.roofline_ms,
-                r.ms / r.roofline_ms
-            );
-        }
+        print_rows(&rows);
         return;
     }
     // --profile: one eager decode step (bs=64 with 64 rank-16 adapters by default) between
@@ -268,8 +265,27 @@ fn main() {
         Err(_) if only_fast => vec![1, 64],
         Err(_) => vec![1, 8, 32, 64, 128, 256],
     };
-    let adapter_counts = [0usize, 1, 8, 64];
     let ranks = [16usize, 64];
+    // --compare: csgmv + graphs decode with each group's LoRA after its base GEMM, then beside
+    // it on the side stream (CudaOptions::lora_side_stream); one table, same call.
+    if std::env::args().any(|a| a == "--compare") {
+        let variants: [(&str, bool, usize); 2] = [
+            ("LoRA after GEMM", false, DECODE_MERGE_MIN_BATCH),
+            ("LoRA beside GEMM", true, DECODE_MERGE_MIN_BATCH),
+        ];
+        for (label, side, merge) in variants {
+            let o = CudaOptions {
+                lora_side_stream: side,
+                decode_merge_min_batch: merge,
+                ..opts(LoraKernelMode::Chunked(16), 256)
+            };
+            let mut m = CudaModel::dummy(gpu.clone(), c.clone(), o, 42).expect("model");
+            let mut kv = m.new_kv_cache();
+            decode_grid(&mut m, &mut kv, &c, label, &batches, &ranks, &mut rows);
+        }
+        print_rows(&rows);
+        return;
+    }
     let configs: &[(LoraKernelMode, usize, &str)] = &[
         (LoraKernelMode::Chunked(16), 256, "csgmv+graphs"),
         (LoraKernelMode::Chunked(16), 0, "csgmv eager"),
@@ -286,48 +302,15 @@ fn main() {
             t0.elapsed().as_secs_f64(),
             m.lora_pool_bytes() as f64 / 1e9
         );
-        for &rank in &ranks {
-            for s in 0..64 {
-                m.dummy_adapter_in_slot(s, rank, &LoraTarget::ALL, 1000 + s as u64)
-                    .unwrap();
-            }
-            for &bs in &batches {
-                for &n in &adapter_counts {
-                    if n > bs || (n == 0 && rank != ranks[0]) {
-                        continue;
-                    }
-                    let slots: Vec<i32> = (0..bs)
-                        .map(|i| if n == 0 { -1 } else { (i % n) as i32 })
-                        .collect();
-                    let steps = if bs >= 128 { 10 } else { 20 };
-                    let ms = decode(&mut m, &mut kv, bs, &slots, steps, false, |_| {});
-                    let ctx = PROMPT + 3 + steps / 2;
-                    let bytes = base_bytes(&c)
-                        + n as f64 * adapter_bytes(&c, rank)
-                        + bs as f64 * ctx as f64 * kv_bytes_per_token(&c);
-                    let flops = bs as f64 * base_bytes(&c); // 2 FLOPs per bf16 parameter
-                    let roof = (bytes / HBM_BYTES_PER_S).max(flops / BF16_FLOPS) * 1e3;
-                    let what = if n == 0 {
-                        format!("decode {label} bs={bs} base")
-                    } else {
-                        format!("decode {label} bs={bs} {n}x r{rank}")
-                    };
-                    println!(
-                        "{what}: {ms:.2} ms/step, roofline {roof:.2} ms ({:.2}x)",
-                        ms / roof
-                    );
-                    rows.push(Row {
-                        what,
-                        ms,
-                        tok_s: bs as f64 * 1e3 / ms,
-                        roofline_ms: roof,
-                    });
-                }
-            }
-            if only_fast {
-                break;
-            }
-        }
+        decode_grid(
+            &mut m,
+            &mut kv,
+            &c,
+            label,
+            &batches,
+            &ranks[..if only_fast { 1 } else { 2 }],
+            &mut rows,
+        );
         if graphs == 0 && mode == LoraKernelMode::Chunked(16) {
             for s in 0..4 {
                 m.dummy_adapter_in_slot(s, 16, &LoraTarget::ALL, 2000 + s as u64)
@@ -339,8 +322,13 @@ fn main() {
         drop(m);
     }
     gemm_rate(&gpu);
+    print_rows(&rows);
+}
+
+/// The rows as a Markdown table.
+fn print_rows(rows: &[Row]) {
     println!("\n| configuration | ms/step | tok/s | roofline ms | x roofline |\n|---|---|---|---|---|");
-    for r in &rows {
+    for r in rows {
         println!(
             "| {} | {:.2} | {:.0} | {:.2} | {:.2} |",
             r.what,
@@ -349,6 +337,58 @@ fn main() {
             r.roofline_ms,
             r.ms / r.roofline_ms
         );
+    }
+}
+
+/// Decode rows for each rank, batch and number of distinct adapters (0, 1, 8, 64; never more
+/// than the batch), labelled `decode {label} ...`, with their rooflines.
+fn decode_grid(
+    m: &mut CudaModel,
+    kv: &mut KvCache,
+    c: &ModelConfig,
+    label: &str,
+    batches: &[usize],
+    ranks: &[usize],
+    rows: &mut Vec<Row>,
+) {
+    for &rank in ranks {
+        for s in 0..64 {
+            m.dummy_adapter_in_slot(s, rank, &LoraTarget::ALL, 1000 + s as u64)
+                .unwrap();
+        }
+        for &bs in batches {
+            for n in [0usize, 1, 8, 64] {
+                if n > bs || (n == 0 && rank != ranks[0]) {
+                    continue;
+                }
+                let slots: Vec<i32> = (0..bs)
+                    .map(|i| if n == 0 { -1 } else { (i % n) as i32 })
+                    .collect();
+                let steps = if bs >= 128 { 10 } else { 20 };
+                let ms = decode(m, kv, bs, &slots, steps, false, |_| {});
+                let ctx = PROMPT + 3 + steps / 2;
+                let bytes = base_bytes(c)
+                    + n as f64 * adapter_bytes(c, rank)
+                    + bs as f64 * ctx as f64 * kv_bytes_per_token(c);
+                let flops = bs as f64 * base_bytes(c); // 2 FLOPs per bf16 parameter
+                let roof = (bytes / HBM_BYTES_PER_S).max(flops / BF16_FLOPS) * 1e3;
+                let what = if n == 0 {
+                    format!("decode {label} bs={bs} base")
+                } else {
+                    format!("decode {label} bs={bs} {n}x r{rank}")
+                };
+                println!(
+                    "{what}: {ms:.2} ms/step, roofline {roof:.2} ms ({:.2}x)",
+                    ms / roof
+                );
+                rows.push(Row {
+                    what,
+                    ms,
+                    tok_s: bs as f64 * 1e3 / ms,
+                    roofline_ms: roof,
+                });
+            }
+        }
     }
 }
 

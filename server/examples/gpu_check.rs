@@ -29,7 +29,9 @@ use cudarc::driver::CudaSlice;
 use loraplane_server::adapter::{LoraAdapter, LoraTarget};
 use loraplane_server::backend::cpu::log_softmax;
 use loraplane_server::backend::cuda::sampling::{sample_rows, SampleRow};
-use loraplane_server::backend::cuda::{CudaModel, CudaOptions, DeviceDtype, Gpu, LoraKernelMode};
+use loraplane_server::backend::cuda::{
+    CudaModel, CudaOptions, DeviceDtype, Gpu, LoraKernelMode, DECODE_MERGE_MIN_BATCH,
+};
 use loraplane_server::engine::generate::argmax;
 use loraplane_server::engine::request::SamplingParams;
 use loraplane_server::engine::sampling::{device_sample, kept_tokens};
@@ -84,6 +86,8 @@ fn opts(dtype: DeviceDtype, mode: LoraKernelMode, graphs: usize, max_tokens: usi
         max_seq_len: 4096,
         prefill_attention_min_rows: gemm_min,
         flash_prefill: true,
+        lora_side_stream: true,
+        decode_merge_min_batch: DECODE_MERGE_MIN_BATCH,
     }
 }
 
@@ -378,9 +382,14 @@ fn random_vs_cpu(gpu: &Arc<Gpu>) {
                 c.vocab_size,
             );
             for mode in [LoraKernelMode::PerSequence, LoraKernelMode::Chunked(32)] {
-                let mut m =
-                    CudaModel::from_host(gpu.clone(), &host, opts(DeviceDtype::Float32, mode, 0, 16 * 1024))
-                        .unwrap();
+                // Per-sequence items apply LoRA after each base GEMM; chunked ones compute it
+                // beside the GEMM on the side stream (steps of up to 256 rows without GEMM
+                // segments).
+                let o = CudaOptions {
+                    lora_side_stream: mode != LoraKernelMode::PerSequence,
+                    ..opts(DeviceDtype::Float32, mode, 0, 16 * 1024)
+                };
+                let mut m = CudaModel::from_host(gpu.clone(), &host, o).unwrap();
                 let mut kv = m.new_kv_cache();
                 let got = pass(
                     &mut |kv, s| m.forward(kv, s).unwrap(),
@@ -404,7 +413,8 @@ fn random_vs_cpu(gpu: &Arc<Gpu>) {
 }
 
 /// Prefill then 6 decode steps of up to 256 sequences with mixed adapters: CPU, GPU eager and
-/// GPU graphs must agree on every step's logits.
+/// GPU graphs (LoRA beside the base GEMMs), and GPU eager with LoRA after them, must agree on
+/// every step's logits.
 fn decode_vs_cpu(
     gpu: &Arc<Gpu>,
     c: &ModelConfig,
@@ -425,16 +435,15 @@ fn decode_vs_cpu(
             })
             .collect();
         let mut results: Vec<Vec<Vec<f32>>> = Vec::new();
-        for which in 0..3 {
-            // 0: CPU, 1: GPU eager, 2: GPU with graphs.
+        for which in 0..4 {
+            // 0: CPU, 1: GPU eager, 2: GPU with graphs, 3: GPU eager with LoRA after the GEMMs.
             let mut gpu_model = (which > 0).then(|| {
                 let g = if which == 2 { 256 } else { 0 };
-                CudaModel::from_host(
-                    gpu.clone(),
-                    host,
-                    opts(DeviceDtype::Float32, LoraKernelMode::Chunked(16), g, 16 * 1024),
-                )
-                .unwrap()
+                let o = CudaOptions {
+                    lora_side_stream: which != 3,
+                    ..opts(DeviceDtype::Float32, LoraKernelMode::Chunked(16), g, 16 * 1024)
+                };
+                CudaModel::from_host(gpu.clone(), host, o).unwrap()
             });
             let mut kv = match &gpu_model {
                 Some(m) => m.new_kv_cache(),
@@ -475,14 +484,15 @@ fn decode_vs_cpu(
         }
         let e_eager = rel_err(&results[1], &results[0]);
         let e_graph = rel_err(&results[2], &results[0]);
-        if e_eager > 1e-4 || e_graph > 1e-4 {
+        let e_after = rel_err(&results[3], &results[0]);
+        if e_eager > 1e-4 || e_graph > 1e-4 || e_after > 1e-4 {
             fail(format!(
-                "decode h={} bs={bs}: eager rel err {e_eager:e}, graphs {e_graph:e}",
+                "decode h={} bs={bs}: eager rel err {e_eager:e}, graphs {e_graph:e}, LoRA after GEMMs {e_after:e}",
                 c.hidden_size
             ));
         }
         println!(
-            "ok  decode h={:3} bs={bs:3}: 7 steps, eager rel err {e_eager:.1e}, CUDA graphs rel err {e_graph:.1e}",
+            "ok  decode h={:3} bs={bs:3}: 7 steps, eager rel err {e_eager:.1e}, CUDA graphs rel err {e_graph:.1e}, LoRA after GEMMs {e_after:.1e}",
             c.hidden_size
         );
     }

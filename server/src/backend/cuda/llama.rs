@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use cudarc::driver::{sys as drv, CudaGraph, CudaSlice};
+use cudarc::driver::{sys as drv, CudaGraph, CudaSlice, CudaStream};
 
 use super::lora::{group_dims, LoraSlots};
 use super::sampling::{check_sampling, split_outputs};
@@ -82,6 +82,16 @@ pub struct CudaOptions {
     /// element type and head size (bf16/f16, head dim 16/32/64/128); otherwise, or when false,
     /// batched cuBLAS GEMMs (scores, causal softmax, values).
     pub flash_prefill: bool,
+    /// Steps of up to [`LORA_DELTA_ROWS`] rows whose LoRA runs in the shrink/expand kernels
+    /// (decode batches, short segments) compute each group's delta on the side stream, beside
+    /// the base GEMM that reads the same input, into a delta buffer that the group's next kernel
+    /// (RoPE, SiLU-and-multiply, RMSNorm) adds. The LoRA kernels are latency-bound and the GEMM
+    /// leaves room on the SMs; otherwise they run after the GEMM and add into its output.
+    pub lora_side_stream: bool,
+    /// Batches of at least this many rows merge decode rows of one adapter into shared work
+    /// items of DECODE_MERGE_ROWS rows in the csgmv scheme; smaller batches give each row its
+    /// own item. Default [`DECODE_MERGE_MIN_BATCH`].
+    pub decode_merge_min_batch: usize,
 }
 
 /// Default for [`CudaOptions::prefill_attention_min_rows`].
@@ -98,8 +108,14 @@ pub const LORA_GEMM_MIN_ROWS: usize = 64;
 /// blocks keep more loads in flight. The price is more planes: 28 for a 14336-wide input.
 const LORA_SHRINK_SLICE: usize = 512;
 
-/// Batches of at least this many rows merge decode rows of one adapter into shared work items.
-const DECODE_MERGE_MIN_BATCH: usize = 128;
+/// Default for [`CudaOptions::decode_merge_min_batch`]. On the H100 with LoRA beside the GEMMs,
+/// merging from batch 32 instead of 64 took batch 32 with one rank-16 adapter from 8.22 to 7.80
+/// ms; merging from batch 8 made batch 8 slower.
+pub const DECODE_MERGE_MIN_BATCH: usize = 32;
+
+/// Rows of the LoRA delta buffers ([`CudaOptions::lora_side_stream`]): the largest step that
+/// computes its LoRA delta beside the base GEMMs.
+pub const LORA_DELTA_ROWS: usize = 256;
 
 /// Rows of a merged decode work item: one pass of the shrink and expand kernels
 /// (SHRINK_ROWS and EXPAND_ROWS in llama.cu).
@@ -178,6 +194,9 @@ struct Buffers<T> {
     lora_y: CudaSlice<f32>,
     /// One group's shrunk rows for the GEMM LoRA path, `[rows, 3·R]` (target t at column t·R).
     lora_y_t: CudaSlice<T>,
+    /// LoRA deltas computed on the side stream (`[LORA_DELTA_ROWS, width]` for q/k/v, for o and
+    /// down, for gate/up), when [`CudaOptions::lora_side_stream`].
+    lora_delta: Option<[CudaSlice<T>; 3]>,
     /// Each row's RoPE `[cos; d/2, sin; d/2]`, computed once per step.
     rope: CudaSlice<f32>,
     final_in: CudaSlice<T>,
@@ -201,6 +220,8 @@ struct StepShape {
     lora: bool,
     /// Some row attends through the paged kernel (not every row is in a prefill chunk).
     paged: bool,
+    /// LoRA deltas are computed beside the base GEMMs ([`CudaOptions::lora_side_stream`]).
+    lora_delta: bool,
 }
 
 /// What a prepared step returns to its caller, per sequence in the caller's order.
@@ -455,6 +476,16 @@ impl<T: GpuFloat> CudaLlama<T> {
                 1
             })?,
             lora_y_t: gpu.zeros::<T>(if opts.lora_slots > 0 { cap * 3 * r } else { 1 })?,
+            lora_delta: if opts.lora_slots > 0 && opts.lora_side_stream {
+                let rows = cap.min(LORA_DELTA_ROWS);
+                Some([
+                    gpu.zeros::<T>(rows * (qd + 2 * kvd))?,
+                    gpu.zeros::<T>(rows * h)?,
+                    gpu.zeros::<T>(rows * 2 * inter)?,
+                ])
+            } else {
+                None
+            },
             rope: gpu.zeros::<f32>(cap * c.head_dim)?,
             final_in: gpu.zeros::<T>(logit_rows * h)?,
             logits: gpu.zeros::<f32>(logit_rows * c.vocab_size)?,
@@ -605,12 +636,12 @@ impl<T: GpuFloat> CudaLlama<T> {
                 match self.opts.lora_mode {
                     LoraKernelMode::PerSequence => items.push([first_row as i32, n as i32, slot]),
                     LoraKernelMode::Chunked(chunk) => {
-                        // Decode rows: up to batch 64 each is its own item (merged rows leave
-                        // too few blocks to keep the memory busy; chunks of 16 measured 25%
-                        // slower at batch 64); in larger batches rows of one adapter share items
-                        // of DECODE_MERGE_ROWS, so its factors are not re-read for every row.
+                        // Decode rows: in small batches each is its own item (merged rows leave
+                        // too few blocks to keep the memory busy: batch 8 measured slower); from
+                        // `decode_merge_min_batch` rows of one adapter share items of
+                        // DECODE_MERGE_ROWS, so its factors are not re-read for every row.
                         let chunk = match n {
-                            1 if rows < DECODE_MERGE_MIN_BATCH => 1,
+                            1 if rows < self.opts.decode_merge_min_batch => 1,
                             1 => DECODE_MERGE_ROWS,
                             _ => chunk,
                         };
@@ -678,6 +709,16 @@ impl<T: GpuFloat> CudaLlama<T> {
             wanted: wanted.len(),
             paged: chunk_rows < rows,
             lora: self.lora.is_some() && (bucket.is_some() || !items.is_empty() || !gemm_lora.is_empty()),
+            lora_delta: false,
+        };
+        let shape = StepShape {
+            // Long segments run as GEMMs on the main stream; such steps keep one path.
+            lora_delta: shape.lora
+                && shape.items > 0
+                && gemm_lora.is_empty()
+                && self.bufs.lora_delta.is_some()
+                && rows <= LORA_DELTA_ROWS,
+            ..shape
         };
         self.gemm_lora = gemm_lora;
         Ok((shape, StepOut { per_seq }))
@@ -838,9 +879,126 @@ impl<T: GpuFloat> CudaLlama<T> {
         format!("{name}_{}", T::SUFFIX)
     }
 
+    /// The LoRA pool when this step runs the shrink/expand kernels over work items.
+    fn item_lora(&self, s: &StepShape) -> Option<&LoraSlots<T>> {
+        self.lora.as_ref().filter(|_| s.lora && s.items > 0)
+    }
+
+    /// Launches one fused group's LoRA shrink over the work items (`y = x · Aᵀ`, in partial
+    /// planes), on the main stream or on `stream`.
+    fn lora_shrink(
+        &self,
+        lora: &LoraSlots<T>,
+        stream: &CudaStream,
+        li: usize,
+        g: usize,
+        x: u64,
+        items: usize,
+    ) -> Result<()> {
+        let gpu = &self.gpu;
+        let (in_dim, outs) = group_dims(&self.config, g);
+        let nt = outs.len() as i32;
+        let splits = lora_splits(in_dim);
+        launch!(
+            gpu,
+            on = stream,
+            &self.k("lora_shrink"),
+            (nt as u32 * splits as u32, items as u32, 1),
+            (256, 1, 1),
+            gpu.ptr(&self.bufs.lora_y),
+            x,
+            gpu.ptr(&lora.layers[li][g].a),
+            self.meta_ptr(4),
+            gpu.ptr(&lora.slot_rank),
+            in_dim as i32,
+            lora.rank as i32,
+            nt,
+            lora_y_plane(self.bufs.cap, lora.rank) as u64
+        )
+    }
+
+    /// On the delta path ([`StepShape::lora_delta`]), issues one group's whole LoRA delta on the
+    /// side stream before its base GEMM (both read `x`): the shrink, then an expand that writes
+    /// `scale · (x Aᵀ) Bᵀ` into the group's delta buffer. Returns that buffer, which the caller
+    /// joins after the GEMM and hands to the group's next kernel to add; 0 off the delta path.
+    fn lora_beside(&self, li: usize, g: usize, x: u64, s: &StepShape) -> Result<u64> {
+        let (Some(lora), Some(deltas)) = (self.item_lora(s), &self.bufs.lora_delta) else {
+            return Ok(0);
+        };
+        if !s.lora_delta {
+            return Ok(0);
+        }
+        let gpu = &self.gpu;
+        let delta = gpu.ptr(&deltas[[0, 1, 2, 1][g]]);
+        let width: usize = group_dims(&self.config, g).1.iter().sum();
+        gpu.fork_side()?;
+        self.lora_shrink(lora, &gpu.side, li, g, x, s.items)?;
+        self.lora_expand(lora, &gpu.side, li, g, delta, width, s.items, true)?;
+        Ok(delta)
+    }
+
+    /// Launches one fused group's LoRA expand over the work items on `stream`: adds
+    /// `scale · y Bᵀ` to `out`, or with `store` writes it (a delta buffer).
+    #[allow(clippy::too_many_arguments)]
+    fn lora_expand(
+        &self,
+        lora: &LoraSlots<T>,
+        stream: &CudaStream,
+        li: usize,
+        g: usize,
+        out: u64,
+        out_stride: usize,
+        items: usize,
+        store: bool,
+    ) -> Result<()> {
+        let gpu = &self.gpu;
+        let (in_dim, outs) = group_dims(&self.config, g);
+        let nt = outs.len() as i32;
+        let out_total: usize = outs.iter().sum();
+        let (splits, plane) = (lora_splits(in_dim), lora_y_plane(self.bufs.cap, lora.rank) as u64);
+        let b1 = outs[0] as i32;
+        let b2 = if outs.len() > 1 {
+            b1 + outs[1] as i32
+        } else {
+            i32::MAX
+        };
+        // 16 bytes of Bᵀ per thread and rank row when every target boundary and the output
+        // stride keep those loads aligned, else one column per thread.
+        let vec = 16 / std::mem::size_of::<T>();
+        let (variant, cols) = if outs.iter().all(|o| o.is_multiple_of(vec)) && out_stride.is_multiple_of(vec)
+        {
+            ("vec", vec)
+        } else {
+            ("c1", 1)
+        };
+        let kind = if store { "lora_expand_store" } else { "lora_expand" };
+        launch!(
+            gpu,
+            on = stream,
+            &format!("{kind}_{}_{variant}", T::SUFFIX),
+            ((out_total as u32).div_ceil(128 * cols as u32), items as u32, 1),
+            (128, 1, 1),
+            shared = (EXPAND_ROWS * outs.len() * lora.rank * 4) as u32,
+            out,
+            out_stride as i32,
+            gpu.ptr(&self.bufs.lora_y),
+            splits as i32,
+            plane,
+            gpu.ptr(&lora.layers[li][g].bt),
+            self.meta_ptr(4),
+            gpu.ptr(&lora.slot_rank),
+            gpu.ptr(&lora.slot_scale),
+            out_total as i32,
+            lora.rank as i32,
+            nt,
+            b1,
+            b2
+        )
+    }
+
     /// Applies one fused group's LoRA delta after its base GEMM: `out[:, col] += scale · (x Aᵀ) Bᵀ`
     /// for the long segments as GEMMs (unless `gemms_done`: [`Self::lora_gemms_first`] wrote
-    /// them), then for the kernels' work items.
+    /// them), then for the kernels' work items. Off the delta path only.
     #[allow(clippy::too_many_arguments)]
     fn lora_group(
         &self,
@@ -862,66 +1020,30 @@ impl<T: GpuFloat> CudaLlama<T> {
         if s.items == 0 {
             return Ok(());
         }
-        let gpu = &self.gpu;
-        let (in_dim, outs) = group_dims(&self.config, g);
-        let nt = outs.len() as i32;
-        let out_total: usize = outs.iter().sum();
-        let r = lora.rank as i32;
-        let bufs = &lora.layers[li][g];
-        let items = self.meta_ptr(4);
-        let y = gpu.ptr(&self.bufs.lora_y);
-        let (splits, plane) = (lora_splits(in_dim), lora_y_plane(self.bufs.cap, lora.rank) as u64);
-        launch!(
-            gpu,
-            &self.k("lora_shrink"),
-            (nt as u32 * splits as u32, s.items as u32, 1),
-            (256, 1, 1),
-            y,
-            x,
-            gpu.ptr(&bufs.a),
-            items,
-            gpu.ptr(&lora.slot_rank),
-            in_dim as i32,
-            r,
-            nt,
-            plane
-        )?;
-        let b1 = outs[0] as i32;
-        let b2 = if outs.len() > 1 {
-            b1 + outs[1] as i32
+        let stream = &self.gpu.stream;
+        self.lora_shrink(lora, stream, li, g, x, s.items)?;
+        self.lora_expand(lora, stream, li, g, out, out_stride, s.items, false)
+    }
+
+    /// After a group's base GEMM: joins the side stream when its delta is being computed there
+    /// (`delta` from [`Self::lora_beside`]), else applies the group's LoRA ([`Self::lora_group`]).
+    #[allow(clippy::too_many_arguments)]
+    fn lora_join_or_apply(
+        &self,
+        delta: u64,
+        li: usize,
+        g: usize,
+        x: u64,
+        out: u64,
+        out_stride: usize,
+        s: &StepShape,
+        gemms_done: bool,
+    ) -> Result<()> {
+        if delta != 0 {
+            self.gpu.join_side()
         } else {
-            i32::MAX
-        };
-        // 16 bytes of Bᵀ per thread and rank row when every target boundary and the output
-        // stride keep those loads aligned, else one column per thread.
-        let vec = 16 / std::mem::size_of::<T>();
-        let (variant, cols) = if outs.iter().all(|o| o.is_multiple_of(vec)) && out_stride.is_multiple_of(vec)
-        {
-            ("vec", vec)
-        } else {
-            ("c1", 1)
-        };
-        launch!(
-            gpu,
-            &format!("lora_expand_{}_{variant}", T::SUFFIX),
-            ((out_total as u32).div_ceil(128 * cols as u32), s.items as u32, 1),
-            (128, 1, 1),
-            shared = (EXPAND_ROWS * outs.len() * lora.rank * 4) as u32,
-            out,
-            out_stride as i32,
-            y,
-            splits as i32,
-            plane,
-            gpu.ptr(&bufs.bt),
-            items,
-            gpu.ptr(&lora.slot_rank),
-            gpu.ptr(&lora.slot_scale),
-            out_total as i32,
-            r,
-            nt,
-            b1,
-            b2
-        )
+            self.lora_group(li, g, x, out, out_stride, s, gemms_done)
+        }
     }
 
     /// For a group whose base GEMM overwrites its output (q/k/v, gate/up) in a step with long
@@ -1021,8 +1143,17 @@ impl<T: GpuFloat> CudaLlama<T> {
         Ok(())
     }
 
-    /// `out[r] = rmsnorm(x[rows_map[r]]) · w` for `rows` rows (`rows_map` 0: identity).
-    fn rms_norm(&self, out: u64, x: u64, w: &CudaSlice<T>, rows_map: u64, rows: usize) -> Result<()> {
+    /// `out[r] = rmsnorm(x[rows_map[r]]) · w` for `rows` rows (`rows_map` 0: identity), after
+    /// adding `delta` (0: none) to those rows of x in place.
+    fn rms_norm(
+        &self,
+        out: u64,
+        x: u64,
+        delta: u64,
+        w: &CudaSlice<T>,
+        rows_map: u64,
+        rows: usize,
+    ) -> Result<()> {
         let c = &self.config;
         launch!(
             self.gpu,
@@ -1031,6 +1162,7 @@ impl<T: GpuFloat> CudaLlama<T> {
             (1024, 1, 1),
             out,
             x,
+            delta,
             self.gpu.ptr(w),
             rows_map,
             c.hidden_size as i32,
@@ -1129,8 +1261,19 @@ impl<T: GpuFloat> CudaLlama<T> {
             rows.min(65535) as u32,
             1,
         );
+        if s.lora_delta {
+            // Rows outside the work items get no delta: their rows of each buffer stay zero.
+            let buffer_rows = self.bufs.cap.min(LORA_DELTA_ROWS);
+            for d in self.bufs.lora_delta.iter().flatten() {
+                let width = d.len() / buffer_rows;
+                gpu.zero_bytes(gpu.ptr(d), rows * width * std::mem::size_of::<T>())?;
+            }
+        }
+        // The down projection's LoRA delta, added by the next RMSNorm (on the delta path).
+        let mut down_delta: u64 = 0;
         for (li, blk) in self.blocks.iter().enumerate() {
-            self.rms_norm(normed, x, &blk.input_norm, null, rows)?;
+            self.rms_norm(normed, x, down_delta, &blk.input_norm, null, rows)?;
+            let qkv_delta = self.lora_beside(li, 0, normed, s)?;
             let qkv_lora_first = self.lora_gemms_first(li, 0, normed, qkv, qkv_w, rows, s)?;
             gpu.gemm_nt::<T>(
                 qkv,
@@ -1145,7 +1288,7 @@ impl<T: GpuFloat> CudaLlama<T> {
                 if qkv_lora_first { 1.0 } else { 0.0 },
             )?;
             self.bias(qkv, &blk.qkv.bias, rows, qkv_w)?;
-            self.lora_group(li, 0, normed, qkv, qkv_w, s, qkv_lora_first)?;
+            self.lora_join_or_apply(qkv_delta, li, 0, normed, qkv, qkv_w, s, qkv_lora_first)?;
             launch!(
                 gpu,
                 &self.k("rope_cache"),
@@ -1156,6 +1299,7 @@ impl<T: GpuFloat> CudaLlama<T> {
                 ),
                 (rope_x, rope_heads as u32, 1),
                 qkv,
+                qkv_delta,
                 gpu.ptr(&self.k_cache[li]),
                 gpu.ptr(&self.v_cache[li]),
                 rope,
@@ -1193,10 +1337,12 @@ impl<T: GpuFloat> CudaLlama<T> {
                     None => self.gemm_attention(li, g, qkv, attn)?,
                 }
             }
+            let o_delta = self.lora_beside(li, 1, attn, s)?;
             gpu.gemm_nt::<T>(x, h, false, attn, qd, gpu.ptr(&blk.o.w), rows, h, qd, 1.0)?;
             self.bias(x, &blk.o.bias, rows, h)?;
-            self.lora_group(li, 1, attn, x, h, s, false)?;
-            self.rms_norm(normed, x, &blk.post_norm, null, rows)?;
+            self.lora_join_or_apply(o_delta, li, 1, attn, x, h, s, false)?;
+            self.rms_norm(normed, x, o_delta, &blk.post_norm, null, rows)?;
+            let gu_delta = self.lora_beside(li, 2, normed, s)?;
             let gu_lora_first = self.lora_gemms_first(li, 2, normed, gu, 2 * inter, rows, s)?;
             gpu.gemm_nt::<T>(
                 gu,
@@ -1210,7 +1356,7 @@ impl<T: GpuFloat> CudaLlama<T> {
                 h,
                 if gu_lora_first { 1.0 } else { 0.0 },
             )?;
-            self.lora_group(li, 2, normed, gu, 2 * inter, s, gu_lora_first)?;
+            self.lora_join_or_apply(gu_delta, li, 2, normed, gu, 2 * inter, s, gu_lora_first)?;
             launch!(
                 gpu,
                 &self.k("silu_mul"),
@@ -1218,15 +1364,17 @@ impl<T: GpuFloat> CudaLlama<T> {
                 (256, 1, 1),
                 act,
                 gu,
+                gu_delta,
                 rows as i32,
                 inter as i32
             )?;
+            down_delta = self.lora_beside(li, 3, act, s)?;
             gpu.gemm_nt::<T>(x, h, false, act, inter, gpu.ptr(&blk.down.w), rows, h, inter, 1.0)?;
-            self.lora_group(li, 3, act, x, h, s, false)?;
+            self.lora_join_or_apply(down_delta, li, 3, act, x, h, s, false)?;
         }
         if s.wanted > 0 {
             let fin = gpu.ptr(&b.final_in);
-            self.rms_norm(fin, x, &self.norm, wanted, s.wanted)?;
+            self.rms_norm(fin, x, down_delta, &self.norm, wanted, s.wanted)?;
             let head = gpu.ptr(self.lm_head.as_ref().unwrap_or(&self.embed));
             gpu.gemm_nt::<T>(
                 gpu.ptr(&b.logits),

@@ -4,7 +4,9 @@
 //! [`sampling`]).
 //!
 //! Everything is issued on one non-default stream with cudarc's cross-stream event tracking
-//! off, so a decode step can be captured once as a CUDA graph and replayed.
+//! off, so a decode step can be captured once as a CUDA graph and replayed. A second stream
+//! ([`Gpu::side`]) runs work that overlaps the main stream's, forked from and joined back into it
+//! with events, which graph capture records as edges.
 
 mod llama;
 pub mod lora;
@@ -13,10 +15,13 @@ pub mod sampling;
 use std::sync::Arc;
 
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
 use loraplane_kernels::Kernels;
 
-pub use llama::{CudaLlama, CudaModel, CudaOptions, DeviceDtype, LoraKernelMode, PREFILL_ATTENTION_MIN_ROWS};
+pub use llama::{
+    CudaLlama, CudaModel, CudaOptions, DeviceDtype, LoraKernelMode, DECODE_MERGE_MIN_BATCH,
+    PREFILL_ATTENTION_MIN_ROWS,
+};
 
 use crate::error::{Error, Result};
 
@@ -63,6 +68,11 @@ pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     /// The stream every operation is issued on.
     pub stream: Arc<CudaStream>,
+    /// A stream for kernels that overlap the main stream's, between [`Gpu::fork_side`] and
+    /// [`Gpu::join_side`].
+    pub side: Arc<CudaStream>,
+    fork_event: CudaEvent,
+    join_event: CudaEvent,
     blas: CudaBlas,
     _blas_workspace: CudaSlice<u8>,
     /// The compiled kernels.
@@ -100,6 +110,9 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let stream = ctx.new_stream().map_err(|e| cuda_err("creating a stream", e))?;
+        let side = ctx.new_stream().map_err(|e| cuda_err("creating a stream", e))?;
+        let event = || ctx.new_event(None).map_err(|e| cuda_err("creating an event", e));
+        let (fork_event, join_event) = (event()?, event()?);
         let blas = CudaBlas::new(stream.clone()).map_err(|e| cuda_err("creating the cuBLAS handle", e))?;
         let workspace = stream
             .alloc_zeros::<u8>(BLAS_WORKSPACE_BYTES)
@@ -116,6 +129,9 @@ impl Gpu {
         Ok(Arc::new(Self {
             ctx,
             stream,
+            side,
+            fork_event,
+            join_event,
             blas,
             _blas_workspace: workspace,
             kernels,
@@ -126,6 +142,24 @@ impl Gpu {
     /// Waits for every queued operation.
     pub fn sync(&self) -> Result<()> {
         self.stream.synchronize().map_err(|e| cuda_err("synchronize", e))
+    }
+
+    /// Makes the side stream wait for the main stream's work so far: what is issued on it next
+    /// may read everything the main stream has written.
+    pub fn fork_side(&self) -> Result<()> {
+        self.fork_event
+            .record(&self.stream)
+            .and_then(|_| self.side.wait(&self.fork_event))
+            .map_err(|e| cuda_err("forking the side stream", e))
+    }
+
+    /// Makes the main stream wait for the side stream's work so far (and, inside a graph
+    /// capture, rejoins the side stream's branch).
+    pub fn join_side(&self) -> Result<()> {
+        self.join_event
+            .record(&self.side)
+            .and_then(|_| self.stream.wait(&self.join_event))
+            .map_err(|e| cuda_err("joining the side stream", e))
     }
 
     /// Zeros `bytes` bytes of device memory from `ptr`, in stream order.
@@ -271,13 +305,14 @@ impl Gpu {
     }
 }
 
-/// Launches kernel `$name` (already suffixed) with a grid and block and by-value arguments;
-/// `shared = bytes` before the arguments sets the dynamic shared memory.
+/// Launches kernel `$name` (already suffixed) with a grid and block and by-value arguments on the
+/// main stream, or on `on = stream`; `shared = bytes` before the arguments sets the dynamic
+/// shared memory.
 macro_rules! launch {
-    ($gpu:expr, $name:expr, $grid:expr, $block:expr, shared = $smem:expr, $($arg:expr),* $(,)?) => {{
+    ($gpu:expr, on = $stream:expr, $name:expr, $grid:expr, $block:expr, shared = $smem:expr, $($arg:expr),* $(,)?) => {{
         use cudarc::driver::PushKernelArg;
         let f = $gpu.kernels.get($name);
-        let mut b = $gpu.stream.launch_builder(f);
+        let mut b = $stream.launch_builder(f);
         $( let a = $arg; b.arg(&a); )*
         let cfg = cudarc::driver::LaunchConfig {
             grid_dim: $grid,
@@ -288,6 +323,12 @@ macro_rules! launch {
             .map(|_| ())
             .map_err(|e| crate::error::Error::Model(format!("CUDA: launching {}: {e}", $name)))
     }};
+    ($gpu:expr, on = $stream:expr, $name:expr, $grid:expr, $block:expr, $($arg:expr),* $(,)?) => {
+        $crate::backend::cuda::launch!($gpu, on = $stream, $name, $grid, $block, shared = 0, $($arg),*)
+    };
+    ($gpu:expr, $name:expr, $grid:expr, $block:expr, shared = $smem:expr, $($arg:expr),* $(,)?) => {
+        $crate::backend::cuda::launch!($gpu, on = $gpu.stream, $name, $grid, $block, shared = $smem, $($arg),*)
+    };
     ($gpu:expr, $name:expr, $grid:expr, $block:expr, $($arg:expr),* $(,)?) => {
         $crate::backend::cuda::launch!($gpu, $name, $grid, $block, shared = 0, $($arg),*)
     };
