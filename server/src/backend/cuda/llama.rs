@@ -885,7 +885,7 @@ impl<T: GpuFloat> CudaLlama<T> {
     }
 
     /// Launches one fused group's LoRA shrink over the work items (`y = x · Aᵀ`, in partial
-    /// planes), on the main stream or on `stream`.
+    /// planes) on `stream`.
     fn lora_shrink(
         &self,
         lora: &LoraSlots<T>,
@@ -929,6 +929,8 @@ impl<T: GpuFloat> CudaLlama<T> {
             return Ok(0);
         }
         let gpu = &self.gpu;
+        // o and down share the hidden-width buffer: o's delta is added (by the post-attention
+        // RMSNorm) before down's is written.
         let delta = gpu.ptr(&deltas[[0, 1, 2, 1][g]]);
         let width: usize = group_dims(&self.config, g).1.iter().sum();
         gpu.fork_side()?;
