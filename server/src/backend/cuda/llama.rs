@@ -277,6 +277,48 @@ macro_rules! each_dtype {
     };
 }
 
+/// Appends one sequence's LoRA rows, `(first row, rows, slot)`, to a step's kernel work items
+/// (first row, rows, slot). `step_rows` is the step's row count (its graph bucket when padded).
+fn push_work_items(
+    items: &mut Vec<[i32; 3]>,
+    (first_row, n, slot): (usize, usize, i32),
+    mode: LoraKernelMode,
+    step_rows: usize,
+    decode_merge_min_batch: usize,
+) {
+    let chunk = match mode {
+        LoraKernelMode::PerSequence => {
+            items.push([first_row as i32, n as i32, slot]);
+            return;
+        }
+        // Decode rows: in small batches each is its own item (merged rows leave too few blocks
+        // to keep the memory busy: batch 8 measured slower); from `decode_merge_min_batch` rows
+        // of one adapter share items of DECODE_MERGE_ROWS, so its factors are not re-read for
+        // every row.
+        LoraKernelMode::Chunked(chunk) => match n {
+            1 if step_rows < decode_merge_min_batch => 1,
+            1 => DECODE_MERGE_ROWS,
+            _ => chunk,
+        },
+    };
+    // Extend the previous item when it is the same adapter and has room.
+    let mut start = first_row;
+    let end_row = first_row + n;
+    if let Some(last) = items.last_mut() {
+        let last_end = (last[0] + last[1]) as usize;
+        if last[2] == slot && last_end == start && (last[1] as usize) < chunk {
+            let take = (chunk - last[1] as usize).min(n);
+            last[1] += take as i32;
+            start += take;
+        }
+    }
+    while start < end_row {
+        let take = chunk.min(end_row - start);
+        items.push([start as i32, take as i32, slot]);
+        start += take;
+    }
+}
+
 /// Graph bucket sizes: a decode batch is padded up to the next one.
 fn graph_buckets(max_bs: usize) -> Vec<usize> {
     let mut v = vec![1, 2, 4, 8];
@@ -633,36 +675,13 @@ impl<T: GpuFloat> CudaLlama<T> {
             if slot >= 0 && bucket.is_none() && n >= LORA_GEMM_MIN_ROWS {
                 gemm_lora.push((first_row, n, slot as usize));
             } else if slot >= 0 && n > 0 {
-                match self.opts.lora_mode {
-                    LoraKernelMode::PerSequence => items.push([first_row as i32, n as i32, slot]),
-                    LoraKernelMode::Chunked(chunk) => {
-                        // Decode rows: in small batches each is its own item (merged rows leave
-                        // too few blocks to keep the memory busy: batch 8 measured slower); from
-                        // `decode_merge_min_batch` rows of one adapter share items of
-                        // DECODE_MERGE_ROWS, so its factors are not re-read for every row.
-                        let chunk = match n {
-                            1 if rows < self.opts.decode_merge_min_batch => 1,
-                            1 => DECODE_MERGE_ROWS,
-                            _ => chunk,
-                        };
-                        // Extend the previous item when it is the same adapter and has room.
-                        let mut start = first_row;
-                        let end_row = first_row + n;
-                        if let Some(last) = items.last_mut() {
-                            let last_end = (last[0] + last[1]) as usize;
-                            if last[2] == slot && last_end == start && (last[1] as usize) < chunk {
-                                let take = (chunk - last[1] as usize).min(n);
-                                last[1] += take as i32;
-                                start += take;
-                            }
-                        }
-                        while start < end_row {
-                            let take = chunk.min(end_row - start);
-                            items.push([start as i32, take as i32, slot]);
-                            start += take;
-                        }
-                    }
-                }
+                push_work_items(
+                    &mut items,
+                    (first_row, n, slot),
+                    self.opts.lora_mode,
+                    rows,
+                    self.opts.decode_merge_min_batch,
+                );
             }
             let count = match s.logits {
                 LogitsWanted::None => 0,
@@ -1639,5 +1658,59 @@ impl CudaModel {
     /// Device bytes of the LoRA slot pool.
     pub fn lora_pool_bytes(&self) -> usize {
         each_dtype!(self, m => m.lora_pool_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The items for sequences given as (rows, slot), laid out back to back from row 0.
+    fn items_for(seqs: &[(usize, i32)], mode: LoraKernelMode, step_rows: usize) -> Vec<[i32; 3]> {
+        let mut items = Vec::new();
+        let mut row = 0;
+        for &(n, slot) in seqs {
+            push_work_items(
+                &mut items,
+                (row, n, slot),
+                mode,
+                step_rows,
+                DECODE_MERGE_MIN_BATCH,
+            );
+            row += n;
+        }
+        items
+    }
+
+    #[test]
+    fn per_sequence_items_are_whole_sequences() {
+        let got = items_for(&[(40, 2), (1, 2), (3, 5)], LoraKernelMode::PerSequence, 44);
+        assert_eq!(got, vec![[0, 40, 2], [40, 1, 2], [41, 3, 5]]);
+    }
+
+    #[test]
+    fn chunked_prefill_rows_are_cut_at_the_chunk_and_extended_by_the_same_adapter() {
+        // 40 rows in chunks of 16, then 5 more rows of the same adapter fill the short chunk
+        // first; another adapter starts its own item.
+        let got = items_for(&[(40, 1), (5, 1), (3, 7)], LoraKernelMode::Chunked(16), 48);
+        assert_eq!(got, vec![[0, 16, 1], [16, 16, 1], [32, 13, 1], [45, 3, 7]]);
+    }
+
+    #[test]
+    fn small_decode_batches_give_each_row_its_own_item() {
+        let seqs = vec![(1, 3); DECODE_MERGE_MIN_BATCH - 1];
+        let got = items_for(&seqs, LoraKernelMode::Chunked(16), seqs.len());
+        assert_eq!(got.len(), seqs.len());
+        assert!(got.iter().enumerate().all(|(i, it)| *it == [i as i32, 1, 3]));
+    }
+
+    #[test]
+    fn large_decode_batches_merge_rows_of_one_adapter() {
+        // Sorted by slot as the chunked scheme orders them: 6 rows of slot 0, 3 of slot 4,
+        // padded with rows of the base model (no items) up to the batch.
+        let mut seqs = vec![(1, 0); 6];
+        seqs.extend([(1, 4); 3]);
+        let got = items_for(&seqs, LoraKernelMode::Chunked(16), DECODE_MERGE_MIN_BATCH);
+        assert_eq!(got, vec![[0, DECODE_MERGE_ROWS as i32, 0], [4, 2, 0], [6, 3, 4]]);
     }
 }
