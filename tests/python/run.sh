@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Client compatibility tests: the official `openai` Python client and SGLang's documented
 # `requests` flows against a loraplane-server on 127.0.0.1 (a free port) serving the tiny
-# fixture model with its four adapters. Installs openai, requests and pytest into a venv under
+# fixture model with its four adapters, and a bounded, seeded fuzz of its HTTP API. Installs openai, requests and pytest into a venv under
 # the cargo target directory, builds the server (unless LORAPLANE_SERVER_BIN names one), runs
 # pytest, stops the server.
 #
