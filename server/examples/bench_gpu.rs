@@ -19,8 +19,7 @@ use std::time::Instant;
 
 use loraplane_server::adapter::{LoraAdapter, LoraTarget};
 use loraplane_server::backend::cuda::{
-    CudaModel, CudaOptions, DeviceDtype, Gpu, LoraKernelMode, DECODE_MERGE_MIN_BATCH,
-    PREFILL_ATTENTION_MIN_ROWS,
+    CudaModel, CudaOptions, DeviceDtype, Gpu, LoraKernelMode, PREFILL_ATTENTION_MIN_ROWS,
 };
 use loraplane_server::engine::{KvCache, SeqCache};
 use loraplane_server::model::llama::{LogitsWanted, SeqInput};
@@ -84,7 +83,6 @@ fn opts(mode: LoraKernelMode, graphs: usize) -> CudaOptions {
         prefill_attention_min_rows: PREFILL_ATTENTION_MIN_ROWS,
         flash_prefill: true,
         lora_side_stream: true,
-        decode_merge_min_batch: DECODE_MERGE_MIN_BATCH,
     }
 }
 
@@ -269,14 +267,9 @@ fn main() {
     // --compare: csgmv + graphs decode with each group's LoRA after its base GEMM, then beside
     // it on the side stream (CudaOptions::lora_side_stream); one table, same call.
     if std::env::args().any(|a| a == "--compare") {
-        let variants: [(&str, bool, usize); 2] = [
-            ("LoRA after GEMM", false, DECODE_MERGE_MIN_BATCH),
-            ("LoRA beside GEMM", true, DECODE_MERGE_MIN_BATCH),
-        ];
-        for (label, side, merge) in variants {
+        for (label, side) in [("LoRA after GEMM", false), ("LoRA beside GEMM", true)] {
             let o = CudaOptions {
                 lora_side_stream: side,
-                decode_merge_min_batch: merge,
                 ..opts(LoraKernelMode::Chunked(16), 256)
             };
             let mut m = CudaModel::dummy(gpu.clone(), c.clone(), o, 42).expect("model");

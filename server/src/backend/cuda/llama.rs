@@ -88,10 +88,6 @@ pub struct CudaOptions {
     /// (RoPE, SiLU-and-multiply, RMSNorm) adds. The LoRA kernels are latency-bound and the GEMM
     /// leaves room on the SMs; otherwise they run after the GEMM and add into its output.
     pub lora_side_stream: bool,
-    /// Batches of at least this many rows merge decode rows of one adapter into shared work
-    /// items of DECODE_MERGE_ROWS rows in the csgmv scheme; smaller batches give each row its
-    /// own item. Default [`DECODE_MERGE_MIN_BATCH`].
-    pub decode_merge_min_batch: usize,
 }
 
 /// Default for [`CudaOptions::prefill_attention_min_rows`].
@@ -108,10 +104,11 @@ pub const LORA_GEMM_MIN_ROWS: usize = 64;
 /// blocks keep more loads in flight. The price is more planes: 28 for a 14336-wide input.
 const LORA_SHRINK_SLICE: usize = 512;
 
-/// Default for [`CudaOptions::decode_merge_min_batch`]. On the H100 with LoRA beside the GEMMs,
-/// merging from batch 32 instead of 64 took batch 32 with one rank-16 adapter from 8.22 to 7.80
-/// ms; merging from batch 8 made batch 8 slower.
-pub const DECODE_MERGE_MIN_BATCH: usize = 32;
+/// Batches of at least this many rows merge decode rows of one adapter into shared work items
+/// of DECODE_MERGE_ROWS rows in the csgmv scheme; smaller batches give each row its own item. On
+/// the H100 with LoRA beside the GEMMs, merging from batch 32 instead of 64 took batch 32 with
+/// one rank-16 adapter from 8.22 to 7.80 ms; merging from batch 8 made batch 8 slower.
+const DECODE_MERGE_MIN_BATCH: usize = 32;
 
 /// Rows of the LoRA delta buffers ([`CudaOptions::lora_side_stream`]): the largest step that
 /// computes its LoRA delta beside the base GEMMs.
@@ -284,7 +281,6 @@ fn push_work_items(
     (first_row, n, slot): (usize, usize, i32),
     mode: LoraKernelMode,
     step_rows: usize,
-    decode_merge_min_batch: usize,
 ) {
     let chunk = match mode {
         LoraKernelMode::PerSequence => {
@@ -292,11 +288,11 @@ fn push_work_items(
             return;
         }
         // Decode rows: in small batches each is its own item (merged rows leave too few blocks
-        // to keep the memory busy: batch 8 measured slower); from `decode_merge_min_batch` rows
+        // to keep the memory busy: batch 8 measured slower); from DECODE_MERGE_MIN_BATCH rows
         // of one adapter share items of DECODE_MERGE_ROWS, so its factors are not re-read for
         // every row.
         LoraKernelMode::Chunked(chunk) => match n {
-            1 if step_rows < decode_merge_min_batch => 1,
+            1 if step_rows < DECODE_MERGE_MIN_BATCH => 1,
             1 => DECODE_MERGE_ROWS,
             _ => chunk,
         },
@@ -675,13 +671,7 @@ impl<T: GpuFloat> CudaLlama<T> {
             if slot >= 0 && bucket.is_none() && n >= LORA_GEMM_MIN_ROWS {
                 gemm_lora.push((first_row, n, slot as usize));
             } else if slot >= 0 && n > 0 {
-                push_work_items(
-                    &mut items,
-                    (first_row, n, slot),
-                    self.opts.lora_mode,
-                    rows,
-                    self.opts.decode_merge_min_batch,
-                );
+                push_work_items(&mut items, (first_row, n, slot), self.opts.lora_mode, rows);
             }
             let count = match s.logits {
                 LogitsWanted::None => 0,
@@ -728,16 +718,12 @@ impl<T: GpuFloat> CudaLlama<T> {
             wanted: wanted.len(),
             paged: chunk_rows < rows,
             lora: self.lora.is_some() && (bucket.is_some() || !items.is_empty() || !gemm_lora.is_empty()),
-            lora_delta: false,
-        };
-        let shape = StepShape {
             // Long segments run as GEMMs on the main stream; such steps keep one path.
-            lora_delta: shape.lora
-                && shape.items > 0
+            lora_delta: self.lora.is_some()
+                && !items.is_empty()
                 && gemm_lora.is_empty()
                 && self.bufs.lora_delta.is_some()
                 && rows <= LORA_DELTA_ROWS,
-            ..shape
         };
         self.gemm_lora = gemm_lora;
         Ok((shape, StepOut { per_seq }))
@@ -898,11 +884,6 @@ impl<T: GpuFloat> CudaLlama<T> {
         format!("{name}_{}", T::SUFFIX)
     }
 
-    /// The LoRA pool when this step runs the shrink/expand kernels over work items.
-    fn item_lora(&self, s: &StepShape) -> Option<&LoraSlots<T>> {
-        self.lora.as_ref().filter(|_| s.lora && s.items > 0)
-    }
-
     /// Launches one fused group's LoRA shrink over the work items (`y = x · Aᵀ`, in partial
     /// planes) on `stream`.
     fn lora_shrink(
@@ -941,12 +922,10 @@ impl<T: GpuFloat> CudaLlama<T> {
     /// `scale · (x Aᵀ) Bᵀ` into the group's delta buffer. Returns that buffer, which the caller
     /// joins after the GEMM and hands to the group's next kernel to add; 0 off the delta path.
     fn lora_beside(&self, li: usize, g: usize, x: u64, s: &StepShape) -> Result<u64> {
-        let (Some(lora), Some(deltas)) = (self.item_lora(s), &self.bufs.lora_delta) else {
+        // NB: `lora_delta` implies both the pool and the delta buffers.
+        let (true, Some(lora), Some(deltas)) = (s.lora_delta, &self.lora, &self.bufs.lora_delta) else {
             return Ok(0);
         };
-        if !s.lora_delta {
-            return Ok(0);
-        }
         let gpu = &self.gpu;
         // o and down share the hidden-width buffer: o's delta is added (by the post-attention
         // RMSNorm) before down's is written.
@@ -1670,13 +1649,7 @@ mod tests {
         let mut items = Vec::new();
         let mut row = 0;
         for &(n, slot) in seqs {
-            push_work_items(
-                &mut items,
-                (row, n, slot),
-                mode,
-                step_rows,
-                DECODE_MERGE_MIN_BATCH,
-            );
+            push_work_items(&mut items, (row, n, slot), mode, step_rows);
             row += n;
         }
         items
