@@ -40,6 +40,23 @@ __device__ float block_sum(float v) {
     return warp_sum(t);
 }
 
+// p[i] + delta[i] rounded to T, as float (p[i] alone when there is no delta): how a LoRA delta
+// computed beside a GEMM joins that GEMM's output in the next kernel.
+template <typename T>
+__device__ __forceinline__ float plus_delta(const T* p, const T* delta, size_t i) {
+    return delta ? to_f(from_f<T>(to_f(p[i]) + to_f(delta[i]))) : to_f(p[i]);
+}
+// The same for a 16-byte pack of T, with the delta's pack at `delta`.
+template <typename T>
+__device__ __forceinline__ uint4 add_pack(uint4 a, const T* delta) {
+    uint4 d = *reinterpret_cast<const uint4*>(delta);
+    T* av = reinterpret_cast<T*>(&a);
+    const T* dv = reinterpret_cast<const T*>(&d);
+#pragma unroll
+    for (int k = 0; k < 16 / (int)sizeof(T); k++) av[k] = from_f<T>(to_f(av[k]) + to_f(dv[k]));
+    return a;
+}
+
 // out[r, :] = table[ids[r], :]
 template <typename T>
 __device__ void embed(T* out, const T* table, const int* ids, int h) {
@@ -65,20 +82,17 @@ __device__ void rms_norm(T* out, T* x, const T* delta, const T* w, const int* ro
         // 16-byte loads: a few iterations per thread instead of many dependent ones.
         for (int i = threadIdx.x * V; i < h; i += blockDim.x * V) {
             uint4 raw = *reinterpret_cast<const uint4*>(xr + i);
-            T* v = reinterpret_cast<T*>(&raw);
             if (dr) {
-                uint4 draw = *reinterpret_cast<const uint4*>(dr + i);
-                const T* dv = reinterpret_cast<const T*>(&draw);
-#pragma unroll
-                for (int j = 0; j < V; j++) v[j] = from_f<T>(to_f(v[j]) + to_f(dv[j]));
+                raw = add_pack(raw, dr + i);
                 *reinterpret_cast<uint4*>(xr + i) = raw;
             }
+            const T* v = reinterpret_cast<const T*>(&raw);
 #pragma unroll
             for (int j = 0; j < V; j++) ss += to_f(v[j]) * to_f(v[j]);
         }
     } else {
         for (int i = threadIdx.x; i < h; i += blockDim.x) {
-            if (dr) xr[i] = from_f<T>(to_f(xr[i]) + to_f(dr[i]));
+            if (dr) xr[i] = from_f<T>(plus_delta(xr, dr, i));
             ss += to_f(xr[i]) * to_f(xr[i]);
         }
     }
@@ -93,10 +107,6 @@ __device__ void rms_norm(T* out, T* x, const T* delta, const T* w, const int* ro
 // Rotates q and k of every row in place (HF rotate_half) with the step's cos/sin table, and
 // writes k and v into the paged cache at slots[r]. qkv rows are [q_dim | kv_dim | kv_dim]. A
 // non-null `delta` (same layout) is added first: the LoRA delta computed beside the GEMM.
-template <typename T>
-__device__ __forceinline__ float plus_delta(const T* p, const T* delta, size_t i) {
-    return delta ? to_f(from_f<T>(to_f(p[i]) + to_f(delta[i]))) : to_f(p[i]);
-}
 template <typename T>
 __device__ void rope_cache(T* qkv, const T* delta, T* k_cache, T* v_cache, const float* cs, const int* slots,
                            int n_heads, int n_kv_heads, int d) {
@@ -140,15 +150,6 @@ __device__ __forceinline__ T silu_mul_one(T g, T u) {
     float gf = to_f(g);
     float s = to_f(from_f<T>(gf / (1.f + __expf(-gf))));
     return from_f<T>(s * to_f(u));
-}
-template <typename T>
-__device__ __forceinline__ uint4 add_pack(uint4 a, const T* delta) {
-    uint4 d = *reinterpret_cast<const uint4*>(delta);
-    T* av = reinterpret_cast<T*>(&a);
-    const T* dv = reinterpret_cast<const T*>(&d);
-#pragma unroll
-    for (int k = 0; k < 16 / (int)sizeof(T); k++) av[k] = from_f<T>(to_f(av[k]) + to_f(dv[k]));
-    return a;
 }
 template <typename T>
 __device__ void silu_mul(T* out, const T* gu, const T* delta, int rows, int inter) {
