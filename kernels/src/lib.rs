@@ -55,7 +55,6 @@ pub const TYPED_KERNELS: &[&str] = &[
     "rms_norm",
     "rope_cache",
     "silu_mul",
-    "lora_shrink",
     "add_bias",
     "fill_uniform",
     "gather_kv",
@@ -79,6 +78,7 @@ pub const VARIANT_KERNELS: &[(&str, &[&str])] = &[
     ),
     ("lora_expand", &["c1", "vec"]),
     ("lora_expand_store", &["c1", "vec"]),
+    ("lora_shrink", &["kw1", "kw2", "kw4"]),
 ];
 
 /// Every exported kernel name, with its suffixes: what [`Kernels::load`] loads.

@@ -190,6 +190,11 @@ __device__ void silu_mul(T* out, const T* gu, const T* delta, int rows, int inte
 // (more warps per block when there are few blocks); the merge area is dynamic shared memory of
 // warps * G * (2 + 32 * DPL) floats. `row_seq[r]` indexes
 // `block_tables` ([seqs, max_blocks]); rows with row_seq < 0 are attended elsewhere.
+// DPL values of T: one lane's dims of a key or value row, loaded as one vector where aligned.
+template <typename T, int C>
+struct alignas(C * sizeof(T) >= 16 ? 16 : C * sizeof(T)) DimPack {
+    T v[C];
+};
 template <typename T, int G, int DPL>
 __device__ void attention(T* out, const T* qkv, const T* k_cache, const T* v_cache,
                           const int* positions, const int* row_seq, const int* block_tables,
@@ -206,6 +211,10 @@ __device__ void attention(T* out, const T* qkv, const T* k_cache, const T* v_cac
     int first = window > 0 ? max(0, pos + 1 - window) : 0;
     const int* table = block_tables + (size_t)row_seq[r] * max_blocks;
 
+    // Lane `lane` holds dims [d0, d0 + DPL) of q, of each key and value, and of the output.
+    int d0 = lane * DPL;
+    // Whole packs per lane: one vector load per key (and per value) instead of DPL loads.
+    bool vec = d % DPL == 0;
     float q[G][DPL], acc[G][DPL], m[G], l[G];
 #pragma unroll
     for (int g = 0; g < G; g++) {
@@ -214,15 +223,16 @@ __device__ void attention(T* out, const T* qkv, const T* k_cache, const T* v_cac
 #pragma unroll
         for (int i = 0; i < DPL; i++) {
             acc[g][i] = 0.f;
-            q[g][i] = (g < group && i * 32 + lane < d) ? to_f(qrow[(kvh * group + g) * d + i * 32 + lane]) * scale : 0.f;
+            q[g][i] = (g < group && d0 + i < d) ? to_f(qrow[(kvh * group + g) * d + d0 + i]) * scale : 0.f;
         }
     }
     // KPW keys per warp per iteration: their block-table entries, then their keys and values,
     // are all loaded before the first is used, so a warp waits for one round trip per KPW keys
     // instead of two per key.
-    constexpr int KPW = 4;
+    constexpr int KPW = DPL * sizeof(T) >= 16 ? 4 : 8;  // 8 keys of registers when a pack is small
+    using P = DimPack<T, DPL>;
     for (int p0 = first + warp * KPW; p0 <= pos; p0 += ATTN_WARPS * KPW) {
-        float k[KPW][DPL], v[KPW][DPL];
+        P k[KPW], v[KPW];
         size_t slot[KPW];
 #pragma unroll
         for (int u = 0; u < KPW; u++) {
@@ -231,13 +241,18 @@ __device__ void attention(T* out, const T* qkv, const T* k_cache, const T* v_cac
         }
 #pragma unroll
         for (int u = 0; u < KPW; u++) {
-            const T* kp = k_cache + slot[u] * kvd + kvh * d;
-            const T* vp = v_cache + slot[u] * kvd + kvh * d;
+            const T* kp = k_cache + slot[u] * kvd + kvh * d + d0;
+            const T* vp = v_cache + slot[u] * kvd + kvh * d + d0;
+            if (vec && d0 < d) {
+                k[u] = *reinterpret_cast<const P*>(kp);
+                v[u] = *reinterpret_cast<const P*>(vp);
+            } else {
 #pragma unroll
-            for (int i = 0; i < DPL; i++) {
-                bool in = i * 32 + lane < d;
-                k[u][i] = in ? to_f(kp[i * 32 + lane]) : 0.f;
-                v[u][i] = in ? to_f(vp[i * 32 + lane]) : 0.f;
+                for (int i = 0; i < DPL; i++) {
+                    bool in = d0 + i < d;
+                    k[u].v[i] = in ? kp[i] : from_f<T>(0.f);
+                    v[u].v[i] = in ? vp[i] : from_f<T>(0.f);
+                }
             }
         }
 #pragma unroll
@@ -248,7 +263,7 @@ __device__ void attention(T* out, const T* qkv, const T* k_cache, const T* v_cac
             for (int g = 0; g < G; g++) {
                 s[g] = 0.f;
 #pragma unroll
-                for (int i = 0; i < DPL; i++) s[g] += q[g][i] * k[u][i];
+                for (int i = 0; i < DPL; i++) s[g] += q[g][i] * to_f(k[u].v[i]);
             }
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) {
@@ -261,7 +276,7 @@ __device__ void attention(T* out, const T* qkv, const T* k_cache, const T* v_cac
                 float corr = __expf(m[g] - mn), e = __expf(s[g] - mn);
                 l[g] = l[g] * corr + e;
 #pragma unroll
-                for (int i = 0; i < DPL; i++) acc[g][i] = acc[g][i] * corr + e * v[u][i];
+                for (int i = 0; i < DPL; i++) acc[g][i] = acc[g][i] * corr + e * to_f(v[u].v[i]);
                 m[g] = mn;
             }
         }
@@ -278,7 +293,7 @@ __device__ void attention(T* out, const T* qkv, const T* k_cache, const T* v_cac
             sm_l[warp * G + g] = l[g];
         }
 #pragma unroll
-        for (int i = 0; i < DPL; i++) sm_acc[(warp * G + g) * DPL * 32 + i * 32 + lane] = acc[g][i];
+        for (int i = 0; i < DPL; i++) sm_acc[(warp * G + g) * DPL * 32 + d0 + i] = acc[g][i];
     }
     __syncthreads();
     for (int idx = threadIdx.x; idx < group * d; idx += blockDim.x) {
@@ -316,11 +331,12 @@ __device__ void rope_table(float* cs, const int* positions, const float* inv_fre
 // Work items are (first row, rows, slot); A is [slots, n_targets * R, in]; planes are `plane`
 // floats apart. One block per (target, split, item), so the grid does not grow with the pool's
 // rank (blocks that exit at once cost time in a CUDA graph at batch 64): warp w takes rank rows
-// w, w + warps, ... below the slot's rank, holds its slice of the A row in registers (every
-// load in flight at once) and then walks the item's rows.
+// w, w + warps, ... below the slot's rank, SHRINK_KW of them at a time, holding their slices of A
+// in registers (every load in flight at once: a rank-16 slice is one round trip), then walks the
+// item's rows, reading each x slice once for those rank rows.
 #define SHRINK_ROWS 4
 #define SHRINK_SLICE 512
-template <typename T>
+template <typename T, int SHRINK_KW>
 __device__ void lora_shrink(float* yp, const T* x, const T* A, const int* items, const int* slot_rank,
                             int in_dim, int R, int n_targets, u64 plane) {
     int t = blockIdx.x % n_targets, split = blockIdx.x / n_targets, it = blockIdx.y;
@@ -334,50 +350,69 @@ __device__ void lora_shrink(float* yp, const T* x, const T* A, const int* items,
     constexpr int V = 16 / sizeof(T);           // elements per 16-byte load
     constexpr int L = SHRINK_SLICE / (32 * V);  // 16-byte loads per lane per slice
     bool vec = in_dim % V == 0;
-    for (int k = warp; k < rank; k += warps) {
-        int j = t * R + k;
-        const T* a = A + ((size_t)slot * ylen + j) * in_dim;
-        uint4 areg[L];
-        if (vec) {
+    for (int k0 = warp; k0 < rank; k0 += warps * SHRINK_KW) {
+        const T* a[SHRINK_KW];
+        uint4 areg[SHRINK_KW][L];
 #pragma unroll
-            for (int l = 0; l < L; l++) {
-                int i = lo + (l * 32 + lane) * V;
-                areg[l] = i < hi ? *reinterpret_cast<const uint4*>(a + i) : make_uint4(0, 0, 0, 0);
+        for (int u = 0; u < SHRINK_KW; u++) {
+            int k = k0 + u * warps;
+            a[u] = A + ((size_t)slot * ylen + t * R + min(k, rank - 1)) * in_dim;
+            if (vec) {
+#pragma unroll
+                for (int l = 0; l < L; l++) {
+                    int i = lo + (l * 32 + lane) * V;
+                    areg[u][l] = (k < rank && i < hi) ? *reinterpret_cast<const uint4*>(a[u] + i)
+                                                      : make_uint4(0, 0, 0, 0);
+                }
             }
         }
         for (int r0 = 0; r0 < len; r0 += SHRINK_ROWS) {
             int rows = min(SHRINK_ROWS, len - r0);
             const T* xr = x + (size_t)(first + r0) * in_dim;
-            float s[SHRINK_ROWS] = {0.f, 0.f, 0.f, 0.f};
+            float s[SHRINK_KW][SHRINK_ROWS];
+#pragma unroll
+            for (int u = 0; u < SHRINK_KW; u++)
+#pragma unroll
+                for (int q = 0; q < SHRINK_ROWS; q++) s[u][q] = 0.f;
             if (vec) {
 #pragma unroll
                 for (int l = 0; l < L; l++) {
                     int i = lo + (l * 32 + lane) * V;
                     if (i < hi) {
-                        const T* av = reinterpret_cast<const T*>(&areg[l]);
 #pragma unroll
                         for (int q = 0; q < SHRINK_ROWS; q++) {
                             if (q < rows) {
                                 uint4 xraw = *reinterpret_cast<const uint4*>(xr + (size_t)q * in_dim + i);
                                 const T* xv = reinterpret_cast<const T*>(&xraw);
 #pragma unroll
-                                for (int v = 0; v < V; v++) s[q] += to_f(av[v]) * to_f(xv[v]);
+                                for (int u = 0; u < SHRINK_KW; u++) {
+                                    const T* av = reinterpret_cast<const T*>(&areg[u][l]);
+#pragma unroll
+                                    for (int v = 0; v < V; v++) s[u][q] += to_f(av[v]) * to_f(xv[v]);
+                                }
                             }
                         }
                     }
                 }
             } else {
                 for (int i = lo + lane; i < hi; i += 32) {
-                    float av = to_f(a[i]);
 #pragma unroll
-                    for (int q = 0; q < SHRINK_ROWS; q++)
-                        if (q < rows) s[q] += av * to_f(xr[(size_t)q * in_dim + i]);
+                    for (int u = 0; u < SHRINK_KW; u++) {
+                        float av = to_f(a[u][i]);
+#pragma unroll
+                        for (int q = 0; q < SHRINK_ROWS; q++)
+                            if (q < rows) s[u][q] += av * to_f(xr[(size_t)q * in_dim + i]);
+                    }
                 }
             }
 #pragma unroll
-            for (int q = 0; q < SHRINK_ROWS; q++) {
-                float v = warp_sum(s[q]);
-                if (lane == 0 && q < rows) out[(size_t)(first + r0 + q) * ylen + j] = v;
+            for (int u = 0; u < SHRINK_KW; u++) {
+                int k = k0 + u * warps;
+#pragma unroll
+                for (int q = 0; q < SHRINK_ROWS; q++) {
+                    float v = warp_sum(s[u][q]);
+                    if (lane == 0 && q < rows && k < rank) out[(size_t)(first + r0 + q) * ylen + t * R + k] = v;
+                }
             }
         }
     }
@@ -514,6 +549,13 @@ __device__ void fill_uniform(T* p, u64 n, u64 seed, float scale) {
     }
 }
 
+// lora_shrink_{S}_kw{KW}: KW rank rows per warp in flight.
+#define INSTANTIATE_SHRINK(T, S, KW)                                                                       \
+    extern "C" __global__ void lora_shrink_##S##_kw##KW(float* y, const T* x, const T* A, const int* items, \
+                                                       const int* slot_rank, int in_dim, int R, int nt,    \
+                                                       u64 plane) {                                        \
+        lora_shrink<T, KW>(y, x, A, items, slot_rank, in_dim, R, nt, plane);                               \
+    }
 #define INSTANTIATE(T, S)                                                                                  \
     extern "C" __global__ void embed_##S(T* out, const T* table, const int* ids, int h) {                   \
         embed<T>(out, table, ids, h);                                                                      \
@@ -529,10 +571,9 @@ __device__ void fill_uniform(T* p, u64 n, u64 seed, float scale) {
     extern "C" __global__ void silu_mul_##S(T* out, const T* gu, const T* delta, int rows, int inter) {     \
         silu_mul<T>(out, gu, delta, rows, inter);                                                          \
     }                                                                                                      \
-    extern "C" __global__ void lora_shrink_##S(float* y, const T* x, const T* A, const int* items,          \
-                                               const int* slot_rank, int in_dim, int R, int nt, u64 plane) { \
-        lora_shrink<T>(y, x, A, items, slot_rank, in_dim, R, nt, plane);                                   \
-    }                                                                                                      \
+    INSTANTIATE_SHRINK(T, S, 1)                                                                            \
+    INSTANTIATE_SHRINK(T, S, 2)                                                                            \
+    INSTANTIATE_SHRINK(T, S, 4)                                                                            \
     extern "C" __global__ void fill_uniform_##S(T* p, u64 n, u64 seed, float scale) {                       \
         fill_uniform<T>(p, n, seed, scale);                                                                \
     }

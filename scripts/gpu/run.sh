@@ -16,9 +16,9 @@
 #                              cuBLAS rate (bench_gpu --prefill-only)
 #   scripts/gpu/run.sh profile-prefill  ncu per-kernel summary of one 2k-token prefill with an adapter
 #   scripts/gpu/run.sh ncu-flash   ncu sections of one flash prefill attention kernel
-#   scripts/gpu/run.sh compare     csgmv + graphs decode with each group's LoRA after its base
-#                              GEMM and beside it on the side stream (bench_gpu --compare;
-#                              batches from LORAPLANE_BENCH_BATCHES, default 1,8,64)
+#   scripts/gpu/run.sh compare     csgmv + graphs decode under variants of the LoRA kernels
+#                              (bench_gpu --compare, see there; batches from
+#                              LORAPLANE_BENCH_BATCHES, default 1,8,64)
 #   scripts/gpu/run.sh all     check, serve and bench
 # Logs go to $OUT (or ./gpu-logs); the last lines printed are the summary tables.
 set -uo pipefail

@@ -19,7 +19,8 @@ use std::time::Instant;
 
 use loraplane_server::adapter::{LoraAdapter, LoraTarget};
 use loraplane_server::backend::cuda::{
-    CudaModel, CudaOptions, DeviceDtype, Gpu, LoraKernelMode, PREFILL_ATTENTION_MIN_ROWS,
+    CudaModel, CudaOptions, DeviceDtype, Gpu, LoraKernelMode, LORA_SHRINK_RANK_ROWS,
+    PREFILL_ATTENTION_MIN_ROWS,
 };
 use loraplane_server::engine::{KvCache, SeqCache};
 use loraplane_server::model::llama::{LogitsWanted, SeqInput};
@@ -83,6 +84,7 @@ fn opts(mode: LoraKernelMode, graphs: usize) -> CudaOptions {
         prefill_attention_min_rows: PREFILL_ATTENTION_MIN_ROWS,
         flash_prefill: true,
         lora_side_stream: true,
+        lora_shrink_rank_rows: LORA_SHRINK_RANK_ROWS,
     }
 }
 
@@ -264,17 +266,18 @@ fn main() {
         Err(_) => vec![1, 8, 32, 64, 128, 256],
     };
     let ranks = [16usize, 64];
-    // --compare: csgmv + graphs decode with each group's LoRA after its base GEMM, then beside
-    // it on the side stream (CudaOptions::lora_side_stream); one table, same call.
+    // --compare: csgmv + graphs decode with LoRA beside the base GEMMs, the shrink loading 1, 2
+    // or 4 rank rows per warp at once (CudaOptions::lora_shrink_rank_rows); one table, same call.
     if std::env::args().any(|a| a == "--compare") {
-        for (label, side) in [("LoRA after GEMM", false), ("LoRA beside GEMM", true)] {
+        for kw in [1, 2, 4] {
+            let label = format!("shrink {kw} rank rows/warp");
             let o = CudaOptions {
-                lora_side_stream: side,
+                lora_shrink_rank_rows: kw,
                 ..opts(LoraKernelMode::Chunked(16), 256)
             };
             let mut m = CudaModel::dummy(gpu.clone(), c.clone(), o, 42).expect("model");
             let mut kv = m.new_kv_cache();
-            decode_grid(&mut m, &mut kv, &c, label, &batches, &ranks, &mut rows);
+            decode_grid(&mut m, &mut kv, &c, &label, &batches, &ranks, &mut rows);
         }
         print_rows(&rows);
         return;

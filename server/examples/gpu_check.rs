@@ -29,7 +29,9 @@ use cudarc::driver::CudaSlice;
 use loraplane_server::adapter::{LoraAdapter, LoraTarget};
 use loraplane_server::backend::cpu::log_softmax;
 use loraplane_server::backend::cuda::sampling::{sample_rows, SampleRow};
-use loraplane_server::backend::cuda::{CudaModel, CudaOptions, DeviceDtype, Gpu, LoraKernelMode};
+use loraplane_server::backend::cuda::{
+    CudaModel, CudaOptions, DeviceDtype, Gpu, LoraKernelMode, LORA_SHRINK_RANK_ROWS,
+};
 use loraplane_server::engine::generate::argmax;
 use loraplane_server::engine::request::SamplingParams;
 use loraplane_server::engine::sampling::{device_sample, kept_tokens};
@@ -85,6 +87,7 @@ fn opts(dtype: DeviceDtype, mode: LoraKernelMode, graphs: usize, max_tokens: usi
         prefill_attention_min_rows: gemm_min,
         flash_prefill: true,
         lora_side_stream: true,
+        lora_shrink_rank_rows: LORA_SHRINK_RANK_ROWS,
     }
 }
 

@@ -88,6 +88,9 @@ pub struct CudaOptions {
     /// (RoPE, SiLU-and-multiply, RMSNorm) adds. The LoRA kernels are latency-bound and the GEMM
     /// leaves room on the SMs; otherwise they run after the GEMM and add into its output.
     pub lora_side_stream: bool,
+    /// Rank rows each warp of the LoRA shrink loads at once: 1, 2 or 4 (more loads in flight,
+    /// more registers). Default [`LORA_SHRINK_RANK_ROWS`].
+    pub lora_shrink_rank_rows: usize,
 }
 
 /// Default for [`CudaOptions::prefill_attention_min_rows`].
@@ -109,6 +112,9 @@ const LORA_SHRINK_SLICE: usize = 512;
 /// the H100 with LoRA beside the GEMMs, merging from batch 32 instead of 64 took batch 32 with
 /// one rank-16 adapter from 8.22 to 7.80 ms; merging from batch 8 made batch 8 slower.
 const DECODE_MERGE_MIN_BATCH: usize = 32;
+
+/// Default for [`CudaOptions::lora_shrink_rank_rows`].
+pub const LORA_SHRINK_RANK_ROWS: usize = 4;
 
 /// Rows of the LoRA delta buffers ([`CudaOptions::lora_side_stream`]): the largest step that
 /// computes its LoRA delta beside the base GEMMs.
@@ -436,6 +442,12 @@ impl<T: GpuFloat> CudaLlama<T> {
             return Err(Error::Model(format!(
                 "--max-lora-rank {}: the GPU's adapter pool supports ranks up to {MAX_DEVICE_LORA_RANK}",
                 opts.lora_rank
+            )));
+        }
+        if ![1, 2, 4].contains(&opts.lora_shrink_rank_rows) {
+            return Err(Error::Model(format!(
+                "LoRA shrink rank rows {}: built for 1, 2 or 4",
+                opts.lora_shrink_rank_rows
             )));
         }
         let bs = opts.block_size.max(1);
@@ -902,7 +914,7 @@ impl<T: GpuFloat> CudaLlama<T> {
         launch!(
             gpu,
             on = stream,
-            &self.k("lora_shrink"),
+            &format!("lora_shrink_{}_kw{}", T::SUFFIX, self.opts.lora_shrink_rank_rows),
             (nt as u32 * splits as u32, items as u32, 1),
             (256, 1, 1),
             gpu.ptr(&self.bufs.lora_y),

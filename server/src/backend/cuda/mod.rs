@@ -18,7 +18,10 @@ use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
 use loraplane_kernels::Kernels;
 
-pub use llama::{CudaLlama, CudaModel, CudaOptions, DeviceDtype, LoraKernelMode, PREFILL_ATTENTION_MIN_ROWS};
+pub use llama::{
+    CudaLlama, CudaModel, CudaOptions, DeviceDtype, LoraKernelMode, LORA_SHRINK_RANK_ROWS,
+    PREFILL_ATTENTION_MIN_ROWS,
+};
 
 use crate::error::{Error, Result};
 
