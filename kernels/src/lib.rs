@@ -77,7 +77,8 @@ pub const VARIANT_KERNELS: &[(&str, &[&str])] = &[
         ],
     ),
     ("lora_expand", &["c1", "vec"]),
-    ("lora_expand_store", &["c1", "vec"]),
+    // `pf`: Bᵀ prefetched into L2 before y is staged.
+    ("lora_expand_store", &["c1", "vec", "c1pf", "vecpf"]),
     ("lora_shrink", &["kw1", "kw2", "kw4"]),
 ];
 

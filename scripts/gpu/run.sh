@@ -19,6 +19,7 @@
 #   scripts/gpu/run.sh compare     csgmv + graphs decode under variants of the LoRA kernels
 #                              (bench_gpu --compare, see there; batches from
 #                              LORAPLANE_BENCH_BATCHES, default 1,8,64)
+#   scripts/gpu/run.sh gemms       cuBLAS bf16 GEMMs at decode shapes: time and weight GB/s
 #   scripts/gpu/run.sh all     check, serve and bench
 # Logs go to $OUT (or ./gpu-logs); the last lines printed are the summary tables.
 set -uo pipefail
@@ -106,6 +107,9 @@ if [[ $what == compare ]]; then
   LORAPLANE_BENCH_BATCHES=${LORAPLANE_BENCH_BATCHES:-1,8,64} "$BIN/bench_gpu" --compare 2>"$OUT/compare.err" \
     >"$OUT/compare.log"; rc=$((rc | $?))
   grep '^|' "$OUT/compare.log"; tail -5 "$OUT/compare.err"
+fi
+if [[ $what == gemms ]]; then
+  "$BIN/bench_gpu" --gemms 2>"$OUT/gemms.err" | tee "$OUT/gemms.log"; rc=$((rc | PIPESTATUS[0]))
 fi
 if [[ $what == slot-loads ]]; then
   "$BIN/bench_gpu" --slot-loads 2>"$OUT/slot-loads.err" | tee "$OUT/slot-loads.log"; rc=$((rc | PIPESTATUS[0]))

@@ -85,6 +85,8 @@ fn opts(mode: LoraKernelMode, graphs: usize) -> CudaOptions {
         flash_prefill: true,
         lora_side_stream: true,
         lora_shrink_rank_rows: LORA_SHRINK_RANK_ROWS,
+        lora_expand_prefetch: true,
+        lora_pdl: true,
     }
 }
 
@@ -247,6 +249,10 @@ fn main() {
         eprintln!("profiled prefill: {ms:.1} ms");
         return;
     }
+    if std::env::args().any(|a| a == "--gemms") {
+        decode_gemms(&gpu);
+        return;
+    }
     if std::env::args().any(|a| a == "--slot-loads") {
         slot_loads(&gpu, &c);
         return;
@@ -266,13 +272,24 @@ fn main() {
         Err(_) => vec![1, 8, 32, 64, 128, 256],
     };
     let ranks = [16usize, 64];
-    // --compare: csgmv + graphs decode with LoRA beside the base GEMMs, the shrink loading 1, 2
-    // or 4 rank rows per warp at once (CudaOptions::lora_shrink_rank_rows); one table, same call.
+    // --compare: csgmv + graphs decode with LoRA beside the base GEMMs under variants of its
+    // kernels: rank rows per shrink warp in flight (CudaOptions::lora_shrink_rank_rows), the
+    // expand's L2 prefetch of Bᵀ (lora_expand_prefetch), the expand launched as a programmatic
+    // dependent of the shrink (lora_pdl). The first variant has the LoRA kernels of commit
+    // 40c3022 (the decode attention is this build's in all of them). One table, same call.
     if std::env::args().any(|a| a == "--compare") {
-        for kw in [1, 2, 4] {
-            let label = format!("shrink {kw} rank rows/warp");
+        for (kw, pf, pdl) in [
+            (1, false, false),
+            (4, false, false),
+            (4, true, false),
+            (4, true, true),
+            (2, true, true),
+        ] {
+            let label = format!("shrink kw{kw}, prefetch {pf}, PDL {pdl}");
             let o = CudaOptions {
                 lora_shrink_rank_rows: kw,
+                lora_expand_prefetch: pf,
+                lora_pdl: pdl,
                 ..opts(LoraKernelMode::Chunked(16), 256)
             };
             let mut m = CudaModel::dummy(gpu.clone(), c.clone(), o, 42).expect("model");
@@ -451,22 +468,73 @@ fn prefill(m: &mut CudaModel, kv: &mut KvCache, c: &ModelConfig, rows: &mut Vec<
     }
 }
 
+/// Fills a bf16 device buffer with uniform values in [-0.05, 0.05).
+fn fill_bf16(gpu: &Gpu, s: &cudarc::driver::CudaSlice<half::bf16>, seed: u64) {
+    use cudarc::driver::PushKernelArg;
+    let f = gpu.kernels.get("fill_uniform_bf16");
+    let mut l = gpu.stream.launch_builder(f);
+    let (p, len, sc) = (gpu.ptr(s), s.len() as u64, 0.05f32);
+    l.arg(&p).arg(&len).arg(&seed).arg(&sc);
+    unsafe { l.launch(cudarc::driver::LaunchConfig::for_num_elems(1 << 20)) }.unwrap();
+}
+
+/// cuBLAS bf16 GEMMs at decode shapes (rows 1 to 256 against each Llama-3.1-8B weight): time
+/// per call and the weight bytes read per second. Weights rotate over copies that together
+/// exceed the 50 MB L2, so each call reads its weight from HBM as in a decode step.
+fn decode_gemms(gpu: &std::sync::Arc<Gpu>) {
+    println!("device: {}", gpu.name);
+    println!("\n| weight (n x k) | rows | us per GEMM | weight GB/s |\n|---|---|---|---|");
+    let shapes = [
+        ("qkv", 6144usize, 4096usize),
+        ("o", 4096, 4096),
+        ("gate/up", 28672, 4096),
+        ("down", 4096, 14336),
+        ("lm_head", 128256, 4096),
+    ];
+    for (name, n, k) in shapes {
+        let copies = (256usize << 20).div_ceil(n * k * 2).max(1);
+        let ws: Vec<_> = (0..copies)
+            .map(|i| {
+                let w = gpu.zeros::<half::bf16>(n * k).unwrap();
+                fill_bf16(gpu, &w, 10 + i as u64);
+                w
+            })
+            .collect();
+        for m in [1usize, 8, 32, 64, 128, 256] {
+            let x = gpu.zeros::<half::bf16>(m * k).unwrap();
+            fill_bf16(gpu, &x, 3);
+            let out = gpu.zeros::<half::bf16>(m * n).unwrap();
+            let run = |w: &cudarc::driver::CudaSlice<half::bf16>| {
+                gpu.gemm_nt::<half::bf16>(gpu.ptr(&out), n, false, gpu.ptr(&x), k, gpu.ptr(w), m, n, k, 0.0)
+                    .unwrap()
+            };
+            for w in &ws {
+                run(w);
+            }
+            gpu.sync().unwrap();
+            let reps = 50 * copies;
+            let t0 = Instant::now();
+            for i in 0..reps {
+                run(&ws[i % copies]);
+            }
+            gpu.sync().unwrap();
+            let us = t0.elapsed().as_secs_f64() * 1e6 / reps as f64;
+            println!(
+                "| {name} ({n} x {k}) | {m} | {us:.1} | {:.0} |",
+                (n * k * 2) as f64 / us / 1e3
+            );
+        }
+    }
+}
+
 /// cuBLAS bf16 GEMM rate at the prefill's largest shape (8192 x 28672 x 4096).
 fn gemm_rate(gpu: &std::sync::Arc<Gpu>) {
     let (m, n, k) = (8192usize, 28672usize, 4096usize);
     let a = gpu.zeros::<half::bf16>(m * k).unwrap();
     let b = gpu.zeros::<half::bf16>(n * k).unwrap();
     let out = gpu.zeros::<half::bf16>(m * n).unwrap();
-    let fill = |s: &cudarc::driver::CudaSlice<half::bf16>, seed: u64| {
-        use cudarc::driver::PushKernelArg;
-        let f = gpu.kernels.get("fill_uniform_bf16");
-        let mut l = gpu.stream.launch_builder(f);
-        let (p, len, sc) = (gpu.ptr(s), s.len() as u64, 0.05f32);
-        l.arg(&p).arg(&len).arg(&seed).arg(&sc);
-        unsafe { l.launch(cudarc::driver::LaunchConfig::for_num_elems(1 << 20)) }.unwrap();
-    };
-    fill(&a, 1);
-    fill(&b, 2);
+    fill_bf16(gpu, &a, 1);
+    fill_bf16(gpu, &b, 2);
     let run = || {
         gpu.gemm_nt::<half::bf16>(gpu.ptr(&out), n, false, gpu.ptr(&a), k, gpu.ptr(&b), m, n, k, 0.0)
             .unwrap()

@@ -88,6 +88,8 @@ fn opts(dtype: DeviceDtype, mode: LoraKernelMode, graphs: usize, max_tokens: usi
         flash_prefill: true,
         lora_side_stream: true,
         lora_shrink_rank_rows: LORA_SHRINK_RANK_ROWS,
+        lora_expand_prefetch: true,
+        lora_pdl: true,
     }
 }
 
@@ -385,8 +387,11 @@ fn random_vs_cpu(gpu: &Arc<Gpu>) {
                 // Per-sequence items apply LoRA after each base GEMM; chunked ones compute it
                 // beside the GEMM on the side stream (steps of up to 256 rows without GEMM
                 // segments).
+                // The per-sequence run also covers the shrink with one rank row per warp.
+                let per_seq = mode == LoraKernelMode::PerSequence;
                 let o = CudaOptions {
-                    lora_side_stream: mode != LoraKernelMode::PerSequence,
+                    lora_side_stream: !per_seq,
+                    lora_shrink_rank_rows: if per_seq { 1 } else { LORA_SHRINK_RANK_ROWS },
                     ..opts(DeviceDtype::Float32, mode, 0, 16 * 1024)
                 };
                 let mut m = CudaModel::from_host(gpu.clone(), &host, o).unwrap();
@@ -439,8 +444,13 @@ fn decode_vs_cpu(
             // 0: CPU, 1: GPU eager, 2: GPU with graphs, 3: GPU eager with LoRA after the GEMMs.
             let mut gpu_model = (which > 0).then(|| {
                 let g = if which == 2 { 256 } else { 0 };
+                // Shrink variants: 2 rank rows per warp eager (expand without prefetch or PDL),
+                // the defaults with graphs, 1 with LoRA after the GEMMs.
                 let o = CudaOptions {
                     lora_side_stream: which != 3,
+                    lora_shrink_rank_rows: [0, 2, LORA_SHRINK_RANK_ROWS, 1][which],
+                    lora_expand_prefetch: which != 1,
+                    lora_pdl: which != 1,
                     ..opts(DeviceDtype::Float32, LoraKernelMode::Chunked(16), g, 16 * 1024)
                 };
                 CudaModel::from_host(gpu.clone(), host, o).unwrap()

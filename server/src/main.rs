@@ -231,6 +231,8 @@ fn place_model(
         flash_prefill: true,
         lora_side_stream: true,
         lora_shrink_rank_rows: LORA_SHRINK_RANK_ROWS,
+        lora_expand_prefetch: true,
+        lora_pdl: true,
     };
     let t0 = Instant::now();
     let model = match &host {

@@ -14,7 +14,7 @@ use cudarc::driver::{sys as drv, CudaGraph, CudaSlice, CudaStream};
 
 use super::lora::{group_dims, LoraSlots};
 use super::sampling::{check_sampling, split_outputs};
-use super::{launch, Gpu, GpuFloat};
+use super::{launch, launch_dependent, Gpu, GpuFloat};
 use crate::adapter::{LoraAdapter, LoraTarget};
 use crate::engine::KvCache;
 use crate::error::{Error, Result};
@@ -91,6 +91,12 @@ pub struct CudaOptions {
     /// Rank rows each warp of the LoRA shrink loads at once: 1, 2 or 4 (more loads in flight,
     /// more registers). Default [`LORA_SHRINK_RANK_ROWS`].
     pub lora_shrink_rank_rows: usize,
+    /// The expand on the side stream prefetches its block's Bᵀ rows into L2 before it stages
+    /// the shrink's output, so that their HBM round trip overlaps that wait.
+    pub lora_expand_prefetch: bool,
+    /// The expand on the side stream is launched as a programmatic dependent of its shrink
+    /// (sm_90+), so that its blocks start, and prefetch Bᵀ, while the shrink drains.
+    pub lora_pdl: bool,
 }
 
 /// Default for [`CudaOptions::prefill_attention_min_rows`].
@@ -983,23 +989,35 @@ impl<T: GpuFloat> CudaLlama<T> {
         } else {
             ("c1", 1)
         };
-        let kind = if store { "lora_expand_store" } else { "lora_expand" };
-        launch!(
+        let (kind, pf) = match (store, self.opts.lora_expand_prefetch) {
+            (true, true) => ("lora_expand_store", "pf"),
+            (true, false) => ("lora_expand_store", ""),
+            (false, _) => ("lora_expand", ""),
+        };
+        let (y, bt, item_ptr) = (
+            gpu.ptr(&self.bufs.lora_y),
+            gpu.ptr(&lora.layers[li][g].bt),
+            self.meta_ptr(4),
+        );
+        let (ranks, scales) = (gpu.ptr(&lora.slot_rank), gpu.ptr(&lora.slot_scale));
+        launch_dependent!(
             gpu,
             on = stream,
-            &format!("{kind}_{}_{variant}", T::SUFFIX),
+            // Only the side stream's expand directly follows its shrink.
+            dependent = store && self.opts.lora_pdl,
+            &format!("{kind}_{}_{variant}{pf}", T::SUFFIX),
             ((out_total as u32).div_ceil(128 * cols as u32), items as u32, 1),
             (128, 1, 1),
             shared = (EXPAND_ROWS * outs.len() * lora.rank * 4) as u32,
             out,
             out_stride as i32,
-            gpu.ptr(&self.bufs.lora_y),
+            y,
             splits as i32,
             plane,
-            gpu.ptr(&lora.layers[li][g].bt),
-            self.meta_ptr(4),
-            gpu.ptr(&lora.slot_rank),
-            gpu.ptr(&lora.slot_scale),
+            bt,
+            item_ptr,
+            ranks,
+            scales,
             out_total as i32,
             lora.rank as i32,
             nt,
