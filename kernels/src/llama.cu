@@ -193,6 +193,12 @@ __device__ void silu_mul(T* out, const T* gu, const T* delta, int rows, int inte
     }
 }
 
+// DPL values of T: one lane's dims of a key or value row, loaded as one vector where aligned.
+template <typename T, int C>
+struct alignas(C * sizeof(T) >= 16 ? 16 : C * sizeof(T)) DimPack {
+    T v[C];
+};
+
 // Causal attention of each row against its sequence's cached keys (paged), GQA-aware: one block
 // per (kv head, row) handles the group of query heads sharing that kv head, so each key and
 // value is read once per group. Warps take keys round-robin with an online softmax each (the
@@ -202,18 +208,19 @@ __device__ void silu_mul(T* out, const T* gu, const T* delta, int rows, int inte
 // (more warps per block when there are few blocks); the merge area is dynamic shared memory of
 // warps * G * (2 + 32 * DPL) floats. `row_seq[r]` indexes
 // `block_tables` ([seqs, max_blocks]); rows with row_seq < 0 are attended elsewhere.
-// DPL values of T: one lane's dims of a key or value row, loaded as one vector where aligned.
-template <typename T, int C>
-struct alignas(C * sizeof(T) >= 16 ? 16 : C * sizeof(T)) DimPack {
-    T v[C];
-};
+//
+// Split keys (flash-decoding): with gridDim.z = splits > 1, block z takes the z-th of `splits`
+// equal ranges of the row's keys, so that a few rows with long contexts still fill the GPU. Each
+// block writes its partial softmax (max, sum, unnormalised output) to `part`
+// ([rows][kv heads][splits][G][d + 2]); the last of a (row, kv head)'s blocks to finish, found
+// with `counters` (zero between launches: that block resets it), merges them into `out`.
 template <typename T, int G, int DPL>
 __device__ void attention(T* out, const T* qkv, const T* k_cache, const T* v_cache,
                           const int* positions, const int* row_seq, const int* block_tables,
                           int max_blocks, int block_size, int n_heads, int n_kv_heads, int d,
-                          float scale, int window) {
+                          float scale, int window, float* part, int* counters) {
     const int ATTN_WARPS = blockDim.x >> 5;
-    int kvh = blockIdx.x, r = blockIdx.y;
+    int kvh = blockIdx.x, r = blockIdx.y, z = blockIdx.z, splits = gridDim.z;
     if (row_seq[r] < 0) return;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int group = n_heads / n_kv_heads;
@@ -221,6 +228,9 @@ __device__ void attention(T* out, const T* qkv, const T* k_cache, const T* v_cac
     const T* qrow = qkv + (size_t)r * (qd + 2 * kvd);
     int pos = positions[r];
     int first = window > 0 ? max(0, pos + 1 - window) : 0;
+    // This block's keys [lo, hi] (empty when lo > hi: a short context with many splits).
+    int per = (pos + 1 - first + splits - 1) / splits;
+    int lo = first + z * per, hi = min(pos, lo + per - 1);
     const int* table = block_tables + (size_t)row_seq[r] * max_blocks;
 
     // Lane `lane` holds dims [d0, d0 + DPL) of q, of each key and value, and of the output.
@@ -243,12 +253,12 @@ __device__ void attention(T* out, const T* qkv, const T* k_cache, const T* v_cac
     // instead of two per key.
     constexpr int KPW = DPL * sizeof(T) >= 16 ? 4 : 8;  // 8 keys of registers when a pack is small
     using P = DimPack<T, DPL>;
-    for (int p0 = first + warp * KPW; p0 <= pos; p0 += ATTN_WARPS * KPW) {
+    for (int p0 = lo + warp * KPW; p0 <= hi; p0 += ATTN_WARPS * KPW) {
         P k[KPW], v[KPW];
         size_t slot[KPW];
 #pragma unroll
         for (int u = 0; u < KPW; u++) {
-            int p = min(p0 + u, pos);  // past the end: re-read the last key, masked below
+            int p = min(p0 + u, hi);  // past the end: re-read the last key, masked below
             slot[u] = (size_t)table[p / block_size] * block_size + p % block_size;
         }
 #pragma unroll
@@ -269,7 +279,7 @@ __device__ void attention(T* out, const T* qkv, const T* k_cache, const T* v_cac
         }
 #pragma unroll
         for (int u = 0; u < KPW; u++) {
-            if (p0 + u > pos) break;
+            if (p0 + u > hi) break;
             float s[G];
 #pragma unroll
             for (int g = 0; g < G; g++) {
@@ -308,6 +318,8 @@ __device__ void attention(T* out, const T* qkv, const T* k_cache, const T* v_cac
         for (int i = 0; i < DPL; i++) sm_acc[(warp * G + g) * DPL * 32 + d0 + i] = acc[g][i];
     }
     __syncthreads();
+    // This block's partials for (row, kv head, split): G entries of [o; d, max, sum].
+    float* pz = part + (((size_t)r * n_kv_heads + kvh) * splits + z) * G * (d + 2);
     for (int idx = threadIdx.x; idx < group * d; idx += blockDim.x) {
         int g = idx / d, j = idx % d;
         float mx = -INFINITY;
@@ -320,8 +332,43 @@ __device__ void attention(T* out, const T* qkv, const T* k_cache, const T* v_cac
             sum += sm_l[w * G + g] * c;
             o += sm_acc[(w * G + g) * DPL * 32 + j] * c;
         }
+        if (splits == 1) {
+            out[(size_t)r * qd + (kvh * group + g) * d + j] = from_f<T>(o / sum);
+        } else {
+            pz[g * (d + 2) + j] = o;
+            if (j == 0) {
+                pz[g * (d + 2) + d] = mx;
+                pz[g * (d + 2) + d + 1] = sum;
+            }
+        }
+    }
+    if (splits == 1) return;
+    // Last block of this (row, kv head) merges every split (the threadFenceReduction pattern).
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    int* counter = counters + (size_t)r * n_kv_heads + kvh;
+    if (threadIdx.x == 0) last = atomicAdd(counter, 1) == splits - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const float* p0 = part + ((size_t)r * n_kv_heads + kvh) * splits * G * (d + 2);
+    for (int idx = threadIdx.x; idx < group * d; idx += blockDim.x) {
+        int g = idx / d, j = idx % d;
+        float mx = -INFINITY;
+        for (int zz = 0; zz < splits; zz++) mx = fmaxf(mx, __ldcg(p0 + (zz * G + g) * (d + 2) + d));
+        float sum = 0.f, o = 0.f;
+        for (int zz = 0; zz < splits; zz++) {
+            const float* pp = p0 + (zz * G + g) * (d + 2);
+            float mz = __ldcg(pp + d);
+            if (mz == -INFINITY) continue;
+            float c = __expf(mz - mx);
+            sum += __ldcg(pp + d + 1) * c;
+            o += __ldcg(pp + j) * c;
+        }
         out[(size_t)r * qd + (kvh * group + g) * d + j] = from_f<T>(o / sum);
     }
+    if (threadIdx.x == 0) *counter = 0;
 }
 
 // cos and sin of every row's position for each rotary frequency, once per forward pass:
@@ -684,9 +731,10 @@ INSTANTIATE_PREFILL(__half, f16)
 #define INSTANTIATE_ATTN(T, S, G, D)                                                                        \
     extern "C" __global__ void attention_##S##_g##G##_d##D(                                                \
         T* out, const T* qkv, const T* kc, const T* vc, const int* positions, const int* row_seq,          \
-        const int* tables, int max_blocks, int block_size, int nh, int nkv, int d, float scale, int window) { \
+        const int* tables, int max_blocks, int block_size, int nh, int nkv, int d, float scale, int window,   \
+        float* part, int* counters) {                                                                        \
         attention<T, G, D>(out, qkv, kc, vc, positions, row_seq, tables, max_blocks, block_size, nh, nkv, d, \
-                           scale, window);                                                                 \
+                           scale, window, part, counters);                                                 \
     }
 #define INSTANTIATE_ATTN_G(T, S, G) \
     INSTANTIATE_ATTN(T, S, G, 1) INSTANTIATE_ATTN(T, S, G, 2) INSTANTIATE_ATTN(T, S, G, 4) INSTANTIATE_ATTN(T, S, G, 8)

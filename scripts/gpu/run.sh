@@ -20,6 +20,8 @@
 #                              (bench_gpu --compare, see there; batches from
 #                              LORAPLANE_BENCH_BATCHES, default 1,8,64)
 #   scripts/gpu/run.sh gemms       cuBLAS bf16 GEMMs at decode shapes: time and weight GB/s
+#   scripts/gpu/run.sh attention   base decode at 128- and 4000-token contexts with and without
+#                              split-key attention (bench_gpu --compare-attention)
 #   scripts/gpu/run.sh all     check, serve and bench
 # Logs go to $OUT (or ./gpu-logs); the last lines printed are the summary tables.
 set -uo pipefail
@@ -107,6 +109,10 @@ if [[ $what == compare ]]; then
   LORAPLANE_BENCH_BATCHES=${LORAPLANE_BENCH_BATCHES:-1,8,64} "$BIN/bench_gpu" --compare 2>"$OUT/compare.err" \
     >"$OUT/compare.log"; rc=$((rc | $?))
   grep '^|' "$OUT/compare.log"; tail -5 "$OUT/compare.err"
+fi
+if [[ $what == attention ]]; then
+  "$BIN/bench_gpu" --compare-attention 2>"$OUT/attention.err" >"$OUT/attention.log"; rc=$((rc | $?))
+  grep '^|' "$OUT/attention.log"; tail -3 "$OUT/attention.err"
 fi
 if [[ $what == gemms ]]; then
   "$BIN/bench_gpu" --gemms 2>"$OUT/gemms.err" | tee "$OUT/gemms.log"; rc=$((rc | PIPESTATUS[0]))

@@ -87,15 +87,31 @@ fn opts(mode: LoraKernelMode, graphs: usize) -> CudaOptions {
         lora_shrink_rank_rows: LORA_SHRINK_RANK_ROWS,
         lora_expand_prefetch: true,
         lora_pdl: true,
+        attention_split_keys: true,
     }
 }
 
-/// Prefills `bs` random prompts, then times `steps` greedy decode steps, each after
-/// `before_step` (slot loads). Returns ms per step.
+/// Prefills `bs` random prompts of PROMPT tokens, then times `steps` greedy decode steps, each
+/// after `before_step` (slot loads). Returns ms per step.
 fn decode(
     m: &mut CudaModel,
     kv: &mut KvCache,
     bs: usize,
+    slots: &[i32],
+    steps: usize,
+    profile: bool,
+    before_step: impl FnMut(&mut CudaModel),
+) -> f64 {
+    decode_with_prompt(m, kv, bs, PROMPT, slots, steps, profile, before_step)
+}
+
+/// [`decode`] with prompts of `prompt` tokens.
+#[allow(clippy::too_many_arguments)]
+fn decode_with_prompt(
+    m: &mut CudaModel,
+    kv: &mut KvCache,
+    bs: usize,
+    prompt: usize,
     slots: &[i32],
     steps: usize,
     profile: bool,
@@ -105,15 +121,15 @@ fn decode(
     let mut caches = vec![SeqCache::default(); bs];
     let mut toks: Vec<Vec<u32>> = (0..bs)
         .map(|i| {
-            (0..PROMPT)
+            (0..prompt)
                 .map(|j| ((i * 7919 + j * 104729) as u32) % vocab)
                 .collect()
         })
         .collect();
     // Prefill in groups that fit the row budget.
-    for group in (0..bs).collect::<Vec<_>>().chunks(8192 / PROMPT) {
+    for group in (0..bs).collect::<Vec<_>>().chunks((8192 / prompt).max(1)) {
         for &i in group {
-            kv.reserve(&mut caches[i], PROMPT).expect("kv");
+            kv.reserve(&mut caches[i], prompt).expect("kv");
         }
         let inputs: Vec<SeqInput<'_>> = group
             .iter()
@@ -128,7 +144,7 @@ fn decode(
         let next = m.forward_greedy_in_slots(kv, &inputs, &gslots).expect("prefill");
         drop(inputs);
         for (&i, t) in group.iter().zip(next) {
-            caches[i].len = PROMPT;
+            caches[i].len = prompt;
             toks[i].push(t);
         }
     }
@@ -247,6 +263,38 @@ fn main() {
         let ms = prefill_pass(&mut m, &mut kv, &toks, &[0]);
         cudarc::driver::profiler_stop().expect("profiler");
         eprintln!("profiled prefill: {ms:.1} ms");
+        return;
+    }
+    // --compare-attention: base-model decode (csgmv + graphs) at short and long contexts with
+    // and without split-key attention (CudaOptions::attention_split_keys); one table.
+    if std::env::args().any(|a| a == "--compare-attention") {
+        for split in [false, true] {
+            let o = CudaOptions {
+                attention_split_keys: split,
+                ..opts(LoraKernelMode::Chunked(16), 256)
+            };
+            let mut m = CudaModel::dummy(gpu.clone(), c.clone(), o, 42).expect("model");
+            let mut kv = m.new_kv_cache();
+            for (prompt, batches) in [(PROMPT, &[1usize, 8, 32][..]), (4000, &[1, 4, 8][..])] {
+                for &bs in batches {
+                    let steps = 20;
+                    let ms =
+                        decode_with_prompt(&mut m, &mut kv, bs, prompt, &vec![-1; bs], steps, false, |_| {});
+                    let ctx = prompt + 3 + steps / 2;
+                    let bytes = base_bytes(&c) + bs as f64 * ctx as f64 * kv_bytes_per_token(&c);
+                    let roof = bytes / HBM_BYTES_PER_S * 1e3;
+                    let what = format!("decode base bs={bs} context {prompt}, split keys {split}");
+                    println!("{what}: {ms:.2} ms/step, roofline {roof:.2} ms");
+                    rows.push(Row {
+                        what,
+                        ms,
+                        tok_s: bs as f64 * 1e3 / ms,
+                        roofline_ms: roof,
+                    });
+                }
+            }
+        }
+        print_rows(&rows);
         return;
     }
     if std::env::args().any(|a| a == "--gemms") {

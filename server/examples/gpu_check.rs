@@ -90,6 +90,7 @@ fn opts(dtype: DeviceDtype, mode: LoraKernelMode, graphs: usize, max_tokens: usi
         lora_shrink_rank_rows: LORA_SHRINK_RANK_ROWS,
         lora_expand_prefetch: true,
         lora_pdl: true,
+        attention_split_keys: true,
     }
 }
 
@@ -417,7 +418,8 @@ fn random_vs_cpu(gpu: &Arc<Gpu>) {
     }
 }
 
-/// Prefill then 6 decode steps of up to 256 sequences with mixed adapters: CPU, GPU eager and
+/// Prefill (up to 600 tokens at batch sizes 1 and 5) then 6 decode steps of up to 256 sequences
+/// with mixed adapters: CPU, GPU eager and
 /// GPU graphs (LoRA beside the base GEMMs), and GPU eager with LoRA after them, must agree on
 /// every step's logits.
 fn decode_vs_cpu(
@@ -430,7 +432,13 @@ fn decode_vs_cpu(
     for bs in [1usize, 5, 64, 200] {
         let seqs: Vec<(Vec<u32>, Option<Arc<LoraAdapter>>)> = (0..bs)
             .map(|i| {
-                let n = 1 + rng.below(20);
+                // Small batches get long prompts too: their decode attention splits each
+                // row's keys over blocks (split-key attention), ranges that then hold many keys.
+                let n = if bs <= 5 {
+                    1 + rng.below(600)
+                } else {
+                    1 + rng.below(20)
+                };
                 let a = if i % 3 == 0 {
                     None
                 } else {

@@ -233,6 +233,7 @@ fn place_model(
         lora_shrink_rank_rows: LORA_SHRINK_RANK_ROWS,
         lora_expand_prefetch: true,
         lora_pdl: true,
+        attention_split_keys: true,
     };
     let t0 = Instant::now();
     let model = match &host {

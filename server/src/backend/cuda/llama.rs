@@ -97,6 +97,10 @@ pub struct CudaOptions {
     /// The expand on the side stream is launched as a programmatic dependent of its shrink
     /// (sm_90+), so that its blocks start, and prefetch Bᵀ, while the shrink drains.
     pub lora_pdl: bool,
+    /// Decode attention splits each row's keys over several blocks when there are few (row,
+    /// kv head) pairs ([`attention_splits`]), so that long contexts at small batches use the
+    /// whole GPU.
+    pub attention_split_keys: bool,
 }
 
 /// Default for [`CudaOptions::prefill_attention_min_rows`].
@@ -208,6 +212,10 @@ struct Buffers<T> {
     lora_delta: Option<[CudaSlice<T>; 3]>,
     /// Each row's RoPE `[cos; d/2, sin; d/2]`, computed once per step.
     rope: CudaSlice<f32>,
+    /// Split-key decode attention: partial softmaxes, `[ATTENTION_SPLIT_BLOCKS][G][d + 2]`
+    /// (G the group size rounded up to a power of two), and one counter per (row, kv head).
+    attention_part: CudaSlice<f32>,
+    attention_counters: CudaSlice<i32>,
     final_in: CudaSlice<T>,
     logits: CudaSlice<f32>,
     logit_rows: usize,
@@ -324,6 +332,25 @@ fn push_work_items(
         let take = chunk.min(end_row - start);
         items.push([start as i32, take as i32, slot]);
         start += take;
+    }
+}
+
+/// Blocks split-key decode attention aims for.
+const ATTENTION_SPLIT_BLOCKS: usize = 256;
+
+/// Most key ranges one row is split into.
+const ATTENTION_MAX_SPLITS: usize = 16;
+
+/// Key ranges per (row, kv head) for decode attention over `rows` rows: 1 when the pairs
+/// alone fill half of ATTENTION_SPLIT_BLOCKS, else as many as keep rows · kv heads · splits
+/// within it (so the partials fit their buffer). A function of the shape only, so that a CUDA
+/// graph keeps it across replays.
+fn attention_splits(rows: usize, kv_heads: usize) -> usize {
+    let pairs = (rows * kv_heads).max(1);
+    if 2 * pairs > ATTENTION_SPLIT_BLOCKS {
+        1
+    } else {
+        (ATTENTION_SPLIT_BLOCKS / pairs).min(ATTENTION_MAX_SPLITS)
     }
 }
 
@@ -543,6 +570,12 @@ impl<T: GpuFloat> CudaLlama<T> {
                 None
             },
             rope: gpu.zeros::<f32>(cap * c.head_dim)?,
+            attention_part: gpu.zeros::<f32>(
+                ATTENTION_SPLIT_BLOCKS
+                    * (c.num_heads / c.num_kv_heads).next_power_of_two()
+                    * (c.head_dim + 2),
+            )?,
+            attention_counters: gpu.zeros::<i32>(ATTENTION_SPLIT_BLOCKS)?,
             final_in: gpu.zeros::<T>(logit_rows * h)?,
             logits: gpu.zeros::<f32>(logit_rows * c.vocab_size)?,
             logit_rows,
@@ -1273,7 +1306,12 @@ impl<T: GpuFloat> CudaLlama<T> {
         // Warps per (kv head, row) block: about 2048 warps in all, from 4 per block for large
         // batches (8 measured slower at batch 64) up to 16 for a few rows, so that a short batch
         // still keeps many keys in flight; the merge area must fit 48 KB of shared memory.
-        let blocks = c.num_kv_heads * rows;
+        let splits = if self.opts.attention_split_keys {
+            attention_splits(rows, c.num_kv_heads)
+        } else {
+            1
+        };
+        let blocks = c.num_kv_heads * rows * splits;
         let merge_bytes = g_max * (2 + 32 * dpl) * 4;
         let warps = (2048 / blocks.max(1))
             .clamp(4, 16)
@@ -1342,7 +1380,7 @@ impl<T: GpuFloat> CudaLlama<T> {
                 launch!(
                     gpu,
                     &attention,
-                    (c.num_kv_heads as u32, r32, 1),
+                    (c.num_kv_heads as u32, r32, splits as u32),
                     (attention_threads, 1, 1),
                     shared = attention_smem,
                     attn,
@@ -1358,7 +1396,9 @@ impl<T: GpuFloat> CudaLlama<T> {
                     c.num_kv_heads as i32,
                     c.head_dim as i32,
                     scale,
-                    window
+                    window,
+                    gpu.ptr(&b.attention_part),
+                    gpu.ptr(&b.attention_counters)
                 )?;
             }
             for g in &self.prefill_chunks {
@@ -1683,6 +1723,22 @@ mod tests {
             row += n;
         }
         items
+    }
+
+    #[test]
+    fn attention_splits_fill_few_rows_and_fit_the_partials() {
+        assert_eq!(attention_splits(1, 8), ATTENTION_MAX_SPLITS);
+        assert_eq!(attention_splits(8, 8), 4);
+        assert_eq!(attention_splits(16, 8), 2);
+        assert_eq!(attention_splits(17, 8), 1);
+        assert_eq!(attention_splits(64, 8), 1);
+        for rows in 1..300 {
+            for kv_heads in [1, 2, 4, 8, 32] {
+                let s = attention_splits(rows, kv_heads);
+                assert!(s >= 1);
+                assert!(s == 1 || rows * kv_heads * s <= ATTENTION_SPLIT_BLOCKS);
+            }
+        }
     }
 
     #[test]
