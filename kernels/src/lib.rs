@@ -65,7 +65,7 @@ pub const TYPED_KERNELS: &[&str] = &[
 pub const UNTYPED_KERNELS: &[&str] = &["argmax_f32", "rope_table_f32"];
 
 /// The kernels `sampling.cu` exports (f32 logits only).
-pub const SAMPLING_KERNELS: &[&str] = &["sample_f32", "gather_rows_f32"];
+pub const SAMPLING_KERNELS: &[&str] = &["sample_f32", "penalize_f32", "gather_rows_f32"];
 
 /// Kernel families with compile-time shape variants: `{name}_{type}_{variant}`.
 pub const VARIANT_KERNELS: &[(&str, &[&str])] = &[

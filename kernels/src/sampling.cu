@@ -46,8 +46,19 @@ struct SampleRow {
     float min_p;        // [0, 1]; 0: off
     int top_k;          // 0: off; 1: greedy
     int row;            // row of the logits matrix
-    int pad;
+    int penalized;      // row of the penalised copies to draw from; -1: the logits row itself
     u64 seed;
+};
+
+// One row's penalties, laid out as `PenaltyRow` in server/src/backend/cuda/sampling.rs: tokens
+// [first, first + count) of the token and count lists.
+struct PenaltyRow {
+    int row;
+    int first;
+    int count;
+    float repetition;  // 1: off
+    float frequency;
+    float presence;
 };
 
 struct SampleOut {
@@ -264,13 +275,38 @@ __device__ int draw(int vocab, u64 seed, Mass mass) {
 
 }  // namespace smp
 
-// out[i] = the token drawn for rows[i] (see the top of this file) and its log-probability.
-// Any block size that is a multiple of 32, up to 1024; any vocabulary below 2^24.
+// pen[i, :] = logits[rows[i].row, :] with the host's penalties (`apply_penalties` in
+// server/src/engine/sampling.rs): for each listed (distinct) token t with output count c,
+// repetition (positive logits divided, negative multiplied), then, when c > 0, minus
+// frequency * c + presence. Rounded as the host rounds (no fused multiply-add).
+extern "C" __global__ void penalize_f32(float* pen, const float* logits, const smp::PenaltyRow* rows,
+                                        const int* tokens, const int* counts, int vocab) {
+    const smp::PenaltyRow p = rows[blockIdx.x];
+    const float* src = logits + (size_t)p.row * vocab;
+    float* dst = pen + (size_t)blockIdx.x * vocab;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) dst[j] = src[j];
+    __syncthreads();  // a token's logit may have been copied by another thread
+    for (int i = threadIdx.x; i < p.count; i += blockDim.x) {
+        int t = tokens[p.first + i], c = counts[p.first + i];
+        if (t < 0 || t >= vocab) continue;
+        float v = dst[t];
+        if (p.repetition != 1.f) v = v > 0.f ? __fdiv_rn(v, p.repetition) : __fmul_rn(v, p.repetition);
+        if (c > 0) v = __fsub_rn(v, __fadd_rn(__fmul_rn(p.frequency, (float)c), p.presence));
+        dst[t] = v;
+    }
+}
+
+// out[i] = the token drawn for rows[i] (see the top of this file) and its log-probability under
+// the unmodified logits row. A row with `penalized >= 0` draws from that row of `penalized`
+// (penalize_f32's output). Any block size that is a multiple of 32, up to 1024; any vocabulary
+// below 2^24.
 extern "C" __global__ void __launch_bounds__(1024)
-    sample_f32(smp::SampleOut* out, const float* logits, const smp::SampleRow* rows, int vocab) {
+    sample_f32(smp::SampleOut* out, const float* logits, const smp::SampleRow* rows, int vocab,
+               const float* penalized) {
     using namespace smp;
     const SampleRow p = rows[blockIdx.x];
-    const float* l = logits + (size_t)p.row * vocab;
+    const float* raw = logits + (size_t)p.row * vocab;
+    const float* l = (penalized && p.penalized >= 0) ? penalized + (size_t)p.penalized * vocab : raw;
     const Stats st = row_stats(l, vocab);
     int tok = st.arg;
     if (p.temperature > 0.f && p.top_k != 1) {
@@ -307,7 +343,8 @@ extern "C" __global__ void __launch_bounds__(1024)
         if (drawn != NO_TOKEN) tok = drawn;
     }
     if (tok < 0 || tok >= vocab) tok = 0;  // no finite logit: nothing to choose from
-    if (threadIdx.x == 0) out[blockIdx.x] = {tok, (l[tok] - st.max) - logf(st.sum)};
+    const Stats rs = l == raw ? st : row_stats(raw, vocab);
+    if (threadIdx.x == 0) out[blockIdx.x] = {tok, (raw[tok] - rs.max) - logf(rs.sum)};
 }
 
 // out[i, :] = logits[rows[i], :]: the rows the host still needs, packed for one copy.

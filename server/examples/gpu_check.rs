@@ -28,13 +28,13 @@ use std::sync::Arc;
 use cudarc::driver::CudaSlice;
 use loraplane_server::adapter::{LoraAdapter, LoraTarget};
 use loraplane_server::backend::cpu::log_softmax;
-use loraplane_server::backend::cuda::sampling::{sample_rows, SampleRow};
+use loraplane_server::backend::cuda::sampling::{sample_rows, sample_rows_penalized, SampleRow};
 use loraplane_server::backend::cuda::{
     CudaModel, CudaOptions, DeviceDtype, Gpu, LoraKernelMode, LORA_SHRINK_RANK_ROWS,
 };
 use loraplane_server::engine::generate::argmax;
 use loraplane_server::engine::request::SamplingParams;
-use loraplane_server::engine::sampling::{device_sample, kept_tokens};
+use loraplane_server::engine::sampling::{apply_penalties, device_sample, kept_tokens};
 use loraplane_server::engine::{KvCache, SeqCache};
 use loraplane_server::model::llama::{LogitsWanted, SeqInput};
 use loraplane_server::model::weights::load_hf_weights;
@@ -534,6 +534,7 @@ fn main() {
         }
     }
     sampling_checks(&gpu, quick);
+    penalty_checks(&gpu);
     if only.is_none_or(|o| o != "sampling") {
         slot_load_checks(&gpu);
         flash_prefill_checks(&gpu, quick);
@@ -737,8 +738,8 @@ fn sampling_kernel_checks(gpu: &Arc<Gpu>, quick: bool) {
         let greedy: Vec<SampleRow> = (0..rows.len())
             .flat_map(|r| {
                 [
-                    SampleRow::new(r, &device_sample(&params(0.0, 0, 1.0, 0.0), r as u64)),
-                    SampleRow::new(r, &device_sample(&params(1.0, 1, 1.0, 0.0), r as u64)),
+                    SampleRow::new(r, &device_sample(&params(0.0, 0, 1.0, 0.0), &[], &[], r as u64)),
+                    SampleRow::new(r, &device_sample(&params(1.0, 1, 1.0, 0.0), &[], &[], r as u64)),
                 ]
             })
             .collect();
@@ -766,7 +767,7 @@ fn sampling_kernel_checks(gpu: &Arc<Gpu>, quick: bool) {
                 );
                 let seed0 = ((vocab as u64) << 40) ^ ((ri as u64) << 32) ^ ((ci as u64) << 20);
                 let batch: Vec<SampleRow> = (0..draws)
-                    .map(|i| SampleRow::new(ri, &device_sample(p, seed0 + i as u64)))
+                    .map(|i| SampleRow::new(ri, &device_sample(p, &[], &[], seed0 + i as u64)))
                     .collect();
                 let got = device_sample_rows(gpu, &dev, vocab, &batch);
                 // Same seeds, same tokens (and log-probs), bit for bit.
@@ -911,7 +912,7 @@ fn sampling_forward_checks(gpu: &Arc<Gpu>) {
                 .map(|i| {
                     sampled(i).then(|| {
                         let t = if i % 4 == 0 { 0.0 } else { 0.9 };
-                        device_sample(&params(t, 0, 0.95, 0.0), (step * 100 + i) as u64)
+                        device_sample(&params(t, 0, 0.95, 0.0), &[], &[], (step * 100 + i) as u64)
                     })
                 })
                 .collect();
@@ -965,8 +966,12 @@ fn sampling_forward_checks(gpu: &Arc<Gpu>) {
             adapter: None,
             logits: LogitsWanted::All,
         };
-        if m.forward_sampled(&kv, &[bad], &[Some(device_sample(&params(1.0, 0, 1.0, 0.0), 1))])
-            .is_ok()
+        if m.forward_sampled(
+            &kv,
+            &[bad],
+            &[Some(device_sample(&params(1.0, 0, 1.0, 0.0), &[], &[], 1))],
+        )
+        .is_ok()
         {
             fail("forward_sampled accepted a sampled sequence that wants every row's logits".into());
         }
@@ -1004,12 +1009,75 @@ fn sampling_timing(gpu: &Arc<Gpu>) {
         ("T=0.8 top_k=50 top_p=0.9 min_p=0.05", params(0.8, 50, 0.9, 0.05)),
     ] {
         let batch: Vec<SampleRow> = (0..rows)
-            .map(|r| SampleRow::new(r, &device_sample(&p, r as u64)))
+            .map(|r| SampleRow::new(r, &device_sample(&p, &[], &[], r as u64)))
             .collect();
         let ms = time(&mut || {
             device_sample_rows(gpu, &dev, vocab, &batch);
         });
         println!("    timing: sampling {rows} rows × {vocab} on the device, {label}: {ms:.3} ms (upload, kernel, download)");
+    }
+}
+
+/// Penalties on the device (`penalize_f32`, then `sample_f32` on the copy) against the host's
+/// `apply_penalties`: greedy picks the host's token, draws stay in the host's kept set of the
+/// penalised row, and every log-prob is under the unmodified row.
+fn penalty_checks(gpu: &Arc<Gpu>) {
+    let mut rng = Rng(0x9e4a_17c5_0b3d_2f61);
+    let vocab = 128256;
+    let l: Vec<f32> = (0..vocab).map(|_| 6.0 * rng.f() - 3.0).collect();
+    let lp = log_softmax(&l);
+    let dev = gpu.upload(&l).unwrap_or_else(|e| fail(e.to_string()));
+    // History among the likeliest tokens, so that the penalties change the answer.
+    let mut top: Vec<usize> = (0..vocab).collect();
+    top.sort_by(|&a, &b| l[b].total_cmp(&l[a]));
+    let pick = |rng: &mut Rng, n: usize| -> Vec<u32> { (0..n).map(|_| top[rng.below(40)] as u32).collect() };
+    let (mut prompt, mut output) = (pick(&mut rng, 30), pick(&mut rng, 20));
+    // The likeliest token is in both, so that penalising pushes greedy off it.
+    prompt.push(top[0] as u32);
+    output.push(top[0] as u32);
+    for (rep, freq, pres) in [
+        (1.3f32, 0.0f32, 0.0f32),
+        (1.0, 0.7, 0.0),
+        (1.0, 0.0, 1.5),
+        (0.8, -0.3, 0.5),
+    ] {
+        let mut p = params(0.0, 0, 1.0, 0.0);
+        (p.repetition_penalty, p.frequency_penalty, p.presence_penalty) = (rep, freq, pres);
+        let mut pen = l.clone();
+        apply_penalties(&mut pen, &p, &prompt, &output);
+        let what = format!("penalties rep={rep} freq={freq} pres={pres}");
+        // Greedy, then T=1 with top-k 20: 256 draws, each within the host's kept set.
+        let mut sampled = p.clone();
+        (sampled.temperature, sampled.top_k) = (1.0, 20);
+        let kept = kept_tokens(&pen, &sampled);
+        let mut rows = Vec::new();
+        let mut ds = Vec::new();
+        for i in 0..257u64 {
+            let d = device_sample(if i == 0 { &p } else { &sampled }, &prompt, &output, i);
+            rows.push(SampleRow::new(0, &d));
+            ds.push(d);
+        }
+        let pens: Vec<_> = ds.iter().map(|d| d.penalties.as_ref()).collect();
+        let got = sample_rows_penalized(gpu, gpu.ptr(&dev), vocab, &rows, &pens)
+            .unwrap_or_else(|e| fail(format!("{what}: {e}")));
+        let want = argmax(&pen);
+        let only_penalising = rep >= 1.0 && freq >= 0.0 && pres >= 0.0;
+        if got[0].token_id != want || (only_penalising && want == argmax(&l)) {
+            fail(format!(
+                "{what}: greedy token {}, host {want} (unpenalised argmax {})",
+                got[0].token_id,
+                argmax(&l)
+            ));
+        }
+        for t in &got {
+            check_logprob(&what, &l, &lp, t.token_id, t.logprob);
+        }
+        if let Some(t) = got[1..].iter().find(|t| !kept.iter().any(|k| k.0 == t.token_id)) {
+            fail(format!("{what}: drew {} outside the host's kept set", t.token_id));
+        }
+        println!(
+            "ok  {what}: greedy = host, 256 draws in the host's top-20 of the penalised row, raw log-probs"
+        );
     }
 }
 

@@ -5,7 +5,7 @@
 use super::request::{EngineRequest, SamplingParams, TokenLogprob};
 use crate::backend::cpu::log_softmax;
 use crate::model::llama::LogitsWanted;
-use crate::model::DeviceSample;
+use crate::model::{DevicePenalties, DeviceSample};
 
 /// SplitMix64: small, fast and deterministic per request.
 #[derive(Clone, Debug)]
@@ -41,24 +41,64 @@ impl Rng {
 }
 
 /// Whether a sequence's next token may be sampled on the device this step: its chunk is the last
-/// of its pending tokens and wants only the last logits (no prompt log-probs), it generates, its
-/// penalties are neutral (they need the token history, which stays on the host) and it asks for
-/// no top log-probs (the device returns the chosen token's only).
+/// of its pending tokens and wants only the last logits (no prompt log-probs), it generates, and
+/// it asks for no top log-probs (the device returns the chosen token's only).
 pub fn device_eligible(req: &EngineRequest, logits: LogitsWanted, last_chunk: bool) -> bool {
     let p = &req.sampling;
-    let neutral = p.repetition_penalty == 1.0 && p.frequency_penalty == 0.0 && p.presence_penalty == 0.0;
     let no_top = !req.logprobs.return_logprob || req.logprobs.top_logprobs_num == 0;
-    last_chunk && logits == LogitsWanted::Last && p.max_new_tokens > 0 && neutral && no_top
+    last_chunk && logits == LogitsWanted::Last && p.max_new_tokens > 0 && no_top
 }
 
-/// The device's share of `p`, with this step's seed.
-pub fn device_sample(p: &SamplingParams, seed: u64) -> DeviceSample {
+/// The device's share of `p` for a sequence with `prompt` and `output` so far, with this step's
+/// seed: the penalties travel as the token history they need.
+pub fn device_sample(p: &SamplingParams, prompt: &[u32], output: &[u32], seed: u64) -> DeviceSample {
+    let neutral = p.repetition_penalty == 1.0 && p.frequency_penalty == 0.0 && p.presence_penalty == 0.0;
     DeviceSample {
         temperature: p.temperature,
         top_k: p.top_k,
         top_p: p.top_p,
         min_p: p.min_p,
         seed,
+        penalties: (!neutral).then(|| device_penalties(p, prompt, output)),
+    }
+}
+
+/// The token history [`apply_penalties`] reads, as distinct tokens with their output counts.
+fn device_penalties(p: &SamplingParams, prompt: &[u32], output: &[u32]) -> DevicePenalties {
+    let mut counts = std::collections::BTreeMap::<u32, u32>::new();
+    if p.repetition_penalty != 1.0 {
+        for &t in prompt {
+            counts.entry(t).or_default();
+        }
+    }
+    for &t in output {
+        *counts.entry(t).or_default() += 1;
+    }
+    DevicePenalties {
+        repetition: p.repetition_penalty,
+        frequency: p.frequency_penalty,
+        presence: p.presence_penalty,
+        tokens: counts.keys().copied().collect(),
+        output_counts: counts.values().copied().collect(),
+    }
+}
+
+/// What the device's penalty kernel (`penalize_f32` in `kernels/src/sampling.cu`) does to one
+/// row, for tests that hold it to [`apply_penalties`].
+#[cfg(test)]
+fn apply_device_penalties(l: &mut [f32], d: &DevicePenalties) {
+    for (&t, &c) in d.tokens.iter().zip(&d.output_counts) {
+        let Some(v) = l.get_mut(t as usize) else { continue };
+        if d.repetition != 1.0 {
+            *v = if *v > 0.0 {
+                *v / d.repetition
+            } else {
+                *v * d.repetition
+            };
+        }
+        if c > 0 {
+            *v -= d.frequency * c as f32 + d.presence;
+        }
     }
 }
 
@@ -109,7 +149,8 @@ pub fn top_logprobs(logprobs: &[f32], n: usize) -> Vec<(u32, f32)> {
     idx.into_iter().map(|i| (i, logprobs[i as usize])).collect()
 }
 
-fn apply_penalties(l: &mut [f32], p: &SamplingParams, prompt: &[u32], output: &[u32]) {
+/// Applies `p`'s penalties to one row of logits for a sequence with `prompt` and `output`.
+pub fn apply_penalties(l: &mut [f32], p: &SamplingParams, prompt: &[u32], output: &[u32]) {
     if p.repetition_penalty != 1.0 {
         // HF/vLLM convention: over prompt and output, divide positive logits, multiply negative.
         let mut seen = vec![false; l.len()];
@@ -275,15 +316,49 @@ mod tests {
         assert!(!device_eligible(&top, Last, true), "top log-probs");
         let prefill_only = request(|r| r.sampling.max_new_tokens = 0);
         assert!(!device_eligible(&prefill_only, Last, true));
+        // Penalties travel with their token history.
         for penalised in [
             request(|r| r.sampling.repetition_penalty = 1.2),
             request(|r| r.sampling.frequency_penalty = 0.5),
             request(|r| r.sampling.presence_penalty = -0.5),
         ] {
             assert!(
-                !device_eligible(&penalised, Last, true),
+                device_eligible(&penalised, Last, true),
                 "{:?}",
                 penalised.sampling
+            );
+        }
+    }
+
+    #[test]
+    fn device_penalties_do_what_the_host_does() {
+        let mut rng = Rng::new(Some(7));
+        for case in 0..200 {
+            let vocab = 1 + (rng.next_u64() % 50) as usize;
+            let tokens = |rng: &mut Rng, n: u64| -> Vec<u32> {
+                (0..rng.next_u64() % n)
+                    .map(|_| (rng.next_u64() % vocab as u64) as u32)
+                    .collect()
+            };
+            let (prompt, output) = (tokens(&mut rng, 30), tokens(&mut rng, 30));
+            let pick = |rng: &mut Rng, vals: &[f32]| vals[(rng.next_u64() % vals.len() as u64) as usize];
+            let p = params(|p| {
+                p.repetition_penalty = pick(&mut rng, &[1.0, 1.3, 0.8]);
+                p.frequency_penalty = pick(&mut rng, &[0.0, 0.5, -0.25]);
+                p.presence_penalty = pick(&mut rng, &[0.0, 1.0, -0.5]);
+            });
+            let logits: Vec<f32> = (0..vocab).map(|_| (rng.uniform() * 8.0 - 4.0) as f32).collect();
+            let mut want = logits.clone();
+            apply_penalties(&mut want, &p, &prompt, &output);
+            let d = device_sample(&p, &prompt, &output, 1);
+            let mut got = logits.clone();
+            if let Some(pen) = &d.penalties {
+                assert!(pen.tokens.windows(2).all(|w| w[0] < w[1]), "distinct, ascending");
+                apply_device_penalties(&mut got, pen);
+            }
+            assert_eq!(
+                got, want,
+                "case {case}: {p:?} prompt {prompt:?} output {output:?}"
             );
         }
     }
@@ -297,11 +372,14 @@ mod tests {
             p.min_p = 0.05;
             p.repetition_penalty = 1.3;
         });
-        let d = device_sample(&p, 99);
+        let d = device_sample(&p, &[5, 6], &[6], 99);
         assert_eq!(
             (d.temperature, d.top_k, d.top_p, d.min_p, d.seed),
             (0.8, 40, 0.9, 0.05, 99)
         );
+        let pen = d.penalties.expect("repetition penalty set");
+        assert_eq!((pen.tokens, pen.output_counts), (vec![5, 6], vec![0, 1]));
+        assert_eq!(device_sample(&params(|_| {}), &[5], &[6], 1).penalties, None);
     }
 
     #[test]

@@ -501,8 +501,10 @@ impl<M: Forward> Scheduler<M> {
             .iter()
             .map(|&(idx, _, to, logits)| {
                 let s = &mut self.running[idx];
-                (on_device && device_eligible(&s.req, logits, to == s.tokens.len()))
-                    .then(|| device_sample(&s.req.sampling, s.rng.next_u64()))
+                (on_device && device_eligible(&s.req, logits, to == s.tokens.len())).then(|| {
+                    let (prompt, output) = s.tokens.split_at(s.prompt_len);
+                    device_sample(&s.req.sampling, prompt, output, s.rng.next_u64())
+                })
             })
             .collect();
         let t0 = Instant::now();

@@ -18,9 +18,9 @@ use crate::error::Result;
 use llama::SeqInput;
 
 /// How a model that samples on its device picks a sequence's next token in
-/// [`Forward::forward_sampled`]: the request's settings without the penalties (they need the
-/// token history, which stays on the host), and this step's seed.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// [`Forward::forward_sampled`]: the request's settings, with the penalties' token history
+/// when it has any, and this step's seed.
+#[derive(Clone, Debug, PartialEq)]
 pub struct DeviceSample {
     /// 0 (or below) is greedy.
     pub temperature: f32,
@@ -32,6 +32,27 @@ pub struct DeviceSample {
     pub min_p: f32,
     /// This step's randomness, drawn from the request's generator.
     pub seed: u64,
+    /// Repetition/frequency/presence penalties, when any is set.
+    pub penalties: Option<DevicePenalties>,
+}
+
+/// A sequence's penalties and the token history they apply to, as the host applies them
+/// (`engine::sampling`): repetition (HF/vLLM: positive logits divided, negative multiplied)
+/// over every token of the prompt and the output, then frequency and presence (OpenAI: minus
+/// `frequency · count + presence`) over the output's tokens.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DevicePenalties {
+    /// 1 disables.
+    pub repetition: f32,
+    /// 0 disables.
+    pub frequency: f32,
+    /// 0 disables.
+    pub presence: f32,
+    /// Distinct tokens of the prompt and the output (only the output's when repetition is
+    /// off), in ascending order.
+    pub tokens: Vec<u32>,
+    /// How often each of `tokens` occurs in the output.
+    pub output_counts: Vec<u32>,
 }
 
 /// One sequence's share of [`Forward::forward_sampled`].

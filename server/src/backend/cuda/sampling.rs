@@ -1,6 +1,6 @@
 //! Token sampling on the device for the serving path: the per-row parameters of the `sample_f32`
-//! kernel (`kernels/src/sampling.cu`) and its launch, the copy of only those logits rows the host
-//! still needs, and the split of one forward pass's results into sampled tokens and host logits
+//! kernel (`kernels/src/sampling.cu`) and its launch (after `penalize_f32` for rows with
+//! penalties), the copy of only those logits rows the host still needs, and the split of one forward pass's results into sampled tokens and host logits
 //! ([`split_outputs`], behind `CudaLlama::forward_sampled`).
 
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
@@ -9,7 +9,7 @@ use super::{cuda_err, launch, Gpu};
 use crate::engine::request::TokenLogprob;
 use crate::error::{Error, Result};
 use crate::model::llama::{LogitsWanted, SeqInput};
-use crate::model::{DeviceSample, SeqOutput};
+use crate::model::{DevicePenalties, DeviceSample, SeqOutput};
 
 /// Threads per sampled row: the kernel reads the row about ten times, so one full block per row.
 pub const SAMPLE_THREADS: u32 = 1024;
@@ -31,7 +31,8 @@ pub struct SampleRow {
     pub top_k: i32,
     /// Row of the logits matrix.
     pub row: i32,
-    _pad: i32,
+    /// Row of the penalised copies to draw from; -1: the logits row itself.
+    penalized: i32,
     /// Randomness of this draw.
     pub seed: u64,
 }
@@ -50,11 +51,28 @@ impl SampleRow {
             // Any k at or above the vocabulary keeps everything, as 0 does.
             top_k: s.top_k.min(i32::MAX as usize) as i32,
             row: row as i32,
-            _pad: 0,
+            penalized: -1,
             seed: s.seed,
         }
     }
 }
+
+/// One row's penalties for `penalize_f32`: its tokens are `[first, first + count)` of the
+/// uploaded token and count lists. Laid out as `PenaltyRow` in `sampling.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct PenaltyRow {
+    row: i32,
+    first: i32,
+    count: i32,
+    repetition: f32,
+    frequency: f32,
+    presence: f32,
+}
+
+// SAFETY: plain `repr(C)` data with the kernel's layout.
+unsafe impl DeviceRepr for PenaltyRow {}
+const _: () = assert!(std::mem::size_of::<PenaltyRow>() == 24);
 
 /// The kernel's answer for one row. Laid out as `SampleOut` in `sampling.cu`.
 #[repr(C)]
@@ -72,6 +90,19 @@ unsafe impl ValidAsZeroBits for SampleOut {}
 /// (`[_, vocab]`, row-major) and returns each with its log-probability under the unmodified
 /// distribution. Waits for the result.
 pub fn sample_rows(gpu: &Gpu, logits: u64, vocab: usize, rows: &[SampleRow]) -> Result<Vec<TokenLogprob>> {
+    sample_rows_penalized(gpu, logits, vocab, rows, &vec![None; rows.len()])
+}
+
+/// [`sample_rows`] where `penalties[i]`, when set, applies to `rows[i]`: that row is first
+/// copied and penalised on the device, and drawn from the copy; its log-probability is still
+/// under the unmodified row.
+pub fn sample_rows_penalized(
+    gpu: &Gpu,
+    logits: u64,
+    vocab: usize,
+    rows: &[SampleRow],
+    penalties: &[Option<&DevicePenalties>],
+) -> Result<Vec<TokenLogprob>> {
     if rows.is_empty() {
         return Ok(Vec::new());
     }
@@ -80,7 +111,45 @@ pub fn sample_rows(gpu: &Gpu, logits: u64, vocab: usize, rows: &[SampleRow]) -> 
             "device sampling supports vocabularies of 1 to {MAX_SAMPLE_VOCAB} tokens, not {vocab}"
         )));
     }
-    let params = gpu.upload(rows)?;
+    let mut rows = rows.to_vec();
+    let (mut pen_rows, mut tokens, mut counts) = (Vec::new(), Vec::new(), Vec::new());
+    for (r, p) in rows.iter_mut().zip(penalties) {
+        let Some(p) = p else { continue };
+        r.penalized = pen_rows.len() as i32;
+        pen_rows.push(PenaltyRow {
+            row: r.row,
+            first: tokens.len() as i32,
+            count: p.tokens.len() as i32,
+            repetition: p.repetition,
+            frequency: p.frequency,
+            presence: p.presence,
+        });
+        tokens.extend(p.tokens.iter().map(|&t| t as i32));
+        counts.extend(p.output_counts.iter().map(|&c| c as i32));
+    }
+    // The penalised copies, with what the kernel reads, kept alive until the results are read.
+    let penalized = if pen_rows.is_empty() {
+        None
+    } else {
+        tokens.push(0); // never empty (a row may list no tokens)
+        counts.push(0);
+        let copies = gpu.zeros::<f32>(pen_rows.len() * vocab)?;
+        let (pr, tk, ct) = (gpu.upload(&pen_rows)?, gpu.upload(&tokens)?, gpu.upload(&counts)?);
+        launch!(
+            gpu,
+            "penalize_f32",
+            (pen_rows.len() as u32, 1, 1),
+            (SAMPLE_THREADS, 1, 1),
+            gpu.ptr(&copies),
+            logits,
+            gpu.ptr(&pr),
+            gpu.ptr(&tk),
+            gpu.ptr(&ct),
+            vocab as i32
+        )?;
+        Some((copies, pr, tk, ct))
+    };
+    let params = gpu.upload(&rows)?;
     let out = gpu.zeros::<SampleOut>(rows.len())?;
     launch!(
         gpu,
@@ -90,7 +159,8 @@ pub fn sample_rows(gpu: &Gpu, logits: u64, vocab: usize, rows: &[SampleRow]) -> 
         gpu.ptr(&out),
         logits,
         gpu.ptr(&params),
-        vocab as i32
+        vocab as i32,
+        penalized.as_ref().map_or(0, |p| gpu.ptr(&p.0))
     )?;
     Ok(gpu
         .download(&out, rows.len())?
@@ -166,18 +236,21 @@ pub fn split_outputs(
     per_seq: &[(usize, usize)],
     sampling: &[Option<DeviceSample>],
 ) -> Result<Vec<SeqOutput>> {
-    let rows: Vec<SampleRow> = per_seq
+    let (rows, penalties): (Vec<SampleRow>, Vec<Option<&DevicePenalties>>) = per_seq
         .iter()
         .zip(sampling)
-        .filter_map(|(&(first, _), s)| s.as_ref().map(|s| SampleRow::new(first, s)))
-        .collect();
+        .filter_map(|(&(first, _), s)| {
+            s.as_ref()
+                .map(|s| (SampleRow::new(first, s), s.penalties.as_ref()))
+        })
+        .unzip();
     let host_rows: Vec<usize> = per_seq
         .iter()
         .zip(sampling)
         .filter(|(_, s)| s.is_none())
         .flat_map(|(&(first, count), _)| first..first + count)
         .collect();
-    let mut tokens = sample_rows(gpu, gpu.ptr(logits), vocab, &rows)?.into_iter();
+    let mut tokens = sample_rows_penalized(gpu, gpu.ptr(logits), vocab, &rows, &penalties)?.into_iter();
     let host = download_rows(gpu, logits, vocab, &host_rows)?;
     let mut next = 0;
     per_seq
@@ -209,6 +282,7 @@ mod tests {
             top_p: 0.9,
             min_p: 0.05,
             seed: u64::MAX - 3,
+            penalties: None,
         };
         let r = SampleRow::new(5, &s);
         assert_eq!((r.temperature, r.top_p, r.min_p), (0.7, 0.9, 0.05));
