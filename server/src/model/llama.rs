@@ -493,7 +493,8 @@ fn lora_segments<'a>(seqs: &[SeqInput<'a>]) -> Vec<Segment<'a>> {
     let mut row = 0;
     for s in seqs {
         let n = s.tokens.len();
-        if let Some(a) = s.adapter {
+        // An empty sequence has no rows to add a delta to (and no row to slice at).
+        if let Some(a) = s.adapter.filter(|_| n > 0) {
             match segs.last_mut() {
                 Some(last) if std::ptr::eq(last.adapter, a) && last.start + last.len == row => last.len += n,
                 _ => segs.push(Segment {
@@ -581,4 +582,41 @@ pub(crate) fn rope_inv_freq(c: &ModelConfig) -> Vec<f32> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lora_segments_merge_neighbours_and_skip_empty_sequences() {
+        let c = ModelConfig::from_hf_json(
+            r#"{"architectures":["LlamaForCausalLM"],"vocab_size":8,"hidden_size":8,"intermediate_size":8,
+            "num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":1}"#,
+        )
+        .unwrap();
+        let a = LoraAdapter::dummy("a", &c, 2, &LoraTarget::ALL, 1);
+        let b = LoraAdapter::dummy("b", &c, 2, &LoraTarget::ALL, 2);
+        let cache = SeqCache::default();
+        let seq = |n: usize, adapter| SeqInput {
+            tokens: &[1, 2, 3, 4][..n],
+            cache: &cache,
+            adapter,
+            logits: LogitsWanted::Last,
+        };
+        let seqs = [
+            seq(2, Some(&a)),
+            seq(0, Some(&b)),
+            seq(1, Some(&a)),
+            seq(3, None),
+            seq(1, Some(&b)),
+        ];
+        let segs: Vec<(usize, usize, &str)> = lora_segments(&seqs)
+            .iter()
+            .map(|s| (s.start, s.len, s.adapter.name.as_str()))
+            .collect();
+        assert_eq!(segs, [(0, 3, "a"), (6, 1, "b")]);
+        // A batch of one empty sequence with an adapter has no segment.
+        assert!(lora_segments(&[seq(0, Some(&a))]).is_empty());
+    }
 }

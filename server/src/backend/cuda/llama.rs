@@ -1500,6 +1500,12 @@ impl<T: GpuFloat> CudaLlama<T> {
     }
 
     fn step_with_slots(&mut self, kv: &KvCache, seqs: &[SeqInput<'_>], seq_slots: &[i32]) -> Result<StepOut> {
+        // No rows, no kernels (a zero-sized grid is a launch error): every sequence gets nothing.
+        if seqs.iter().all(|s| s.tokens.is_empty()) {
+            return Ok(StepOut {
+                per_seq: vec![(0, 0); seqs.len()],
+            });
+        }
         let decode_only = !seqs.is_empty()
             && seqs
                 .iter()
