@@ -77,9 +77,8 @@ pub const VARIANT_KERNELS: &[(&str, &[&str])] = &[
         ],
     ),
     ("lora_expand", &["c1", "vec"]),
-    // `pf`: Bᵀ prefetched into L2 before y is staged.
-    ("lora_expand_store", &["c1", "vec", "c1pf", "vecpf"]),
-    ("lora_shrink", &["kw1", "kw2", "kw4"]),
+    ("lora_expand_store", &["c1", "vec"]),
+    ("lora_shrink", &["kw1", "kw4"]),
 ];
 
 /// Every exported kernel name, with its suffixes: what [`Kernels::load`] loads.

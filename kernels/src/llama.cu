@@ -11,18 +11,6 @@
 typedef unsigned long long u64;
 #define INFINITY __int_as_float(0x7f800000)
 
-// Programmatic Dependent Launch (sm_90+): a kernel launched with the programmatic-serialization
-// attribute may start before the previous kernel on its stream finishes; PDL_WAIT blocks until
-// that kernel has finished and its writes are visible, and PDL_LAUNCH_DEPENDENTS lets the next
-// such kernel start once every block of this one has issued it. Both are no-ops otherwise.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
-#define PDL_LAUNCH_DEPENDENTS() asm volatile("griddepcontrol.launch_dependents;" :::)
-#else
-#define PDL_WAIT()
-#define PDL_LAUNCH_DEPENDENTS()
-#endif
-
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
@@ -398,8 +386,6 @@ __device__ void rope_table(float* cs, const int* positions, const float* inv_fre
 template <typename T, int SHRINK_KW>
 __device__ void lora_shrink(float* yp, const T* x, const T* A, const int* items, const int* slot_rank,
                             int in_dim, int R, int n_targets, u64 plane) {
-    // The expand may start on the SMs this grid leaves free: it prefetches Bᵀ, then waits.
-    PDL_LAUNCH_DEPENDENTS();
     int t = blockIdx.x % n_targets, split = blockIdx.x / n_targets, it = blockIdx.y;
     int first = items[it * 3], len = items[it * 3 + 1], slot = items[it * 3 + 2];
     if (slot < 0 || len <= 0) return;
@@ -492,7 +478,7 @@ template <typename T, int C>
 struct alignas(C * sizeof(T) >= 16 ? 16 : sizeof(T)) Pack {
     T v[C];
 };
-template <typename T, int C, bool STORE, bool PREFETCH = false>
+template <typename T, int C, bool STORE>
 __device__ void lora_expand(T* out, int out_stride, const float* yp, int splits, u64 plane, const T* Bt,
                             const int* items, const int* slot_rank, const float* slot_scale, int out_total,
                             int R, int n_targets, int b1, int b2) {
@@ -507,15 +493,6 @@ __device__ void lora_expand(T* out, int out_stride, const float* yp, int splits,
     int ylen = n_targets * R;
     extern __shared__ float ys[];  // [EXPAND_ROWS][target][k < rank]: launched with room for R
     const T* b = Bt + (size_t)slot * R * out_total + (active ? col : 0);
-    // Bᵀ does not depend on the shrink: start pulling the block's rows into L2 now, so that
-    // their HBM round trip overlaps the staging of y below (no registers held). One thread per
-    // 128-byte line.
-    constexpr int per_line = 128 / (C * sizeof(T)) > 0 ? 128 / (C * sizeof(T)) : 1;
-    if (PREFETCH && active && threadIdx.x % per_line == 0)
-        for (int k = 0; k < rank; k++)
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(b + (size_t)k * out_total));
-    // Launched as a dependent of the shrink: y is complete only after this.
-    PDL_WAIT();
     for (int r0 = 0; r0 < len; r0 += EXPAND_ROWS) {
         int rows = min(EXPAND_ROWS, len - r0);
         __syncthreads();
@@ -642,7 +619,6 @@ __device__ void fill_uniform(T* p, u64 n, u64 seed, float scale) {
         silu_mul<T>(out, gu, delta, rows, inter);                                                          \
     }                                                                                                      \
     INSTANTIATE_SHRINK(T, S, 1)                                                                            \
-    INSTANTIATE_SHRINK(T, S, 2)                                                                            \
     INSTANTIATE_SHRINK(T, S, 4)                                                                            \
     extern "C" __global__ void fill_uniform_##S(T* p, u64 n, u64 seed, float scale) {                       \
         fill_uniform<T>(p, n, seed, scale);                                                                \
@@ -752,18 +728,17 @@ INSTANTIATE_ATTN_G(__nv_bfloat16, bf16, 8)
 INSTANTIATE_ATTN_G(__half, f16, 8)
 
 // lora_expand adds the delta to `out`; lora_expand_store writes it (into a delta buffer).
-#define INSTANTIATE_EXPAND_AS(T, S, C, NAME, KIND, STORE, PF)                                              \
+#define INSTANTIATE_EXPAND_AS(T, S, C, NAME, KIND, STORE)                                                  \
     extern "C" __global__ void KIND##_##S##_##NAME(T* out, int out_stride, const float* y, int splits,       \
                                                    u64 plane, const T* Bt, const int* items,                 \
                                                    const int* slot_rank, const float* slot_scale,            \
                                                    int out_total, int R, int nt, int b1, int b2) {           \
-        lora_expand<T, C, STORE, PF>(out, out_stride, y, splits, plane, Bt, items, slot_rank, slot_scale, out_total, \
+        lora_expand<T, C, STORE>(out, out_stride, y, splits, plane, Bt, items, slot_rank, slot_scale, out_total, \
                                  R, nt, b1, b2);                                                           \
     }
-#define INSTANTIATE_EXPAND(T, S, C, NAME)                                \
-    INSTANTIATE_EXPAND_AS(T, S, C, NAME, lora_expand, false, false)      \
-    INSTANTIATE_EXPAND_AS(T, S, C, NAME, lora_expand_store, true, false) \
-    INSTANTIATE_EXPAND_AS(T, S, C, NAME##pf, lora_expand_store, true, true)
+#define INSTANTIATE_EXPAND(T, S, C, NAME)                          \
+    INSTANTIATE_EXPAND_AS(T, S, C, NAME, lora_expand, false)       \
+    INSTANTIATE_EXPAND_AS(T, S, C, NAME, lora_expand_store, true)
 // c1: one column per thread (any shape); vec: one 16-byte load of Bt per thread per rank row.
 INSTANTIATE_EXPAND(float, f32, 1, c1)
 INSTANTIATE_EXPAND(float, f32, 4, vec)

@@ -19,8 +19,7 @@ use std::time::Instant;
 
 use loraplane_server::adapter::{LoraAdapter, LoraTarget};
 use loraplane_server::backend::cuda::{
-    CudaModel, CudaOptions, DeviceDtype, Gpu, LoraKernelMode, LORA_SHRINK_RANK_ROWS,
-    PREFILL_ATTENTION_MIN_ROWS,
+    CudaModel, CudaOptions, DeviceDtype, Gpu, LoraKernelMode, PREFILL_ATTENTION_MIN_ROWS,
 };
 use loraplane_server::engine::{KvCache, SeqCache};
 use loraplane_server::model::llama::{LogitsWanted, SeqInput};
@@ -84,9 +83,6 @@ fn opts(mode: LoraKernelMode, graphs: usize) -> CudaOptions {
         prefill_attention_min_rows: PREFILL_ATTENTION_MIN_ROWS,
         flash_prefill: true,
         lora_side_stream: true,
-        lora_shrink_rank_rows: LORA_SHRINK_RANK_ROWS,
-        lora_expand_prefetch: true,
-        lora_pdl: true,
         attention_split_keys: true,
     }
 }
@@ -320,29 +316,17 @@ fn main() {
         Err(_) => vec![1, 8, 32, 64, 128, 256],
     };
     let ranks = [16usize, 64];
-    // --compare: csgmv + graphs decode with LoRA beside the base GEMMs under variants of its
-    // kernels: rank rows per shrink warp in flight (CudaOptions::lora_shrink_rank_rows), the
-    // expand's L2 prefetch of Bᵀ (lora_expand_prefetch), the expand launched as a programmatic
-    // dependent of the shrink (lora_pdl). The first variant has the LoRA kernels of commit
-    // 40c3022 (the decode attention is this build's in all of them). One table, same call.
+    // --compare: csgmv + graphs decode with each group's LoRA after its base GEMM, then beside
+    // it on the side stream (CudaOptions::lora_side_stream); one table, same call.
     if std::env::args().any(|a| a == "--compare") {
-        for (kw, pf, pdl) in [
-            (1, false, false),
-            (4, false, false),
-            (4, true, false),
-            (4, true, true),
-            (2, true, true),
-        ] {
-            let label = format!("shrink kw{kw}, prefetch {pf}, PDL {pdl}");
+        for (label, side) in [("LoRA after GEMM", false), ("LoRA beside GEMM", true)] {
             let o = CudaOptions {
-                lora_shrink_rank_rows: kw,
-                lora_expand_prefetch: pf,
-                lora_pdl: pdl,
+                lora_side_stream: side,
                 ..opts(LoraKernelMode::Chunked(16), 256)
             };
             let mut m = CudaModel::dummy(gpu.clone(), c.clone(), o, 42).expect("model");
             let mut kv = m.new_kv_cache();
-            decode_grid(&mut m, &mut kv, &c, &label, &batches, &ranks, &mut rows);
+            decode_grid(&mut m, &mut kv, &c, label, &batches, &ranks, &mut rows);
         }
         print_rows(&rows);
         return;

@@ -29,9 +29,7 @@ use cudarc::driver::CudaSlice;
 use loraplane_server::adapter::{LoraAdapter, LoraTarget};
 use loraplane_server::backend::cpu::log_softmax;
 use loraplane_server::backend::cuda::sampling::{sample_rows, sample_rows_penalized, SampleRow};
-use loraplane_server::backend::cuda::{
-    CudaModel, CudaOptions, DeviceDtype, Gpu, LoraKernelMode, LORA_SHRINK_RANK_ROWS,
-};
+use loraplane_server::backend::cuda::{CudaModel, CudaOptions, DeviceDtype, Gpu, LoraKernelMode};
 use loraplane_server::engine::generate::argmax;
 use loraplane_server::engine::request::SamplingParams;
 use loraplane_server::engine::sampling::{apply_penalties, device_sample, kept_tokens};
@@ -87,9 +85,6 @@ fn opts(dtype: DeviceDtype, mode: LoraKernelMode, graphs: usize, max_tokens: usi
         prefill_attention_min_rows: gemm_min,
         flash_prefill: true,
         lora_side_stream: true,
-        lora_shrink_rank_rows: LORA_SHRINK_RANK_ROWS,
-        lora_expand_prefetch: true,
-        lora_pdl: true,
         attention_split_keys: true,
     }
 }
@@ -387,12 +382,11 @@ fn random_vs_cpu(gpu: &Arc<Gpu>) {
             for mode in [LoraKernelMode::PerSequence, LoraKernelMode::Chunked(32)] {
                 // Per-sequence items apply LoRA after each base GEMM; chunked ones compute it
                 // beside the GEMM on the side stream (steps of up to 256 rows without GEMM
-                // segments).
-                // The per-sequence run also covers the shrink with one rank row per warp.
+                // segments). The pool's rank is 128: steps under 64 rows use the shrink with
+                // 4 rank rows per warp, larger ones 1 (shrink_rank_rows).
                 let per_seq = mode == LoraKernelMode::PerSequence;
                 let o = CudaOptions {
                     lora_side_stream: !per_seq,
-                    lora_shrink_rank_rows: if per_seq { 1 } else { LORA_SHRINK_RANK_ROWS },
                     ..opts(DeviceDtype::Float32, mode, 0, 16 * 1024)
                 };
                 let mut m = CudaModel::from_host(gpu.clone(), &host, o).unwrap();
@@ -452,13 +446,8 @@ fn decode_vs_cpu(
             // 0: CPU, 1: GPU eager, 2: GPU with graphs, 3: GPU eager with LoRA after the GEMMs.
             let mut gpu_model = (which > 0).then(|| {
                 let g = if which == 2 { 256 } else { 0 };
-                // Shrink variants: 2 rank rows per warp eager (expand without prefetch or PDL),
-                // the defaults with graphs, 1 with LoRA after the GEMMs.
                 let o = CudaOptions {
                     lora_side_stream: which != 3,
-                    lora_shrink_rank_rows: [0, 2, LORA_SHRINK_RANK_ROWS, 1][which],
-                    lora_expand_prefetch: which != 1,
-                    lora_pdl: which != 1,
                     ..opts(DeviceDtype::Float32, LoraKernelMode::Chunked(16), g, 16 * 1024)
                 };
                 CudaModel::from_host(gpu.clone(), host, o).unwrap()

@@ -15,7 +15,7 @@ use loraplane_server::adapter::LoraAdapter;
 use loraplane_server::api::{self, params::Limits, AppState};
 use loraplane_server::args::{Cli, Command, GenerateArgs, LoraBackend, ServeArgs, ServerConfig};
 use loraplane_server::backend::cuda::{
-    CudaModel, CudaOptions, Gpu, LoraKernelMode, LORA_SHRINK_RANK_ROWS, PREFILL_ATTENTION_MIN_ROWS,
+    CudaModel, CudaOptions, Gpu, LoraKernelMode, PREFILL_ATTENTION_MIN_ROWS,
 };
 use loraplane_server::engine;
 use loraplane_server::engine::generate::{generate_greedy, GenRequest};
@@ -230,9 +230,6 @@ fn place_model(
         prefill_attention_min_rows: PREFILL_ATTENTION_MIN_ROWS,
         flash_prefill: true,
         lora_side_stream: true,
-        lora_shrink_rank_rows: LORA_SHRINK_RANK_ROWS,
-        lora_expand_prefetch: true,
-        lora_pdl: true,
         attention_split_keys: true,
     };
     let t0 = Instant::now();

@@ -14,7 +14,7 @@ use cudarc::driver::{sys as drv, CudaGraph, CudaSlice, CudaStream};
 
 use super::lora::{group_dims, LoraSlots};
 use super::sampling::{check_sampling, split_outputs};
-use super::{launch, launch_dependent, Gpu, GpuFloat};
+use super::{launch, Gpu, GpuFloat};
 use crate::adapter::{LoraAdapter, LoraTarget};
 use crate::engine::KvCache;
 use crate::error::{Error, Result};
@@ -88,15 +88,6 @@ pub struct CudaOptions {
     /// (RoPE, SiLU-and-multiply, RMSNorm) adds. The LoRA kernels are latency-bound and the GEMM
     /// leaves room on the SMs; otherwise they run after the GEMM and add into its output.
     pub lora_side_stream: bool,
-    /// Rank rows each warp of the LoRA shrink loads at once: 1, 2 or 4 (more loads in flight,
-    /// more registers). Default [`LORA_SHRINK_RANK_ROWS`].
-    pub lora_shrink_rank_rows: usize,
-    /// The expand on the side stream prefetches its block's Bᵀ rows into L2 before it stages
-    /// the shrink's output, so that their HBM round trip overlaps that wait.
-    pub lora_expand_prefetch: bool,
-    /// The expand on the side stream is launched as a programmatic dependent of its shrink
-    /// (sm_90+), so that its blocks start, and prefetch Bᵀ, while the shrink drains.
-    pub lora_pdl: bool,
     /// Decode attention splits each row's keys over several blocks when there are few (row,
     /// kv head) pairs ([`attention_splits`]), so that long contexts at small batches use the
     /// whole GPU.
@@ -123,8 +114,20 @@ const LORA_SHRINK_SLICE: usize = 512;
 /// one rank-16 adapter from 8.22 to 7.80 ms; merging from batch 8 made batch 8 slower.
 const DECODE_MERGE_MIN_BATCH: usize = 32;
 
-/// Default for [`CudaOptions::lora_shrink_rank_rows`].
-pub const LORA_SHRINK_RANK_ROWS: usize = 4;
+/// Rank rows each warp of the LoRA shrink loads at once (`lora_shrink_*_kw{1,4}`): 4 for a pool
+/// of rank above 16 in steps under 64 rows, where the grid is small and each warp would
+/// otherwise walk its rank rows one round trip at a time; 1 elsewhere, where more blocks fit on
+/// an SM. On the H100 (decode, csgmv + graphs, LoRA beside the GEMMs) kw4 against kw1: batch 1
+/// with one rank-64 adapter 7.92 vs 8.44 ms, batch 32 10.18 vs 10.78; but batch 64 with 64
+/// rank-64 adapters 17.61 vs 17.13 and with 64 rank-16 ones 11.68 vs 10.72. Two rows per warp
+/// was never the best by more than noise.
+fn shrink_rank_rows(pool_rank: usize, step_rows: usize) -> usize {
+    if pool_rank > 16 && step_rows < 64 {
+        4
+    } else {
+        1
+    }
+}
 
 /// Rows of the LoRA delta buffers ([`CudaOptions::lora_side_stream`]): the largest step that
 /// computes its LoRA delta beside the base GEMMs.
@@ -475,12 +478,6 @@ impl<T: GpuFloat> CudaLlama<T> {
             return Err(Error::Model(format!(
                 "--max-lora-rank {}: the GPU's adapter pool supports ranks up to {MAX_DEVICE_LORA_RANK}",
                 opts.lora_rank
-            )));
-        }
-        if ![1, 2, 4].contains(&opts.lora_shrink_rank_rows) {
-            return Err(Error::Model(format!(
-                "LoRA shrink rank rows {}: built for 1, 2 or 4",
-                opts.lora_shrink_rank_rows
             )));
         }
         let bs = opts.block_size.max(1);
@@ -944,17 +941,18 @@ impl<T: GpuFloat> CudaLlama<T> {
         li: usize,
         g: usize,
         x: u64,
-        items: usize,
+        s: &StepShape,
     ) -> Result<()> {
         let gpu = &self.gpu;
         let (in_dim, outs) = group_dims(&self.config, g);
         let nt = outs.len() as i32;
         let splits = lora_splits(in_dim);
+        let kw = shrink_rank_rows(lora.rank, s.rows);
         launch!(
             gpu,
             on = stream,
-            &format!("lora_shrink_{}_kw{}", T::SUFFIX, self.opts.lora_shrink_rank_rows),
-            (nt as u32 * splits as u32, items as u32, 1),
+            &format!("lora_shrink_{}_kw{kw}", T::SUFFIX),
+            (nt as u32 * splits as u32, s.items as u32, 1),
             (256, 1, 1),
             gpu.ptr(&self.bufs.lora_y),
             x,
@@ -983,7 +981,7 @@ impl<T: GpuFloat> CudaLlama<T> {
         let delta = gpu.ptr(&deltas[[0, 1, 2, 1][g]]);
         let width: usize = group_dims(&self.config, g).1.iter().sum();
         gpu.fork_side()?;
-        self.lora_shrink(lora, &gpu.side, li, g, x, s.items)?;
+        self.lora_shrink(lora, &gpu.side, li, g, x, s)?;
         self.lora_expand(lora, &gpu.side, li, g, delta, width, s.items, true)?;
         Ok(delta)
     }
@@ -1022,35 +1020,23 @@ impl<T: GpuFloat> CudaLlama<T> {
         } else {
             ("c1", 1)
         };
-        let (kind, pf) = match (store, self.opts.lora_expand_prefetch) {
-            (true, true) => ("lora_expand_store", "pf"),
-            (true, false) => ("lora_expand_store", ""),
-            (false, _) => ("lora_expand", ""),
-        };
-        let (y, bt, item_ptr) = (
-            gpu.ptr(&self.bufs.lora_y),
-            gpu.ptr(&lora.layers[li][g].bt),
-            self.meta_ptr(4),
-        );
-        let (ranks, scales) = (gpu.ptr(&lora.slot_rank), gpu.ptr(&lora.slot_scale));
-        launch_dependent!(
+        let kind = if store { "lora_expand_store" } else { "lora_expand" };
+        launch!(
             gpu,
             on = stream,
-            // Only the side stream's expand directly follows its shrink.
-            dependent = store && self.opts.lora_pdl,
-            &format!("{kind}_{}_{variant}{pf}", T::SUFFIX),
+            &format!("{kind}_{}_{variant}", T::SUFFIX),
             ((out_total as u32).div_ceil(128 * cols as u32), items as u32, 1),
             (128, 1, 1),
             shared = (EXPAND_ROWS * outs.len() * lora.rank * 4) as u32,
             out,
             out_stride as i32,
-            y,
+            gpu.ptr(&self.bufs.lora_y),
             splits as i32,
             plane,
-            bt,
-            item_ptr,
-            ranks,
-            scales,
+            gpu.ptr(&lora.layers[li][g].bt),
+            self.meta_ptr(4),
+            gpu.ptr(&lora.slot_rank),
+            gpu.ptr(&lora.slot_scale),
             out_total as i32,
             lora.rank as i32,
             nt,
@@ -1084,7 +1070,7 @@ impl<T: GpuFloat> CudaLlama<T> {
             return Ok(());
         }
         let stream = &self.gpu.stream;
-        self.lora_shrink(lora, stream, li, g, x, s.items)?;
+        self.lora_shrink(lora, stream, li, g, x, s)?;
         self.lora_expand(lora, stream, li, g, out, out_stride, s.items, false)
     }
 

@@ -18,10 +18,7 @@ use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
 use loraplane_kernels::Kernels;
 
-pub use llama::{
-    CudaLlama, CudaModel, CudaOptions, DeviceDtype, LoraKernelMode, LORA_SHRINK_RANK_ROWS,
-    PREFILL_ATTENTION_MIN_ROWS,
-};
+pub use llama::{CudaLlama, CudaModel, CudaOptions, DeviceDtype, LoraKernelMode, PREFILL_ATTENTION_MIN_ROWS};
 
 use crate::error::{Error, Result};
 
@@ -160,50 +157,6 @@ impl Gpu {
             .record(&self.side)
             .and_then(|_| self.stream.wait(&self.join_event))
             .map_err(|e| cuda_err("joining the side stream", e))
-    }
-
-    /// Launches kernel `name` on `stream`; with `dependent`, as a programmatic dependent of the
-    /// kernel before it there (Programmatic Dependent Launch, sm_90+; other devices serialize as
-    /// usual): it may start once every block of that kernel has issued
-    /// `griddepcontrol.launch_dependents`, and must `griddepcontrol.wait` before reading what
-    /// that kernel writes. `params` point at the kernel's arguments in order
-    /// ([`launch_dependent!`] builds them).
-    #[allow(clippy::too_many_arguments)]
-    pub fn launch_ex(
-        &self,
-        stream: &CudaStream,
-        name: &str,
-        grid: (u32, u32, u32),
-        block: (u32, u32, u32),
-        shared: u32,
-        dependent: bool,
-        params: &mut [*mut std::ffi::c_void],
-    ) -> Result<()> {
-        use cudarc::driver::sys;
-        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
-        let cfg = sys::CUlaunchConfig {
-            gridDimX: grid.0,
-            gridDimY: grid.1,
-            gridDimZ: grid.2,
-            blockDimX: block.0,
-            blockDimY: block.1,
-            blockDimZ: block.2,
-            sharedMemBytes: shared,
-            hStream: stream.cu_stream(),
-            attrs: &mut attr,
-            numAttrs: u32::from(dependent),
-        };
-        let f = self.kernels.get(name);
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| cuda_err(&format!("launching {name}"), e))?;
-        // SAFETY: `params` holds one pointer per kernel argument, each to a live value of the
-        // argument's type (the macro keeps them alive across this call).
-        unsafe { sys::cuLaunchKernelEx(&cfg, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }
-            .result()
-            .map_err(|e| cuda_err(&format!("launching {name}"), e))
     }
 
     /// Zeros `bytes` bytes of device memory from `ptr`, in stream order.
@@ -378,15 +331,3 @@ macro_rules! launch {
     };
 }
 pub(crate) use launch;
-
-/// [`launch!`] through [`Gpu::launch_ex`]: `launch_dependent!(gpu, on = stream, dependent =
-/// bool, name, grid, block, shared = bytes, args...)`.
-macro_rules! launch_dependent {
-    ($gpu:expr, on = $stream:expr, dependent = $dep:expr, $name:expr, $grid:expr, $block:expr, shared = $smem:expr, $($arg:expr),* $(,)?) => {{
-        let mut params: Vec<*mut std::ffi::c_void> = Vec::new();
-        // NB: each shadowed `a` lives to the end of this block, so every pointer stays valid.
-        $( let a = $arg; params.push(&a as *const _ as *mut std::ffi::c_void); )*
-        $gpu.launch_ex($stream, $name, $grid, $block, $smem, $dep, &mut params)
-    }};
-}
-pub(crate) use launch_dependent;
