@@ -21,7 +21,7 @@ use loraplane_server::engine::request::{
 use loraplane_server::engine::{self, AdapterSpec, EngineConfig, EngineHandle, EvictionPolicy};
 use loraplane_server::metrics::Metrics;
 use loraplane_server::model::weights::load_hf_weights;
-use loraplane_server::model::{DeviceSample, Forward, LlamaModel, ModelConfig, SeqOutput};
+use loraplane_server::model::{DevicePenalties, DeviceSample, Forward, LlamaModel, ModelConfig, SeqOutput};
 
 use crate::common::{fixture, read_safetensors};
 
@@ -484,7 +484,27 @@ async fn a_failed_slot_copy_aborts_its_request_and_frees_the_slot() {
 #[derive(Default)]
 struct SampleLog {
     on_device: usize,
+    /// Device-sampled rows that carried penalties.
+    penalised: usize,
     logits: usize,
+}
+
+/// What the device's `penalize_f32` does with a row's penalty lists: repetition over every
+/// listed token (prompt and output), frequency and presence over the output's.
+fn penalise(l: &mut [f32], p: &DevicePenalties) {
+    for (&t, &c) in p.tokens.iter().zip(&p.output_counts) {
+        let v = &mut l[t as usize];
+        if p.repetition != 1.0 {
+            *v = if *v > 0.0 {
+                *v / p.repetition
+            } else {
+                *v * p.repetition
+            };
+        }
+        if c > 0 {
+            *v -= p.frequency * c as f32 + p.presence;
+        }
+    }
 }
 
 /// The CPU model posing as one that samples on its device (as the CUDA model does): greedy
@@ -521,6 +541,11 @@ impl Forward for DeviceGreedy {
             .map(|(l, s)| match s {
                 Some(s) if s.temperature <= 0.0 => {
                     log.on_device += 1;
+                    let mut l = l;
+                    if let Some(p) = &s.penalties {
+                        log.penalised += 1;
+                        penalise(&mut l, p);
+                    }
                     let lp = log_softmax(&l);
                     let token_id = argmax(&lp);
                     Ok(SeqOutput::Sampled(TokenLogprob {
@@ -543,8 +568,9 @@ impl Forward for DeviceGreedy {
 }
 
 /// With a model that samples on its device, plain greedy requests take their tokens from the
-/// model (and still match PEFT), while a request with a repetition penalty or top log-probs
-/// gets logits and is sampled on the host.
+/// model (and still match PEFT), a request with a repetition penalty is sampled there too, with
+/// penalty lists that give the host sampler's tokens, and a request with top log-probs gets
+/// logits and is sampled on the host.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_sampling_model_samples_eligible_requests_and_returns_logits_for_the_rest() {
     let log = Arc::new(Mutex::new(SampleLog::default()));
@@ -566,14 +592,31 @@ async fn a_device_sampling_model_samples_eligible_requests_and_returns_logits_fo
     );
     assert_eq!(log.lock().unwrap().logits, 0);
     let mut penalised = greedy(prompt.clone(), None, 6);
-    penalised.sampling.repetition_penalty = 1.3;
+    // Negative penalties and a repetition penalty below 1 favour tokens already seen, so they
+    // change this model's greedy answer (which never repeats a token on its own).
+    penalised.sampling.repetition_penalty = 0.5;
+    penalised.sampling.frequency_penalty = -1.0;
+    penalised.sampling.presence_penalty = -1.0;
+    let host = engine::start(
+        tiny_model(),
+        config(2, None),
+        Vec::new(),
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
+    let want = collect(host.submit(penalised.clone()).unwrap()).await;
+    assert_ne!(
+        want.tokens,
+        base.tokens[..6],
+        "the penalties change the greedy tokens"
+    );
     let mut top = greedy(prompt, None, 6);
     top.logprobs = LogprobOptions {
         return_logprob: true,
         top_logprobs_num: 3,
         ..Default::default()
     };
-    for (what, req) in [("repetition penalty", penalised), ("top log-probs", top)] {
+    for (what, req) in [("penalties", penalised), ("top log-probs", top)] {
         let out = collect(h.submit(req).unwrap()).await;
         assert!(
             matches!(out.reason, FinishReason::Length),
@@ -581,11 +624,21 @@ async fn a_device_sampling_model_samples_eligible_requests_and_returns_logits_fo
             out.reason
         );
         assert_eq!(out.tokens.len(), 6, "{what}");
+        if what == "penalties" {
+            assert_eq!(
+                out.tokens, want.tokens,
+                "device penalties pick the host sampler's tokens"
+            );
+        }
     }
     let log = log.lock().unwrap();
-    assert_eq!(log.on_device, 24, "no host-only request was sampled by the model");
     assert_eq!(
-        log.logits, 12,
-        "both host-sampled requests got logits for each of their 6 steps"
+        log.on_device, 30,
+        "the penalised request was sampled by the model too"
+    );
+    assert_eq!(log.penalised, 6, "with its penalties on each of its 6 steps");
+    assert_eq!(
+        log.logits, 6,
+        "the top-log-probs request got logits for each of its 6 steps"
     );
 }
