@@ -21,7 +21,7 @@ use loraplane_server::engine::request::{
 use loraplane_server::engine::{self, AdapterSpec, EngineConfig, EngineHandle, EvictionPolicy};
 use loraplane_server::metrics::Metrics;
 use loraplane_server::model::weights::load_hf_weights;
-use loraplane_server::model::{DevicePenalties, DeviceSample, Forward, LlamaModel, ModelConfig, SeqOutput};
+use loraplane_server::model::{DeviceSample, Forward, LlamaModel, ModelConfig, SeqOutput};
 
 use crate::common::{fixture, read_safetensors};
 
@@ -489,24 +489,6 @@ struct SampleLog {
     logits: usize,
 }
 
-/// What the device's `penalize_f32` does with a row's penalty lists: repetition over every
-/// listed token (prompt and output), frequency and presence over the output's.
-fn penalise(l: &mut [f32], p: &DevicePenalties) {
-    for (&t, &c) in p.tokens.iter().zip(&p.output_counts) {
-        let v = &mut l[t as usize];
-        if p.repetition != 1.0 {
-            *v = if *v > 0.0 {
-                *v / p.repetition
-            } else {
-                *v * p.repetition
-            };
-        }
-        if c > 0 {
-            *v -= p.frequency * c as f32 + p.presence;
-        }
-    }
-}
-
 /// The CPU model posing as one that samples on its device (as the CUDA model does): greedy
 /// choices for the sequences the engine hands it, logits for the others.
 struct DeviceGreedy {
@@ -544,7 +526,7 @@ impl Forward for DeviceGreedy {
                     let mut l = l;
                     if let Some(p) = &s.penalties {
                         log.penalised += 1;
-                        penalise(&mut l, p);
+                        p.apply(&mut l);
                     }
                     let lp = log_softmax(&l);
                     let token_id = argmax(&lp);

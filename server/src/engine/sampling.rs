@@ -83,25 +83,6 @@ fn device_penalties(p: &SamplingParams, prompt: &[u32], output: &[u32]) -> Devic
     }
 }
 
-/// What the device's penalty kernel (`penalize_f32` in `kernels/src/sampling.cu`) does to one
-/// row, for tests that hold it to [`apply_penalties`].
-#[cfg(test)]
-fn apply_device_penalties(l: &mut [f32], d: &DevicePenalties) {
-    for (&t, &c) in d.tokens.iter().zip(&d.output_counts) {
-        let Some(v) = l.get_mut(t as usize) else { continue };
-        if d.repetition != 1.0 {
-            *v = if *v > 0.0 {
-                *v / d.repetition
-            } else {
-                *v * d.repetition
-            };
-        }
-        if c > 0 {
-            *v -= d.frequency * c as f32 + d.presence;
-        }
-    }
-}
-
 /// Picks the next token from `logits` (one row). `prompt` and `output` feed the penalties.
 /// Returns the token with its log-probability under the unmodified model distribution and the
 /// `top_n` most likely alternatives.
@@ -354,7 +335,7 @@ mod tests {
             let mut got = logits.clone();
             if let Some(pen) = &d.penalties {
                 assert!(pen.tokens.windows(2).all(|w| w[0] < w[1]), "distinct, ascending");
-                apply_device_penalties(&mut got, pen);
+                pen.apply(&mut got);
             }
             assert_eq!(
                 got, want,

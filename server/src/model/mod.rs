@@ -55,6 +55,29 @@ pub struct DevicePenalties {
     pub output_counts: Vec<u32>,
 }
 
+impl DevicePenalties {
+    /// Applies these penalties to one row of logits, as the device's `penalize_f32`
+    /// (`kernels/src/sampling.cu`) does: the host-side statement of what that kernel must do,
+    /// which tests hold to the host sampler.
+    pub fn apply(&self, logits: &mut [f32]) {
+        for (&t, &c) in self.tokens.iter().zip(&self.output_counts) {
+            let Some(v) = logits.get_mut(t as usize) else {
+                continue;
+            };
+            if self.repetition != 1.0 {
+                *v = if *v > 0.0 {
+                    *v / self.repetition
+                } else {
+                    *v * self.repetition
+                };
+            }
+            if c > 0 {
+                *v -= self.frequency * c as f32 + self.presence;
+            }
+        }
+    }
+}
+
 /// One sequence's share of [`Forward::forward_sampled`].
 #[derive(Clone, Debug, PartialEq)]
 pub enum SeqOutput {
