@@ -192,7 +192,15 @@ impl Drop for Server {
 
 /// Runs the binary with `args` to its end (bounded); returns its status and stderr.
 pub fn run_to_exit(args: &[&str]) -> (ExitStatus, String) {
+    // Startup binds before loading the model, so tests that run in parallel must not share
+    // the default port: an ephemeral one keeps "address in use" from masking the error under test.
+    let port: &[&str] = if args.contains(&"--port") {
+        &[]
+    } else {
+        &["--port", "0"]
+    };
     let mut child = Command::new(BIN)
+        .args(port)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
