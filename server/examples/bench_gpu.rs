@@ -261,8 +261,9 @@ fn main() {
         eprintln!("profiled prefill: {ms:.1} ms");
         return;
     }
-    // --compare-attention: base-model decode (csgmv + graphs) at short and long contexts with
-    // and without split-key attention (CudaOptions::attention_split_keys); one table.
+    // --compare-attention: decode (csgmv + graphs) at short and long contexts with and without
+    // split-key attention (CudaOptions::attention_split_keys): the base model, and batch 64 with
+    // 64 distinct rank-16 adapters at the short context; one table.
     if std::env::args().any(|a| a == "--compare-attention") {
         for split in [false, true] {
             let o = CudaOptions {
@@ -270,24 +271,45 @@ fn main() {
                 ..opts(LoraKernelMode::Chunked(16), 256)
             };
             let mut m = CudaModel::dummy(gpu.clone(), c.clone(), o, 42).expect("model");
+            for s in 0..64 {
+                m.dummy_adapter_in_slot(s, 16, &LoraTarget::ALL, 1000 + s as u64)
+                    .unwrap();
+            }
             let mut kv = m.new_kv_cache();
-            for (prompt, batches) in [(PROMPT, &[1usize, 8, 32][..]), (4000, &[1, 4, 8][..])] {
-                for &bs in batches {
-                    let steps = 20;
-                    let ms =
-                        decode_with_prompt(&mut m, &mut kv, bs, prompt, &vec![-1; bs], steps, false, |_| {});
-                    let ctx = prompt + 3 + steps / 2;
-                    let bytes = base_bytes(&c) + bs as f64 * ctx as f64 * kv_bytes_per_token(&c);
-                    let roof = bytes / HBM_BYTES_PER_S * 1e3;
-                    let what = format!("decode base bs={bs} context {prompt}, split keys {split}");
-                    println!("{what}: {ms:.2} ms/step, roofline {roof:.2} ms");
-                    rows.push(Row {
-                        what,
-                        ms,
-                        tok_s: bs as f64 * 1e3 / ms,
-                        roofline_ms: roof,
-                    });
-                }
+            let cases = [
+                (PROMPT, 1, 0),
+                (PROMPT, 8, 0),
+                (PROMPT, 32, 0),
+                (PROMPT, 64, 0),
+                (PROMPT, 64, 64),
+                (4000, 1, 0),
+                (4000, 4, 0),
+                (4000, 8, 0),
+            ];
+            for (prompt, bs, n) in cases {
+                let steps = 20;
+                let slots: Vec<i32> = (0..bs)
+                    .map(|i| if n == 0 { -1 } else { (i % n) as i32 })
+                    .collect();
+                let ms = decode_with_prompt(&mut m, &mut kv, bs, prompt, &slots, steps, false, |_| {});
+                let ctx = prompt + 3 + steps / 2;
+                let bytes = base_bytes(&c)
+                    + n as f64 * adapter_bytes(&c, 16)
+                    + bs as f64 * ctx as f64 * kv_bytes_per_token(&c);
+                let roof = bytes / HBM_BYTES_PER_S * 1e3;
+                let who = if n == 0 {
+                    "base".to_string()
+                } else {
+                    format!("{n}x r16")
+                };
+                let what = format!("decode {who} bs={bs} context {prompt}, split keys {split}");
+                println!("{what}: {ms:.2} ms/step, roofline {roof:.2} ms");
+                rows.push(Row {
+                    what,
+                    ms,
+                    tok_s: bs as f64 * 1e3 / ms,
+                    roofline_ms: roof,
+                });
             }
         }
         print_rows(&rows);
