@@ -197,11 +197,15 @@ struct alignas(C * sizeof(T) >= 16 ? 16 : C * sizeof(T)) DimPack {
 // warps * G * (2 + 32 * DPL) floats. `row_seq[r]` indexes
 // `block_tables` ([seqs, max_blocks]); rows with row_seq < 0 are attended elsewhere.
 //
-// Split keys (flash-decoding): with gridDim.z = splits > 1, block z takes the z-th of `splits`
+// Split keys (flash-decoding): with gridDim.z = splits > 1, a row whose context has n keys uses
+// `used` = min(splits, ceil(n / SPLIT_MIN_KEYS)) of its blocks (the rest exit at once; the grid
+// is fixed in a CUDA graph, the context is not), and block z < used takes the z-th of `used`
 // equal ranges of the row's keys, so that a few rows with long contexts still fill the GPU. Each
 // block writes its partial softmax (max, sum, unnormalised output) to `part`
 // ([rows][kv heads][splits][G][d + 2]); the last of a (row, kv head)'s blocks to finish, found
 // with `counters` (zero between launches: that block resets it), merges them into `out`.
+// 256: at 128 keys, 16 splits of 8 keys took 0.06-0.11 ms per step more than one block (H100).
+#define SPLIT_MIN_KEYS 256
 template <typename T, int G, int DPL>
 __device__ void attention(T* out, const T* qkv, const T* k_cache, const T* v_cache,
                           const int* positions, const int* row_seq, const int* block_tables,
@@ -216,8 +220,11 @@ __device__ void attention(T* out, const T* qkv, const T* k_cache, const T* v_cac
     const T* qrow = qkv + (size_t)r * (qd + 2 * kvd);
     int pos = positions[r];
     int first = window > 0 ? max(0, pos + 1 - window) : 0;
-    // This block's keys [lo, hi] (empty when lo > hi: a short context with many splits).
-    int per = (pos + 1 - first + splits - 1) / splits;
+    int n_keys = pos + 1 - first;
+    int used = min(splits, (n_keys + SPLIT_MIN_KEYS - 1) / SPLIT_MIN_KEYS);
+    if (z >= used) return;
+    // This block's keys [lo, hi].
+    int per = (n_keys + used - 1) / used;
     int lo = first + z * per, hi = min(pos, lo + per - 1);
     const int* table = block_tables + (size_t)row_seq[r] * max_blocks;
 
@@ -330,7 +337,7 @@ __device__ void attention(T* out, const T* qkv, const T* k_cache, const T* v_cac
             sum += sm_l[w * G + g] * c;
             o += sm_acc[(w * G + g) * DPL * 32 + j] * c;
         }
-        if (splits == 1) {
+        if (used == 1) {
             out[(size_t)r * qd + (kvh * group + g) * d + j] = from_f<T>(o / sum);
         } else {
             pz[g * (d + 2) + j] = o;
@@ -340,13 +347,13 @@ __device__ void attention(T* out, const T* qkv, const T* k_cache, const T* v_cac
             }
         }
     }
-    if (splits == 1) return;
+    if (used == 1) return;
     // Last block of this (row, kv head) merges every split (the threadFenceReduction pattern).
     __shared__ bool last;
     __threadfence();
     __syncthreads();
     int* counter = counters + (size_t)r * n_kv_heads + kvh;
-    if (threadIdx.x == 0) last = atomicAdd(counter, 1) == splits - 1;
+    if (threadIdx.x == 0) last = atomicAdd(counter, 1) == used - 1;
     __syncthreads();
     if (!last) return;
     __threadfence();
@@ -354,9 +361,9 @@ __device__ void attention(T* out, const T* qkv, const T* k_cache, const T* v_cac
     for (int idx = threadIdx.x; idx < group * d; idx += blockDim.x) {
         int g = idx / d, j = idx % d;
         float mx = -INFINITY;
-        for (int zz = 0; zz < splits; zz++) mx = fmaxf(mx, __ldcg(p0 + (zz * G + g) * (d + 2) + d));
+        for (int zz = 0; zz < used; zz++) mx = fmaxf(mx, __ldcg(p0 + (zz * G + g) * (d + 2) + d));
         float sum = 0.f, o = 0.f;
-        for (int zz = 0; zz < splits; zz++) {
+        for (int zz = 0; zz < used; zz++) {
             const float* pp = p0 + (zz * G + g) * (d + 2);
             float mz = __ldcg(pp + d);
             if (mz == -INFINITY) continue;

@@ -347,7 +347,8 @@ const ATTENTION_MAX_SPLITS: usize = 16;
 /// Key ranges per (row, kv head) for decode attention over `rows` rows: 1 when the pairs
 /// alone fill half of ATTENTION_SPLIT_BLOCKS, else as many as keep rows · kv heads · splits
 /// within it (so the partials fit their buffer). A function of the shape only, so that a CUDA
-/// graph keeps it across replays.
+/// graph keeps it across replays; the kernel itself uses fewer splits for a row whose context
+/// is short (one per SPLIT_MIN_KEYS = 256 keys in `llama.cu`).
 fn attention_splits(rows: usize, kv_heads: usize) -> usize {
     let pairs = (rows * kv_heads).max(1);
     if 2 * pairs > ATTENTION_SPLIT_BLOCKS {
