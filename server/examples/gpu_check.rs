@@ -13,8 +13,9 @@
 //! 4. Slot loads as the engine issues them (`load_slot`), into a 2-slot pool that four adapters
 //!    take turns in: synchronous copies, and overlapped copies issued behind a base batch's
 //!    pass, read after `slot_ready` and also straight away, even before any pass issued them
-//!    (the pass that needs the slot must issue the copy and wait for it); every pass equals a
-//!    pass in a pool where the adapters never move.
+//!    (the pass that needs the slot must issue the copy and wait for it), the last round with
+//!    reloaded copies whose pinned images are still being converted on a worker thread; every
+//!    pass equals a pass in a pool where the adapters never move.
 //!
 //! 5. Flash prefill attention in bf16 and f16 against the f32 CPU backend, next to the GEMM
 //!    path (see `flash_prefill_checks` below).
@@ -1086,13 +1087,19 @@ fn slot_load_checks(gpu: &Arc<Gpu>) {
     let dir = repo().join("tests/fixtures/tiny/llama");
     let config = ModelConfig::from_hf_file(&dir.join("config.json")).unwrap();
     let host = LlamaModel::from_tensors(config.clone(), load_hf_weights(&dir).unwrap()).unwrap();
-    let adapters: Vec<Arc<LoraAdapter>> = ["qv_r2", "mlp_r8_rslora", "all_r16", "attn_r4"]
-        .iter()
-        .map(|n| {
-            let d = repo().join(format!("tests/fixtures/tiny/adapters/{n}"));
-            Arc::new(LoraAdapter::load(n, &d, &config).unwrap())
-        })
-        .collect();
+    let load_all = || -> Vec<Arc<LoraAdapter>> {
+        ["qv_r2", "mlp_r8_rslora", "all_r16", "attn_r4"]
+            .iter()
+            .map(|n| {
+                let d = repo().join(format!("tests/fixtures/tiny/adapters/{n}"));
+                Arc::new(LoraAdapter::load(n, &d, &config).unwrap())
+            })
+            .collect()
+    };
+    let adapters = load_all();
+    // The same weights under new ids: never staged, so round 2's copies start a conversion
+    // on a worker thread that the pass reading the slot must wait for.
+    let reloaded = load_all();
     let prompt: Vec<u32> = (1..24).collect();
     let vocab = config.vocab_size;
     for dtype in [DeviceDtype::Float32, DeviceDtype::Bfloat16] {
@@ -1122,7 +1129,8 @@ fn slot_load_checks(gpu: &Arc<Gpu>) {
         let mut not_ready_at_once = 0;
         // Three rounds over the four adapters in two slots: every load evicts.
         for round in 0..3 {
-            for (i, a) in adapters.iter().enumerate() {
+            let set = if round == 2 { &reloaded } else { &adapters };
+            for (i, a) in set.iter().enumerate() {
                 let slot = i % 2;
                 let overlap = round > 0;
                 m.load_slot(slot, a, overlap).unwrap();
@@ -1132,11 +1140,16 @@ fn slot_load_checks(gpu: &Arc<Gpu>) {
                     pass(&mut |kv, s| m.forward(kv, s).unwrap(), &mut kv, &base, vocab);
                 }
                 if round == 1 {
-                    // Read only once the copy is reported done.
+                    // Read only once the copy is reported done. As in the engine, base passes
+                    // go on meanwhile: the first load of an adapter waits for its conversion on
+                    // a worker thread, and a converted copy is issued after the next pass.
                     let mut polls = 0;
                     while !m.slot_ready(slot, false).unwrap() {
                         polls += 1;
-                        std::thread::yield_now();
+                        if polls > 100_000 {
+                            fail(format!("slot {slot}: overlapped copy never reported done"));
+                        }
+                        pass(&mut |kv, s| m.forward(kv, s).unwrap(), &mut kv, &base, vocab);
                     }
                     if polls > 0 {
                         not_ready_at_once += 1;

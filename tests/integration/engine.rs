@@ -338,7 +338,7 @@ impl Forward for SlowCopies {
     fn new_kv_cache(&self, max_tokens: usize, block_size: usize) -> KvCache {
         KvCache::new(self.inner.config(), max_tokens, block_size)
     }
-    fn load_slot(&mut self, slot: usize, adapter: &LoraAdapter, overlap: bool) -> ModelResult<()> {
+    fn load_slot(&mut self, slot: usize, adapter: &Arc<LoraAdapter>, overlap: bool) -> ModelResult<()> {
         let mut log = self.log.lock().unwrap();
         log.loads.push((slot, adapter.name.clone(), overlap));
         if std::mem::take(&mut log.fail_next) {

@@ -239,8 +239,9 @@ impl<M: Forward> Scheduler<M> {
     }
 
     /// Registers an adapter, reading it from `path` unless `loaded` brings it (with the seconds
-    /// that took); a pinned one is copied into its slot now. Overlap loading stages it in pinned
-    /// memory now, so its first request does not pay the conversion.
+    /// that took); a pinned one is copied into its slot now. Overlap loading starts staging it
+    /// in pinned memory now (on a worker thread), so its first request does not pay the
+    /// conversion.
     fn register(
         &mut self,
         name: &str,
@@ -268,7 +269,13 @@ impl<M: Forward> Scheduler<M> {
 
     /// Has the model copy `adapter` (load id `uid`) into `slot`, which the pool just gave it.
     /// An overlapped copy still in flight is remembered in `loading`; a failed one frees the slot.
-    fn load_into_slot(&mut self, uid: u64, slot: usize, adapter: &LoraAdapter, overlap: bool) -> Result<()> {
+    fn load_into_slot(
+        &mut self,
+        uid: u64,
+        slot: usize,
+        adapter: &Arc<LoraAdapter>,
+        overlap: bool,
+    ) -> Result<()> {
         let t0 = Instant::now();
         let copied = self
             .model
@@ -335,7 +342,13 @@ impl<M: Forward> Scheduler<M> {
     /// Whether a request whose adapter the pool just gave `slot` may join the batch: copies
     /// the adapter there if it is `fresh`, and reports an overlapped copy still in flight
     /// (waiting for it when nothing runs to overlap with).
-    fn slot_ready_for(&mut self, uid: u64, slot: usize, adapter: &LoraAdapter, fresh: bool) -> Result<bool> {
+    fn slot_ready_for(
+        &mut self,
+        uid: u64,
+        slot: usize,
+        adapter: &Arc<LoraAdapter>,
+        fresh: bool,
+    ) -> Result<bool> {
         if fresh {
             self.load_into_slot(uid, slot, adapter, self.config.lora_overlap_loading)?;
         }

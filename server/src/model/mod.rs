@@ -10,6 +10,8 @@ pub mod weights;
 pub use config::{Architecture, ModelConfig};
 pub use llama::LlamaModel;
 
+use std::sync::Arc;
+
 use crate::adapter::LoraAdapter;
 use crate::backend::cuda::CudaModel;
 use crate::engine::request::TokenLogprob;
@@ -121,7 +123,7 @@ pub trait Forward {
     /// pool chose the slot, and no running sequence uses it. With `overlap` the copy may still
     /// be in flight on return (see [`Forward::slot_ready`]); without, it is done. A model whose
     /// adapters stay in host memory has nothing to copy.
-    fn load_slot(&mut self, slot: usize, adapter: &LoraAdapter, overlap: bool) -> Result<()> {
+    fn load_slot(&mut self, slot: usize, adapter: &Arc<LoraAdapter>, overlap: bool) -> Result<()> {
         let _ = (slot, adapter, overlap);
         Ok(())
     }
@@ -130,9 +132,10 @@ pub trait Forward {
         let _ = (slot, wait);
         Ok(true)
     }
-    /// Prepares `adapter` for fast slot loads (pinned host memory in the device's dtype), so
-    /// that converting it is paid when it is registered rather than when a request needs it.
-    fn stage_adapter(&mut self, adapter: &LoraAdapter) -> Result<()> {
+    /// Starts preparing `adapter` for fast slot loads (pinned host memory in the device's
+    /// dtype) and returns at once, so that converting it is paid when it is registered, off the
+    /// caller's thread, rather than when a request needs it.
+    fn stage_adapter(&mut self, adapter: &Arc<LoraAdapter>) -> Result<()> {
         let _ = adapter;
         Ok(())
     }
@@ -191,7 +194,7 @@ impl Forward for Model {
             Model::Cuda(m) => m.forward_sampled(kv, seqs, sampling),
         }
     }
-    fn load_slot(&mut self, slot: usize, adapter: &LoraAdapter, overlap: bool) -> Result<()> {
+    fn load_slot(&mut self, slot: usize, adapter: &Arc<LoraAdapter>, overlap: bool) -> Result<()> {
         match self {
             Model::Cpu(_) => Ok(()),
             Model::Cuda(m) => m.load_slot(slot, adapter, overlap),
@@ -203,7 +206,7 @@ impl Forward for Model {
             Model::Cuda(m) => m.slot_ready(slot, wait),
         }
     }
-    fn stage_adapter(&mut self, adapter: &LoraAdapter) -> Result<()> {
+    fn stage_adapter(&mut self, adapter: &Arc<LoraAdapter>) -> Result<()> {
         match self {
             Model::Cpu(_) => Ok(()),
             Model::Cuda(m) => m.stage_adapter(adapter),

@@ -623,7 +623,7 @@ impl<T: GpuFloat> CudaLlama<T> {
     }
 
     /// See [`LoraSlots::load`].
-    pub fn load_slot(&mut self, slot: usize, adapter: &LoraAdapter, overlap: bool) -> Result<()> {
+    pub fn load_slot(&mut self, slot: usize, adapter: &Arc<LoraAdapter>, overlap: bool) -> Result<()> {
         Self::device_pool(&mut self.lora)?.load(&self.gpu, &self.config, slot, adapter, overlap)
     }
 
@@ -633,7 +633,7 @@ impl<T: GpuFloat> CudaLlama<T> {
     }
 
     /// See [`LoraSlots::stage`].
-    pub fn stage_adapter(&mut self, adapter: &LoraAdapter) -> Result<()> {
+    pub fn stage_adapter(&mut self, adapter: &Arc<LoraAdapter>) -> Result<()> {
         Self::device_pool(&mut self.lora)?.stage(&self.gpu, &self.config, adapter)
     }
 
@@ -1667,7 +1667,7 @@ impl CudaModel {
     }
 
     /// See [`CudaLlama::load_slot`].
-    pub fn load_slot(&mut self, slot: usize, adapter: &LoraAdapter, overlap: bool) -> Result<()> {
+    pub fn load_slot(&mut self, slot: usize, adapter: &Arc<LoraAdapter>, overlap: bool) -> Result<()> {
         each_dtype!(self, m => m.load_slot(slot, adapter, overlap))
     }
 
@@ -1677,7 +1677,7 @@ impl CudaModel {
     }
 
     /// See [`CudaLlama::stage_adapter`].
-    pub fn stage_adapter(&mut self, adapter: &LoraAdapter) -> Result<()> {
+    pub fn stage_adapter(&mut self, adapter: &Arc<LoraAdapter>) -> Result<()> {
         each_dtype!(self, m => m.stage_adapter(adapter))
     }
 
