@@ -75,7 +75,11 @@ impl<T: GpuFloat> Staging<T> {
         let spawned = std::thread::Builder::new()
             .name("lora-staging".into())
             .spawn(move || {
-                let _ = out.image.set(pinned_image(&ctx, &c, &a));
+                // A panic must not leave waiters blocked on an image that never comes.
+                let image =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pinned_image(&ctx, &c, &a)))
+                        .unwrap_or_else(|_| Err(format!("converting adapter {} panicked", a.name)));
+                let _ = out.image.set(image);
             });
         if let Err(e) = spawned {
             let _ = staging
