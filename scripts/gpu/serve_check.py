@@ -6,7 +6,7 @@ output ids must equal the CPU's, half precision is reported. Runs with 2 device 
 adapters exercise slot eviction and reload on the GPU, synchronous and with
 --enable-lora-overlap-loading (also with one adapter pinned in 3 slots). Then sampling on the GPU: two identical
 requests with temperature 0.8 and seed 7 must return identical text, and a batch mixing greedy,
-sampled and repetition-penalised requests (the last sampled on the host) must complete. Standard
+sampled and repetition-penalised requests (all sampled on the device) must complete. Standard
 library only (runs on the GPU machine as is).
 
 usage: scripts/gpu/serve_check.py [path/to/loraplane-server]
@@ -88,7 +88,7 @@ def sampling(label, extra):
             ("greedy", {"temperature": 0}),
             ("T=0.8 seed", {"temperature": 0.8, "seed": 11}),
             ("T=1.2 top_k=20 top_p=0.9 min_p=0.05", {"temperature": 1.2, "top_k": 20, "top_p": 0.9, "min_p": 0.05}),
-            ("repetition_penalty=1.2 (host)", {"temperature": 0.8, "repetition_penalty": 1.2}),
+            ("repetition_penalty=1.2", {"temperature": 0.8, "repetition_penalty": 1.2}),
         ]
         texts, loras, params, names = [], [], [], []
         for i, p in enumerate(PROMPTS):
@@ -102,7 +102,7 @@ def sampling(label, extra):
                 for o in out]
         ok = same and len(out) == len(texts) and all(done)
         print(f"  {'ok ' if all(done) and len(out) == len(texts) else 'FAIL'} {label}: mixed batch of "
-              f"{len(texts)} (greedy, device-sampled, host-sampled; base and adapters): {sum(done)} completed")
+              f"{len(texts)} (greedy, sampled, penalised; base and adapters): {sum(done)} completed")
         for d, n, l, o in zip(done, names, loras, out):
             if not d:
                 print(f"    {n} {l or 'base'}: {o.get('meta_info')}")
