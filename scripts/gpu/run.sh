@@ -20,8 +20,9 @@
 #                              (bench_gpu --compare, see there; batches from
 #                              LORAPLANE_BENCH_BATCHES, default 1,8,64)
 #   scripts/gpu/run.sh gemms       cuBLAS bf16 GEMMs at decode shapes: time and weight GB/s
-#   scripts/gpu/run.sh attention   base decode at 128- and 4000-token contexts with and without
-#                              split-key attention (bench_gpu --compare-attention)
+#   scripts/gpu/run.sh attention   decode at 128-, 1000- and 4000-token contexts with and without
+#                              split-key attention (bench_gpu --compare-attention); first with
+#                              bench_gpu_base when scripts/gpu/build-baseline.sh made one
 #   scripts/gpu/run.sh all     check, serve and bench
 # Logs go to $OUT (or ./gpu-logs); the last lines printed are the summary tables.
 set -uo pipefail
@@ -111,6 +112,12 @@ if [[ $what == compare ]]; then
   grep '^|' "$OUT/compare.log"; tail -5 "$OUT/compare.err"
 fi
 if [[ $what == attention ]]; then
+  if [[ -x $BIN/bench_gpu_base ]]; then
+    echo "== baseline (bench_gpu_base, see scripts/gpu/build-baseline.sh)"
+    "$BIN/bench_gpu_base" --compare-attention 2>"$OUT/attention-base.err" >"$OUT/attention-base.log"; rc=$((rc | $?))
+    grep '^|' "$OUT/attention-base.log"; tail -3 "$OUT/attention-base.err"
+    echo "== this build"
+  fi
   "$BIN/bench_gpu" --compare-attention 2>"$OUT/attention.err" >"$OUT/attention.log"; rc=$((rc | $?))
   grep '^|' "$OUT/attention.log"; tail -3 "$OUT/attention.err"
 fi
