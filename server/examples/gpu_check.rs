@@ -1144,10 +1144,13 @@ fn slot_load_checks(gpu: &Arc<Gpu>) {
                     // go on meanwhile: the first load of an adapter waits for its conversion on
                     // a worker thread, and a converted copy is issued after the next pass.
                     let mut polls = 0;
+                    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
                     while !m.slot_ready(slot, false).unwrap() {
                         polls += 1;
-                        if polls > 100_000 {
-                            fail(format!("slot {slot}: overlapped copy never reported done"));
+                        if std::time::Instant::now() > deadline {
+                            fail(format!(
+                                "slot {slot}: overlapped copy not done after 30 s of passes"
+                            ));
                         }
                         pass(&mut |kv, s| m.forward(kv, s).unwrap(), &mut kv, &base, vocab);
                     }
