@@ -20,7 +20,7 @@ use std::sync::{Arc, OnceLock};
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
 
 use super::{Gpu, GpuFloat};
-use crate::adapter::{LoraAdapter, LoraTarget};
+use crate::adapter::{LoraAdapter, LoraTarget, LoraWeights};
 use crate::error::{Error, Result};
 use crate::model::ModelConfig;
 
@@ -57,11 +57,12 @@ struct Piece {
     len: usize,
 }
 
-/// An adapter's slot image in pinned host memory for asynchronous copies, filled by a worker
-/// thread: `image` is set once, to the image or to why it could not be made.
+/// An adapter's slot image in pinned host memory for asynchronous copies, one buffer per layer,
+/// filled by a worker thread: `image` is set once, to the buffers or to why they could not be
+/// made.
 struct Staging<T> {
     rank: usize,
-    image: OnceLock<std::result::Result<PinnedHostSlice<T>, String>>,
+    image: OnceLock<std::result::Result<Vec<PinnedHostSlice<T>>, String>>,
 }
 
 impl<T: GpuFloat> Staging<T> {
@@ -90,31 +91,38 @@ impl<T: GpuFloat> Staging<T> {
     }
 
     /// The image once converted (`None` while converting); with `wait`, blocks until it is.
-    fn image(&self, wait: bool) -> Option<Result<&PinnedHostSlice<T>>> {
+    fn image(&self, wait: bool) -> Option<Result<&[PinnedHostSlice<T>]>> {
         let done = if wait {
             Some(self.image.wait())
         } else {
             self.image.get()
         };
-        done.map(|r| r.as_ref().map_err(|e| Error::Model(e.clone())))
+        done.map(|r| r.as_deref().map_err(|e| Error::Model(e.clone())))
     }
 }
 
-/// `a`'s slot image converted into newly allocated pinned memory.
+/// `a`'s slot image converted into newly allocated pinned memory, a buffer per layer, each
+/// allocated just before it is filled: pinning one 84 MB buffer holds the driver for tens of
+/// milliseconds, during which the engine thread's calls wait; a layer's few MB do not.
 fn pinned_image<T: GpuFloat>(
     ctx: &Arc<cudarc::driver::CudaContext>,
     c: &ModelConfig,
     a: &LoraAdapter,
-) -> std::result::Result<PinnedHostSlice<T>, String> {
-    let len = slot_image_len(c, a);
-    // SAFETY: `fill_slot_image` writes every element before the buffer is read.
-    let mut pinned = unsafe { ctx.alloc_pinned::<T>(len.max(1)) }
-        .map_err(|e| format!("CUDA: allocating pinned memory for adapter {}: {e}", a.name))?;
-    let image = pinned
-        .as_mut_slice()
-        .map_err(|e| format!("CUDA: writing a staged adapter: {e}"))?;
-    fill_slot_image(c, a, &mut image[..len]);
-    Ok(pinned)
+) -> std::result::Result<Vec<PinnedHostSlice<T>>, String> {
+    let len = image_layer_len(c, a.rank);
+    a.layers
+        .iter()
+        .map(|layer| {
+            // SAFETY: `fill_layer_image` writes every element before the buffer is read.
+            let mut pinned = unsafe { ctx.alloc_pinned::<T>(len.max(1)) }
+                .map_err(|e| format!("CUDA: allocating pinned memory for adapter {}: {e}", a.name))?;
+            let image = pinned
+                .as_mut_slice()
+                .map_err(|e| format!("CUDA: writing a staged adapter: {e}"))?;
+            fill_layer_image(c, a.rank, layer, &mut image[..len]);
+            Ok(pinned)
+        })
+        .collect()
 }
 
 /// An overlapped copy into a slot: queued (`done` is `None`) until a forward pass issues it
@@ -165,6 +173,8 @@ pub struct LoraSlots<T> {
     superseded: Vec<Pending<T>>,
     /// Each group's input width and target output widths.
     dims: Vec<(usize, Vec<usize>)>,
+    /// [`image_layer_len`] at rank 1 (it grows linearly with the rank).
+    layer_image_len_per_rank: usize,
     /// Host buffer synchronous loads convert into, kept so that its pages are touched once
     /// (first-touch faults cost more than the conversion).
     scratch: Vec<T>,
@@ -206,6 +216,7 @@ impl<T: GpuFloat> LoraSlots<T> {
             superseded: Vec::new(),
             scratch: Vec::new(),
             dims: (0..GROUPS.len()).map(|g| group_dims(c, g)).collect(),
+            layer_image_len_per_rank: image_layer_len(c, 1),
         })
     }
 
@@ -316,13 +327,13 @@ impl<T: GpuFloat> LoraSlots<T> {
             stream
                 .wait(&p.after)
                 .map_err(|e| cuda_copy_err("ordering a slot copy", e))?;
-            let image = p
-                .image
-                .image(false)
-                .expect("converted: filtered above")?
-                .as_slice()
-                .map_err(|e| cuda_copy_err("reading a staged adapter", e))?;
+            let layers = p.image.image(false).expect("converted: filtered above")?;
+            let layer_len = p.image.rank * self.layer_image_len_per_rank;
             for piece in self.pieces(slot, p.image.rank) {
+                let image = layers[piece.layer]
+                    .as_slice()
+                    .map_err(|e| cuda_copy_err("reading a staged adapter", e))?;
+                let src = piece.src - piece.layer * layer_len;
                 let dst = self.piece_ptr(gpu, &piece);
                 // SAFETY: `dst` lies inside the slot's buffer (pieces stay within the slot) and
                 // the pinned image outlives the copy: `pending` (or `superseded`) holds it
@@ -330,7 +341,7 @@ impl<T: GpuFloat> LoraSlots<T> {
                 unsafe {
                     cudarc::driver::result::memcpy_htod_async(
                         dst,
-                        &image[piece.src..piece.src + piece.len],
+                        &image[src..src + piece.len],
                         stream.cu_stream(),
                     )
                 }
@@ -643,47 +654,64 @@ fn slot_image_len(c: &ModelConfig, a: &LoraAdapter) -> usize {
 /// its part front to back (the pinned buffer is write-combined).
 fn fill_slot_image<T: GpuFloat>(c: &ModelConfig, a: &LoraAdapter, out: &mut [T]) {
     use rayon::prelude::*;
-    let r = a.rank;
-    let zero = T::from_f32(0.0);
-    out.par_chunks_mut(image_layer_len(c, r))
+    out.par_chunks_mut(image_layer_len(c, a.rank))
         .zip(a.layers.par_iter())
-        .for_each(|(dst, layer)| {
-            let mut at = 0;
-            for (g, targets) in GROUPS.iter().enumerate() {
-                let (in_dim, outs) = group_dims(c, g);
-                for target in targets.iter() {
-                    let part = &mut dst[at..at + r * in_dim];
-                    match layer[target.index()].as_ref() {
-                        Some(w) => part
-                            .iter_mut()
-                            .zip(&w.a.data[..r * in_dim])
-                            .for_each(|(d, &v)| *d = T::from_f32(v)),
-                        None => part.fill(zero),
-                    }
-                    at += r * in_dim;
-                }
-                // Bᵀ: row k holds column k of every target's B, side by side.
-                for k in 0..r {
-                    for (t, target) in targets.iter().enumerate() {
-                        let part = &mut dst[at..at + outs[t]];
-                        match layer[target.index()].as_ref() {
-                            Some(w) => part
-                                .iter_mut()
-                                .zip(w.b.data.iter().skip(k).step_by(r))
-                                .for_each(|(d, &v)| *d = T::from_f32(v)),
-                            None => part.fill(zero),
-                        }
-                        at += outs[t];
-                    }
-                }
+        .for_each(|(dst, layer)| fill_layer_image(c, a.rank, layer, dst));
+}
+
+/// One layer's part of [`fill_slot_image`], front to back.
+fn fill_layer_image<T: GpuFloat>(c: &ModelConfig, r: usize, layer: &[Option<LoraWeights>; 7], dst: &mut [T]) {
+    let zero = T::from_f32(0.0);
+    let mut at = 0;
+    for (g, targets) in GROUPS.iter().enumerate() {
+        let (in_dim, outs) = group_dims(c, g);
+        for target in targets.iter() {
+            let part = &mut dst[at..at + r * in_dim];
+            match layer[target.index()].as_ref() {
+                Some(w) => part
+                    .iter_mut()
+                    .zip(&w.a.data[..r * in_dim])
+                    .for_each(|(d, &v)| *d = T::from_f32(v)),
+                None => part.fill(zero),
             }
-        });
+            at += r * in_dim;
+        }
+        // Bᵀ: row k holds column k of every target's B, side by side.
+        for k in 0..r {
+            for (t, target) in targets.iter().enumerate() {
+                let part = &mut dst[at..at + outs[t]];
+                match layer[target.index()].as_ref() {
+                    Some(w) => part
+                        .iter_mut()
+                        .zip(w.b.data.iter().skip(k).step_by(r))
+                        .for_each(|(d, &v)| *d = T::from_f32(v)),
+                    None => part.fill(zero),
+                }
+                at += outs[t];
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::adapter::LoraTarget;
+
+    /// Staged images are copied from per-layer buffers located by `rank · image_layer_len(1)`.
+    #[test]
+    fn a_layer_image_grows_linearly_with_the_rank() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/tiny/llama/config.json"
+        );
+        let c = ModelConfig::from_hf_file(std::path::Path::new(path)).unwrap();
+        for r in [1, 3, 16, 64] {
+            assert_eq!(image_layer_len(&c, r), r * image_layer_len(&c, 1));
+            let a = LoraAdapter::dummy("x", &c, r, &LoraTarget::ALL, 1);
+            assert_eq!(slot_image_len(&c, &a), c.num_layers * image_layer_len(&c, r));
+        }
+    }
 
     /// The image holds each target's `A` rows and `Bᵀ` where `pieces` says, for a rank below
     /// the pool's and targets on only some projections.
