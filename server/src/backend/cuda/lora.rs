@@ -66,26 +66,34 @@ struct Staging<T> {
 }
 
 impl<T: GpuFloat> Staging<T> {
-    /// Starts converting `a` on a new thread; the returned staging is filled when it is done.
-    fn start(ctx: &Arc<cudarc::driver::CudaContext>, c: &ModelConfig, a: &Arc<LoraAdapter>) -> Arc<Self> {
+    /// Queues the conversion of `a` on `worker`; the returned staging is filled when it is done
+    /// (or at once with the reason, when it no longer matters or cannot run).
+    fn start(
+        worker: &mut SerialWorker,
+        ctx: &Arc<cudarc::driver::CudaContext>,
+        c: &ModelConfig,
+        a: &Arc<LoraAdapter>,
+    ) -> Arc<Self> {
         let staging = Arc::new(Staging {
             rank: a.rank,
             image: OnceLock::new(),
         });
         let (ctx, c, a, out) = (ctx.clone(), c.clone(), a.clone(), staging.clone());
-        let spawned = std::thread::Builder::new()
-            .name("lora-staging".into())
-            .spawn(move || {
+        let queued = worker.submit(move || {
+            // Only this job still holds it: evicted from the cache before its turn.
+            let image = if Arc::strong_count(&out) == 1 {
+                Err("dropped before its conversion".to_string())
+            } else {
                 // A panic must not leave waiters blocked on an image that never comes.
-                let image =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pinned_image(&ctx, &c, &a)))
-                        .unwrap_or_else(|_| Err(format!("converting adapter {} panicked", a.name)));
-                let _ = out.image.set(image);
-            });
-        if let Err(e) = spawned {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pinned_image(&ctx, &c, &a)))
+                    .unwrap_or_else(|_| Err(format!("converting adapter {} panicked", a.name)))
+            };
+            let _ = out.image.set(image);
+        });
+        if let Err(e) = queued {
             let _ = staging
                 .image
-                .set(Err(format!("starting a thread to stage the adapter: {e}")));
+                .set(Err(format!("starting the adapter staging thread: {e}")));
         }
         staging
     }
@@ -123,6 +131,38 @@ fn pinned_image<T: GpuFloat>(
             Ok(pinned)
         })
         .collect()
+}
+
+/// Runs jobs one at a time, in order, on a thread of its own, started on first use (and again
+/// if it ever exits). One thread bounds what staging takes while many adapters are registered
+/// at once: one conversion's CPU and one pinned allocation at a time.
+struct SerialWorker {
+    name: &'static str,
+    jobs: Option<std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>>,
+}
+
+impl SerialWorker {
+    fn new(name: &'static str) -> Self {
+        SerialWorker { name, jobs: None }
+    }
+
+    fn submit(&mut self, job: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+        let mut job: Box<dyn FnOnce() + Send> = Box::new(job);
+        if let Some(tx) = &self.jobs {
+            match tx.send(job) {
+                Ok(()) => return Ok(()),
+                // The thread is gone: start another for this job.
+                Err(std::sync::mpsc::SendError(back)) => job = back,
+            }
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        std::thread::Builder::new()
+            .name(self.name.into())
+            .spawn(move || rx.into_iter().for_each(|job| job()))?;
+        tx.send(job).expect("the thread holds the receiver");
+        self.jobs = Some(tx);
+        Ok(())
+    }
 }
 
 /// An overlapped copy into a slot: queued (`done` is `None`) until a forward pass issues it
@@ -165,6 +205,8 @@ pub struct LoraSlots<T> {
     /// Side stream for overlapped copies, created on first use.
     copy_stream: Option<Arc<CudaStream>>,
     staged: HashMap<u64, Arc<Staging<T>>>,
+    /// Converts staged images, one at a time.
+    stager: SerialWorker,
     /// Staged ids, least recently staged or used first.
     staged_order: VecDeque<u64>,
     pending: Vec<Option<Pending<T>>>,
@@ -211,6 +253,7 @@ impl<T: GpuFloat> LoraSlots<T> {
             host_scale: vec![0.0; slots],
             copy_stream: None,
             staged: HashMap::new(),
+            stager: SerialWorker::new("lora-staging"),
             staged_order: VecDeque::new(),
             pending: (0..slots).map(|_| None).collect(),
             superseded: Vec::new(),
@@ -494,7 +537,7 @@ impl<T: GpuFloat> LoraSlots<T> {
         {
             return Ok(s.clone());
         }
-        let staged = Staging::start(&gpu.ctx, c, a);
+        let staged = Staging::start(&mut self.stager, &gpu.ctx, c, a);
         self.staged.insert(a.id, staged.clone());
         while self.staged.len() > 2 * self.slots {
             let Some(old) = self.staged_order.pop_front() else {
@@ -697,6 +740,47 @@ fn fill_layer_image<T: GpuFloat>(c: &ModelConfig, r: usize, layer: &[Option<Lora
 mod tests {
     use super::*;
     use crate::adapter::LoraTarget;
+
+    #[test]
+    fn a_serial_worker_runs_jobs_in_order_on_one_thread() {
+        let mut w = SerialWorker::new("test-worker");
+        let (tx, rx) = std::sync::mpsc::channel();
+        for i in 0..8 {
+            let tx = tx.clone();
+            w.submit(move || {
+                tx.send((i, std::thread::current().id())).unwrap();
+            })
+            .unwrap();
+        }
+        let got: Vec<_> = (0..8)
+            .map(|_| rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap())
+            .collect();
+        assert_eq!(
+            got.iter().map(|g| g.0).collect::<Vec<_>>(),
+            (0..8).collect::<Vec<_>>()
+        );
+        assert!(got
+            .iter()
+            .all(|g| g.1 == got[0].1 && g.1 != std::thread::current().id()));
+    }
+
+    #[test]
+    fn a_serial_worker_whose_thread_died_starts_another() {
+        let mut w = SerialWorker::new("test-worker");
+        // A job that panics ends the thread (the staging job catches its own panics).
+        w.submit(|| panic!("job failed")).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        // The send may race the thread's end; resubmit until a job runs (bounded).
+        loop {
+            let tx = tx.clone();
+            w.submit(move || tx.send(()).unwrap()).unwrap();
+            if rx.recv_timeout(std::time::Duration::from_millis(200)).is_ok() {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "no job ran after the panic");
+        }
+    }
 
     /// Staged images are copied from per-layer buffers located by `rank · image_layer_len(1)`.
     #[test]
