@@ -65,7 +65,12 @@ pub const TYPED_KERNELS: &[&str] = &[
 pub const UNTYPED_KERNELS: &[&str] = &["argmax_f32", "rope_table_f32"];
 
 /// The kernels `sampling.cu` exports (f32 logits only).
-pub const SAMPLING_KERNELS: &[&str] = &["sample_f32", "penalize_f32", "gather_rows_f32"];
+pub const SAMPLING_KERNELS: &[&str] = &[
+    "sample_f32",
+    "penalize_f32",
+    "gather_rows_f32",
+    "top_logprobs_f32",
+];
 
 /// Kernel families with compile-time shape variants: `{name}_{type}_{variant}`.
 pub const VARIANT_KERNELS: &[(&str, &[&str])] = &[
@@ -197,6 +202,31 @@ fn cached_ptx(arch: &'static str) -> Result<Ptx, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The plain (non-macro) kernels each source defines, so one missing from the lists above
+    /// fails here rather than as a panic on the first GPU launch.
+    #[test]
+    fn every_plain_kernel_in_the_sources_is_loaded() {
+        let names = kernel_names();
+        let src = source();
+        let mut seen = 0;
+        for def in src.split("extern \"C\" __global__").skip(1) {
+            let mut rest = def.trim_start().strip_prefix("void").unwrap_or(def).trim_start();
+            if let Some(after) = rest.strip_prefix("__launch_bounds__(") {
+                rest = after.split_once(')').map_or(after, |(_, r)| r).trim_start();
+            }
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '#')
+                .collect();
+            if name.contains('#') {
+                continue; // a macro's template, checked through its instantiations
+            }
+            assert!(names.contains(&name), "{name} is defined but not loaded");
+            seen += 1;
+        }
+        assert!(seen >= 6, "found only {seen} plain kernels");
+    }
 
     #[test]
     fn flash_kernels_exist_only_for_half_types_and_tensor_core_head_sizes() {

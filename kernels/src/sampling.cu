@@ -347,6 +347,70 @@ extern "C" __global__ void __launch_bounds__(1024)
     if (threadIdx.x == 0) out[blockIdx.x] = {tok, (raw[tok] - rs.max) - logf(rs.sum)};
 }
 
+// out[i * max_n + k], k < min(ns[i], max_n): the k-th most likely token of logits row rows[i]
+// and its log-probability under that row, in the host's top_logprobs() order (higher logit
+// first, ties: lower id first). Pass k takes the best token strictly after pass k - 1's in that
+// order, so n passes over the row need no sort and no list of what was taken. NaN logits are
+// never taken. Any block size that is a multiple of 32, up to 1024.
+extern "C" __global__ void __launch_bounds__(1024)
+    top_logprobs_f32(smp::SampleOut* out, const float* logits, const int* rows, const int* ns, int vocab,
+                     int max_n) {
+    using namespace smp;
+    const float* l = logits + (size_t)rows[blockIdx.x] * vocab;
+    const int n = min(ns[blockIdx.x], max_n);
+    if (n <= 0) return;
+    const Stats st = row_stats(l, vocab);
+    const float log_sum = logf(st.sum);
+    __shared__ float s_v[32];
+    __shared__ int s_i[32];
+    __shared__ float s_prev_v;
+    __shared__ int s_prev_i;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    // (value, index) of the previous pick; +inf and -1 come before every token.
+    float pv = __int_as_float(0x7f800000);
+    int pi = -1;
+    for (int k = 0; k < n; k++) {
+        float bv = neg_inf();
+        int bi = NO_TOKEN;
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+            const float v = l[j];
+            const bool after = v < pv || (v == pv && j > pi);
+            if (after && (v > bv || (v == bv && j < bi))) {
+                bv = v;
+                bi = j;
+            }
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(FULL, bv, o);
+            const int oi = __shfl_xor_sync(FULL, bi, o);
+            if (ov > bv || (ov == bv && oi < bi)) {
+                bv = ov;
+                bi = oi;
+            }
+        }
+        if (lane == 0) {
+            s_v[warp] = bv;
+            s_i[warp] = bi;
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            for (int w = 1; w < nwarps; w++) {
+                if (s_v[w] > bv || (s_v[w] == bv && s_i[w] < bi)) {
+                    bv = s_v[w];
+                    bi = s_i[w];
+                }
+            }
+            s_prev_v = bv;
+            s_prev_i = bi;
+            const bool found = bi != NO_TOKEN;
+            out[(size_t)blockIdx.x * max_n + k] = {found ? bi : -1, found ? (bv - st.max) - log_sum : neg_inf()};
+        }
+        __syncthreads();
+        pv = s_prev_v;
+        pi = s_prev_i;
+    }
+}
+
 // out[i, :] = logits[rows[i], :]: the rows the host still needs, packed for one copy.
 extern "C" __global__ void gather_rows_f32(float* out, const float* logits, const int* rows, int vocab) {
     const float* src = logits + (size_t)rows[blockIdx.x] * vocab;

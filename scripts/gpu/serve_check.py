@@ -6,7 +6,8 @@ output ids must equal the CPU's, half precision is reported. Runs with 2 device 
 adapters exercise slot eviction and reload on the GPU, synchronous and with
 --enable-lora-overlap-loading (also with one adapter pinned in 3 slots). Then sampling on the GPU: two identical
 requests with temperature 0.8 and seed 7 must return identical text, and a batch mixing greedy,
-sampled and repetition-penalised requests (all sampled on the device) must complete. Standard
+sampled and repetition-penalised requests (all sampled on the device) must complete, and
+greedy requests' top-5 log-probs (returned by the device) must match the CPU's. Standard
 library only (runs on the GPU machine as is).
 
 usage: scripts/gpu/serve_check.py [path/to/loraplane-server]
@@ -112,6 +113,21 @@ def sampling(label, extra):
         proc.wait(timeout=30)
 
 
+def top_logprobs(extra):
+    """Each output position's top 5 alternatives ((id, log-prob) pairs) for a greedy batch."""
+    proc, addr = start(extra)
+    try:
+        out = post(addr, "/generate", {
+            "text": PROMPTS, "lora_path": [None, ADAPTERS[0], ADAPTERS[2], None],
+            "sampling_params": {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True},
+            "return_logprob": True, "top_logprobs_num": 5,
+        })
+        return [[[(t[1], t[0]) for t in pos] for pos in o["meta_info"]["output_top_logprobs"]] for o in out]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def main():
     cpu, loras = run("cpu float32", ["--device", "cpu"])
     failed = False
@@ -141,6 +157,18 @@ def main():
             for a, b, l in zip(ids, cpu, loras):
                 if a != b:
                     print(f"    {l or 'base'}: gpu {a} cpu {b}")
+    print("top log-probs (returned by the device on the GPU)")
+    want = top_logprobs(["--device", "cpu"])
+    got = top_logprobs(f32)
+    ids_equal = all([i for i, _ in a] == [i for i, _ in b] for x, y in zip(got, want) for a, b in zip(x, y))
+    # An aborted request returns no positions; that is a failure, not an empty comparison.
+    complete = len(got) == len(want) and all(len(x) == len(y) == 6 for x, y in zip(got, want))
+    worst = max((abs(lp - lq) for x, y in zip(got, want) for a, b in zip(x, y) for (_, lp), (_, lq) in zip(a, b)),
+                default=float("inf"))
+    ok = complete and ids_equal and worst <= 1e-4
+    failed |= not ok
+    print(f"  {'ok ' if ok else 'FAIL'} cuda float32: top-5 ids equal to the CPU's at every position: {ids_equal}, "
+          f"largest log-prob difference {worst:.1e} (<= 1e-4), all 6 positions returned: {complete}")
     print("sampling on the GPU")
     for label, extra in [("cuda bfloat16", ["--device", "cuda"]),
                          ("cuda float32", ["--device", "cuda", "--dtype", "float32"])]:

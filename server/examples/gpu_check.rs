@@ -29,15 +29,17 @@ use std::sync::Arc;
 use cudarc::driver::CudaSlice;
 use loraplane_server::adapter::{LoraAdapter, LoraTarget};
 use loraplane_server::backend::cpu::log_softmax;
-use loraplane_server::backend::cuda::sampling::{sample_rows, sample_rows_penalized, SampleRow};
+use loraplane_server::backend::cuda::sampling::{
+    sample_rows, sample_rows_penalized, top_logprobs_rows, SampleRow,
+};
 use loraplane_server::backend::cuda::{CudaModel, CudaOptions, DeviceDtype, Gpu, LoraKernelMode};
 use loraplane_server::engine::generate::argmax;
 use loraplane_server::engine::request::SamplingParams;
-use loraplane_server::engine::sampling::{apply_penalties, device_sample, kept_tokens};
+use loraplane_server::engine::sampling::{apply_penalties, device_sample, kept_tokens, top_logprobs};
 use loraplane_server::engine::{KvCache, SeqCache};
 use loraplane_server::model::llama::{LogitsWanted, SeqInput};
 use loraplane_server::model::weights::load_hf_weights;
-use loraplane_server::model::{DeviceSample, LlamaModel, ModelConfig, SeqOutput};
+use loraplane_server::model::{DeviceSample, LlamaModel, ModelConfig, SeqOutput, MAX_DEVICE_TOP_LOGPROBS};
 use loraplane_server::tensor::Tensor;
 
 fn repo() -> PathBuf {
@@ -728,8 +730,14 @@ fn sampling_kernel_checks(gpu: &Arc<Gpu>, quick: bool) {
         let greedy: Vec<SampleRow> = (0..rows.len())
             .flat_map(|r| {
                 [
-                    SampleRow::new(r, &device_sample(&params(0.0, 0, 1.0, 0.0), &[], &[], r as u64)),
-                    SampleRow::new(r, &device_sample(&params(1.0, 1, 1.0, 0.0), &[], &[], r as u64)),
+                    SampleRow::new(
+                        r,
+                        &device_sample(&params(0.0, 0, 1.0, 0.0), 0, &[], &[], r as u64),
+                    ),
+                    SampleRow::new(
+                        r,
+                        &device_sample(&params(1.0, 1, 1.0, 0.0), 0, &[], &[], r as u64),
+                    ),
                 ]
             })
             .collect();
@@ -746,6 +754,47 @@ fn sampling_kernel_checks(gpu: &Arc<Gpu>, quick: bool) {
             "ok  sampling vocab {vocab:6}: greedy and top_k=1 = host argmax (lowest id of an exact tie), log-probs within 1e-4"
         );
 
+        // Top log-probs: the host's top_logprobs() of the row's log-softmax, in its order
+        // (ties: lower id first), also on a row of a few distinct values (large exact ties).
+        let quantized: Vec<f32> = (0..vocab).map(|_| (rng.f() * 8.0).round() / 2.0).collect();
+        let mut top_rows: Vec<(&str, &[f32], Vec<f32>)> = rows
+            .iter()
+            .zip(&lps)
+            .map(|(r, lp)| (r.0, &r.1[..], lp.clone()))
+            .collect();
+        top_rows.push(("quantized", &quantized, log_softmax(&quantized)));
+        let top_host: Vec<f32> = top_rows.iter().flat_map(|r| r.1.iter().copied()).collect();
+        let top_dev = gpu.upload(&top_host).unwrap_or_else(|e| fail(e.to_string()));
+        for n in [1usize, 5, MAX_DEVICE_TOP_LOGPROBS] {
+            let asks: Vec<(usize, usize)> = (0..top_rows.len()).map(|r| (r, n)).collect();
+            let got = top_logprobs_rows(gpu, gpu.ptr(&top_dev), vocab, &asks)
+                .unwrap_or_else(|e| fail(format!("top log-probs: {e}")));
+            for ((name, _, lp), got) in top_rows.iter().zip(got) {
+                let want = top_logprobs(lp, n);
+                let ids = |v: &[(u32, f32)]| v.iter().map(|t| t.0).collect::<Vec<_>>();
+                if ids(&got) != ids(&want) {
+                    fail(format!(
+                        "top {n} log-probs vocab {vocab} {name}: ids {:?}, host {:?}",
+                        ids(&got),
+                        ids(&want)
+                    ));
+                }
+                let worst = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a.1 - b.1).abs())
+                    .fold(0.0f32, f32::max);
+                if worst.is_nan() || worst > 1e-4 {
+                    fail(format!(
+                        "top {n} log-probs vocab {vocab} {name}: |Δ| {worst:e} > 1e-4"
+                    ));
+                }
+            }
+        }
+        println!(
+            "ok  sampling vocab {vocab:6}: top 1/5/{MAX_DEVICE_TOP_LOGPROBS} log-probs = host top_logprobs (ids in order, ties by id; values within 1e-4)"
+        );
+
         for (ri, (name, l)) in rows.iter().enumerate().take(2) {
             let (bins, nbins) = rank_bins(l);
             let bound = tv_bound(nbins, draws);
@@ -757,7 +806,7 @@ fn sampling_kernel_checks(gpu: &Arc<Gpu>, quick: bool) {
                 );
                 let seed0 = ((vocab as u64) << 40) ^ ((ri as u64) << 32) ^ ((ci as u64) << 20);
                 let batch: Vec<SampleRow> = (0..draws)
-                    .map(|i| SampleRow::new(ri, &device_sample(p, &[], &[], seed0 + i as u64)))
+                    .map(|i| SampleRow::new(ri, &device_sample(p, 0, &[], &[], seed0 + i as u64)))
                     .collect();
                 let got = device_sample_rows(gpu, &dev, vocab, &batch);
                 // Same seeds, same tokens (and log-probs), bit for bit.
@@ -902,7 +951,7 @@ fn sampling_forward_checks(gpu: &Arc<Gpu>) {
                 .map(|i| {
                     sampled(i).then(|| {
                         let t = if i % 4 == 0 { 0.0 } else { 0.9 };
-                        device_sample(&params(t, 0, 0.95, 0.0), &[], &[], (step * 100 + i) as u64)
+                        device_sample(&params(t, 0, 0.95, 0.0), 0, &[], &[], (step * 100 + i) as u64)
                     })
                 })
                 .collect();
@@ -959,7 +1008,7 @@ fn sampling_forward_checks(gpu: &Arc<Gpu>) {
         if m.forward_sampled(
             &kv,
             &[bad],
-            &[Some(device_sample(&params(1.0, 0, 1.0, 0.0), &[], &[], 1))],
+            &[Some(device_sample(&params(1.0, 0, 1.0, 0.0), 0, &[], &[], 1))],
         )
         .is_ok()
         {
@@ -999,7 +1048,7 @@ fn sampling_timing(gpu: &Arc<Gpu>) {
         ("T=0.8 top_k=50 top_p=0.9 min_p=0.05", params(0.8, 50, 0.9, 0.05)),
     ] {
         let batch: Vec<SampleRow> = (0..rows)
-            .map(|r| SampleRow::new(r, &device_sample(&p, &[], &[], r as u64)))
+            .map(|r| SampleRow::new(r, &device_sample(&p, 0, &[], &[], r as u64)))
             .collect();
         let ms = time(&mut || {
             device_sample_rows(gpu, &dev, vocab, &batch);
@@ -1043,7 +1092,7 @@ fn penalty_checks(gpu: &Arc<Gpu>) {
         let mut rows = Vec::new();
         let mut ds = Vec::new();
         for i in 0..257u64 {
-            let d = device_sample(if i == 0 { &p } else { &sampled }, &prompt, &output, i);
+            let d = device_sample(if i == 0 { &p } else { &sampled }, 0, &prompt, &output, i);
             rows.push(SampleRow::new(0, &d));
             ds.push(d);
         }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use loraplane_server::adapter::LoraAdapter;
 use loraplane_server::backend::cpu::log_softmax;
 use loraplane_server::engine::generate::argmax;
+use loraplane_server::engine::sampling::top_logprobs;
 use loraplane_server::engine::KvCache;
 use loraplane_server::error::{Error, Result as ModelResult};
 use loraplane_server::model::llama::SeqInput;
@@ -83,6 +84,8 @@ fn greedy(ids: Vec<u32>, lora: Option<&str>, n: usize) -> EngineRequest {
 
 struct Outcome {
     tokens: Vec<u32>,
+    /// Each token's log-probability and top alternatives.
+    logprobs: Vec<(f32, Vec<(u32, f32)>)>,
     cached: usize,
     reason: FinishReason,
 }
@@ -90,6 +93,7 @@ struct Outcome {
 async fn collect(mut rx: loraplane_server::engine::request::EventStream) -> Outcome {
     let mut out = Outcome {
         tokens: vec![],
+        logprobs: vec![],
         cached: 0,
         reason: FinishReason::Abort("no finish".into()),
     };
@@ -99,7 +103,10 @@ async fn collect(mut rx: loraplane_server::engine::request::EventStream) -> Outc
         tokio::select! {
             ev = rx.recv() => match ev {
                 Some(EngineEvent::Started { cached_tokens, .. }) => out.cached = cached_tokens,
-                Some(EngineEvent::Token(t)) => out.tokens.push(t.token_id),
+                Some(EngineEvent::Token(t)) => {
+                    out.tokens.push(t.token_id);
+                    out.logprobs.push((t.logprob, t.top));
+                }
                 Some(EngineEvent::Finished(r)) => { out.reason = r; return out; }
                 None => return out,
             },
@@ -486,6 +493,8 @@ struct SampleLog {
     on_device: usize,
     /// Device-sampled rows that carried penalties.
     penalised: usize,
+    /// Device-sampled rows that returned top log-probs.
+    with_top: usize,
     logits: usize,
 }
 
@@ -523,17 +532,22 @@ impl Forward for DeviceGreedy {
             .map(|(l, s)| match s {
                 Some(s) if s.temperature <= 0.0 => {
                     log.on_device += 1;
+                    // Log-probs are under the unmodified row; the token comes from the
+                    // penalised one.
+                    let raw = log_softmax(&l);
                     let mut l = l;
                     if let Some(p) = &s.penalties {
                         log.penalised += 1;
                         p.apply(&mut l);
                     }
-                    let lp = log_softmax(&l);
-                    let token_id = argmax(&lp);
+                    let token_id = argmax(&l);
+                    if s.top_logprobs > 0 {
+                        log.with_top += 1;
+                    }
                     Ok(SeqOutput::Sampled(TokenLogprob {
                         token_id,
-                        logprob: lp[token_id as usize],
-                        top: Vec::new(),
+                        logprob: raw[token_id as usize],
+                        top: top_logprobs(&raw, s.top_logprobs),
                     }))
                 }
                 Some(_) => Err(Error::Model("this test model samples greedily only".into())),
@@ -587,17 +601,18 @@ async fn a_device_sampling_model_samples_eligible_requests_and_returns_logits_fo
     )
     .unwrap();
     let want = collect(host.submit(penalised.clone()).unwrap()).await;
-    assert_ne!(
-        want.tokens,
-        base.tokens[..6],
-        "the penalties change the greedy tokens"
-    );
     let mut top = greedy(prompt, None, 6);
     top.logprobs = LogprobOptions {
         return_logprob: true,
         top_logprobs_num: 3,
         ..Default::default()
     };
+    let want_top = collect(host.submit(top.clone()).unwrap()).await;
+    assert_ne!(
+        want.tokens,
+        base.tokens[..6],
+        "the penalties change the greedy tokens"
+    );
     for (what, req) in [("penalties", penalised), ("top log-probs", top)] {
         let out = collect(h.submit(req).unwrap()).await;
         assert!(
@@ -611,16 +626,21 @@ async fn a_device_sampling_model_samples_eligible_requests_and_returns_logits_fo
                 out.tokens, want.tokens,
                 "device penalties pick the host sampler's tokens"
             );
+        } else {
+            assert_eq!(out.tokens, want_top.tokens);
+            assert_eq!(
+                out.logprobs, want_top.logprobs,
+                "the model's top log-probs are the host sampler's"
+            );
+            assert!(out.logprobs.iter().all(|(_, top)| top.len() == 3));
         }
     }
     let log = log.lock().unwrap();
     assert_eq!(
-        log.on_device, 30,
-        "the penalised request was sampled by the model too"
+        log.on_device, 36,
+        "the penalised and the top-log-probs requests were sampled by the model too"
     );
     assert_eq!(log.penalised, 6, "with its penalties on each of its 6 steps");
-    assert_eq!(
-        log.logits, 6,
-        "the top-log-probs request got logits for each of its 6 steps"
-    );
+    assert_eq!(log.with_top, 6, "with 3 alternatives on each of its 6 steps");
+    assert_eq!(log.logits, 0, "no logits crossed to the engine");
 }

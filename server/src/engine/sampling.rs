@@ -5,7 +5,7 @@
 use super::request::{EngineRequest, SamplingParams, TokenLogprob};
 use crate::backend::cpu::log_softmax;
 use crate::model::llama::LogitsWanted;
-use crate::model::{DevicePenalties, DeviceSample};
+use crate::model::{DevicePenalties, DeviceSample, MAX_DEVICE_TOP_LOGPROBS};
 
 /// SplitMix64: small, fast and deterministic per request.
 #[derive(Clone, Debug)]
@@ -42,16 +42,32 @@ impl Rng {
 
 /// Whether a sequence's next token may be sampled on the device this step: its chunk is the last
 /// of its pending tokens and wants only the last logits (no prompt log-probs), it generates, and
-/// it asks for no top log-probs (the device returns the chosen token's only).
+/// it asks for at most [`MAX_DEVICE_TOP_LOGPROBS`] top log-probs.
 pub fn device_eligible(req: &EngineRequest, logits: LogitsWanted, last_chunk: bool) -> bool {
     let p = &req.sampling;
-    let no_top = !req.logprobs.return_logprob || req.logprobs.top_logprobs_num == 0;
-    last_chunk && logits == LogitsWanted::Last && p.max_new_tokens > 0 && no_top
+    let top_fits = top_logprobs_wanted(req) <= MAX_DEVICE_TOP_LOGPROBS;
+    last_chunk && logits == LogitsWanted::Last && p.max_new_tokens > 0 && top_fits
+}
+
+/// How many top log-probs a request wants with each generated token.
+pub fn top_logprobs_wanted(req: &EngineRequest) -> usize {
+    if req.logprobs.return_logprob {
+        req.logprobs.top_logprobs_num
+    } else {
+        0
+    }
 }
 
 /// The device's share of `p` for a sequence with `prompt` and `output` so far, with this step's
-/// seed: the penalties travel as the token history they need.
-pub fn device_sample(p: &SamplingParams, prompt: &[u32], output: &[u32], seed: u64) -> DeviceSample {
+/// seed and the `top_logprobs` alternatives it wants: the penalties travel as the token history
+/// they need.
+pub fn device_sample(
+    p: &SamplingParams,
+    top_logprobs: usize,
+    prompt: &[u32],
+    output: &[u32],
+    seed: u64,
+) -> DeviceSample {
     let neutral = p.repetition_penalty == 1.0 && p.frequency_penalty == 0.0 && p.presence_penalty == 0.0;
     DeviceSample {
         temperature: p.temperature,
@@ -60,6 +76,7 @@ pub fn device_sample(p: &SamplingParams, prompt: &[u32], output: &[u32], seed: u
         min_p: p.min_p,
         seed,
         penalties: (!neutral).then(|| device_penalties(p, prompt, output)),
+        top_logprobs,
     }
 }
 
@@ -290,11 +307,18 @@ mod tests {
         assert!(!device_eligible(&plain, Last, false), "not the last chunk");
         assert!(!device_eligible(&plain, All, true), "prompt log-probs");
         assert!(!device_eligible(&plain, NoLogits, true));
-        let top = request(|r| {
-            r.logprobs.return_logprob = true;
-            r.logprobs.top_logprobs_num = 1;
-        });
-        assert!(!device_eligible(&top, Last, true), "top log-probs");
+        // The device returns up to MAX_DEVICE_TOP_LOGPROBS alternatives; more come from the host.
+        let top = |n| {
+            request(|r| {
+                r.logprobs.return_logprob = true;
+                r.logprobs.top_logprobs_num = n;
+            })
+        };
+        assert!(device_eligible(&top(1), Last, true));
+        assert!(device_eligible(&top(MAX_DEVICE_TOP_LOGPROBS), Last, true));
+        assert!(!device_eligible(&top(MAX_DEVICE_TOP_LOGPROBS + 1), Last, true));
+        assert_eq!(top_logprobs_wanted(&top(3)), 3);
+        assert_eq!(top_logprobs_wanted(&top_off), 0, "return_logprob off");
         let prefill_only = request(|r| r.sampling.max_new_tokens = 0);
         assert!(!device_eligible(&prefill_only, Last, true));
         // Penalties travel with their token history.
@@ -331,7 +355,7 @@ mod tests {
             let logits: Vec<f32> = (0..vocab).map(|_| (rng.uniform() * 8.0 - 4.0) as f32).collect();
             let mut want = logits.clone();
             apply_penalties(&mut want, &p, &prompt, &output);
-            let d = device_sample(&p, &prompt, &output, 1);
+            let d = device_sample(&p, 0, &prompt, &output, 1);
             let mut got = logits.clone();
             if let Some(pen) = &d.penalties {
                 assert!(pen.tokens.windows(2).all(|w| w[0] < w[1]), "distinct, ascending");
@@ -353,14 +377,14 @@ mod tests {
             p.min_p = 0.05;
             p.repetition_penalty = 1.3;
         });
-        let d = device_sample(&p, &[5, 6], &[6], 99);
+        let d = device_sample(&p, 0, &[5, 6], &[6], 99);
         assert_eq!(
             (d.temperature, d.top_k, d.top_p, d.min_p, d.seed),
             (0.8, 40, 0.9, 0.05, 99)
         );
         let pen = d.penalties.expect("repetition penalty set");
         assert_eq!((pen.tokens, pen.output_counts), (vec![5, 6], vec![0, 1]));
-        assert_eq!(device_sample(&params(|_| {}), &[5], &[6], 1).penalties, None);
+        assert_eq!(device_sample(&params(|_| {}), 0, &[5], &[6], 1).penalties, None);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::adapter_pool::{Acquire, AdapterPool};
 use super::handle::{Command, Published};
 use super::request::{EngineError, EngineEvent, EngineRequest, FinishReason, TokenLogprob};
-use super::sampling::{device_eligible, device_sample, sample, top_logprobs, Rng};
+use super::sampling::{device_eligible, device_sample, sample, top_logprobs, top_logprobs_wanted, Rng};
 use super::{AdapterSpec, EngineConfig, EngineHandle, KvCache, SeqCache};
 use crate::adapter::LoraAdapter;
 use crate::backend::cpu::log_softmax;
@@ -516,7 +516,8 @@ impl<M: Forward> Scheduler<M> {
                 let s = &mut self.running[idx];
                 (on_device && device_eligible(&s.req, logits, to == s.tokens.len())).then(|| {
                     let (prompt, output) = s.tokens.split_at(s.prompt_len);
-                    device_sample(&s.req.sampling, prompt, output, s.rng.next_u64())
+                    let top = top_logprobs_wanted(&s.req);
+                    device_sample(&s.req.sampling, top, prompt, output, s.rng.next_u64())
                 })
             })
             .collect();
@@ -566,21 +567,14 @@ impl<M: Forward> Scheduler<M> {
             }
             let tok = match out {
                 SeqOutput::Sampled(tok) => tok,
-                SeqOutput::Logits(l) => {
-                    let top_n = if s.req.logprobs.return_logprob {
-                        s.req.logprobs.top_logprobs_num
-                    } else {
-                        0
-                    };
-                    sample(
-                        &l[l.len() - vocab..],
-                        &s.req.sampling,
-                        &s.tokens[..s.prompt_len],
-                        &s.tokens[s.prompt_len..],
-                        top_n,
-                        &mut s.rng,
-                    )
-                }
+                SeqOutput::Logits(l) => sample(
+                    &l[l.len() - vocab..],
+                    &s.req.sampling,
+                    &s.tokens[..s.prompt_len],
+                    &s.tokens[s.prompt_len..],
+                    top_logprobs_wanted(&s.req),
+                    &mut s.rng,
+                ),
             };
             let id = tok.token_id;
             s.tokens.push(id);

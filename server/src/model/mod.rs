@@ -36,7 +36,15 @@ pub struct DeviceSample {
     pub seed: u64,
     /// Repetition/frequency/presence penalties, when any is set.
     pub penalties: Option<DevicePenalties>,
+    /// How many of the most likely tokens to return with their log-probabilities under the
+    /// unmodified distribution, besides the drawn one (`TokenLogprob::top`); at most
+    /// [`MAX_DEVICE_TOP_LOGPROBS`].
+    pub top_logprobs: usize,
 }
+
+/// Most alternatives a device returns per sampled token ([`DeviceSample::top_logprobs`]); a
+/// request asking for more is sampled from host logits.
+pub const MAX_DEVICE_TOP_LOGPROBS: usize = 20;
 
 /// A sequence's penalties and the token history they apply to, as the host applies them
 /// (`engine::sampling`): repetition (HF/vLLM: positive logits divided, negative multiplied)
@@ -86,7 +94,7 @@ pub enum SeqOutput {
     /// Its wanted logits, as [`Forward::forward`] returns them.
     Logits(Vec<f32>),
     /// Its next token, sampled by the model, with the log-probability under the unmodified
-    /// distribution (`top` is empty).
+    /// distribution and the `top_logprobs` most likely alternatives it was asked for.
     Sampled(TokenLogprob),
 }
 

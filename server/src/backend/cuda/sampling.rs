@@ -1,6 +1,7 @@
 //! Token sampling on the device for the serving path: the per-row parameters of the `sample_f32`
 //! kernel (`kernels/src/sampling.cu`) and its launch (after `penalize_f32` for rows with
-//! penalties), the copy of only those logits rows the host still needs, and the split of one forward pass's results into sampled tokens and host logits
+//! penalties) and of `top_logprobs_f32` for the alternatives a request wants, the copy of only
+//! those logits rows the host still needs, and the split of one forward pass's results into sampled tokens and host logits
 //! ([`split_outputs`], behind `CudaLlama::forward_sampled`).
 
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
@@ -173,6 +174,48 @@ pub fn sample_rows_penalized(
         .collect())
 }
 
+/// The `n` most likely tokens of logits row `row`, for each `(row, n)` of `rows`, with their
+/// log-probabilities under that row, best first (ties: lower id first): what
+/// `engine::sampling::top_logprobs` returns for the row's log-softmax. Waits for the result.
+pub fn top_logprobs_rows(
+    gpu: &Gpu,
+    logits: u64,
+    vocab: usize,
+    rows: &[(usize, usize)],
+) -> Result<Vec<Vec<(u32, f32)>>> {
+    let max_n = rows.iter().map(|&(_, n)| n.min(vocab)).max().unwrap_or(0);
+    if max_n == 0 {
+        return Ok(vec![Vec::new(); rows.len()]);
+    }
+    let index: Vec<i32> = rows.iter().map(|&(r, _)| r as i32).collect();
+    let ns: Vec<i32> = rows.iter().map(|&(_, n)| n.min(vocab) as i32).collect();
+    let (index, ns) = (gpu.upload(&index)?, gpu.upload(&ns)?);
+    let out = gpu.zeros::<SampleOut>(rows.len() * max_n)?;
+    launch!(
+        gpu,
+        "top_logprobs_f32",
+        (rows.len() as u32, 1, 1),
+        (SAMPLE_THREADS, 1, 1),
+        gpu.ptr(&out),
+        logits,
+        gpu.ptr(&index),
+        gpu.ptr(&ns),
+        vocab as i32,
+        max_n as i32
+    )?;
+    let host = gpu.download(&out, rows.len() * max_n)?;
+    Ok(rows
+        .iter()
+        .zip(host.chunks(max_n))
+        .map(|(&(_, n), got)| {
+            got[..n.min(vocab)]
+                .iter()
+                .map(|o| (o.token as u32, o.logprob))
+                .collect()
+        })
+        .collect())
+}
+
 /// Logits rows `rows` (in that order) of the `[_, vocab]` matrix `logits`, concatenated on the
 /// host. A run of consecutive rows is one copy; anything else is first packed on the device.
 pub fn download_rows(gpu: &Gpu, logits: &CudaSlice<f32>, vocab: usize, rows: &[usize]) -> Result<Vec<f32>> {
@@ -250,7 +293,19 @@ pub fn split_outputs(
         .filter(|(_, s)| s.is_none())
         .flat_map(|(&(first, count), _)| first..first + count)
         .collect();
-    let mut tokens = sample_rows_penalized(gpu, gpu.ptr(logits), vocab, &rows, &penalties)?.into_iter();
+    let mut tokens = sample_rows_penalized(gpu, gpu.ptr(logits), vocab, &rows, &penalties)?;
+    let top: Vec<(usize, usize)> = per_seq
+        .iter()
+        .zip(sampling)
+        .filter_map(|(&(first, _), s)| s.as_ref().map(|s| (first, s.top_logprobs)))
+        .collect();
+    if top.iter().any(|&(_, n)| n > 0) {
+        let alternatives = top_logprobs_rows(gpu, gpu.ptr(logits), vocab, &top)?;
+        for (t, alts) in tokens.iter_mut().zip(alternatives) {
+            t.top = alts;
+        }
+    }
+    let mut tokens = tokens.into_iter();
     let host = download_rows(gpu, logits, vocab, &host_rows)?;
     let mut next = 0;
     per_seq
@@ -283,6 +338,7 @@ mod tests {
             min_p: 0.05,
             seed: u64::MAX - 3,
             penalties: None,
+            top_logprobs: 0,
         };
         let r = SampleRow::new(5, &s);
         assert_eq!((r.temperature, r.top_p, r.min_p), (0.7, 0.9, 0.05));
