@@ -208,8 +208,10 @@ pub fn top_logprobs_rows(
         .iter()
         .zip(host.chunks(max_n))
         .map(|(&(_, n), got)| {
+            // A row with fewer than `n` non-NaN logits ends in entries with no token.
             got[..n.min(vocab)]
                 .iter()
+                .filter(|o| o.token >= 0)
                 .map(|o| (o.token as u32, o.logprob))
                 .collect()
         })
@@ -279,14 +281,18 @@ pub fn split_outputs(
     per_seq: &[(usize, usize)],
     sampling: &[Option<DeviceSample>],
 ) -> Result<Vec<SeqOutput>> {
-    let (rows, penalties): (Vec<SampleRow>, Vec<Option<&DevicePenalties>>) = per_seq
+    // The device-sampled sequences, each with its one logits row.
+    let sampled: Vec<(usize, &DeviceSample)> = per_seq
         .iter()
         .zip(sampling)
-        .filter_map(|(&(first, _), s)| {
-            s.as_ref()
-                .map(|s| (SampleRow::new(first, s), s.penalties.as_ref()))
-        })
-        .unzip();
+        .filter_map(|(&(first, _), s)| s.as_ref().map(|s| (first, s)))
+        .collect();
+    let rows: Vec<SampleRow> = sampled
+        .iter()
+        .map(|&(first, s)| SampleRow::new(first, s))
+        .collect();
+    let penalties: Vec<Option<&DevicePenalties>> =
+        sampled.iter().map(|(_, s)| s.penalties.as_ref()).collect();
     let host_rows: Vec<usize> = per_seq
         .iter()
         .zip(sampling)
@@ -294,12 +300,11 @@ pub fn split_outputs(
         .flat_map(|(&(first, count), _)| first..first + count)
         .collect();
     let mut tokens = sample_rows_penalized(gpu, gpu.ptr(logits), vocab, &rows, &penalties)?;
-    let top: Vec<(usize, usize)> = per_seq
-        .iter()
-        .zip(sampling)
-        .filter_map(|(&(first, _), s)| s.as_ref().map(|s| (first, s.top_logprobs)))
-        .collect();
-    if top.iter().any(|&(_, n)| n > 0) {
+    if sampled.iter().any(|(_, s)| s.top_logprobs > 0) {
+        let top: Vec<(usize, usize)> = sampled
+            .iter()
+            .map(|&(first, s)| (first, s.top_logprobs))
+            .collect();
         let alternatives = top_logprobs_rows(gpu, gpu.ptr(logits), vocab, &top)?;
         for (t, alts) in tokens.iter_mut().zip(alternatives) {
             t.top = alts;
