@@ -16,6 +16,8 @@
 #                              cuBLAS rate (bench_gpu --prefill-only)
 #   scripts/gpu/run.sh profile-prefill  ncu per-kernel summary of one 2k-token prefill with an adapter
 #   scripts/gpu/run.sh ncu-flash   ncu sections of one flash prefill attention kernel
+#   scripts/gpu/run.sh ncu-attention  ncu sections of one decode attention kernel (eager steps,
+#                              batch 64 then batch 1, base model, 131-key contexts)
 #   scripts/gpu/run.sh compare     csgmv + graphs decode under variants of the LoRA kernels
 #                              (bench_gpu --compare, see there; batches from
 #                              LORAPLANE_BENCH_BATCHES, default 1,8,64)
@@ -94,6 +96,17 @@ if [[ $what == ncu-flash ]]; then
     --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
     "$BIN/bench_gpu" --profile-prefill >"$OUT/ncu-flash.txt" 2>&1; rc=$((rc | $?))
   grep -E "Duration|Throughput|Pipe|Registers|Occupancy|Eligible|Issued|Stall|stall|Bank|L1|L2|DRAM" "$OUT/ncu-flash.txt" | head -60
+fi
+if [[ $what == ncu-attention ]]; then
+  for bs in 64 1; do
+    LORAPLANE_PROFILE_BS=$bs LORAPLANE_PROFILE_ADAPTERS=0 ncu --profile-from-start off --clock-control none \
+      --kernel-name regex:attention --launch-skip 3 --launch-count 1 --section SpeedOfLight \
+      --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section SchedulerStats "$BIN/bench_gpu" --profile >"$OUT/ncu-attention-$bs.txt" 2>&1; rc=$((rc | $?))
+    echo "== batch $bs"
+    grep -E "Duration|Memory Throughput|Compute \(SM\)|Registers Per|Achieved Occupancy|Active Warps Per|Eligible Warps|Issued Warp|No Eligible" \
+      "$OUT/ncu-attention-$bs.txt"
+  done
 fi
 if [[ $what == ncu-lora ]]; then
   LORAPLANE_PROFILE_BS=64 LORAPLANE_PROFILE_ADAPTERS=64 ncu --profile-from-start off --clock-control none \
