@@ -3,8 +3,8 @@
 //! [`Kernels::load`] compiles the sources once per process (the PTX is also cached on disk,
 //! keyed by a hash of the source and the target architecture), loads the module and hands out
 //! functions by name. Kernels are templates over the activation type, exported with the suffixes
-//! in [`TYPE_SUFFIXES`]; see `llama.cu` and `sampling.cu` for each kernel's contract. The two
-//! files are compiled as one program ([`source`]).
+//! in [`TYPE_SUFFIXES`]; see `llama.cu`, `flash_attention.cu`, `lora_mma.cu` and `sampling.cu`
+//! for each kernel's contract. The files are compiled as one program ([`source`]).
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -30,13 +30,26 @@ pub const SAMPLING_CU: &str = include_str!("sampling.cu");
 /// only; uses `llama.cu`'s helpers).
 pub const FLASH_ATTENTION_CU: &str = include_str!("flash_attention.cu");
 
-/// The whole program NVRTC compiles: `llama.cu`, `flash_attention.cu`, then `sampling.cu`, each
-/// under its own file name for compiler messages.
+/// LoRA shrink and expand on tensor cores (bf16 and f16 only; uses `llama.cu`'s and
+/// `flash_attention.cu`'s helpers).
+pub const LORA_MMA_CU: &str = include_str!("lora_mma.cu");
+
+/// The whole program NVRTC compiles: `llama.cu`, `flash_attention.cu`, `lora_mma.cu`, then
+/// `sampling.cu`, each under its own file name for compiler messages.
 pub fn source() -> String {
     format!(
         "#line 1 \"llama.cu\"\n{LLAMA_CU}\n#line 1 \"flash_attention.cu\"\n{FLASH_ATTENTION_CU}\n\
-         #line 1 \"sampling.cu\"\n{SAMPLING_CU}"
+         #line 1 \"lora_mma.cu\"\n{LORA_MMA_CU}\n#line 1 \"sampling.cu\"\n{SAMPLING_CU}"
     )
+}
+
+/// Largest pool rank the tensor-core LoRA kernels take: their expand stages 16 rows of `y` for up
+/// to three targets in shared memory.
+pub const LORA_MMA_MAX_RANK: usize = 256;
+
+/// The tensor-core LoRA kernels (`lora_mma.cu`) are built for these element types only.
+pub fn lora_mma_built_for(suffix: &str) -> bool {
+    matches!(suffix, "bf16" | "f16")
 }
 
 /// Head sizes `flash_attention.cu` is built for (a multiple of the 16-wide tensor-core step).
@@ -102,6 +115,9 @@ pub fn kernel_names() -> Vec<String> {
             FLASH_HEAD_DIMS
                 .iter()
                 .filter_map(move |&d| flash_attention_kernel(t, d))
+        }))
+        .chain(["bf16", "f16"].iter().flat_map(|t| {
+            ["lora_shrink", "lora_expand", "lora_expand_store"].map(|k| format!("{k}_mma_{t}"))
         }))
         .collect()
 }
@@ -213,7 +229,11 @@ mod tests {
         for def in src.split("extern \"C\" __global__").skip(1) {
             let mut rest = def.trim_start().strip_prefix("void").unwrap_or(def).trim_start();
             if let Some(after) = rest.strip_prefix("__launch_bounds__(") {
-                rest = after.split_once(')').map_or(after, |(_, r)| r).trim_start();
+                // The name may follow on the macro's next line.
+                rest = after
+                    .split_once(')')
+                    .map_or(after, |(_, r)| r)
+                    .trim_start_matches(|c: char| c.is_whitespace() || c == '\\');
             }
             let name: String = rest
                 .chars()

@@ -18,7 +18,7 @@
 #   scripts/gpu/run.sh ncu-flash   ncu sections of one flash prefill attention kernel
 #   scripts/gpu/run.sh ncu-attention  ncu sections of one decode attention kernel (eager steps,
 #                              batch 64 then batch 1, base model, 131-key contexts)
-#   scripts/gpu/run.sh compare     csgmv + graphs decode under variants of the LoRA kernels
+#   scripts/gpu/run.sh compare     csgmv + graphs decode with the LoRA kernels on CUDA cores and on tensor cores
 #                              (bench_gpu --compare, see there; batches from
 #                              LORAPLANE_BENCH_BATCHES, default 1,8,64)
 #   scripts/gpu/run.sh gemms       cuBLAS bf16 GEMMs at decode shapes: time and weight GB/s

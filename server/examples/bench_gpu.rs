@@ -5,8 +5,8 @@
 //! max(bytes that must be read / 3.0 TB/s, FLOPs / 790 TFLOP/s), where the bytes are the base
 //! weights, every distinct adapter's weights and the KV cache read by the step.
 //!
-//! `--compare` times csgmv + graphs decode under variants of the LoRA kernels' scheduling (see
-//! `main`) in one table.
+//! `--compare` times csgmv + graphs decode with the LoRA kernels on CUDA cores and on tensor
+//! cores (see `main`) in one table.
 //!
 //! `--slot-loads` times adapter slot loads instead: a synchronous copy of a rank-16 adapter from
 //! host memory, staging it in pinned memory, an overlapped copy, and decode steps at batch 64
@@ -85,6 +85,7 @@ fn opts(mode: LoraKernelMode, graphs: usize) -> CudaOptions {
         flash_prefill: true,
         lora_side_stream: true,
         attention_split_keys: true,
+        lora_tensor_cores: true,
     }
 }
 
@@ -341,12 +342,12 @@ fn main() {
         Err(_) => vec![1, 8, 32, 64, 128, 256],
     };
     let ranks = [16usize, 64];
-    // --compare: csgmv + graphs decode with each group's LoRA after its base GEMM, then beside
-    // it on the side stream (CudaOptions::lora_side_stream); one table, same call.
+    // --compare: csgmv + graphs decode with the bf16 LoRA kernels on CUDA cores, then on tensor
+    // cores (CudaOptions::lora_tensor_cores); one table, same call.
     if std::env::args().any(|a| a == "--compare") {
-        for (label, side) in [("LoRA after GEMM", false), ("LoRA beside GEMM", true)] {
+        for (label, tc) in [("LoRA on CUDA cores", false), ("LoRA on tensor cores", true)] {
             let o = CudaOptions {
-                lora_side_stream: side,
+                lora_tensor_cores: tc,
                 ..opts(LoraKernelMode::Chunked(16), 256)
             };
             let mut m = CudaModel::dummy(gpu.clone(), c.clone(), o, 42).expect("model");

@@ -19,6 +19,8 @@
 //!
 //! 5. Flash prefill attention in bf16 and f16 against the f32 CPU backend, next to the GEMM
 //!    path (see `flash_prefill_checks` below).
+//! 6. LoRA on tensor cores in bf16 and f16 against the f32 CPU backend, next to the CUDA-core
+//!    LoRA kernels (see `lora_tensor_core_checks` below).
 //!
 //! Prints one line per case and exits non-zero on the first failure.
 
@@ -89,6 +91,7 @@ fn opts(dtype: DeviceDtype, mode: LoraKernelMode, graphs: usize, max_tokens: usi
         flash_prefill: true,
         lora_side_stream: true,
         attention_split_keys: true,
+        lora_tensor_cores: true,
     }
 }
 
@@ -447,7 +450,7 @@ fn decode_vs_cpu(
         let mut results: Vec<Vec<Vec<f32>>> = Vec::new();
         for which in 0..4 {
             // 0: CPU, 1: GPU eager, 2: GPU with graphs, 3: GPU eager with LoRA after the GEMMs.
-            let mut gpu_model = (which > 0).then(|| {
+            let gpu_model = (which > 0).then(|| {
                 let g = if which == 2 { 256 } else { 0 };
                 let o = CudaOptions {
                     lora_side_stream: which != 3,
@@ -455,42 +458,7 @@ fn decode_vs_cpu(
                 };
                 CudaModel::from_host(gpu.clone(), host, o).unwrap()
             });
-            let mut kv = match &gpu_model {
-                Some(m) => m.new_kv_cache(),
-                None => KvCache::new(c, 16 * 1024, 16),
-            };
-            let mut caches = vec![SeqCache::default(); bs];
-            let mut toks: Vec<Vec<u32>> = seqs.iter().map(|s| s.0.clone()).collect();
-            let mut all_logits = Vec::new();
-            for step in 0..7 {
-                let mut inputs = Vec::new();
-                let mut new_len = Vec::new();
-                for (i, cache) in caches.iter_mut().enumerate() {
-                    let from = if step == 0 { 0 } else { toks[i].len() - 1 };
-                    kv.reserve(cache, toks[i].len()).unwrap();
-                    new_len.push((from, toks[i].len()));
-                }
-                for (i, cache) in caches.iter().enumerate() {
-                    inputs.push(SeqInput {
-                        tokens: &toks[i][new_len[i].0..new_len[i].1],
-                        cache,
-                        adapter: seqs[i].1.as_deref(),
-                        logits: LogitsWanted::Last,
-                    });
-                }
-                let out = match gpu_model.as_mut() {
-                    Some(m) => m.forward(&kv, &inputs).unwrap(),
-                    None => host.forward(&mut kv, &inputs).unwrap(),
-                };
-                drop(inputs);
-                for (i, cache) in caches.iter_mut().enumerate() {
-                    cache.len = toks[i].len();
-                    // Next token: a fixed function of the step so all three runs feed the same.
-                    toks[i].push(((i * 31 + step * 7) % c.vocab_size) as u32);
-                }
-                all_logits.extend(out);
-            }
-            results.push(all_logits);
+            results.push(decode_logits(gpu_model, host, &seqs, 7));
         }
         let e_eager = rel_err(&results[1], &results[0]);
         let e_graph = rel_err(&results[2], &results[0]);
@@ -508,17 +476,225 @@ fn decode_vs_cpu(
     }
 }
 
+/// The last row's logits of `steps` forward passes over `seqs`: their prompts, then one token
+/// per step (a fixed function of the step and sequence, so that every run feeds the same), on
+/// `gpu_model` or, without one, on the host.
+fn decode_logits(
+    mut gpu_model: Option<CudaModel>,
+    host: &LlamaModel,
+    seqs: &[(Vec<u32>, Option<Arc<LoraAdapter>>)],
+    steps: usize,
+) -> Vec<Vec<f32>> {
+    let c = host.config();
+    let mut kv = match &gpu_model {
+        Some(m) => m.new_kv_cache(),
+        None => KvCache::new(c, 16 * 1024, 16),
+    };
+    let mut caches = vec![SeqCache::default(); seqs.len()];
+    let mut toks: Vec<Vec<u32>> = seqs.iter().map(|s| s.0.clone()).collect();
+    let mut all_logits = Vec::new();
+    for step in 0..steps {
+        let mut new_len = Vec::new();
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let from = if step == 0 { 0 } else { toks[i].len() - 1 };
+            kv.reserve(cache, toks[i].len()).unwrap();
+            new_len.push((from, toks[i].len()));
+        }
+        let inputs: Vec<SeqInput> = caches
+            .iter()
+            .enumerate()
+            .map(|(i, cache)| SeqInput {
+                tokens: &toks[i][new_len[i].0..new_len[i].1],
+                cache,
+                adapter: seqs[i].1.as_deref(),
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        let out = match gpu_model.as_mut() {
+            Some(m) => m.forward(&kv, &inputs).unwrap(),
+            None => host.forward(&mut kv, &inputs).unwrap(),
+        };
+        drop(inputs);
+        for (i, cache) in caches.iter_mut().enumerate() {
+            cache.len = toks[i].len();
+            toks[i].push(((i * 31 + step * 7) % c.vocab_size) as u32);
+        }
+        all_logits.extend(out);
+    }
+    all_logits
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. LoRA on tensor cores (`kernels/src/lora_mma.cu`, bf16 and f16): a random model whose widths
+//    the tensor-core kernels take, in pools of rank 16, 64 and 128 (the shrink's three tile
+//    counts) with adapters of ranks 1 to 128, both work-item schemes (per sequence: items of up
+//    to 63 rows, several 16-row passes; chunked: up to 32), ragged prefill with empty segments,
+//    then decode at batch 5, 64 and 200 with CUDA graphs (at 200 each block of the gate/up
+//    expand walks several column groups, the last one partly past the end). The reference is the f32 CPU backend;
+//    the same device model with the CUDA-core kernels sets the bar: tensor cores may only add
+//    the rounding of `x·Aᵀ` to the element type, so their error must stay within
+//    MMA_ERR_FACTOR times the CUDA-core error plus MMA_ERR_SLACK. The adapters must move the
+//    reference's logits by several times that bound, so a wrong delta cannot pass.
+// ---------------------------------------------------------------------------------------------
+
+const MMA_ERR_FACTOR: f64 = 1.5;
+/// A sequence's tokens and adapter.
+type Seq = (Vec<u32>, Option<Arc<LoraAdapter>>);
+const MMA_ERR_SLACK: f64 = 2e-3;
+
+/// `quick` (under compute-sanitizer): the rank-64 pool in bf16, one prefill and one decode case.
+fn lora_tensor_core_checks(gpu: &Arc<Gpu>, quick: bool) {
+    let mut rng = Rng(0x7e45_0c02_e5ab_cd01);
+    let c = ModelConfig::from_hf_json(
+        r#"{"architectures":["LlamaForCausalLM"],"vocab_size":512,"hidden_size":256,"intermediate_size":2048,
+        "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":64,
+        "max_position_embeddings":4096,"tie_word_embeddings":false}"#,
+    )
+    .unwrap();
+    let host = random_model(&c, &mut rng);
+    let all = LoraTarget::ALL;
+    let pools: &[usize] = if quick { &[64] } else { &[16, 64, 128] };
+    let dtypes: &[DeviceDtype] = if quick {
+        &[DeviceDtype::Bfloat16]
+    } else {
+        &[DeviceDtype::Bfloat16, DeviceDtype::Float16]
+    };
+    for &pool_rank in pools {
+        let adapters: Vec<Arc<LoraAdapter>> = [1usize, 4, 8, 16, 64, 128]
+            .iter()
+            .filter(|&&r| r <= pool_rank)
+            .enumerate()
+            .map(|(i, &r)| {
+                let targets = if i % 2 == 0 {
+                    all.to_vec()
+                } else {
+                    vec![all[1], all[3], all[4], all[6]]
+                };
+                let mut a = LoraAdapter::dummy(&format!("r{r}"), &c, r, &targets, 300 + i as u64);
+                // Dummy factors are small; a larger scale makes every delta show in the logits.
+                a.scaling = 8.0;
+                Arc::new(a)
+            })
+            .collect();
+        // The first sequence of every case has the pool's largest adapter, the rest any or none.
+        let pick = |i: usize, rng: &mut Rng| match (i, rng.below(adapters.len() + 1)) {
+            (0, _) => adapters.last().cloned(),
+            (_, 0) => None,
+            (_, k) => Some(adapters[k - 1].clone()),
+        };
+        // (what, prefill batch or decode sequences, decode steps; 0 = one prefill pass)
+        let mut cases: Vec<(String, Vec<Seq>, usize)> = Vec::new();
+        let (prefill_bs, decode_bs): (&[usize], &[usize]) = if quick {
+            (&[17], &[64])
+        } else {
+            (&[1, 17, 64], &[5, 64, 200])
+        };
+        for &bs in prefill_bs {
+            let mut batch: Vec<_> = (0..bs)
+                .map(|i| {
+                    let n = match rng.below(8) {
+                        0 => 0,
+                        _ if i % 5 == 1 => 40 + rng.below(24),
+                        _ => 1 + rng.below(40),
+                    };
+                    let toks = (0..n).map(|_| rng.below(c.vocab_size) as u32).collect();
+                    (toks, pick(i, &mut rng))
+                })
+                .collect();
+            batch.sort_by_key(|(_, a)| a.as_ref().map_or(0, |a| a.id));
+            cases.push((format!("prefill bs={bs:3}"), batch, 0));
+        }
+        for &bs in decode_bs {
+            let seqs: Vec<_> = (0..bs)
+                .map(|i| {
+                    let n = 1 + rng.below(30);
+                    (
+                        (0..n).map(|_| rng.below(c.vocab_size) as u32).collect(),
+                        pick(i, &mut rng),
+                    )
+                })
+                .collect();
+            cases.push((format!("decode  bs={bs:3}"), seqs, 6));
+        }
+        let run = |gpu_model: Option<CudaModel>, batch: &[Seq], steps| {
+            if steps > 0 {
+                return decode_logits(gpu_model, &host, batch, steps);
+            }
+            match gpu_model {
+                Some(mut m) => {
+                    let mut kv = m.new_kv_cache();
+                    pass(
+                        &mut |kv, s| m.forward(kv, s).unwrap(),
+                        &mut kv,
+                        batch,
+                        c.vocab_size,
+                    )
+                }
+                None => {
+                    let mut kv = KvCache::new(&c, 16 * 1024, 16);
+                    pass(
+                        &mut |kv, s| host.forward(kv, s).unwrap(),
+                        &mut kv,
+                        batch,
+                        c.vocab_size,
+                    )
+                }
+            }
+        };
+        for (what, batch, steps) in &cases {
+            let want = run(None, batch, *steps);
+            let bare: Vec<_> = batch.iter().map(|(t, _)| (t.clone(), None)).collect();
+            let lora_effect = rel_err(&run(None, &bare, *steps), &want);
+            for &dtype in dtypes {
+                for mode in [LoraKernelMode::PerSequence, LoraKernelMode::Chunked(32)] {
+                    let err = |tc: bool| {
+                        let o = CudaOptions {
+                            lora_rank: pool_rank,
+                            lora_tensor_cores: tc,
+                            lora_side_stream: mode != LoraKernelMode::PerSequence,
+                            ..opts(dtype, mode, if *steps > 0 { 256 } else { 0 }, 16 * 1024)
+                        };
+                        let m = CudaModel::from_host(gpu.clone(), &host, o).unwrap();
+                        rel_err(&run(Some(m), batch, *steps), &want)
+                    };
+                    let (e_core, e_tc) = (err(false), err(true));
+                    let bound = MMA_ERR_FACTOR * e_core + MMA_ERR_SLACK;
+                    let line = format!(
+                        "lora-mma pool r{pool_rank:3} {what} {:8} {mode:?}: rel err tensor cores {e_tc:.1e}, CUDA cores {e_core:.1e} (bound {bound:.1e}), adapters move logits {lora_effect:.1e}",
+                        dtype.name()
+                    );
+                    if !e_tc.is_finite() || e_tc > bound {
+                        fail(line);
+                    }
+                    if lora_effect < 4.0 * bound {
+                        fail(format!(
+                            "{line}: the adapters' effect is too small to test the delta"
+                        ));
+                    }
+                    println!("ok  {line}");
+                }
+            }
+        }
+    }
+}
+
 fn main() {
     let gpu = Gpu::open(0).unwrap_or_else(|e| fail(e.to_string()));
     println!("device: {}", gpu.name);
     // --quick: the PEFT check of one model and a few sampling draws (for compute-sanitizer,
-    // which is slow). `--only sampling` runs the sampling checks alone.
+    // which is slow). `--only sampling` runs the sampling checks alone, `--only lora-mma` the
+    // tensor-core LoRA checks.
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     let only = args
         .iter()
         .position(|a| a == "--only")
         .and_then(|i| args.get(i + 1));
+    if only.is_some_and(|o| o == "lora-mma") {
+        lora_tensor_core_checks(&gpu, quick);
+        println!("all GPU checks passed");
+        return;
+    }
     if only.is_none_or(|o| o != "sampling") {
         peft_fixtures(&gpu, quick);
         if !quick {
@@ -530,6 +706,7 @@ fn main() {
     if only.is_none_or(|o| o != "sampling") {
         slot_load_checks(&gpu);
         flash_prefill_checks(&gpu, quick);
+        lora_tensor_core_checks(&gpu, quick);
     }
     println!("all GPU checks passed");
 }

@@ -231,6 +231,7 @@ fn place_model(
         flash_prefill: true,
         lora_side_stream: true,
         attention_split_keys: true,
+        lora_tensor_cores: true,
     };
     let t0 = Instant::now();
     let model = match &host {

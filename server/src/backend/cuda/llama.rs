@@ -92,6 +92,9 @@ pub struct CudaOptions {
     /// kv head) pairs ([`attention_splits`]), so that long contexts at small batches use the
     /// whole GPU.
     pub attention_split_keys: bool,
+    /// bf16/f16 LoRA shrink and expand run on tensor cores (`lora_mma.cu`) for the groups whose
+    /// shapes they take ([`lora_mma_takes`]); false keeps the CUDA-core kernels everywhere.
+    pub lora_tensor_cores: bool,
 }
 
 /// Default for [`CudaOptions::prefill_attention_min_rows`].
@@ -153,6 +156,35 @@ fn lora_splits(in_dim: usize) -> usize {
 /// Floats per shrink plane: `cap` rows of up to three targets of rank `r`.
 fn lora_y_plane(cap: usize, r: usize) -> usize {
     cap * 3 * r
+}
+
+/// Whether the tensor-core LoRA kernels (`lora_mma.cu`) take a group of input width `in_dim` and
+/// output widths `outs` in a pool of rank `pool_rank`: each warp of the expand writes 64 columns
+/// of one target, the shrink reads whole 32-wide chunks of the input, and the expand stages `y`
+/// for ranks up to [`loraplane_kernels::LORA_MMA_MAX_RANK`].
+fn lora_mma_takes(in_dim: usize, outs: &[usize], pool_rank: usize) -> bool {
+    in_dim.is_multiple_of(32)
+        && outs.iter().all(|o| o.is_multiple_of(64))
+        && pool_rank <= loraplane_kernels::LORA_MMA_MAX_RANK
+}
+
+/// Warps of the tensor-core shrink and expand (LMMA_SHRINK_WARPS, LMMA_EXPAND_WARPS in
+/// lora_mma.cu); each expand warp writes 64 columns.
+const LORA_MMA_SHRINK_THREADS: u32 = 256;
+const LORA_MMA_EXPAND_THREADS: u32 = 256;
+
+/// Rows of an item the tensor-core kernels take per pass (LMMA_ROWS).
+const LORA_MMA_ROWS: usize = 16;
+
+/// Blocks the tensor-core expand keeps at least, where it has that many: beyond them each block
+/// walks several column groups, which shares its item's setup and staged `y` (about 4 blocks per
+/// SM of an H100).
+const LORA_MMA_EXPAND_MIN_BLOCKS: usize = 512;
+
+/// Column groups each block of the tensor-core expand walks, for `cols` groups of columns per
+/// item and `items` work items: 1 to 4, keeping [`LORA_MMA_EXPAND_MIN_BLOCKS`] blocks.
+fn lora_mma_expand_groups(cols: usize, items: usize) -> usize {
+    (cols * items / LORA_MMA_EXPAND_MIN_BLOCKS).clamp(1, 4)
 }
 
 /// Query rows per block and threads per block of the flash prefill kernel (FA_BR and
@@ -933,6 +965,15 @@ impl<T: GpuFloat> CudaLlama<T> {
         format!("{name}_{}", T::SUFFIX)
     }
 
+    /// Whether group `g`'s LoRA runs on tensor cores ([`CudaOptions::lora_tensor_cores`]):
+    /// the element type and the group's shapes allow it.
+    fn lora_mma(&self, lora: &LoraSlots<T>, g: usize) -> bool {
+        let (in_dim, outs) = group_dims(&self.config, g);
+        self.opts.lora_tensor_cores
+            && loraplane_kernels::lora_mma_built_for(T::SUFFIX)
+            && lora_mma_takes(in_dim, &outs, lora.rank)
+    }
+
     /// Launches one fused group's LoRA shrink over the work items (`y = x · Aᵀ`, in partial
     /// planes) on `stream`.
     fn lora_shrink(
@@ -948,13 +989,18 @@ impl<T: GpuFloat> CudaLlama<T> {
         let (in_dim, outs) = group_dims(&self.config, g);
         let nt = outs.len() as i32;
         let splits = lora_splits(in_dim);
-        let kw = shrink_rank_rows(lora.rank, s.rows);
+        let (name, threads) = if self.lora_mma(lora, g) {
+            (format!("lora_shrink_mma_{}", T::SUFFIX), LORA_MMA_SHRINK_THREADS)
+        } else {
+            let kw = shrink_rank_rows(lora.rank, s.rows);
+            (format!("lora_shrink_{}_kw{kw}", T::SUFFIX), 256)
+        };
         launch!(
             gpu,
             on = stream,
-            &format!("lora_shrink_{}_kw{kw}", T::SUFFIX),
+            &name,
             (nt as u32 * splits as u32, s.items as u32, 1),
-            (256, 1, 1),
+            (threads, 1, 1),
             gpu.ptr(&self.bufs.lora_y),
             x,
             gpu.ptr(&lora.layers[li][g].a),
@@ -1012,38 +1058,72 @@ impl<T: GpuFloat> CudaLlama<T> {
         } else {
             i32::MAX
         };
-        // 16 bytes of Bᵀ per thread and rank row when every target boundary and the output
-        // stride keep those loads aligned, else one column per thread.
-        let vec = 16 / std::mem::size_of::<T>();
-        let (variant, cols) = if outs.iter().all(|o| o.is_multiple_of(vec)) && out_stride.is_multiple_of(vec)
-        {
-            ("vec", vec)
-        } else {
-            ("c1", 1)
-        };
         let kind = if store { "lora_expand_store" } else { "lora_expand" };
-        launch!(
-            gpu,
-            on = stream,
-            &format!("{kind}_{}_{variant}", T::SUFFIX),
-            ((out_total as u32).div_ceil(128 * cols as u32), items as u32, 1),
-            (128, 1, 1),
-            shared = (EXPAND_ROWS * outs.len() * lora.rank * 4) as u32,
-            out,
-            out_stride as i32,
-            gpu.ptr(&self.bufs.lora_y),
-            splits as i32,
-            plane,
-            gpu.ptr(&lora.layers[li][g].bt),
-            self.meta_ptr(4),
-            gpu.ptr(&lora.slot_rank),
-            gpu.ptr(&lora.slot_scale),
-            out_total as i32,
-            lora.rank as i32,
-            nt,
-            b1,
-            b2
-        )
+        let elem = std::mem::size_of::<T>();
+        // The tensor-core expand takes one more argument: the column groups each block walks.
+        let (name, grid_x, threads, shared, groups) =
+            if self.lora_mma(lora, g) && out_stride.is_multiple_of(8) {
+                let cols = out_total.div_ceil(LORA_MMA_EXPAND_THREADS as usize / 32 * 64);
+                let groups = lora_mma_expand_groups(cols, items);
+                // 16 rows of y as T, each target's ranks rounded up to whole k-steps of 16, rows
+                // padded by 8 elements (lora_expand_mma).
+                let row = outs.len() * lora.rank.next_multiple_of(16) + 8;
+                (
+                    format!("{kind}_mma_{}", T::SUFFIX),
+                    cols.div_ceil(groups) as u32,
+                    LORA_MMA_EXPAND_THREADS,
+                    LORA_MMA_ROWS * row * elem,
+                    Some(groups as i32),
+                )
+            } else {
+                // 16 bytes of Bᵀ per thread and rank row when every target boundary and the
+                // output stride keep those loads aligned, else one column per thread.
+                let vec = 16 / elem;
+                let (variant, cols) =
+                    if outs.iter().all(|o| o.is_multiple_of(vec)) && out_stride.is_multiple_of(vec) {
+                        ("vec", vec)
+                    } else {
+                        ("c1", 1)
+                    };
+                (
+                    format!("{kind}_{}_{variant}", T::SUFFIX),
+                    (out_total as u32).div_ceil(128 * cols as u32),
+                    128,
+                    EXPAND_ROWS * outs.len() * lora.rank * 4,
+                    None,
+                )
+            };
+        macro_rules! expand {
+            ($($extra:expr),*) => {
+                launch!(
+                    gpu,
+                    on = stream,
+                    &name,
+                    (grid_x, items as u32, 1),
+                    (threads, 1, 1),
+                    shared = shared as u32,
+                    out,
+                    out_stride as i32,
+                    gpu.ptr(&self.bufs.lora_y),
+                    splits as i32,
+                    plane,
+                    gpu.ptr(&lora.layers[li][g].bt),
+                    self.meta_ptr(4),
+                    gpu.ptr(&lora.slot_rank),
+                    gpu.ptr(&lora.slot_scale),
+                    out_total as i32,
+                    lora.rank as i32,
+                    nt,
+                    b1,
+                    b2
+                    $(, $extra)*
+                )
+            };
+        }
+        match groups {
+            Some(groups) => expand!(groups),
+            None => expand!(),
+        }
     }
 
     /// Applies one fused group's LoRA delta after its base GEMM: `out[:, col] += scale · (x Aᵀ) Bᵀ`
@@ -1706,6 +1786,33 @@ impl CudaModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tensor_core_lora_takes_the_llama_and_smollm2_widths_and_not_the_others() {
+        // Llama-3.1-8B: q/k/v, o, gate/up, down.
+        assert!(lora_mma_takes(4096, &[4096, 1024, 1024], 64));
+        assert!(lora_mma_takes(4096, &[14336, 14336], 16));
+        assert!(lora_mma_takes(14336, &[4096], 256));
+        // SmolLM2-135M: hidden 576, kv 192, intermediate 1536.
+        assert!(lora_mma_takes(576, &[576, 192, 192], 8));
+        assert!(lora_mma_takes(1536, &[576], 8));
+        // An output width that would split a 64-column warp between targets, an input that is
+        // not whole 32-wide chunks, a pool rank whose staged y would not fit.
+        assert!(!lora_mma_takes(64, &[64, 32, 32], 16));
+        assert!(!lora_mma_takes(144, &[64], 16));
+        assert!(!lora_mma_takes(4096, &[4096], 257));
+    }
+
+    #[test]
+    fn tensor_core_expand_blocks_walk_more_column_groups_only_when_there_are_many_blocks() {
+        // Batch 1 and 8: one group per block, whatever the width.
+        assert_eq!(lora_mma_expand_groups(56, 1), 1);
+        assert_eq!(lora_mma_expand_groups(56, 8), 1);
+        // Batch 64 with 64 items: gate/up (56 groups of 512 columns) walks 4, o/down (8) 1.
+        assert_eq!(lora_mma_expand_groups(56, 64), 4);
+        assert_eq!(lora_mma_expand_groups(8, 64), 1);
+        assert_eq!(lora_mma_expand_groups(56, 32), 3);
+    }
 
     /// The items for sequences given as (rows, slot), laid out back to back from row 0.
     fn items_for(seqs: &[(usize, i32)], mode: LoraKernelMode, step_rows: usize) -> Vec<[i32; 3]> {

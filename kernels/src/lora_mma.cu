@@ -1,0 +1,252 @@
+// LoRA shrink and expand on tensor cores (bf16 and f16), compiled after llama.cu (SHRINK_SLICE,
+// Pack, the split planes) and flash_attention.cu (Mma<T>). Same work items, partial planes and
+// results as llama.cu's lora_shrink / lora_expand, which stay for f32 and for shapes these do not
+// take (the host's `lora_mma_shapes`): every output width of a group a multiple of 64, the input
+// a multiple of 32, the pool's rank at most 256 (the expand's staged y).
+//
+// Why: an item of several rows of one adapter (a prefill piece, or merged decode rows) costs the
+// CUDA-core kernels rows x rank FMAs per weight they read; at batch 64 with one rank-64 adapter
+// that made the LoRA chain, not the weights, the step's bottleneck. mma.sync m16n8k16 takes 16
+// rows at once for the price of one.
+//
+// Fragment loads without shared memory: a sum over k may visit k in any order as long as both
+// operands agree. So lane (g = lane / 4, c = lane % 4) loads 16 contiguous bytes (8 k) of its row
+// and hands mma step s the 4 k at 8c + 4s .. 8c + 4s + 3 as if they were the k 2c, 2c+1, 2c+8,
+// 2c+9 that the PTX layout gives it. The expand's B (the slot's Bᵀ, [rank, cols] row-major) has
+// its k in different rows; there lane (g, c) loads rank rows 4c .. 4c+3 at columns 8g .. 8g+7 and
+// pairs them with byte permutes, mma j taking column 8n + j for its n-th column, so that after
+// the 8 mmas each lane holds 16 consecutive output columns of rows g and g + 8.
+
+#define LMMA_ROWS 16          // rows of an item per pass (the mma's M)
+#define LMMA_SHRINK_WARPS 8   // each takes 2 of the slice's 16 chunks of 32 k
+#define LMMA_EXPAND_WARPS 8   // each takes 64 output columns
+#define LMMA_EXPAND_KSTEPS 2  // k-steps of 16 whose Bᵀ loads are in flight at once
+
+__device__ __forceinline__ unsigned word_of(const uint4& v, int i) {
+    return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
+}
+
+// yp[split][r, t*R + k] = x[r, slice] . A[slot][t*R + k, slice], as lora_shrink. Grid
+// (n_targets * splits, items), LMMA_SHRINK_WARPS warps, each taking 2 of the slice's 16 chunks of
+// 32 k for every rank tile. Rank tiles go 4 (32 rank rows) at a time: every warp's loads for
+// them are in flight at once, then the warps' partial sums meet in shared memory and are added
+// in a fixed order, so that results do not depend on scheduling.
+template <typename T>
+__device__ void lora_shrink_mma(float* yp, const T* x, const T* A, const int* items, const int* slot_rank,
+                                int in_dim, int R, int n_targets, u64 plane) {
+    __shared__ float4 part[LMMA_SHRINK_WARPS][4][32];
+    int t = blockIdx.x % n_targets, split = blockIdx.x / n_targets, it = blockIdx.y;
+    int first = items[it * 3], len = items[it * 3 + 1], slot = items[it * 3 + 2];
+    if (slot < 0 || len <= 0) return;
+    int rank = slot_rank[slot];
+    int tiles = (rank + 7) / 8;
+    int lo = split * SHRINK_SLICE, hi = min(in_dim, lo + SHRINK_SLICE);
+    int ylen = n_targets * R;
+    float* out = yp + split * plane;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
+    const T* a_slot = A + ((size_t)slot * ylen + t * R) * in_dim;
+    // This warp's two chunks (in_dim is a multiple of 32, so a chunk is wholly in or out).
+    int kc[2] = {lo + 32 * warp, lo + 32 * (warp + LMMA_SHRINK_WARPS)};
+    bool has[2] = {kc[0] < hi, kc[1] < hi};
+    for (int r0 = 0; r0 < len; r0 += LMMA_ROWS) {
+        int rows = min(LMMA_ROWS, len - r0);
+        const T* xr = x + (size_t)(first + r0) * in_dim;
+        uint4 xa[2][2];  // [chunk][rows g, g + 8]
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+#pragma unroll
+            for (int h = 0; h < 2; h++)
+                xa[j][h] = (has[j] && g + 8 * h < rows)
+                               ? *reinterpret_cast<const uint4*>(xr + (size_t)(g + 8 * h) * in_dim + kc[j] + 8 * c)
+                               : make_uint4(0, 0, 0, 0);
+        for (int n0 = 0; n0 < tiles; n0 += 4) {
+            uint4 w[4][2];
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                int row = (n0 + u) * 8 + g;
+#pragma unroll
+                for (int j = 0; j < 2; j++)
+                    w[u][j] = (row < rank && has[j])
+                                  ? *reinterpret_cast<const uint4*>(a_slot + (size_t)row * in_dim + kc[j] + 8 * c)
+                                  : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                float acc[4] = {0.f, 0.f, 0.f, 0.f};
+                if (n0 + u < tiles) {
+#pragma unroll
+                    for (int j = 0; j < 2; j++)
+#pragma unroll
+                        for (int s = 0; s < 2; s++) {
+                            unsigned a[4] = {word_of(xa[j][0], 2 * s), word_of(xa[j][1], 2 * s),
+                                             word_of(xa[j][0], 2 * s + 1), word_of(xa[j][1], 2 * s + 1)};
+                            unsigned b[2] = {word_of(w[u][j], 2 * s), word_of(w[u][j], 2 * s + 1)};
+                            Mma<T>::run(acc, a, b);
+                        }
+                }
+                part[warp][u][lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+            }
+            __syncthreads();
+            // Thread (u, l) of the first 4 warps adds tile n0 + u of lane l over the warps:
+            // rows l/4 and l/4 + 8, rank rows (n0 + u) * 8 + 2 (l % 4) and the next.
+            if (threadIdx.x < 128) {
+                int u = threadIdx.x >> 5, l = threadIdx.x & 31;
+                if (n0 + u < tiles) {
+                    float4 v = part[0][u][l];
+#pragma unroll
+                    for (int w2 = 1; w2 < LMMA_SHRINK_WARPS; w2++) {
+                        float4 p = part[w2][u][l];
+                        v.x += p.x;
+                        v.y += p.y;
+                        v.z += p.z;
+                        v.w += p.w;
+                    }
+                    float vs[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        int row = (l >> 2) + 8 * (i >> 1), k = (n0 + u) * 8 + 2 * (l & 3) + (i & 1);
+                        if (row < rows && k < rank) out[(size_t)(first + r0 + row) * ylen + t * R + k] = vs[i];
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+}
+
+// out[r, col] (+)= scale[slot] * sum_k y[r, t(col)*R + k] * Bt[slot][k, col], as lora_expand.
+// Grid (ceil(out_total / (64 * LMMA_EXPAND_WARPS * groups)), items): each block stages its
+// item's y once per 16 rows, then its warps walk `groups` column groups of 64 * warps columns
+// (more than one where there are many blocks: staging y and reading the item cost the same
+// for one group as for four). Dynamic shared memory for 16 rows of y as T:
+// LMMA_ROWS * (n_targets * round16(R) + 8) elements. Target boundaries b1, b2 and out_total are
+// multiples of 64 (one target per warp and group), out_stride a multiple of 8.
+template <typename T, bool STORE>
+__device__ void lora_expand_mma(T* out, int out_stride, const float* yp, int splits, u64 plane, const T* Bt,
+                                const int* items, const int* slot_rank, const float* slot_scale, int out_total,
+                                int R, int n_targets, int b1, int b2, int groups) {
+    int it = blockIdx.y;
+    int first = items[it * 3], len = items[it * 3 + 1], slot = items[it * 3 + 2];
+    if (slot < 0 || len <= 0) return;
+    int rank = slot_rank[slot];
+    float scale = slot_scale[slot];
+    int ylen = n_targets * R;
+    int rk = (rank + 15) & ~15;     // y columns per target in shared memory: whole k-steps
+    int ld = n_targets * rk + 8;    // padded row, in elements (keeps 16-byte rows, spreads banks)
+    int ksteps = rk / 16;
+    extern __shared__ uint4 ys_raw[];
+    T* ys = reinterpret_cast<T*>(ys_raw);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
+    const T* b_slot = Bt + (size_t)slot * R * out_total;
+    // This warp's 64 columns in group q start at col0(q).
+    auto col0 = [&](int q) { return ((blockIdx.x * groups + q) * LMMA_EXPAND_WARPS + warp) * 64; };
+    uint4 bw[LMMA_EXPAND_KSTEPS][4];  // rank rows 16 (s0 + u) + 4c + i, 8 columns from col0 + 8g
+    auto load_b = [&](int q, int s0) {
+        int base = col0(q);
+#pragma unroll
+        for (int u = 0; u < LMMA_EXPAND_KSTEPS; u++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                int k = 16 * (s0 + u) + 4 * c + i;
+                bw[u][i] = base < out_total && k < rank
+                               ? *reinterpret_cast<const uint4*>(b_slot + (size_t)k * out_total + base + 8 * g)
+                               : make_uint4(0, 0, 0, 0);
+            }
+    };
+    for (int r0 = 0; r0 < len; r0 += LMMA_ROWS) {
+        int rows = min(LMMA_ROWS, len - r0);
+        // The first Bᵀ loads do not depend on y: issue them before staging it.
+        load_b(0, 0);
+        __syncthreads();
+        // y summed over the splits, rounded to T; k past the rank is zero. Rows past `rows` are
+        // left as they are: they only reach output rows that are not written.
+        for (int e = threadIdx.x; e < rows * n_targets * rk; e += blockDim.x) {
+            int q = e / (n_targets * rk), tk = e % (n_targets * rk), k = tk % rk;
+            float v = 0.f;
+            if (k < rank) {
+                const float* src = yp + (size_t)(first + r0 + q) * ylen + (tk / rk) * R + k;
+#pragma unroll 8
+                for (int sp = 0; sp < splits; sp++) v += src[sp * plane];
+            }
+            ys[q * ld + tk] = from_f<T>(v);
+        }
+        __syncthreads();
+        for (int q = 0; q < groups; q++) {
+            int base = col0(q);
+            if (base >= out_total) break;
+            int t = base < b1 ? 0 : (base < b2 ? 1 : 2);
+            const T* y0 = ys + g * ld + t * rk + 4 * c;
+            const T* y1 = y0 + 8 * ld;
+            float acc[8][4];
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) acc[j][i] = 0.f;
+            for (int s0 = 0; s0 < ksteps; s0 += LMMA_EXPAND_KSTEPS) {
+                if (s0 > 0) load_b(q, s0);
+#pragma unroll
+                for (int u = 0; u < LMMA_EXPAND_KSTEPS; u++) {
+                    if (s0 + u >= ksteps) break;
+                    uint2 ya = *reinterpret_cast<const uint2*>(y0 + 16 * (s0 + u));
+                    uint2 yb = *reinterpret_cast<const uint2*>(y1 + 16 * (s0 + u));
+                    unsigned a[4] = {ya.x, yb.x, ya.y, yb.y};
+#pragma unroll
+                    for (int j = 0; j < 8; j++) {
+                        unsigned sel = (j & 1) ? 0x7632 : 0x5410;
+                        unsigned bb[2] = {
+                            __byte_perm(word_of(bw[u][0], j >> 1), word_of(bw[u][1], j >> 1), sel),
+                            __byte_perm(word_of(bw[u][2], j >> 1), word_of(bw[u][3], j >> 1), sel)};
+                        Mma<T>::run(acc[j], a, bb);
+                    }
+                }
+            }
+            // The next group's first loads go out before this group's stores.
+            if (q + 1 < groups) load_b(q + 1, 0);
+            // Lane (g, c) holds columns base + 16c .. + 15 of rows g and g + 8: acc[j][2h] is
+            // column 16c + j, acc[j][2h + 1] column 16c + 8 + j.
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                int row = g + 8 * h;
+                if (row >= rows) continue;
+                Pack<T, 8>* o =
+                    reinterpret_cast<Pack<T, 8>*>(out + (size_t)(first + r0 + row) * out_stride + base + 16 * c);
+#pragma unroll
+                for (int half = 0; half < 2; half++) {
+                    Pack<T, 8> ov;
+                    if (STORE) {
+#pragma unroll
+                        for (int j = 0; j < 8; j++) ov.v[j] = from_f<T>(scale * acc[j][2 * h + half]);
+                    } else {
+                        ov = o[half];
+#pragma unroll
+                        for (int j = 0; j < 8; j++)
+                            ov.v[j] = from_f<T>(to_f(ov.v[j]) + scale * acc[j][2 * h + half]);
+                    }
+                    o[half] = ov;
+                }
+            }
+        }
+    }
+}
+
+#define INSTANTIATE_LORA_MMA(T, S)                                                                         \
+    INSTANTIATE_SHRINK_MMA(T, S)                                                                          \
+    INSTANTIATE_EXPAND_MMA(T, S, lora_expand, false)                                                      \
+    INSTANTIATE_EXPAND_MMA(T, S, lora_expand_store, true)
+#define INSTANTIATE_SHRINK_MMA(T, S)                                                                       \
+    extern "C" __global__ void __launch_bounds__(LMMA_SHRINK_WARPS * 32)                                   \
+        lora_shrink_mma_##S(float* y, const T* x, const T* A, const int* items, const int* slot_rank,        \
+                            int in_dim, int R, int nt, u64 plane) {                                        \
+        lora_shrink_mma<T>(y, x, A, items, slot_rank, in_dim, R, nt, plane);                                \
+    }
+// lora_expand_mma_{S} adds the delta to `out`; lora_expand_store_mma_{S} writes it.
+#define INSTANTIATE_EXPAND_MMA(T, S, KIND, STORE)                                                          \
+    extern "C" __global__ void __launch_bounds__(LMMA_EXPAND_WARPS * 32)                                   \
+        KIND##_mma_##S(T* out, int out_stride, const float* y, int splits, u64 plane, const T* Bt,          \
+                       const int* items, const int* slot_rank, const float* slot_scale, int out_total, int R, \
+                       int nt, int b1, int b2, int groups) {                                               \
+        lora_expand_mma<T, STORE>(out, out_stride, y, splits, plane, Bt, items, slot_rank, slot_scale,      \
+                                  out_total, R, nt, b1, b2, groups);                                       \
+    }
+INSTANTIATE_LORA_MMA(__nv_bfloat16, bf16)
+INSTANTIATE_LORA_MMA(__half, f16)
