@@ -18,7 +18,10 @@
 // the 8 mmas each lane holds 16 consecutive output columns of rows g and g + 8.
 
 #define LMMA_ROWS 16          // rows of an item per pass (the mma's M)
-#define LMMA_SHRINK_WARPS 8   // each takes 2 of the slice's 16 chunks of 32 k
+#define LMMA_SHRINK_WARPS 8   // each takes LMMA_CHUNKS of the slice's chunks of 32 k
+#define LMMA_CHUNKS 4
+#define LMMA_SLICE (LMMA_SHRINK_WARPS * LMMA_CHUNKS * 32)  // input elements per shrink block
+#define LMMA_TILES 2          // rank tiles of 8 whose loads are in flight at once
 #define LMMA_EXPAND_WARPS 8   // each takes 64 output columns
 #define LMMA_EXPAND_KSTEPS 2  // k-steps of 16 whose Bᵀ loads are in flight at once
 
@@ -27,55 +30,60 @@ __device__ __forceinline__ unsigned word_of(const uint4& v, int i) {
 }
 
 // yp[split][r, t*R + k] = x[r, slice] . A[slot][t*R + k, slice], as lora_shrink. Grid
-// (n_targets * splits, items), LMMA_SHRINK_WARPS warps, each taking 2 of the slice's 16 chunks of
-// 32 k for every rank tile. Rank tiles go 4 (32 rank rows) at a time: every warp's loads for
+// (n_targets * splits, items) over slices of LMMA_SLICE inputs, LMMA_SHRINK_WARPS warps, each
+// taking LMMA_CHUNKS chunks of 32 k for every rank tile. Rank tiles go LMMA_TILES at a time: every warp's loads for
 // them are in flight at once, then the warps' partial sums meet in shared memory and are added
 // in a fixed order, so that results do not depend on scheduling.
 template <typename T>
 __device__ void lora_shrink_mma(float* yp, const T* x, const T* A, const int* items, const int* slot_rank,
                                 int in_dim, int R, int n_targets, u64 plane) {
-    __shared__ float4 part[LMMA_SHRINK_WARPS][4][32];
+    __shared__ float4 part[LMMA_SHRINK_WARPS][LMMA_TILES][32];
     int t = blockIdx.x % n_targets, split = blockIdx.x / n_targets, it = blockIdx.y;
     int first = items[it * 3], len = items[it * 3 + 1], slot = items[it * 3 + 2];
     if (slot < 0 || len <= 0) return;
     int rank = slot_rank[slot];
     int tiles = (rank + 7) / 8;
-    int lo = split * SHRINK_SLICE, hi = min(in_dim, lo + SHRINK_SLICE);
+    int lo = split * LMMA_SLICE, hi = min(in_dim, lo + LMMA_SLICE);
     int ylen = n_targets * R;
     float* out = yp + split * plane;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
     const T* a_slot = A + ((size_t)slot * ylen + t * R) * in_dim;
-    // This warp's two chunks (in_dim is a multiple of 32, so a chunk is wholly in or out).
-    int kc[2] = {lo + 32 * warp, lo + 32 * (warp + LMMA_SHRINK_WARPS)};
-    bool has[2] = {kc[0] < hi, kc[1] < hi};
+    // This warp's chunks (in_dim is a multiple of 32, so a chunk is wholly in or out).
+    int kc[LMMA_CHUNKS];
+    bool has[LMMA_CHUNKS];
+#pragma unroll
+    for (int j = 0; j < LMMA_CHUNKS; j++) {
+        kc[j] = lo + 32 * (warp + j * LMMA_SHRINK_WARPS);
+        has[j] = kc[j] < hi;
+    }
     for (int r0 = 0; r0 < len; r0 += LMMA_ROWS) {
         int rows = min(LMMA_ROWS, len - r0);
         const T* xr = x + (size_t)(first + r0) * in_dim;
-        uint4 xa[2][2];  // [chunk][rows g, g + 8]
+        uint4 xa[LMMA_CHUNKS][2];  // [chunk][rows g, g + 8]
 #pragma unroll
-        for (int j = 0; j < 2; j++)
+        for (int j = 0; j < LMMA_CHUNKS; j++)
 #pragma unroll
             for (int h = 0; h < 2; h++)
                 xa[j][h] = (has[j] && g + 8 * h < rows)
                                ? *reinterpret_cast<const uint4*>(xr + (size_t)(g + 8 * h) * in_dim + kc[j] + 8 * c)
                                : make_uint4(0, 0, 0, 0);
-        for (int n0 = 0; n0 < tiles; n0 += 4) {
-            uint4 w[4][2];
+        for (int n0 = 0; n0 < tiles; n0 += LMMA_TILES) {
+            uint4 w[LMMA_TILES][LMMA_CHUNKS];
 #pragma unroll
-            for (int u = 0; u < 4; u++) {
+            for (int u = 0; u < LMMA_TILES; u++) {
                 int row = (n0 + u) * 8 + g;
 #pragma unroll
-                for (int j = 0; j < 2; j++)
+                for (int j = 0; j < LMMA_CHUNKS; j++)
                     w[u][j] = (row < rank && has[j])
                                   ? *reinterpret_cast<const uint4*>(a_slot + (size_t)row * in_dim + kc[j] + 8 * c)
                                   : make_uint4(0, 0, 0, 0);
             }
 #pragma unroll
-            for (int u = 0; u < 4; u++) {
+            for (int u = 0; u < LMMA_TILES; u++) {
                 float acc[4] = {0.f, 0.f, 0.f, 0.f};
                 if (n0 + u < tiles) {
 #pragma unroll
-                    for (int j = 0; j < 2; j++)
+                    for (int j = 0; j < LMMA_CHUNKS; j++)
 #pragma unroll
                         for (int s = 0; s < 2; s++) {
                             unsigned a[4] = {word_of(xa[j][0], 2 * s), word_of(xa[j][1], 2 * s),
@@ -87,9 +95,9 @@ __device__ void lora_shrink_mma(float* yp, const T* x, const T* A, const int* it
                 part[warp][u][lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
             }
             __syncthreads();
-            // Thread (u, l) of the first 4 warps adds tile n0 + u of lane l over the warps:
-            // rows l/4 and l/4 + 8, rank rows (n0 + u) * 8 + 2 (l % 4) and the next.
-            if (threadIdx.x < 128) {
+            // Thread (u, l) of the first LMMA_TILES warps adds tile n0 + u of lane l over the
+            // warps: rows l/4 and l/4 + 8, rank rows (n0 + u) * 8 + 2 (l % 4) and the next.
+            if (threadIdx.x < LMMA_TILES * 32) {
                 int u = threadIdx.x >> 5, l = threadIdx.x & 31;
                 if (n0 + u < tiles) {
                     float4 v = part[0][u][l];
@@ -159,16 +167,22 @@ __device__ void lora_expand_mma(T* out, int out_stride, const float* yp, int spl
         load_b(0, 0);
         __syncthreads();
         // y summed over the splits, rounded to T; k past the rank is zero. Rows past `rows` are
-        // left as they are: they only reach output rows that are not written.
-        for (int e = threadIdx.x; e < rows * n_targets * rk; e += blockDim.x) {
+        // left as they are: they only reach output rows that are not written. A short item has
+        // fewer elements than threads: then `tpe` lanes share an element's splits and add them
+        // up with shuffles (in a fixed order).
+        int total = rows * n_targets * rk;
+        int tpe = total >= (int)blockDim.x ? 1 : (2 * total >= (int)blockDim.x ? 2 : (4 * total >= (int)blockDim.x ? 4 : 8));
+        for (int e0 = 0; e0 < total; e0 += blockDim.x / tpe) {
+            int e = e0 + threadIdx.x / tpe, sp0 = threadIdx.x % tpe;
             int q = e / (n_targets * rk), tk = e % (n_targets * rk), k = tk % rk;
             float v = 0.f;
-            if (k < rank) {
+            if (e < total && k < rank) {
                 const float* src = yp + (size_t)(first + r0 + q) * ylen + (tk / rk) * R + k;
-#pragma unroll 8
-                for (int sp = 0; sp < splits; sp++) v += src[sp * plane];
+#pragma unroll 4
+                for (int sp = sp0; sp < splits; sp += tpe) v += src[sp * plane];
             }
-            ys[q * ld + tk] = from_f<T>(v);
+            for (int o = tpe / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+            if (e < total && sp0 == 0) ys[q * ld + tk] = from_f<T>(v);
         }
         __syncthreads();
         for (int q = 0; q < groups; q++) {

@@ -167,9 +167,16 @@ const EXPAND_ROWS: usize = 4;
 /// must fit the 48 KB of default shared memory.
 pub const MAX_DEVICE_LORA_RANK: usize = 1024;
 
-/// Partial planes the shrink writes for an input of `in_dim`.
-fn lora_splits(in_dim: usize) -> usize {
-    in_dim.div_ceil(LORA_SHRINK_SLICE)
+/// Elements of the shrink input per block of the tensor-core shrink (LMMA_SLICE in lora_mma.cu).
+const LORA_MMA_SHRINK_SLICE: usize = 1024;
+
+/// Partial planes the shrink writes for an input of `in_dim`, on tensor cores (`mma`) or not.
+fn lora_splits(in_dim: usize, mma: bool) -> usize {
+    in_dim.div_ceil(if mma {
+        LORA_MMA_SHRINK_SLICE
+    } else {
+        LORA_SHRINK_SLICE
+    })
 }
 
 /// Floats per shrink plane: `cap` rows of up to three targets of rank `r`.
@@ -602,7 +609,8 @@ impl<T: GpuFloat> CudaLlama<T> {
             act: gpu.zeros::<T>(cap * inter)?,
             // One plane of [cap, 3R] per split of the widest shrink input.
             lora_y: gpu.zeros::<f32>(if opts.lora_slots > 0 {
-                lora_splits(h.max(qd).max(inter)) * lora_y_plane(cap, r)
+                lora_splits(h.max(qd).max(inter), false).max(lora_splits(h.max(qd).max(inter), true))
+                    * lora_y_plane(cap, r)
             } else {
                 1
             })?,
@@ -1011,7 +1019,7 @@ impl<T: GpuFloat> CudaLlama<T> {
         let gpu = &self.gpu;
         let (in_dim, outs) = group_dims(&self.config, g);
         let nt = outs.len() as i32;
-        let splits = lora_splits(in_dim);
+        let splits = lora_splits(in_dim, self.lora_mma(lora, g));
         let (name, threads) = if self.lora_mma(lora, g) {
             (format!("lora_shrink_mma_{}", T::SUFFIX), LORA_MMA_SHRINK_THREADS)
         } else {
@@ -1074,7 +1082,10 @@ impl<T: GpuFloat> CudaLlama<T> {
         let (in_dim, outs) = group_dims(&self.config, g);
         let nt = outs.len() as i32;
         let out_total: usize = outs.iter().sum();
-        let (splits, plane) = (lora_splits(in_dim), lora_y_plane(self.bufs.cap, lora.rank) as u64);
+        let (splits, plane) = (
+            lora_splits(in_dim, self.lora_mma(lora, g)),
+            lora_y_plane(self.bufs.cap, lora.rank) as u64,
+        );
         let b1 = outs[0] as i32;
         let b2 = if outs.len() > 1 {
             b1 + outs[1] as i32
