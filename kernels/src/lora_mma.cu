@@ -23,6 +23,7 @@
 #define LMMA_SLICE (LMMA_SHRINK_WARPS * LMMA_CHUNKS * 32)  // input elements per shrink block
 #define LMMA_TILES 2          // rank tiles of 8 whose loads are in flight at once
 #define LMMA_EXPAND_WARPS 8   // each takes 64 output columns
+#define LMMA_SHORT_ROWS 2     // items of at most this many rows walk short_groups in the expand
 #define LMMA_EXPAND_KSTEPS 2  // k-steps of 16 whose Bᵀ loads are in flight at once
 
 __device__ __forceinline__ unsigned word_of(const uint4& v, int i) {
@@ -126,16 +127,24 @@ __device__ void lora_shrink_mma(float* yp, const T* x, const T* A, const int* it
 // Grid (ceil(out_total / (64 * LMMA_EXPAND_WARPS * groups)), items): each block stages its
 // item's y once per 16 rows, then its warps walk `groups` column groups of 64 * warps columns
 // (more than one where there are many blocks: staging y and reading the item cost the same
-// for one group as for four). Dynamic shared memory for 16 rows of y as T:
+// for one group as for four). A short item (LMMA_SHORT_ROWS rows or fewer: one decode row of
+// its adapter) has little to do per group, so it walks `short_groups` (a multiple of `groups`)
+// in every short_groups / groups-th block, and the blocks between exit. Dynamic shared memory
+// for 16 rows of y as T:
 // LMMA_ROWS * (n_targets * round16(R) + 8) elements. Target boundaries b1, b2 and out_total are
 // multiples of 64 (one target per warp and group), out_stride a multiple of 8.
 template <typename T, bool STORE>
 __device__ void lora_expand_mma(T* out, int out_stride, const float* yp, int splits, u64 plane, const T* Bt,
                                 const int* items, const int* slot_rank, const float* slot_scale, int out_total,
-                                int R, int n_targets, int b1, int b2, int groups) {
+                                int R, int n_targets, int b1, int b2, int groups, int short_groups) {
     int it = blockIdx.y;
     int first = items[it * 3], len = items[it * 3 + 1], slot = items[it * 3 + 2];
     if (slot < 0 || len <= 0) return;
+    int walk = groups;
+    if (len <= LMMA_SHORT_ROWS && short_groups > groups) {
+        if (blockIdx.x % (short_groups / groups) != 0) return;
+        walk = short_groups;
+    }
     int rank = slot_rank[slot];
     float scale = slot_scale[slot];
     int ylen = n_targets * R;
@@ -185,7 +194,7 @@ __device__ void lora_expand_mma(T* out, int out_stride, const float* yp, int spl
             if (e < total && sp0 == 0) ys[q * ld + tk] = from_f<T>(v);
         }
         __syncthreads();
-        for (int q = 0; q < groups; q++) {
+        for (int q = 0; q < walk; q++) {
             int base = col0(q);
             if (base >= out_total) break;
             int t = base < b1 ? 0 : (base < b2 ? 1 : 2);
@@ -215,7 +224,7 @@ __device__ void lora_expand_mma(T* out, int out_stride, const float* yp, int spl
                 }
             }
             // The next group's first loads go out before this group's stores.
-            if (q + 1 < groups) load_b(q + 1, 0);
+            if (q + 1 < walk) load_b(q + 1, 0);
             // Lane (g, c) holds columns base + 16c .. + 15 of rows g and g + 8: acc[j][2h] is
             // column 16c + j, acc[j][2h + 1] column 16c + 8 + j.
 #pragma unroll
@@ -258,9 +267,9 @@ __device__ void lora_expand_mma(T* out, int out_stride, const float* yp, int spl
     extern "C" __global__ void __launch_bounds__(LMMA_EXPAND_WARPS * 32)                                   \
         KIND##_mma_##S(T* out, int out_stride, const float* y, int splits, u64 plane, const T* Bt,          \
                        const int* items, const int* slot_rank, const float* slot_scale, int out_total, int R, \
-                       int nt, int b1, int b2, int groups) {                                               \
+                       int nt, int b1, int b2, int groups, int short_groups) {                             \
         lora_expand_mma<T, STORE>(out, out_stride, y, splits, plane, Bt, items, slot_rank, slot_scale,      \
-                                  out_total, R, nt, b1, b2, groups);                                       \
+                                  out_total, R, nt, b1, b2, groups, short_groups);                         \
     }
 INSTANTIATE_LORA_MMA(__nv_bfloat16, bf16)
 INSTANTIATE_LORA_MMA(__half, f16)
