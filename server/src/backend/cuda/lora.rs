@@ -15,7 +15,7 @@
 //! hold the copy engine while that pass's small uploads waited behind it.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
 
@@ -63,6 +63,63 @@ struct Piece {
 struct Staging<T> {
     rank: usize,
     image: OnceLock<std::result::Result<Vec<PinnedHostSlice<T>>, String>>,
+    /// Where the image's buffers go when it is dropped.
+    recycled: Arc<Mutex<Recycled<PinnedHostSlice<T>>>>,
+}
+
+impl<T> Drop for Staging<T> {
+    fn drop(&mut self) {
+        if let Some(Ok(buffers)) = self.image.take() {
+            let mut free = self.recycled.lock().unwrap_or_else(|e| e.into_inner());
+            for b in buffers {
+                free.give(b);
+            }
+        }
+    }
+}
+
+/// Something with a length in elements: a pinned buffer ([`Recycled`] is generic for tests).
+trait Elements {
+    fn elements(&self) -> usize;
+}
+
+impl<T> Elements for PinnedHostSlice<T> {
+    fn elements(&self) -> usize {
+        self.len()
+    }
+}
+
+/// Layer buffers of dropped staged images, which the next images take before allocating:
+/// allocating pinned memory costs far more than filling it (most of a first overlapped load's
+/// 150-220 ms on the H100 machine), and freeing it may stall the device. Holds at most `cap`
+/// buffers (one image's layers), dropping the oldest beyond that.
+struct Recycled<B> {
+    free: VecDeque<B>,
+    cap: usize,
+}
+
+impl<B: Elements> Recycled<B> {
+    fn new(cap: usize) -> Self {
+        Self {
+            free: VecDeque::new(),
+            cap,
+        }
+    }
+
+    /// The smallest free buffer of at least `len` elements.
+    fn take(&mut self, len: usize) -> Option<B> {
+        let best = (0..self.free.len())
+            .filter(|&i| self.free[i].elements() >= len)
+            .min_by_key(|&i| self.free[i].elements())?;
+        self.free.remove(best)
+    }
+
+    fn give(&mut self, b: B) {
+        self.free.push_back(b);
+        while self.free.len() > self.cap {
+            self.free.pop_front();
+        }
+    }
 }
 
 impl<T: GpuFloat> Staging<T> {
@@ -73,10 +130,12 @@ impl<T: GpuFloat> Staging<T> {
         ctx: &Arc<cudarc::driver::CudaContext>,
         c: &ModelConfig,
         a: &Arc<LoraAdapter>,
+        recycled: &Arc<Mutex<Recycled<PinnedHostSlice<T>>>>,
     ) -> Arc<Self> {
         let staging = Arc::new(Staging {
             rank: a.rank,
             image: OnceLock::new(),
+            recycled: recycled.clone(),
         });
         let (ctx, c, a, out) = (ctx.clone(), c.clone(), a.clone(), staging.clone());
         stager.spawn_fifo(move || {
@@ -85,8 +144,10 @@ impl<T: GpuFloat> Staging<T> {
                 Err("dropped before its conversion".to_string())
             } else {
                 // A panic must not leave waiters blocked on an image that never comes.
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pinned_image(&ctx, &c, &a)))
-                    .unwrap_or_else(|_| Err(format!("converting adapter {} panicked", a.name)))
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    pinned_image(&ctx, &c, &a, &out.recycled)
+                }))
+                .unwrap_or_else(|_| Err(format!("converting adapter {} panicked", a.name)))
             };
             let _ = out.image.set(image);
         });
@@ -104,22 +165,32 @@ impl<T: GpuFloat> Staging<T> {
     }
 }
 
-/// `a`'s slot image converted into newly allocated pinned memory, a buffer per layer, each
-/// allocated just before it is filled. On the H100 machine, one 84 MB buffer, or the layers'
-/// buffers allocated back to back and then filled in parallel, made batch-64 decode steps 4x
-/// slower while an adapter was staged; this way they were 1.2x slower.
+/// `a`'s slot image converted into pinned memory, a buffer per layer: a recycled one where one
+/// is large enough, else one allocated just before it is filled. On the H100 machine, one 84 MB
+/// buffer, or the layers' buffers allocated back to back and then filled in parallel, made
+/// batch-64 decode steps 4x slower while an adapter was staged; this way they were 1.2x slower.
 fn pinned_image<T: GpuFloat>(
     ctx: &Arc<cudarc::driver::CudaContext>,
     c: &ModelConfig,
     a: &LoraAdapter,
+    recycled: &Mutex<Recycled<PinnedHostSlice<T>>>,
 ) -> std::result::Result<Vec<PinnedHostSlice<T>>, String> {
     let len = image_layer_len(c, a.rank);
     a.layers
         .iter()
         .map(|layer| {
-            // SAFETY: `fill_layer_image` writes every element before the buffer is read.
-            let mut pinned = unsafe { ctx.alloc_pinned::<T>(len.max(1)) }
-                .map_err(|e| format!("CUDA: allocating pinned memory for adapter {}: {e}", a.name))?;
+            let reused = recycled
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(len.max(1));
+            // SAFETY: `fill_layer_image` writes every element before the buffer is read. A
+            // recycled buffer has no reader left: a staging is dropped only after the copies
+            // that read it (their `Pending` holds it until their event fires).
+            let mut pinned = match reused {
+                Some(b) => b,
+                None => unsafe { ctx.alloc_pinned::<T>(len.max(1)) }
+                    .map_err(|e| format!("CUDA: allocating pinned memory for adapter {}: {e}", a.name))?,
+            };
             let image = pinned
                 .as_mut_slice()
                 .map_err(|e| format!("CUDA: writing a staged adapter: {e}"))?;
@@ -169,6 +240,8 @@ pub struct LoraSlots<T> {
     /// Side stream for overlapped copies, created on first use.
     copy_stream: Option<Arc<CudaStream>>,
     staged: HashMap<u64, Arc<Staging<T>>>,
+    /// Layer buffers of dropped staged images, for the next ones.
+    recycled: Arc<Mutex<Recycled<PinnedHostSlice<T>>>>,
     /// Converts staged images one at a time, in order (one thread, `spawn_fifo`), so that
     /// many adapters registered at once take one core and one pinned allocation at a time.
     /// Started on first use.
@@ -219,6 +292,7 @@ impl<T: GpuFloat> LoraSlots<T> {
             host_scale: vec![0.0; slots],
             copy_stream: None,
             staged: HashMap::new(),
+            recycled: Arc::new(Mutex::new(Recycled::new(c.num_layers))),
             stager: None,
             staged_order: VecDeque::new(),
             pending: (0..slots).map(|_| None).collect(),
@@ -513,14 +587,16 @@ impl<T: GpuFloat> LoraSlots<T> {
                     .map_err(|e| Error::Model(format!("starting the adapter staging thread: {e}")))?,
             ),
         };
-        let staged = Staging::start(stager, &gpu.ctx, c, a);
-        self.staged.insert(a.id, staged.clone());
-        while self.staged.len() > 2 * self.slots {
+        // Make room first, so that the new image can take the evicted one's buffers.
+        self.staged.remove(&a.id);
+        while self.staged.len() >= 2 * self.slots {
             let Some(old) = self.staged_order.pop_front() else {
                 break;
             };
             self.staged.remove(&old);
         }
+        let staged = Staging::start(stager, &gpu.ctx, c, a, &self.recycled);
+        self.staged.insert(a.id, staged.clone());
         Ok(staged)
     }
 
@@ -716,6 +792,26 @@ fn fill_layer_image<T: GpuFloat>(c: &ModelConfig, r: usize, layer: &[Option<Lora
 mod tests {
     use super::*;
     use crate::adapter::LoraTarget;
+
+    impl Elements for Vec<u8> {
+        fn elements(&self) -> usize {
+            self.len()
+        }
+    }
+
+    #[test]
+    fn recycled_buffers_are_the_smallest_that_fit_and_the_oldest_go_first() {
+        let mut r = Recycled::new(3);
+        for n in [40, 10, 30] {
+            r.give(vec![0u8; n]);
+        }
+        assert_eq!(r.take(20).map(|b| b.len()), Some(30));
+        assert_eq!(r.take(50), None);
+        r.give(vec![0u8; 20]);
+        r.give(vec![0u8; 50]); // over the cap: the 40 (the oldest) goes
+        assert_eq!(r.free.iter().map(Vec::len).collect::<Vec<_>>(), vec![10, 20, 50]);
+        assert_eq!(r.take(1).map(|b| b.len()), Some(10));
+    }
 
     /// Staged images are copied from per-layer buffers located by `rank · image_layer_len(1)`.
     #[test]
