@@ -1,8 +1,9 @@
-// LoRA shrink and expand on tensor cores (bf16 and f16), compiled after llama.cu (SHRINK_SLICE,
-// Pack, the split planes) and flash_attention.cu (Mma<T>). Same work items, partial planes and
-// results as llama.cu's lora_shrink / lora_expand, which stay for f32 and for shapes these do not
-// take (the host's `lora_mma_shapes`): every output width of a group a multiple of 64, the input
-// a multiple of 32, the pool's rank at most 256 (the expand's staged y).
+// LoRA shrink and expand on tensor cores (bf16 and f16), compiled after llama.cu (Pack, to_f,
+// from_f) and flash_attention.cu (Mma<T>). Same work items, partial-plane layout and results as
+// llama.cu's lora_shrink / lora_expand (with slices of LMMA_SLICE inputs, so fewer planes),
+// which stay for f32 and for shapes these do not take (the host's `lora_mma_takes`): every
+// output width of a group a multiple of 64, the input a multiple of 32, the pool's rank at most
+// 256 (the expand's staged y).
 //
 // Why: an item of several rows of one adapter (a prefill piece, or merged decode rows) costs the
 // CUDA-core kernels rows x rank FMAs per weight they read; at batch 64 with one rank-64 adapter
@@ -32,9 +33,9 @@ __device__ __forceinline__ unsigned word_of(const uint4& v, int i) {
 
 // yp[split][r, t*R + k] = x[r, slice] . A[slot][t*R + k, slice], as lora_shrink. Grid
 // (n_targets * splits, items) over slices of LMMA_SLICE inputs, LMMA_SHRINK_WARPS warps, each
-// taking LMMA_CHUNKS chunks of 32 k for every rank tile. Rank tiles go LMMA_TILES at a time: every warp's loads for
-// them are in flight at once, then the warps' partial sums meet in shared memory and are added
-// in a fixed order, so that results do not depend on scheduling.
+// taking LMMA_CHUNKS chunks of 32 k for every rank tile. Rank tiles go LMMA_TILES at a time:
+// every warp's loads for them are in flight at once, then the warps' partial sums meet in
+// shared memory and are added in a fixed order, so that results do not depend on scheduling.
 template <typename T>
 __device__ void lora_shrink_mma(float* yp, const T* x, const T* A, const int* items, const int* slot_rank,
                                 int in_dim, int R, int n_targets, u64 plane) {
