@@ -9,7 +9,7 @@
 #                              PEFT (smollm2_check.py), after model-parts.sh stashed the model
 #   scripts/gpu/run.sh profile ncu per-kernel summary of eager decode steps
 #   scripts/gpu/run.sh slot-loads  adapter slot loads, synchronous and overlapped, alone and
-#                              during decode steps
+#                              during decode steps; first loads with reused pinned buffers
 #   scripts/gpu/run.sh ncu-lora    ncu memory, occupancy and warp-state sections of the eight LoRA
 #                              kernels of one eager decode step (batch 64, 64 rank-16 adapters)
 #   scripts/gpu/run.sh prefill     2k-token prefill with flash and with GEMM attention, and the

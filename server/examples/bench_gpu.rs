@@ -10,7 +10,9 @@
 //!
 //! `--slot-loads` times adapter slot loads instead: a synchronous copy of a rank-16 adapter from
 //! host memory, staging it in pinned memory, an overlapped copy, and decode steps at batch 64
-//! with one slot load per step, synchronous or overlapped (`--enable-lora-overlap-loading`).
+//! with one slot load per step, synchronous or overlapped (`--enable-lora-overlap-loading`);
+//! then first overlapped loads in a 4-slot pool, before and after its staged images start
+//! handing their pinned buffers to new ones.
 //!
 //! Run by `scripts/gpu/run.sh bench` (or `quick-bench`, `slot-loads`) on the GPU machine; prints
 //! a Markdown table.

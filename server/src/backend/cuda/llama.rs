@@ -93,7 +93,7 @@ pub struct CudaOptions {
     /// whole GPU.
     pub attention_split_keys: bool,
     /// bf16/f16 LoRA shrink and expand run on tensor cores (`lora_mma.cu`) for the groups whose
-    /// shapes they take ([`lora_mma_takes`]); false keeps the CUDA-core kernels everywhere.
+    /// shapes they take (`lora_mma_takes`); false keeps the CUDA-core kernels everywhere.
     pub lora_tensor_cores: bool,
 }
 
@@ -167,8 +167,10 @@ const EXPAND_ROWS: usize = 4;
 /// must fit the 48 KB of default shared memory.
 pub const MAX_DEVICE_LORA_RANK: usize = 1024;
 
-/// Elements of the shrink input per block of the tensor-core shrink (LMMA_SLICE in lora_mma.cu).
+/// Elements of the shrink input per block of the tensor-core shrink (LMMA_SLICE in lora_mma.cu):
+/// at least [`LORA_SHRINK_SLICE`], so its planes fit the buffer sized for the CUDA-core shrink.
 const LORA_MMA_SHRINK_SLICE: usize = 1024;
+const _: () = assert!(LORA_MMA_SHRINK_SLICE >= LORA_SHRINK_SLICE);
 
 /// Partial planes the shrink writes for an input of `in_dim`, on tensor cores (`mma`) or not.
 fn lora_splits(in_dim: usize, mma: bool) -> usize {
@@ -328,6 +330,9 @@ pub struct CudaLlama<T: GpuFloat> {
     /// Blocks the engine pages; one more (the last) absorbs padding rows of graph replays.
     kv_blocks: usize,
     lora: Option<LoraSlots<T>>,
+    /// Per LoRA group, whether its shrink and expand run on tensor cores: fixed by the option,
+    /// the element type, the group's widths and the pool's rank.
+    lora_mma: [bool; GROUPS.len()],
     bufs: Buffers<T>,
     graphs: HashMap<usize, Graph>,
     /// This step's prefill chunks attended by the prefill path.
@@ -557,6 +562,14 @@ impl<T: GpuFloat> CudaLlama<T> {
         } else {
             None
         };
+        let lora_mma = std::array::from_fn(|g| {
+            let (in_dim, outs) = group_dims(c, g);
+            opts.lora_tensor_cores
+                && loraplane_kernels::lora_mma_built_for(T::SUFFIX)
+                && lora
+                    .as_ref()
+                    .is_some_and(|l| lora_mma_takes(in_dim, &outs, l.rank))
+        });
         let inv_freq = gpu.upload(&rope_inv_freq(c))?;
         let max_blocks = c
             .max_position_embeddings
@@ -583,6 +596,7 @@ impl<T: GpuFloat> CudaLlama<T> {
             v_cache,
             kv_blocks,
             lora,
+            lora_mma,
             bufs,
             graphs: HashMap::new(),
             prefill_chunks: Vec::new(),
@@ -612,10 +626,10 @@ impl<T: GpuFloat> CudaLlama<T> {
             attn: gpu.zeros::<T>(cap * qd)?,
             gate_up: gpu.zeros::<T>(cap * 2 * inter)?,
             act: gpu.zeros::<T>(cap * inter)?,
-            // One plane of [cap, 3R] per split of the widest shrink input.
+            // One plane of [cap, 3R] per split of the widest shrink input (the CUDA-core
+            // shrink's slices are the narrower).
             lora_y: gpu.zeros::<f32>(if opts.lora_slots > 0 {
-                lora_splits(h.max(qd).max(inter), false).max(lora_splits(h.max(qd).max(inter), true))
-                    * lora_y_plane(cap, r)
+                lora_splits(h.max(qd).max(inter), false) * lora_y_plane(cap, r)
             } else {
                 1
             })?,
@@ -742,11 +756,7 @@ impl<T: GpuFloat> CudaLlama<T> {
         let pad_slot = (self.kv_blocks * kv.block_size()) as i32;
         let mut row = 0usize;
         let mut items: Vec<[i32; 3]> = Vec::new();
-        let tensor_cores = self
-            .lora
-            .as_ref()
-            .is_some_and(|l| (0..GROUPS.len()).all(|g| self.lora_mma(l, g)));
-        let merge_rows = decode_merge_rows(rows, tensor_cores);
+        let merge_rows = decode_merge_rows(rows, self.lora_mma.iter().all(|&m| m));
         let mut wanted: Vec<i32> = Vec::new();
         let mut per_seq = vec![(0usize, 0usize); seqs.len()];
         let mut prefill_chunks = Vec::new();
@@ -1001,15 +1011,6 @@ impl<T: GpuFloat> CudaLlama<T> {
         format!("{name}_{}", T::SUFFIX)
     }
 
-    /// Whether group `g`'s LoRA runs on tensor cores ([`CudaOptions::lora_tensor_cores`]):
-    /// the element type and the group's shapes allow it.
-    fn lora_mma(&self, lora: &LoraSlots<T>, g: usize) -> bool {
-        let (in_dim, outs) = group_dims(&self.config, g);
-        self.opts.lora_tensor_cores
-            && loraplane_kernels::lora_mma_built_for(T::SUFFIX)
-            && lora_mma_takes(in_dim, &outs, lora.rank)
-    }
-
     /// Launches one fused group's LoRA shrink over the work items (`y = x · Aᵀ`, in partial
     /// planes) on `stream`.
     fn lora_shrink(
@@ -1024,8 +1025,8 @@ impl<T: GpuFloat> CudaLlama<T> {
         let gpu = &self.gpu;
         let (in_dim, outs) = group_dims(&self.config, g);
         let nt = outs.len() as i32;
-        let splits = lora_splits(in_dim, self.lora_mma(lora, g));
-        let (name, threads) = if self.lora_mma(lora, g) {
+        let splits = lora_splits(in_dim, self.lora_mma[g]);
+        let (name, threads) = if self.lora_mma[g] {
             (format!("lora_shrink_mma_{}", T::SUFFIX), LORA_MMA_SHRINK_THREADS)
         } else {
             let kw = shrink_rank_rows(lora.rank, s.rows);
@@ -1088,7 +1089,7 @@ impl<T: GpuFloat> CudaLlama<T> {
         let nt = outs.len() as i32;
         let out_total: usize = outs.iter().sum();
         let (splits, plane) = (
-            lora_splits(in_dim, self.lora_mma(lora, g)),
+            lora_splits(in_dim, self.lora_mma[g]),
             lora_y_plane(self.bufs.cap, lora.rank) as u64,
         );
         let b1 = outs[0] as i32;
@@ -1101,38 +1102,37 @@ impl<T: GpuFloat> CudaLlama<T> {
         let elem = std::mem::size_of::<T>();
         // The tensor-core expand takes two more arguments: the column groups each block walks,
         // for items of several rows and for short ones.
-        let (name, grid_x, threads, shared, groups) =
-            if self.lora_mma(lora, g) && out_stride.is_multiple_of(8) {
-                let cols = out_total.div_ceil(LORA_MMA_EXPAND_THREADS as usize / 32 * 64);
-                let (groups, short_groups) = lora_mma_expand_groups(cols, items);
-                // 16 rows of y as T, each target's ranks rounded up to whole k-steps of 16, rows
-                // padded by 8 elements (lora_expand_mma).
-                let row = outs.len() * lora.rank.next_multiple_of(16) + 8;
-                (
-                    format!("{kind}_mma_{}", T::SUFFIX),
-                    cols.div_ceil(groups) as u32,
-                    LORA_MMA_EXPAND_THREADS,
-                    LORA_MMA_ROWS * row * elem,
-                    Some((groups as i32, short_groups as i32)),
-                )
-            } else {
-                // 16 bytes of Bᵀ per thread and rank row when every target boundary and the
-                // output stride keep those loads aligned, else one column per thread.
-                let vec = 16 / elem;
-                let (variant, cols) =
-                    if outs.iter().all(|o| o.is_multiple_of(vec)) && out_stride.is_multiple_of(vec) {
-                        ("vec", vec)
-                    } else {
-                        ("c1", 1)
-                    };
-                (
-                    format!("{kind}_{}_{variant}", T::SUFFIX),
-                    (out_total as u32).div_ceil(128 * cols as u32),
-                    128,
-                    EXPAND_ROWS * outs.len() * lora.rank * 4,
-                    None,
-                )
-            };
+        let (name, grid_x, threads, shared, groups) = if self.lora_mma[g] && out_stride.is_multiple_of(8) {
+            let cols = out_total.div_ceil(LORA_MMA_EXPAND_THREADS as usize / 32 * 64);
+            let (groups, short_groups) = lora_mma_expand_groups(cols, items);
+            // 16 rows of y as T, each target's ranks rounded up to whole k-steps of 16, rows
+            // padded by 8 elements (lora_expand_mma).
+            let row = outs.len() * lora.rank.next_multiple_of(16) + 8;
+            (
+                format!("{kind}_mma_{}", T::SUFFIX),
+                cols.div_ceil(groups) as u32,
+                LORA_MMA_EXPAND_THREADS,
+                LORA_MMA_ROWS * row * elem,
+                Some((groups as i32, short_groups as i32)),
+            )
+        } else {
+            // 16 bytes of Bᵀ per thread and rank row when every target boundary and the
+            // output stride keep those loads aligned, else one column per thread.
+            let vec = 16 / elem;
+            let (variant, cols) =
+                if outs.iter().all(|o| o.is_multiple_of(vec)) && out_stride.is_multiple_of(vec) {
+                    ("vec", vec)
+                } else {
+                    ("c1", 1)
+                };
+            (
+                format!("{kind}_{}_{variant}", T::SUFFIX),
+                (out_total as u32).div_ceil(128 * cols as u32),
+                128,
+                EXPAND_ROWS * outs.len() * lora.rank * 4,
+                None,
+            )
+        };
         macro_rules! expand {
             ($($extra:expr),*) => {
                 launch!(

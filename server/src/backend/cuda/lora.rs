@@ -90,8 +90,8 @@ impl<T> Elements for PinnedHostSlice<T> {
 }
 
 /// Layer buffers of dropped staged images, which the next images take before allocating:
-/// allocating pinned memory costs far more than filling it (most of a first overlapped load's
-/// 150-220 ms on the H100 machine), and freeing it may stall the device. Holds at most `cap`
+/// allocating and freeing pinned memory took about a quarter of a first overlapped load on the
+/// H100 machine (136 -> 99 ms with reuse, `bench_gpu --slot-loads`). Holds at most `cap`
 /// buffers (one image's layers), dropping the oldest beyond that.
 struct Recycled<B> {
     free: VecDeque<B>,
