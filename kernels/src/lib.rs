@@ -3,8 +3,8 @@
 //! [`Kernels::load`] compiles the sources once per process (the PTX is also cached on disk,
 //! keyed by a hash of the source and the target architecture), loads the module and hands out
 //! functions by name. Kernels are templates over the activation type, exported with the suffixes
-//! in [`TYPE_SUFFIXES`]; see `llama.cu`, `flash_attention.cu`, `lora_mma.cu` and `sampling.cu`
-//! for each kernel's contract. The files are compiled as one program ([`source`]).
+//! in [`TYPE_SUFFIXES`]; see `llama.cu`, `flash_attention.cu`, `decode_attention.cu`, `lora_mma.cu`
+//! and `sampling.cu` for each kernel's contract. The files are compiled as one program ([`source`]).
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -30,15 +30,20 @@ pub const SAMPLING_CU: &str = include_str!("sampling.cu");
 /// only; uses `llama.cu`'s helpers).
 pub const FLASH_ATTENTION_CU: &str = include_str!("flash_attention.cu");
 
+/// Paged decode attention on tensor cores (bf16 and f16 only; uses `llama.cu`'s and
+/// `flash_attention.cu`'s helpers).
+pub const DECODE_ATTENTION_CU: &str = include_str!("decode_attention.cu");
+
 /// LoRA shrink and expand on tensor cores (bf16 and f16 only; uses `llama.cu`'s and
 /// `flash_attention.cu`'s helpers).
 pub const LORA_MMA_CU: &str = include_str!("lora_mma.cu");
 
-/// The whole program NVRTC compiles: `llama.cu`, `flash_attention.cu`, `lora_mma.cu`, then
-/// `sampling.cu`, each under its own file name for compiler messages.
+/// The whole program NVRTC compiles: `llama.cu`, `flash_attention.cu`, `decode_attention.cu`,
+/// `lora_mma.cu`, then `sampling.cu`, each under its own file name for compiler messages.
 pub fn source() -> String {
     format!(
         "#line 1 \"llama.cu\"\n{LLAMA_CU}\n#line 1 \"flash_attention.cu\"\n{FLASH_ATTENTION_CU}\n\
+         #line 1 \"decode_attention.cu\"\n{DECODE_ATTENTION_CU}\n\
          #line 1 \"lora_mma.cu\"\n{LORA_MMA_CU}\n#line 1 \"sampling.cu\"\n{SAMPLING_CU}"
     )
 }
@@ -60,6 +65,18 @@ pub const FLASH_HEAD_DIMS: &[usize] = &[16, 32, 64, 128];
 pub fn flash_attention_kernel(suffix: &str, head_dim: usize) -> Option<String> {
     (matches!(suffix, "bf16" | "f16") && FLASH_HEAD_DIMS.contains(&head_dim))
         .then(|| format!("flash_attention_{suffix}_d{head_dim}"))
+}
+
+/// Most query heads per kv head `decode_attention.cu` takes (DA_MAX_GROUP: rows of the mma's 16).
+pub const DECODE_ATTENTION_MAX_GROUP: usize = 8;
+
+/// The tensor-core decode attention kernel for element type `suffix`, head size `head_dim` and
+/// `group` query heads per kv head, where one is built: `decode_attention_{bf16,f16}_d{16,32,64,128}`.
+pub fn decode_attention_kernel(suffix: &str, head_dim: usize, group: usize) -> Option<String> {
+    (matches!(suffix, "bf16" | "f16")
+        && FLASH_HEAD_DIMS.contains(&head_dim)
+        && (1..=DECODE_ATTENTION_MAX_GROUP).contains(&group))
+    .then(|| format!("decode_attention_{suffix}_d{head_dim}"))
 }
 
 /// Every kernel name `llama.cu` exports, without the type suffix.
@@ -115,6 +132,11 @@ pub fn kernel_names() -> Vec<String> {
             FLASH_HEAD_DIMS
                 .iter()
                 .filter_map(move |&d| flash_attention_kernel(t, d))
+        }))
+        .chain(["bf16", "f16"].iter().flat_map(|t| {
+            FLASH_HEAD_DIMS
+                .iter()
+                .filter_map(move |&d| decode_attention_kernel(t, d, 1))
         }))
         .chain(["bf16", "f16"].iter().flat_map(|t| {
             ["lora_shrink", "lora_expand", "lora_expand_store"].map(|k| format!("{k}_mma_{t}"))
@@ -272,6 +294,39 @@ mod tests {
                 assert!(
                     src.contains(&format!(
                         "INSTANTIATE_FLASH(__{}, {t}, {d})",
+                        if t == "bf16" { "nv_bfloat16" } else { "half" }
+                    )),
+                    "{name} not instantiated"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn decode_attention_kernels_cover_groups_up_to_eight() {
+        // Llama-3.1-8B (4 heads per kv head, d 128) and SmolLM2 (3, d 64).
+        assert_eq!(
+            decode_attention_kernel("bf16", 128, 4).as_deref(),
+            Some("decode_attention_bf16_d128")
+        );
+        assert_eq!(
+            decode_attention_kernel("f16", 64, 3).as_deref(),
+            Some("decode_attention_f16_d64")
+        );
+        // Past 8 heads per kv head, f32, and other head sizes keep the CUDA-core kernel.
+        assert_eq!(decode_attention_kernel("bf16", 128, 9), None);
+        assert_eq!(decode_attention_kernel("bf16", 128, 0), None);
+        assert_eq!(decode_attention_kernel("f32", 128, 4), None);
+        assert_eq!(decode_attention_kernel("f16", 96, 4), None);
+        let names = kernel_names();
+        let src = source();
+        for t in ["bf16", "f16"] {
+            for &d in FLASH_HEAD_DIMS {
+                let name = format!("decode_attention_{t}_d{d}");
+                assert!(names.contains(&name), "{name} not loaded");
+                assert!(
+                    src.contains(&format!(
+                        "INSTANTIATE_DECODE_ATTN(__{}, {t}, {d})",
                         if t == "bf16" { "nv_bfloat16" } else { "half" }
                     )),
                     "{name} not instantiated"

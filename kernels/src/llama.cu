@@ -187,6 +187,71 @@ struct alignas(C * sizeof(T) >= 16 ? 16 : C * sizeof(T)) DimPack {
     T v[C];
 };
 
+// The end of a decode attention block (`attention` here, `decode_attention` in
+// decode_attention.cu): merges the block's warps' partial softmaxes, kept in shared memory as
+// sm_m / sm_l [warps][gs] (max in natural-log units, sum) and sm_acc [warps][gs][acc_stride]
+// (unnormalised output), then writes the row's output, or with split keys this block's partial
+// to `part` ([rows][kv heads][splits][group][d + 2]); the last of a (row, kv head)'s blocks to
+// finish, found with `counters` (zero between launches: that block resets it), merges them.
+template <typename T>
+__device__ void attention_finish(T* out, const float* sm_m, const float* sm_l, const float* sm_acc, int gs,
+                                 int acc_stride, int warps, int used, int group, int d, int n_heads,
+                                 int n_kv_heads, float* part, int* counters) {
+    int kvh = blockIdx.x, r = blockIdx.y, z = blockIdx.z, splits = gridDim.z;
+    int qd = n_heads * d;
+    // This block's partials for (row, kv head, split): `group` entries of [o; d, max, sum].
+    float* pz = part + (((size_t)r * n_kv_heads + kvh) * splits + z) * group * (d + 2);
+    for (int idx = threadIdx.x; idx < group * d; idx += blockDim.x) {
+        int g = idx / d, j = idx % d;
+        float mx = -INFINITY;
+        for (int w = 0; w < warps; w++) mx = fmaxf(mx, sm_m[w * gs + g]);
+        float sum = 0.f, o = 0.f;
+        for (int w = 0; w < warps; w++) {
+            float mw = sm_m[w * gs + g];
+            if (mw == -INFINITY) continue;
+            float c = __expf(mw - mx);
+            sum += sm_l[w * gs + g] * c;
+            o += sm_acc[(w * gs + g) * acc_stride + j] * c;
+        }
+        if (used == 1) {
+            out[(size_t)r * qd + (kvh * group + g) * d + j] = from_f<T>(o / sum);
+        } else {
+            pz[g * (d + 2) + j] = o;
+            if (j == 0) {
+                pz[g * (d + 2) + d] = mx;
+                pz[g * (d + 2) + d + 1] = sum;
+            }
+        }
+    }
+    if (used == 1) return;
+    // Last block of this (row, kv head) merges every split (the threadFenceReduction pattern).
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    int* counter = counters + (size_t)r * n_kv_heads + kvh;
+    if (threadIdx.x == 0) last = atomicAdd(counter, 1) == used - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const float* p0 = part + ((size_t)r * n_kv_heads + kvh) * splits * group * (d + 2);
+    for (int idx = threadIdx.x; idx < group * d; idx += blockDim.x) {
+        int g = idx / d, j = idx % d;
+        float mx = -INFINITY;
+        for (int zz = 0; zz < used; zz++) mx = fmaxf(mx, __ldcg(p0 + (zz * group + g) * (d + 2) + d));
+        float sum = 0.f, o = 0.f;
+        for (int zz = 0; zz < used; zz++) {
+            const float* pp = p0 + (zz * group + g) * (d + 2);
+            float mz = __ldcg(pp + d);
+            if (mz == -INFINITY) continue;
+            float c = __expf(mz - mx);
+            sum += __ldcg(pp + d + 1) * c;
+            o += __ldcg(pp + j) * c;
+        }
+        out[(size_t)r * qd + (kvh * group + g) * d + j] = from_f<T>(o / sum);
+    }
+    if (threadIdx.x == 0) *counter = 0;
+}
+
 // Causal attention of each row against its sequence's cached keys (paged), GQA-aware: one block
 // per (kv head, row) handles the group of query heads sharing that kv head, so each key and
 // value is read once per group. Warps take keys round-robin with an online softmax each (the
@@ -201,9 +266,8 @@ struct alignas(C * sizeof(T) >= 16 ? 16 : C * sizeof(T)) DimPack {
 // `used` = min(splits, ceil(n / SPLIT_MIN_KEYS)) of its blocks (the rest exit at once; the grid
 // is fixed in a CUDA graph, the context is not), and block z < used takes the z-th of `used`
 // equal ranges of the row's keys, so that a few rows with long contexts still fill the GPU. Each
-// block writes its partial softmax (max, sum, unnormalised output) to `part`
-// ([rows][kv heads][splits][G][d + 2]); the last of a (row, kv head)'s blocks to finish, found
-// with `counters` (zero between launches: that block resets it), merges them into `out`.
+// block writes its partial softmax (max, sum, unnormalised output) to `part` and the last of a
+// (row, kv head)'s blocks to finish merges them into `out` (`attention_finish`).
 // 256: at 128 keys, 16 splits of 8 keys took 0.06-0.11 ms per step more than one block (H100).
 #define SPLIT_MIN_KEYS 256
 template <typename T, int G, int DPL>
@@ -323,57 +387,8 @@ __device__ void attention(T* out, const T* qkv, const T* k_cache, const T* v_cac
         for (int i = 0; i < DPL; i++) sm_acc[(warp * G + g) * DPL * 32 + d0 + i] = acc[g][i];
     }
     __syncthreads();
-    // This block's partials for (row, kv head, split): G entries of [o; d, max, sum].
-    float* pz = part + (((size_t)r * n_kv_heads + kvh) * splits + z) * G * (d + 2);
-    for (int idx = threadIdx.x; idx < group * d; idx += blockDim.x) {
-        int g = idx / d, j = idx % d;
-        float mx = -INFINITY;
-        for (int w = 0; w < ATTN_WARPS; w++) mx = fmaxf(mx, sm_m[w * G + g]);
-        float sum = 0.f, o = 0.f;
-        for (int w = 0; w < ATTN_WARPS; w++) {
-            float mw = sm_m[w * G + g];
-            if (mw == -INFINITY) continue;
-            float c = __expf(mw - mx);
-            sum += sm_l[w * G + g] * c;
-            o += sm_acc[(w * G + g) * DPL * 32 + j] * c;
-        }
-        if (used == 1) {
-            out[(size_t)r * qd + (kvh * group + g) * d + j] = from_f<T>(o / sum);
-        } else {
-            pz[g * (d + 2) + j] = o;
-            if (j == 0) {
-                pz[g * (d + 2) + d] = mx;
-                pz[g * (d + 2) + d + 1] = sum;
-            }
-        }
-    }
-    if (used == 1) return;
-    // Last block of this (row, kv head) merges every split (the threadFenceReduction pattern).
-    __shared__ bool last;
-    __threadfence();
-    __syncthreads();
-    int* counter = counters + (size_t)r * n_kv_heads + kvh;
-    if (threadIdx.x == 0) last = atomicAdd(counter, 1) == used - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    const float* p0 = part + ((size_t)r * n_kv_heads + kvh) * splits * G * (d + 2);
-    for (int idx = threadIdx.x; idx < group * d; idx += blockDim.x) {
-        int g = idx / d, j = idx % d;
-        float mx = -INFINITY;
-        for (int zz = 0; zz < used; zz++) mx = fmaxf(mx, __ldcg(p0 + (zz * G + g) * (d + 2) + d));
-        float sum = 0.f, o = 0.f;
-        for (int zz = 0; zz < used; zz++) {
-            const float* pp = p0 + (zz * G + g) * (d + 2);
-            float mz = __ldcg(pp + d);
-            if (mz == -INFINITY) continue;
-            float c = __expf(mz - mx);
-            sum += __ldcg(pp + d + 1) * c;
-            o += __ldcg(pp + j) * c;
-        }
-        out[(size_t)r * qd + (kvh * group + g) * d + j] = from_f<T>(o / sum);
-    }
-    if (threadIdx.x == 0) *counter = 0;
+    attention_finish<T>(out, sm_m, sm_l, sm_acc, G, DPL * 32, ATTN_WARPS, used, group, d, n_heads, n_kv_heads,
+                        part, counters);
 }
 
 // cos and sin of every row's position for each rotary frequency, once per forward pass:

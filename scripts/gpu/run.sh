@@ -22,9 +22,10 @@
 #                              (bench_gpu --compare, see there; batches from
 #                              LORAPLANE_BENCH_BATCHES, default 1,8,64)
 #   scripts/gpu/run.sh gemms       cuBLAS bf16 GEMMs at decode shapes: time and weight GB/s
-#   scripts/gpu/run.sh attention   decode at 128-, 1000- and 4000-token contexts with and without
-#                              split-key attention (bench_gpu --compare-attention); first with
-#                              bench_gpu_base when scripts/gpu/build-baseline.sh made one
+#   scripts/gpu/run.sh attention   decode at 128-, 1000- and 4000-token contexts with the decode
+#                              attention on CUDA cores and on tensor cores (bench_gpu
+#                              --compare-attention); first with bench_gpu_base when
+#                              scripts/gpu/build-baseline.sh made one
 #   scripts/gpu/run.sh all     check, serve and bench
 # Logs go to $OUT (or ./gpu-logs); the last lines printed are the summary tables.
 set -uo pipefail

@@ -22,7 +22,8 @@ use std::time::Instant;
 
 use loraplane_server::adapter::{LoraAdapter, LoraTarget};
 use loraplane_server::backend::cuda::{
-    CudaModel, CudaOptions, DeviceDtype, Gpu, LoraKernelMode, PREFILL_ATTENTION_MIN_ROWS,
+    CudaModel, CudaOptions, DeviceDtype, Gpu, LoraKernelMode, DECODE_ATTENTION_TENSOR_CORES_MIN_PAIRS,
+    PREFILL_ATTENTION_MIN_ROWS,
 };
 use loraplane_server::engine::{KvCache, SeqCache};
 use loraplane_server::model::llama::{LogitsWanted, SeqInput};
@@ -88,6 +89,7 @@ fn opts(mode: LoraKernelMode, graphs: usize) -> CudaOptions {
         lora_side_stream: true,
         attention_split_keys: true,
         lora_tensor_cores: true,
+        decode_attention_tensor_cores: Some(DECODE_ATTENTION_TENSOR_CORES_MIN_PAIRS),
     }
 }
 
@@ -265,13 +267,15 @@ fn main() {
         eprintln!("profiled prefill: {ms:.1} ms");
         return;
     }
-    // --compare-attention: decode (csgmv + graphs) at short and long contexts with and without
-    // split-key attention (CudaOptions::attention_split_keys): the base model, and batch 64 with
-    // 64 distinct rank-16 adapters at the short context; one table.
+    // --compare-attention: decode (csgmv + graphs, split keys) at short and long contexts with
+    // the decode attention on CUDA cores and on tensor cores
+    // (CudaOptions::decode_attention_tensor_cores): the base model, and batch 64 with 64
+    // distinct rank-16 adapters at the short context; one table.
     if std::env::args().any(|a| a == "--compare-attention") {
-        for split in [false, true] {
+        for tc in [false, true] {
             let o = CudaOptions {
-                attention_split_keys: split,
+                // At every batch size (the default takes tensor cores from 32 pairs).
+                decode_attention_tensor_cores: tc.then_some(0),
                 ..opts(LoraKernelMode::Chunked(16), 256)
             };
             let mut m = CudaModel::dummy(gpu.clone(), c.clone(), o, 42).expect("model");
@@ -308,7 +312,8 @@ fn main() {
                 } else {
                     format!("{n}x r16")
                 };
-                let what = format!("decode {who} bs={bs} context {prompt}, split keys {split}");
+                let cores = if tc { "tensor" } else { "CUDA" };
+                let what = format!("decode {who} bs={bs} context {prompt}, attention on {cores} cores");
                 println!("{what}: {ms:.2} ms/step, roofline {roof:.2} ms");
                 rows.push(Row {
                     what,

@@ -21,6 +21,8 @@
 //!    path (see `flash_prefill_checks` below).
 //! 6. LoRA on tensor cores in bf16 and f16 against the f32 CPU backend, next to the CUDA-core
 //!    LoRA kernels (see `lora_tensor_core_checks` below).
+//! 7. Decode attention on tensor cores in bf16 and f16 against the f32 CPU backend, next to the
+//!    CUDA-core kernel (see `decode_attention_checks` below).
 //!
 //! Prints one line per case and exits non-zero on the first failure.
 
@@ -34,7 +36,9 @@ use loraplane_server::backend::cpu::log_softmax;
 use loraplane_server::backend::cuda::sampling::{
     sample_rows, sample_rows_penalized, top_logprobs_rows, SampleRow,
 };
-use loraplane_server::backend::cuda::{CudaModel, CudaOptions, DeviceDtype, Gpu, LoraKernelMode};
+use loraplane_server::backend::cuda::{
+    CudaModel, CudaOptions, DeviceDtype, Gpu, LoraKernelMode, DECODE_ATTENTION_TENSOR_CORES_MIN_PAIRS,
+};
 use loraplane_server::engine::generate::argmax;
 use loraplane_server::engine::request::SamplingParams;
 use loraplane_server::engine::sampling::{apply_penalties, device_sample, kept_tokens, top_logprobs};
@@ -92,6 +96,7 @@ fn opts(dtype: DeviceDtype, mode: LoraKernelMode, graphs: usize, max_tokens: usi
         lora_side_stream: true,
         attention_split_keys: true,
         lora_tensor_cores: true,
+        decode_attention_tensor_cores: Some(DECODE_ATTENTION_TENSOR_CORES_MIN_PAIRS),
     }
 }
 
@@ -683,7 +688,7 @@ fn main() {
     println!("device: {}", gpu.name);
     // --quick: the PEFT check of one model and a few sampling draws (for compute-sanitizer,
     // which is slow). `--only sampling` runs the sampling checks alone, `--only lora-mma` the
-    // tensor-core LoRA checks.
+    // tensor-core LoRA checks, `--only decode-attention` the tensor-core decode attention checks.
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     let only = args
@@ -692,6 +697,11 @@ fn main() {
         .and_then(|i| args.get(i + 1));
     if only.is_some_and(|o| o == "lora-mma") {
         lora_tensor_core_checks(&gpu, quick);
+        println!("all GPU checks passed");
+        return;
+    }
+    if only.is_some_and(|o| o == "decode-attention") {
+        decode_attention_checks(&gpu, quick);
         println!("all GPU checks passed");
         return;
     }
@@ -707,6 +717,7 @@ fn main() {
         slot_load_checks(&gpu);
         flash_prefill_checks(&gpu, quick);
         lora_tensor_core_checks(&gpu, quick);
+        decode_attention_checks(&gpu, quick);
     }
     println!("all GPU checks passed");
 }
@@ -1552,6 +1563,105 @@ fn flash_prefill_checks(gpu: &Arc<Gpu>, quick: bool) {
                 ));
             }
             println!("ok  {what}: rel err vs f32 CPU {flash:.1e} (GEMM path {gemm:.1e})");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Decode attention on tensor cores (`kernels/src/decode_attention.cu`, bf16 and f16): random
+//    models with head dims 16/32/64/128 and 1, 3, 4 and 8 query heads per kv head (SmolLM2's 9/3
+//    among them), with and without a sliding window. Prompts of 1 to 700 tokens go through the
+//    paged kernel row by row (no prefill path here), so blocks see 1 to 3 split-key ranges of up
+//    to 4 tiles; then decode steps at batch 1, 5, 64 and 200, eager and with CUDA graphs, the
+//    tensor cores at every batch size. Every step's logits are compared with the f32 CPU
+//    backend; the CUDA-core kernel on the same device model sets the bar. The tensor cores also
+//    round the probabilities to the element type, so their error may be up to DA_ERR_FACTOR
+//    times the CUDA-core error plus DA_ERR_SLACK; a masking, paging or merge bug shows as errors
+//    of order one.
+// ---------------------------------------------------------------------------------------------
+
+const DA_ERR_FACTOR: f64 = 2.0;
+const DA_ERR_SLACK: f64 = 2e-3;
+
+/// `quick` (under compute-sanitizer): Llama-3.1-8B's head shape in bf16 at batch 5.
+fn decode_attention_checks(gpu: &Arc<Gpu>, quick: bool) {
+    let mut rng = Rng(0xdec0_de0a_77e0_0001);
+    let shapes: &[(usize, usize, usize, usize, Option<usize>)] = if quick {
+        &[(512, 4, 1, 128, None)]
+    } else {
+        &[
+            (256, 16, 4, 16, None),
+            (256, 8, 8, 32, None),
+            (576, 9, 3, 64, None),
+            (512, 4, 1, 128, None),
+            (512, 8, 2, 128, Some(100)),
+            (512, 8, 1, 64, None),
+        ]
+    };
+    let batches: &[usize] = if quick { &[5] } else { &[1, 5, 64, 200] };
+    let dtypes: &[DeviceDtype] = if quick {
+        &[DeviceDtype::Bfloat16]
+    } else {
+        &[DeviceDtype::Bfloat16, DeviceDtype::Float16]
+    };
+    for &(h, heads, kv_heads, hd, window) in shapes {
+        let mut json = format!(
+            r#"{{"architectures":["LlamaForCausalLM"],"vocab_size":512,"hidden_size":{h},"intermediate_size":{},
+            "num_hidden_layers":2,"num_attention_heads":{heads},"num_key_value_heads":{kv_heads},"head_dim":{hd},
+            "max_position_embeddings":4096,"tie_word_embeddings":false"#,
+            h * 2 + 32
+        );
+        if let Some(w) = window {
+            json += &format!(r#","sliding_window":{w}"#);
+        }
+        let c = ModelConfig::from_hf_json(&(json + "}")).unwrap();
+        let host = random_model(&c, &mut rng);
+        for &bs in batches {
+            let seqs: Vec<Seq> = (0..bs)
+                .map(|_| {
+                    let n = if bs <= 5 {
+                        1 + rng.below(700)
+                    } else {
+                        1 + rng.below(20)
+                    };
+                    ((0..n).map(|_| rng.below(c.vocab_size) as u32).collect(), None)
+                })
+                .collect();
+            let want = decode_logits(None, &host, &seqs, 7);
+            for &dtype in dtypes {
+                // 0: tensor cores eager, 1: tensor cores with graphs, 2: CUDA cores eager.
+                let errs: Vec<f64> = (0..3)
+                    .map(|which| {
+                        let o = CudaOptions {
+                            // Tensor cores at every batch size, so that batch 1 and 5 take them too.
+                            decode_attention_tensor_cores: (which < 2).then_some(0),
+                            ..opts(
+                                dtype,
+                                LoraKernelMode::Chunked(16),
+                                if which == 1 { 256 } else { 0 },
+                                16 * 1024,
+                            )
+                        };
+                        let m = CudaModel::from_host(gpu.clone(), &host, o).unwrap();
+                        rel_err(&decode_logits(Some(m), &host, &seqs, 7), &want)
+                    })
+                    .collect();
+                let bound = DA_ERR_FACTOR * errs[2] + DA_ERR_SLACK;
+                let what = format!(
+                    "decode attention heads={heads}/{kv_heads} d={hd:3} window={window:?} bs={bs:3} {}",
+                    dtype.name()
+                );
+                if errs[..2].iter().any(|e| !e.is_finite() || *e > bound) {
+                    fail(format!(
+                        "{what}: tensor cores rel err {:e} eager, {:e} graphs; CUDA cores {:e} (bound {bound:e})",
+                        errs[0], errs[1], errs[2]
+                    ));
+                }
+                println!(
+                    "ok  {what}: rel err vs f32 CPU {:.1e} eager, {:.1e} graphs (CUDA cores {:.1e})",
+                    errs[0], errs[1], errs[2]
+                );
+            }
         }
     }
 }

@@ -15,7 +15,8 @@ use loraplane_server::adapter::LoraAdapter;
 use loraplane_server::api::{self, params::Limits, AppState};
 use loraplane_server::args::{Cli, Command, GenerateArgs, LoraBackend, ServeArgs, ServerConfig};
 use loraplane_server::backend::cuda::{
-    CudaModel, CudaOptions, Gpu, LoraKernelMode, PREFILL_ATTENTION_MIN_ROWS,
+    CudaModel, CudaOptions, Gpu, LoraKernelMode, DECODE_ATTENTION_TENSOR_CORES_MIN_PAIRS,
+    PREFILL_ATTENTION_MIN_ROWS,
 };
 use loraplane_server::engine;
 use loraplane_server::engine::generate::{generate_greedy, GenRequest};
@@ -232,6 +233,7 @@ fn place_model(
         lora_side_stream: true,
         attention_split_keys: true,
         lora_tensor_cores: true,
+        decode_attention_tensor_cores: Some(DECODE_ATTENTION_TENSOR_CORES_MIN_PAIRS),
     };
     let t0 = Instant::now();
     let model = match &host {

@@ -95,7 +95,22 @@ pub struct CudaOptions {
     /// bf16/f16 LoRA shrink and expand run on tensor cores (`lora_mma.cu`) for the groups whose
     /// shapes they take (`lora_mma_takes`); false keeps the CUDA-core kernels everywhere.
     pub lora_tensor_cores: bool,
+    /// bf16/f16 decode attention runs on tensor cores (`decode_attention.cu`) in steps of at
+    /// least this many (row, kv head) pairs, where a kernel is built for the head size and group
+    /// (head dim 16/32/64/128, at most 8 query heads per kv head); otherwise, or with None, the
+    /// CUDA-core kernel (`attention` in `llama.cu`). Default:
+    /// [`DECODE_ATTENTION_TENSOR_CORES_MIN_PAIRS`].
+    pub decode_attention_tensor_cores: Option<usize>,
 }
+
+/// Default for [`CudaOptions::decode_attention_tensor_cores`]. The tensor-core kernel has 4
+/// warps a block and walks its keys a 64-key tile (one round trip) at a time; the CUDA-core
+/// kernel runs up to 16 warps a block. With few (row, kv head) pairs the GPU is mostly idle and
+/// more warps in flight win: on the H100 (Llama-3.1-8B shape, csgmv + graphs) batch 1 took 7.11
+/// ms on CUDA cores against 7.32-7.44 on tensor cores at 4,000-token contexts, while from batch 4
+/// (32 pairs) tensor cores were as fast or faster (batch 4 at 4,000 tokens 8.08 -> 7.69-7.86 ms,
+/// batch 8 9.43 -> 8.35-8.55, batch 64 at 128 tokens 7.88 -> 7.73-7.82).
+pub const DECODE_ATTENTION_TENSOR_CORES_MIN_PAIRS: usize = 32;
 
 /// Default for [`CudaOptions::prefill_attention_min_rows`].
 pub const PREFILL_ATTENTION_MIN_ROWS: usize = 64;
@@ -280,8 +295,8 @@ struct Buffers<T> {
     lora_delta: Option<[CudaSlice<T>; 3]>,
     /// Each row's RoPE `[cos; d/2, sin; d/2]`, computed once per step.
     rope: CudaSlice<f32>,
-    /// Split-key decode attention: partial softmaxes, `[ATTENTION_SPLIT_BLOCKS][G][d + 2]`
-    /// (G the group size rounded up to a power of two), and one counter per (row, kv head).
+    /// Split-key decode attention: partial softmaxes, `[ATTENTION_SPLIT_BLOCKS][group][d + 2]`
+    /// (group: query heads per kv head), and one counter per (row, kv head).
     attention_part: CudaSlice<f32>,
     attention_counters: CudaSlice<i32>,
     final_in: CudaSlice<T>,
@@ -339,6 +354,9 @@ pub struct CudaLlama<T: GpuFloat> {
     prefill_chunks: Vec<PrefillChunk>,
     /// The flash prefill kernel, where it is used; else prefill chunks attend through GEMMs.
     flash_kernel: Option<String>,
+    /// The tensor-core decode attention kernel, where one is built and enabled, and the (row,
+    /// kv head) pairs from which a step uses it.
+    decode_attention_kernel: Option<(String, usize)>,
     /// This step's long LoRA segments run as GEMMs: (first row, rows, slot).
     gemm_lora: Vec<(usize, usize, usize)>,
     attention_scratch: Option<AttentionScratch<T>>,
@@ -405,6 +423,10 @@ fn push_work_items(
     }
 }
 
+/// Warps per block of the tensor-core decode attention kernel (DA_WARPS in
+/// `decode_attention.cu`).
+const DECODE_ATTENTION_WARPS: u32 = 4;
+
 /// Blocks split-key decode attention aims for.
 const ATTENTION_SPLIT_BLOCKS: usize = 256;
 
@@ -415,7 +437,8 @@ const ATTENTION_MAX_SPLITS: usize = 16;
 /// alone fill half of ATTENTION_SPLIT_BLOCKS, else as many as keep rows · kv heads · splits
 /// within it (so the partials fit their buffer). A function of the shape only, so that a CUDA
 /// graph keeps it across replays; the kernel itself uses fewer splits for a row whose context
-/// is short (one per SPLIT_MIN_KEYS = 256 keys in `llama.cu`).
+/// is short (one per 256 keys: SPLIT_MIN_KEYS in `llama.cu`, DA_SPLIT_MIN_KEYS in
+/// `decode_attention.cu`).
 fn attention_splits(rows: usize, kv_heads: usize) -> usize {
     let pairs = (rows * kv_heads).max(1);
     if 2 * pairs > ATTENTION_SPLIT_BLOCKS {
@@ -583,6 +606,10 @@ impl<T: GpuFloat> CudaLlama<T> {
             .flash_prefill
             .then(|| loraplane_kernels::flash_attention_kernel(T::SUFFIX, c.head_dim))
             .flatten();
+        let decode_attention_kernel = opts.decode_attention_tensor_cores.and_then(|min_pairs| {
+            loraplane_kernels::decode_attention_kernel(T::SUFFIX, c.head_dim, c.num_heads / c.num_kv_heads)
+                .map(|k| (k, min_pairs))
+        });
         Ok(Self {
             gpu,
             config,
@@ -601,6 +628,7 @@ impl<T: GpuFloat> CudaLlama<T> {
             graphs: HashMap::new(),
             prefill_chunks: Vec::new(),
             flash_kernel,
+            decode_attention_kernel,
             gemm_lora: Vec::new(),
             attention_scratch: None,
         })
@@ -645,11 +673,8 @@ impl<T: GpuFloat> CudaLlama<T> {
                 None
             },
             rope: gpu.zeros::<f32>(cap * c.head_dim)?,
-            attention_part: gpu.zeros::<f32>(
-                ATTENTION_SPLIT_BLOCKS
-                    * (c.num_heads / c.num_kv_heads).next_power_of_two()
-                    * (c.head_dim + 2),
-            )?,
+            attention_part: gpu
+                .zeros::<f32>(ATTENTION_SPLIT_BLOCKS * (c.num_heads / c.num_kv_heads) * (c.head_dim + 2))?,
             attention_counters: gpu.zeros::<i32>(ATTENTION_SPLIT_BLOCKS)?,
             final_in: gpu.zeros::<T>(logit_rows * h)?,
             logits: gpu.zeros::<f32>(logit_rows * c.vocab_size)?,
@@ -1404,28 +1429,41 @@ impl<T: GpuFloat> CudaLlama<T> {
             gpu.ptr(&self.inv_freq),
             (c.head_dim / 2) as i32
         )?;
-        // Compile-time group bound and dims per lane of the attention kernel.
-        let (g_max, dpl) = (
-            (c.num_heads / c.num_kv_heads).next_power_of_two(),
-            c.head_dim.div_ceil(32).next_power_of_two(),
-        );
-        let attention = format!("attention_{}_g{g_max}_d{dpl}", T::SUFFIX);
-        // Warps per (kv head, row) block: about 2048 warps in all, from 4 per block for large
-        // batches (8 measured slower at batch 64) up to 16 for a few rows, so that a short batch
-        // still keeps many keys in flight; the merge area must fit 48 KB of shared memory.
         let splits = if self.opts.attention_split_keys {
             attention_splits(rows, c.num_kv_heads)
         } else {
             1
         };
-        let blocks = c.num_kv_heads * rows * splits;
-        let merge_bytes = g_max * (2 + 32 * dpl) * 4;
-        let warps = (2048 / blocks.max(1))
-            .clamp(4, 16)
-            .min(48 * 1024 / merge_bytes)
-            .max(1);
-        let attention_threads = 32 * warps as u32;
-        let attention_smem = (warps * merge_bytes) as u32;
+        let tensor_cores = self
+            .decode_attention_kernel
+            .as_ref()
+            .filter(|(_, min_pairs)| rows * c.num_kv_heads >= *min_pairs);
+        let (attention, attention_threads, attention_smem) = match tensor_cores {
+            // Fixed warps, static shared memory (decode_attention.cu's DA_WARPS).
+            Some((kernel, _)) => (kernel.clone(), 32 * DECODE_ATTENTION_WARPS, 0),
+            None => {
+                // Compile-time group bound and dims per lane of the CUDA-core kernel.
+                let (g_max, dpl) = (
+                    (c.num_heads / c.num_kv_heads).next_power_of_two(),
+                    c.head_dim.div_ceil(32).next_power_of_two(),
+                );
+                // Warps per (kv head, row) block: about 2048 warps in all, from 4 per block
+                // for large batches (8 measured slower at batch 64) up to 16 for a few rows, so
+                // that a short batch still keeps many keys in flight; the merge area must fit
+                // 48 KB of shared memory.
+                let blocks = c.num_kv_heads * rows * splits;
+                let merge_bytes = g_max * (2 + 32 * dpl) * 4;
+                let warps = (2048 / blocks.max(1))
+                    .clamp(4, 16)
+                    .min(48 * 1024 / merge_bytes)
+                    .max(1);
+                (
+                    format!("attention_{}_g{g_max}_d{dpl}", T::SUFFIX),
+                    32 * warps as u32,
+                    (warps * merge_bytes) as u32,
+                )
+            }
+        };
         // RoPE threads: one per rotary pair of a head (at least a warp), heads stacked in y up
         // to 256 threads.
         let rope_x = (c.head_dim as u32 / 2).clamp(32, 128);

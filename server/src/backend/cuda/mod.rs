@@ -18,7 +18,10 @@ use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
 use loraplane_kernels::Kernels;
 
-pub use llama::{CudaLlama, CudaModel, CudaOptions, DeviceDtype, LoraKernelMode, PREFILL_ATTENTION_MIN_ROWS};
+pub use llama::{
+    CudaLlama, CudaModel, CudaOptions, DeviceDtype, LoraKernelMode, DECODE_ATTENTION_TENSOR_CORES_MIN_PAIRS,
+    PREFILL_ATTENTION_MIN_ROWS,
+};
 
 use crate::error::{Error, Result};
 
