@@ -13,9 +13,10 @@
 //! 4. Slot loads as the engine issues them (`load_slot`), into a 2-slot pool that four adapters
 //!    take turns in: synchronous copies, and overlapped copies issued behind a base batch's
 //!    pass, read after `slot_ready` and also straight away, even before any pass issued them
-//!    (the pass that needs the slot must issue the copy and wait for it), the last round with
-//!    reloaded copies whose pinned images are still being converted on a worker thread; every
-//!    pass equals a pass in a pool where the adapters never move.
+//!    (the pass that needs the slot must issue the copy and wait for it), a round with reloaded
+//!    copies whose pinned images are still being converted on a worker thread, and a last round
+//!    whose staging fails (as if pinned memory ran out) and falls back to synchronous copies;
+//!    every pass equals a pass in a pool where the adapters never move.
 //!
 //! 5. Flash prefill attention in bf16 and f16 against the f32 CPU backend, next to the GEMM
 //!    path (see `flash_prefill_checks` below).
@@ -688,7 +689,8 @@ fn main() {
     println!("device: {}", gpu.name);
     // --quick: the PEFT check of one model and a few sampling draws (for compute-sanitizer,
     // which is slow). `--only sampling` runs the sampling checks alone, `--only lora-mma` the
-    // tensor-core LoRA checks, `--only decode-attention` the tensor-core decode attention checks.
+    // tensor-core LoRA checks, `--only decode-attention` the tensor-core decode attention checks,
+    // `--only slots` the slot load checks.
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     let only = args
@@ -697,6 +699,11 @@ fn main() {
         .and_then(|i| args.get(i + 1));
     if only.is_some_and(|o| o == "lora-mma") {
         lora_tensor_core_checks(&gpu, quick);
+        println!("all GPU checks passed");
+        return;
+    }
+    if only.is_some_and(|o| o == "slots") {
+        slot_load_checks(&gpu);
         println!("all GPU checks passed");
         return;
     }
@@ -1337,6 +1344,9 @@ fn slot_load_checks(gpu: &Arc<Gpu>) {
     // The same weights under new ids: never staged, so round 2's copies start a conversion
     // on a worker thread that the pass reading the slot must wait for.
     let reloaded = load_all();
+    // Round 3's: their staging fails (`fail_staging`, as if pinned memory had run out), so each
+    // overlapped load falls back to a synchronous copy.
+    let unstageable = load_all();
     let prompt: Vec<u32> = (1..24).collect();
     let vocab = config.vocab_size;
     for dtype in [DeviceDtype::Float32, DeviceDtype::Bfloat16] {
@@ -1364,13 +1374,23 @@ fn slot_load_checks(gpu: &Arc<Gpu>) {
         let base = [(prompt.clone(), None)];
         let mut worst = 0.0f64;
         let mut not_ready_at_once = 0;
-        // Three rounds over the four adapters in two slots: every load evicts.
-        for round in 0..3 {
-            let set = if round == 2 { &reloaded } else { &adapters };
+        // Four rounds over the four adapters in two slots: every load evicts.
+        for round in 0..4 {
+            let set = match round {
+                2 => &reloaded,
+                3 => &unstageable,
+                _ => &adapters,
+            };
+            m.fail_staging(round == 3).unwrap();
             for (i, a) in set.iter().enumerate() {
                 let slot = i % 2;
                 let overlap = round > 0;
                 m.load_slot(slot, a, overlap).unwrap();
+                if round == 3 && !m.slot_ready(slot, false).unwrap() {
+                    fail(format!(
+                        "slot {slot}: a load whose staging failed did not fall back to a synchronous copy"
+                    ));
+                }
                 // The queued copy is issued behind a base batch's pass and overlaps it; in round
                 // 2, every other copy is still queued when the pass that needs it starts.
                 if overlap && !(round == 2 && i % 2 == 1) {
@@ -1412,12 +1432,14 @@ fn slot_load_checks(gpu: &Arc<Gpu>) {
                 }
             }
         }
+        m.fail_staging(false).unwrap();
         for a in &adapters {
             m.stage_adapter(a).unwrap();
         }
         println!(
-            "ok  slots  {:8} 12 loads into 2 slots (4 sync, 8 overlapped; {not_ready_at_once}/4 polled copies \
-             still in flight after a base pass): max rel err {worst:.1e} vs a pool without eviction",
+            "ok  slots  {:8} 16 loads into 2 slots (4 sync, 8 overlapped, 4 overlapped whose staging failed and \
+             fell back to sync; {not_ready_at_once}/4 polled copies still in flight after a base pass): max rel \
+             err {worst:.1e} vs a pool without eviction",
             dtype.name()
         );
     }

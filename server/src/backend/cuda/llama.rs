@@ -731,7 +731,14 @@ impl<T: GpuFloat> CudaLlama<T> {
 
     /// See [`LoraSlots::ready`].
     pub fn slot_ready(&mut self, slot: usize, wait: bool) -> Result<bool> {
-        Self::device_pool(&mut self.lora)?.ready(&self.gpu, slot, wait)
+        Self::device_pool(&mut self.lora)?.ready(&self.gpu, &self.config, slot, wait)
+    }
+
+    /// See [`LoraSlots::fail_staging`] (fault injection for checks).
+    #[doc(hidden)]
+    pub fn fail_staging(&mut self, fail: bool) -> Result<()> {
+        Self::device_pool(&mut self.lora)?.fail_staging(fail);
+        Ok(())
     }
 
     /// See [`LoraSlots::stage`].
@@ -1837,6 +1844,12 @@ impl CudaModel {
     /// See [`CudaLlama::stage_adapter`].
     pub fn stage_adapter(&mut self, adapter: &Arc<LoraAdapter>) -> Result<()> {
         each_dtype!(self, m => m.stage_adapter(adapter))
+    }
+
+    /// See [`CudaLlama::fail_staging`] (fault injection for checks).
+    #[doc(hidden)]
+    pub fn fail_staging(&mut self, fail: bool) -> Result<()> {
+        each_dtype!(self, m => m.fail_staging(fail))
     }
 
     /// See [`CudaLlama::dummy_adapter_in_slot`].

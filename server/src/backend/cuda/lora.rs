@@ -12,7 +12,8 @@
 //! passes (44 ms for a rank-16 Llama-3.1-8B adapter on the H100 machine's host). The copy is
 //! queued, then issued right after the first forward pass that follows its image's conversion
 //! has issued its own uploads and kernels ([`LoraSlots::issue_copies`]): issued earlier, it would
-//! hold the copy engine while that pass's small uploads waited behind it.
+//! hold the copy engine while that pass's small uploads waited behind it. An image that cannot be
+//! made (pinned memory ran out) falls back to a synchronous copy ([`LoraSlots::ready`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -154,6 +155,15 @@ impl<T: GpuFloat> Staging<T> {
         staging
     }
 
+    /// A staging that failed already, with `why`.
+    fn failed(a: &LoraAdapter, recycled: &Arc<Mutex<Recycled<PinnedHostSlice<T>>>>, why: &str) -> Arc<Self> {
+        Arc::new(Staging {
+            rank: a.rank,
+            image: OnceLock::from(Err(format!("adapter {}: {why}", a.name))),
+            recycled: recycled.clone(),
+        })
+    }
+
     /// The image once converted (`None` while converting); with `wait`, blocks until it is.
     fn image(&self, wait: bool) -> Option<Result<&[PinnedHostSlice<T>]>> {
         let done = if wait {
@@ -207,6 +217,8 @@ struct Pending<T> {
     after: CudaEvent,
     done: Option<CudaEvent>,
     image: Arc<Staging<T>>,
+    /// The adapter, for a synchronous copy should its image fail.
+    adapter: Arc<LoraAdapter>,
 }
 
 impl<T> Pending<T> {
@@ -249,6 +261,8 @@ pub struct LoraSlots<T> {
     /// Staged ids, least recently staged or used first.
     staged_order: VecDeque<u64>,
     pending: Vec<Option<Pending<T>>>,
+    /// Staged images fail at once instead of being converted (see [`LoraSlots::fail_staging`]).
+    fail_staging: bool,
     /// Copies superseded by a newer copy into the same slot, kept until done so that the
     /// image they read stays alive.
     superseded: Vec<Pending<T>>,
@@ -296,6 +310,7 @@ impl<T: GpuFloat> LoraSlots<T> {
             stager: None,
             staged_order: VecDeque::new(),
             pending: (0..slots).map(|_| None).collect(),
+            fail_staging: false,
             superseded: Vec::new(),
             scratch: Vec::new(),
             dims: (0..GROUPS.len()).map(|g| group_dims(c, g)).collect(),
@@ -465,6 +480,7 @@ impl<T: GpuFloat> LoraSlots<T> {
             after,
             done: None,
             image,
+            adapter: a.clone(),
         };
         // A copy already issued into this slot is ahead on the same copy stream; one still
         // queued is simply replaced.
@@ -526,16 +542,22 @@ impl<T: GpuFloat> LoraSlots<T> {
     }
 
     /// Whether the last copy into `slot` is done; with `wait`, issues it if it is still queued
-    /// (once its image is converted) and blocks until it is done. A failed conversion is an
-    /// error, and leaves the slot empty.
-    pub fn ready(&mut self, gpu: &Gpu, slot: usize, wait: bool) -> Result<bool> {
+    /// (once its image is converted) and blocks until it is done. When the image could not be
+    /// made (pinned memory ran out, say) the adapter is copied synchronously instead, so the
+    /// request that needs it only loses the overlap.
+    pub fn ready(&mut self, gpu: &Gpu, c: &ModelConfig, slot: usize, wait: bool) -> Result<bool> {
         if let Some(p) = self.pending[slot].as_ref().filter(|p| p.done.is_none()) {
             // Still queued: its image may be converting, or may have failed to.
             match p.image.image(wait) {
                 Some(Err(e)) => {
-                    self.pending[slot] = None;
-                    self.resident[slot] = None;
-                    return Err(e);
+                    let a = p.adapter.clone();
+                    tracing::warn!(
+                        adapter = %a.name,
+                        error = %e,
+                        "staging the adapter in pinned memory failed; copying it synchronously"
+                    );
+                    self.copy_now(gpu, c, slot, &a)?;
+                    return Ok(true);
                 }
                 Some(Ok(_)) if wait => self.issue_copies(gpu)?,
                 _ => {}
@@ -556,6 +578,12 @@ impl<T: GpuFloat> LoraSlots<T> {
             self.pending[slot] = None;
         }
         Ok(done)
+    }
+
+    /// With `fail`, every image staged from now on fails at once, as if pinned memory had run
+    /// out: for checks of the synchronous fallback in [`LoraSlots::ready`].
+    pub fn fail_staging(&mut self, fail: bool) {
+        self.fail_staging = fail;
     }
 
     /// Starts converting `a`'s slot image into pinned host memory on a worker thread, unless
@@ -595,7 +623,11 @@ impl<T: GpuFloat> LoraSlots<T> {
             };
             self.staged.remove(&old);
         }
-        let staged = Staging::start(stager, &gpu.ctx, c, a, &self.recycled);
+        let staged = if self.fail_staging {
+            Staging::failed(a, &self.recycled, "staging disabled by fail_staging")
+        } else {
+            Staging::start(stager, &gpu.ctx, c, a, &self.recycled)
+        };
         self.staged.insert(a.id, staged.clone());
         Ok(staged)
     }
