@@ -32,8 +32,10 @@ __device__ __forceinline__ unsigned word_of(const uint4& v, int i) {
 }
 
 // yp[split][r, t*R + k] = x[r, slice] . A[slot][t*R + k, slice], as lora_shrink. Grid
-// (n_targets * splits, items) over slices of LMMA_SLICE inputs, LMMA_SHRINK_WARPS warps, each
-// taking LMMA_CHUNKS chunks of 32 k for every rank tile. Rank tiles go LMMA_TILES at a time:
+// (n_targets * splits, items, rank groups) over slices of LMMA_SLICE inputs, LMMA_SHRINK_WARPS
+// warps, each taking LMMA_CHUNKS chunks of 32 k for every rank tile of its group (the groups
+// take LMMA_TILES tiles of 8 rank rows round-robin, so a high rank costs more blocks, not a
+// longer chain of round trips in each). Rank tiles go LMMA_TILES at a time:
 // every warp's loads for them are in flight at once, then the warps' partial sums meet in
 // shared memory and are added in a fixed order, so that results do not depend on scheduling.
 template <typename T>
@@ -45,6 +47,9 @@ __device__ void lora_shrink_mma(float* yp, const T* x, const T* A, const int* it
     if (slot < 0 || len <= 0) return;
     int rank = slot_rank[slot];
     int tiles = (rank + 7) / 8;
+    // This block's rank tiles start at blockIdx.z * LMMA_TILES, then every gridDim.z-th group.
+    int n_first = blockIdx.z * LMMA_TILES;
+    if (n_first >= tiles) return;
     int lo = split * LMMA_SLICE, hi = min(in_dim, lo + LMMA_SLICE);
     int ylen = n_targets * R;
     float* out = yp + split * plane;
@@ -69,7 +74,7 @@ __device__ void lora_shrink_mma(float* yp, const T* x, const T* A, const int* it
                 xa[j][h] = (has[j] && g + 8 * h < rows)
                                ? *reinterpret_cast<const uint4*>(xr + (size_t)(g + 8 * h) * in_dim + kc[j] + 8 * c)
                                : make_uint4(0, 0, 0, 0);
-        for (int n0 = 0; n0 < tiles; n0 += LMMA_TILES) {
+        for (int n0 = n_first; n0 < tiles; n0 += LMMA_TILES * gridDim.z) {
             uint4 w[LMMA_TILES][LMMA_CHUNKS];
 #pragma unroll
             for (int u = 0; u < LMMA_TILES; u++) {

@@ -236,13 +236,15 @@ fn main() {
         let mut m =
             CudaModel::dummy(gpu.clone(), c.clone(), opts(LoraKernelMode::Chunked(16), 0), 42).unwrap();
         let mut kv = m.new_kv_cache();
+        // LORAPLANE_PROFILE_BS picks the batch (64 by default), LORAPLANE_PROFILE_ADAPTERS the
+        // number of distinct adapters spread round-robin over it (default: one per row, up to
+        // 64), LORAPLANE_PROFILE_RANK their rank (16 by default, at most 64).
+        let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
+        let rank = env("LORAPLANE_PROFILE_RANK").unwrap_or(16).clamp(1, 64);
         for s in 0..64 {
-            m.dummy_adapter_in_slot(s, 16, &LoraTarget::ALL, 1000 + s as u64)
+            m.dummy_adapter_in_slot(s, rank, &LoraTarget::ALL, 1000 + s as u64)
                 .unwrap();
         }
-        // LORAPLANE_PROFILE_BS picks the batch (64 by default), LORAPLANE_PROFILE_ADAPTERS the
-        // number of distinct adapters spread round-robin over it (default: one per row, up to 64).
-        let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
         let bs = env("LORAPLANE_PROFILE_BS").unwrap_or(64);
         let n = env("LORAPLANE_PROFILE_ADAPTERS").unwrap_or(bs.min(64)).min(64);
         let slots: Vec<i32> = (0..bs)

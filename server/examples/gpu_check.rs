@@ -535,7 +535,9 @@ fn decode_logits(
 //    the tensor-core kernels take, in pools of rank 16, 64 and 128 (the shrink's three tile
 //    counts) with adapters of ranks 1 to 128, both work-item schemes (per sequence: items of up
 //    to 63 rows, several 16-row passes; chunked: up to 32), ragged prefill with empty segments,
-//    then decode at batch 5, 64 and 200 with CUDA graphs (at 200 each block of the gate/up
+//    then decode at batch 1 (a single item: the shrink splits the pool's rank over blocks; with
+//    an adapter at and one below the pool's rank), 5, 64 and 200 with CUDA graphs (at 200 each
+//    block of the gate/up
 //    expand walks several column groups, the last one partly past the end). The reference is the f32 CPU backend;
 //    the same device model with the CUDA-core kernels sets the bar: tensor cores may only add
 //    the rounding of `x·Aᵀ` to the element type, so their error must stay within
@@ -621,6 +623,22 @@ fn lora_tensor_core_checks(gpu: &Arc<Gpu>, quick: bool) {
                 })
                 .collect();
             cases.push((format!("decode  bs={bs:3}"), seqs, 6));
+        }
+        // Batch 1 is a single work item, whose shrink splits the pool's rank over blocks: with
+        // the pool's largest adapter, and with a rank-4 one (the blocks past its rank exit).
+        // Their own random stream, so that the other cases stay what they were.
+        let mut rng1 = Rng(0x51_9e1e_17e3 ^ pool_rank as u64);
+        if !quick {
+            for a in [&adapters[1], adapters.last().unwrap()] {
+                let toks = (0..1 + rng1.below(30))
+                    .map(|_| rng1.below(c.vocab_size) as u32)
+                    .collect();
+                cases.push((
+                    format!("decode  bs=  1 r{:<3}", a.rank),
+                    vec![(toks, Some(a.clone()))],
+                    6,
+                ));
+            }
         }
         let run = |gpu_model: Option<CudaModel>, batch: &[Seq], steps| {
             if steps > 0 {

@@ -216,6 +216,24 @@ fn lora_mma_takes(in_dim: usize, outs: &[usize], pool_rank: usize) -> bool {
 const LORA_MMA_SHRINK_THREADS: u32 = 256;
 const LORA_MMA_EXPAND_THREADS: u32 = 256;
 
+/// Tiles of 8 rank rows each block of the tensor-core shrink takes at a time (LMMA_TILES).
+const LORA_MMA_SHRINK_TILES: usize = 2;
+
+/// Blocks of the tensor-core shrink per (target, slice, item), each taking every n-th group of
+/// LORA_MMA_SHRINK_TILES rank tiles: with a single work item (batch 1), whose grid is one block
+/// per target and 1024-input slice (4 to 14), one block per group, so that a high rank costs more
+/// blocks instead of a longer chain of round trips in each; else 1. On the H100 (csgmv +
+/// graphs, same calls) one rank-64 adapter at batch 1 went from 6.87-7.01 to 6.69-6.70 ms, but
+/// splitting at batch 8 (one-row items) took it from 7.12 to 7.60 ms and at batch 64 (16-row
+/// items) from 8.95 to 9.43.
+fn lora_mma_shrink_rank_groups(pool_rank: usize, items: usize) -> usize {
+    if items == 1 {
+        pool_rank.div_ceil(8 * LORA_MMA_SHRINK_TILES)
+    } else {
+        1
+    }
+}
+
 /// Rows of an item the tensor-core kernels take per pass (LMMA_ROWS).
 const LORA_MMA_ROWS: usize = 16;
 
@@ -1058,17 +1076,21 @@ impl<T: GpuFloat> CudaLlama<T> {
         let (in_dim, outs) = group_dims(&self.config, g);
         let nt = outs.len() as i32;
         let splits = lora_splits(in_dim, self.lora_mma[g]);
-        let (name, threads) = if self.lora_mma[g] {
-            (format!("lora_shrink_mma_{}", T::SUFFIX), LORA_MMA_SHRINK_THREADS)
+        let (name, threads, rank_groups) = if self.lora_mma[g] {
+            (
+                format!("lora_shrink_mma_{}", T::SUFFIX),
+                LORA_MMA_SHRINK_THREADS,
+                lora_mma_shrink_rank_groups(lora.rank, s.items),
+            )
         } else {
             let kw = shrink_rank_rows(lora.rank, s.rows);
-            (format!("lora_shrink_{}_kw{kw}", T::SUFFIX), 256)
+            (format!("lora_shrink_{}_kw{kw}", T::SUFFIX), 256, 1)
         };
         launch!(
             gpu,
             on = stream,
             &name,
-            (nt as u32 * splits as u32, s.items as u32, 1),
+            (nt as u32 * splits as u32, s.items as u32, rank_groups as u32),
             (threads, 1, 1),
             gpu.ptr(&self.bufs.lora_y),
             x,
@@ -1923,6 +1945,15 @@ mod tests {
             row += n;
         }
         items
+    }
+
+    #[test]
+    fn tensor_core_shrink_splits_the_rank_only_for_a_single_item() {
+        assert_eq!(lora_mma_shrink_rank_groups(64, 1), 4);
+        assert_eq!(lora_mma_shrink_rank_groups(16, 1), 1);
+        assert_eq!(lora_mma_shrink_rank_groups(20, 1), 2);
+        assert_eq!(lora_mma_shrink_rank_groups(64, 2), 1);
+        assert_eq!(lora_mma_shrink_rank_groups(256, 64), 1);
     }
 
     #[test]
