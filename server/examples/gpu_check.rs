@@ -550,7 +550,8 @@ const MMA_ERR_FACTOR: f64 = 1.5;
 type Seq = (Vec<u32>, Option<Arc<LoraAdapter>>);
 const MMA_ERR_SLACK: f64 = 2e-3;
 
-/// `quick` (under compute-sanitizer): the rank-64 pool in bf16, one prefill and one decode case.
+/// `quick` (under compute-sanitizer): the rank-64 pool in bf16, one prefill and three decode
+/// cases.
 fn lora_tensor_core_checks(gpu: &Arc<Gpu>, quick: bool) {
     let mut rng = Rng(0x7e45_0c02_e5ab_cd01);
     let c = ModelConfig::from_hf_json(
@@ -628,17 +629,15 @@ fn lora_tensor_core_checks(gpu: &Arc<Gpu>, quick: bool) {
         // the pool's largest adapter, and with a rank-4 one (the blocks past its rank exit).
         // Their own random stream, so that the other cases stay what they were.
         let mut rng1 = Rng(0x51_9e1e_17e3 ^ pool_rank as u64);
-        if !quick {
-            for a in [&adapters[1], adapters.last().unwrap()] {
-                let toks = (0..1 + rng1.below(30))
-                    .map(|_| rng1.below(c.vocab_size) as u32)
-                    .collect();
-                cases.push((
-                    format!("decode  bs=  1 r{:<3}", a.rank),
-                    vec![(toks, Some(a.clone()))],
-                    6,
-                ));
-            }
+        for a in [&adapters[1], adapters.last().unwrap()] {
+            let toks = (0..1 + rng1.below(30))
+                .map(|_| rng1.below(c.vocab_size) as u32)
+                .collect();
+            cases.push((
+                format!("decode  bs=  1 r{:<3}", a.rank),
+                vec![(toks, Some(a.clone()))],
+                6,
+            ));
         }
         let run = |gpu_model: Option<CudaModel>, batch: &[Seq], steps| {
             if steps > 0 {
