@@ -54,7 +54,7 @@ __device__ void decode_attention(T* out, const T* qkv, const T* k_cache, const T
     __shared__ int key_slot[2][DA_KEYS];
     T* ks = kv_tiles;
     T* vs = kv_tiles + DA_KEYS * LD;
-    int kvh = blockIdx.x, r = blockIdx.y, z = blockIdx.z, splits = gridDim.z;
+    int kvh = blockIdx.x, r = blockIdx.y;
     int seq = row_seq[r];
     if (seq < 0) return;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
@@ -74,13 +74,9 @@ __device__ void decode_attention(T* out, const T* qkv, const T* k_cache, const T
             qf[kk][1] = va ? *reinterpret_cast<const unsigned*>(q + g * D + c + 8) : 0u;
         }
     }
-    int pos = positions[r];
-    int first = window > 0 ? max(0, pos + 1 - window) : 0;
-    int n_keys = pos + 1 - first;
-    int used = min(splits, (n_keys + DA_SPLIT_MIN_KEYS - 1) / DA_SPLIT_MIN_KEYS);
-    if (z >= used) return;
-    int per = (n_keys + used - 1) / used;
-    int lo = first + z * per, kend = min(pos, lo + per - 1) + 1;  // this block's keys [lo, kend)
+    int used, lo, hi;
+    if (!split_key_range(positions[r], window, DA_SPLIT_MIN_KEYS, used, lo, hi)) return;
+    int kend = hi + 1;  // this block's keys [lo, kend)
     int tiles = (kend - lo + DA_KEYS - 1) / DA_KEYS;
     const int* table = block_tables + (size_t)seq * max_blocks;
 
@@ -90,24 +86,10 @@ __device__ void decode_attention(T* out, const T* qkv, const T* k_cache, const T
     float m = -INFINITY, l = 0.f;  // the thread's row g: running max (scaled) and sum
 
     auto find_slots = [&](int buf, int k0) {
-        if (threadIdx.x < DA_KEYS) {
-            int p = k0 + threadIdx.x;
-            key_slot[buf][threadIdx.x] = p < kend ? table[p / block_size] * block_size + p % block_size : -1;
-        }
+        find_key_slots<DA_KEYS>(key_slot[buf], table, k0, kend, block_size);
     };
-    // Keys past kend are zero (a masked key's V must not be NaN: 0 x NaN is NaN).
     auto load_tile = [&](T* dst, const T* cache, int buf) {
-        for (int c = threadIdx.x; c < DA_KEYS * (D / 8); c += DA_WARPS * 32) {
-            int key = c / (D / 8), piece = c % (D / 8);
-            int slot = key_slot[buf][key];
-            T* d = dst + key * LD + piece * 8;
-            if (slot >= 0) {
-                cp_async16(d, cache + (size_t)slot * kvd + kvh * D + piece * 8);
-            } else {
-                *reinterpret_cast<uint4*>(d) = make_uint4(0, 0, 0, 0);
-            }
-        }
-        cp_async_commit();
+        load_kv_tile<T, D, DA_KEYS, DA_WARPS * 32, LD>(dst, cache, key_slot[buf], kvd, kvh);
     };
     // flash_attention's pipeline: K of the next tile loads during this tile's P·V, V of the
     // next tile during the next tile's Q·Kᵀ; every thread commits the same groups.

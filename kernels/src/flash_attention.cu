@@ -67,6 +67,34 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const void* p) {
                  : "memory");
 }
 
+// Cache rows of keys k0 .. k0 + KEYS - 1 through a sequence's block table, -1 from kend on, by
+// the block's first KEYS threads (once per tile, not per 16-byte load).
+template <int KEYS>
+__device__ __forceinline__ void find_key_slots(int* key_slot, const int* table, int k0, int kend, int block_size) {
+    if (threadIdx.x < KEYS) {
+        int p = k0 + threadIdx.x;
+        key_slot[threadIdx.x] = p < kend ? table[p / block_size] * block_size + p % block_size : -1;
+    }
+}
+
+// One cache's (K or V) tile of KEYS keys of kv head `kvh` into shared rows of LD elements with
+// cp.async, by THREADS threads, then one commit; keys whose slot is -1 are zero (a masked key's
+// V must not be NaN: 0 x NaN is NaN).
+template <typename T, int D, int KEYS, int THREADS, int LD>
+__device__ __forceinline__ void load_kv_tile(T* dst, const T* cache, const int* key_slot, int kvd, int kvh) {
+    for (int c = threadIdx.x; c < KEYS * (D / 8); c += THREADS) {
+        int key = c / (D / 8), piece = c % (D / 8);
+        int slot = key_slot[key];
+        T* d = dst + key * LD + piece * 8;
+        if (slot >= 0) {
+            cp_async16(d, cache + (size_t)slot * kvd + kvh * D + piece * 8);
+        } else {
+            *reinterpret_cast<uint4*>(d) = make_uint4(0, 0, 0, 0);
+        }
+    }
+    cp_async_commit();
+}
+
 // out[first_row + i, head*D ..] = softmax(q_i · Kᵀ · scale, causal) · V for one chunk. Grid:
 // (heads, ceil(rows / FA_BR)): every head's last query tile (the most keys) starts first, and
 // the heads of one kv group read the same keys at about the same time.
@@ -119,25 +147,10 @@ __device__ void flash_attention(T* out, const T* qkv, const T* kc, const T* vc, 
     // buffers: -1 past kend.
     __shared__ int key_slot[2][FA_BC];
     auto find_slots = [&](int buf, int k0) {
-        if (threadIdx.x < FA_BC) {
-            int p = k0 + threadIdx.x;
-            key_slot[buf][threadIdx.x] = p < kend ? table[p / block_size] * block_size + p % block_size : -1;
-        }
+        find_key_slots<FA_BC>(key_slot[buf], table, k0, kend, block_size);
     };
-    // One cache's (K or V) tile into shared memory with cp.async; keys past kend are zero (a
-    // masked key's V must not be NaN: 0 x NaN is NaN).
     auto load_tile = [&](T* dst, const T* cache, int buf) {
-        for (int c = threadIdx.x; c < FA_BC * (D / 8); c += FA_THREADS) {
-            int key = c / (D / 8), part = c % (D / 8);
-            int slot = key_slot[buf][key];
-            T* d = dst + key * LD + part * 8;
-            if (slot >= 0) {
-                cp_async16(d, cache + (size_t)slot * kvd + kvh * D + part * 8);
-            } else {
-                *reinterpret_cast<uint4*>(d) = make_uint4(0, 0, 0, 0);
-            }
-        }
-        cp_async_commit();
+        load_kv_tile<T, D, FA_BC, FA_THREADS, LD>(dst, cache, key_slot[buf], kvd, kvh);
     };
     // Staggered pipeline with one K and one V buffer: K of the next tile loads during this
     // tile's P·V, V of the next tile during the next tile's Q·Kᵀ and softmax. Every thread

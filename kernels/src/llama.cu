@@ -187,6 +187,21 @@ struct alignas(C * sizeof(T) >= 16 ? 16 : C * sizeof(T)) DimPack {
     T v[C];
 };
 
+// Block z (of gridDim.z) of a decode row at position `pos`: the row uses
+// `used` = min(splits, ceil(n / split_min_keys)) blocks for its n keys (within the window), and
+// this one takes the z-th of `used` equal ranges, [lo, hi]; false for a block past `used`.
+__device__ __forceinline__ bool split_key_range(int pos, int window, int split_min_keys, int& used, int& lo,
+                                                int& hi) {
+    int first = window > 0 ? max(0, pos + 1 - window) : 0;
+    int n_keys = pos + 1 - first;
+    used = min((int)gridDim.z, (n_keys + split_min_keys - 1) / split_min_keys);
+    if ((int)blockIdx.z >= used) return false;
+    int per = (n_keys + used - 1) / used;
+    lo = first + blockIdx.z * per;
+    hi = min(pos, lo + per - 1);
+    return true;
+}
+
 // The end of a decode attention block (`attention` here, `decode_attention` in
 // decode_attention.cu): merges the block's warps' partial softmaxes, kept in shared memory as
 // sm_m / sm_l [warps][gs] (max in natural-log units, sum) and sm_acc [warps][gs][acc_stride]
@@ -276,20 +291,15 @@ __device__ void attention(T* out, const T* qkv, const T* k_cache, const T* v_cac
                           int max_blocks, int block_size, int n_heads, int n_kv_heads, int d,
                           float scale, int window, float* part, int* counters) {
     const int ATTN_WARPS = blockDim.x >> 5;
-    int kvh = blockIdx.x, r = blockIdx.y, z = blockIdx.z, splits = gridDim.z;
+    int kvh = blockIdx.x, r = blockIdx.y;
     if (row_seq[r] < 0) return;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int group = n_heads / n_kv_heads;
     int qd = n_heads * d, kvd = n_kv_heads * d;
     const T* qrow = qkv + (size_t)r * (qd + 2 * kvd);
     int pos = positions[r];
-    int first = window > 0 ? max(0, pos + 1 - window) : 0;
-    int n_keys = pos + 1 - first;
-    int used = min(splits, (n_keys + SPLIT_MIN_KEYS - 1) / SPLIT_MIN_KEYS);
-    if (z >= used) return;
-    // This block's keys [lo, hi].
-    int per = (n_keys + used - 1) / used;
-    int lo = first + z * per, hi = min(pos, lo + per - 1);
+    int used, lo, hi;  // this block's keys [lo, hi]
+    if (!split_key_range(pos, window, SPLIT_MIN_KEYS, used, lo, hi)) return;
     const int* table = block_tables + (size_t)row_seq[r] * max_blocks;
 
     // Lane `lane` holds dims [d0, d0 + DPL) of q, of each key and value, and of the output.

@@ -1524,18 +1524,45 @@ fn two_chunk_pass(
     out
 }
 
+/// Hidden size, query heads, kv heads, head dim and sliding window of an attention check's model.
+type AttentionShape = (usize, usize, usize, usize, Option<usize>);
+
+/// Head dims 16 to 128, 1 to 4 query heads per kv head (SmolLM2's 9/3 among them), a window.
+const ATTENTION_SHAPES: [AttentionShape; 5] = [
+    (256, 16, 4, 16, None),
+    (256, 8, 8, 32, None),
+    (576, 9, 3, 64, None),
+    (512, 4, 1, 128, None),
+    (512, 8, 2, 128, Some(100)),
+];
+
+/// A 2-layer random-model config with hidden size `h`, `heads` / `kv_heads` heads of `hd`
+/// dims and an optional sliding window (the attention checks' shapes).
+fn attention_test_config(
+    h: usize,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    window: Option<usize>,
+) -> ModelConfig {
+    let mut json = format!(
+        r#"{{"architectures":["LlamaForCausalLM"],"vocab_size":512,"hidden_size":{h},"intermediate_size":{},
+        "num_hidden_layers":2,"num_attention_heads":{heads},"num_key_value_heads":{kv_heads},"head_dim":{hd},
+        "max_position_embeddings":4096,"tie_word_embeddings":false"#,
+        h * 2 + 32
+    );
+    if let Some(w) = window {
+        json += &format!(r#","sliding_window":{w}"#);
+    }
+    ModelConfig::from_hf_json(&(json + "}")).unwrap()
+}
+
 fn flash_prefill_checks(gpu: &Arc<Gpu>, quick: bool) {
     let mut rng = Rng(0xf1a5_4a77_e000_0001);
-    let shapes: &[(usize, usize, usize, usize, Option<usize>)] = if quick {
+    let shapes: &[AttentionShape] = if quick {
         &[(256, 8, 2, 64, None)]
     } else {
-        &[
-            (256, 16, 4, 16, None),
-            (256, 8, 8, 32, None),
-            (576, 9, 3, 64, None),
-            (512, 4, 1, 128, None),
-            (512, 8, 2, 128, Some(100)),
-        ]
+        &ATTENTION_SHAPES
     };
     // (cached prefix, new tokens): no prefix and many tiles, prefixes off the 64-key tile, a
     // chunk of exactly one tile, chunks below one tile.
@@ -1548,16 +1575,7 @@ fn flash_prefill_checks(gpu: &Arc<Gpu>, quick: bool) {
         (5, 40),
     ];
     for &(h, heads, kv_heads, hd, window) in shapes {
-        let mut json = format!(
-            r#"{{"architectures":["LlamaForCausalLM"],"vocab_size":512,"hidden_size":{h},"intermediate_size":{},
-            "num_hidden_layers":2,"num_attention_heads":{heads},"num_key_value_heads":{kv_heads},"head_dim":{hd},
-            "max_position_embeddings":4096,"tie_word_embeddings":false"#,
-            h * 2 + 32
-        );
-        if let Some(w) = window {
-            json += &format!(r#","sliding_window":{w}"#);
-        }
-        let c = ModelConfig::from_hf_json(&(json + "}")).unwrap();
+        let c = attention_test_config(h, heads, kv_heads, hd, window);
         let host = random_model(&c, &mut rng);
         let seqs: Vec<(Vec<u32>, usize)> = spans
             .iter()
@@ -1625,17 +1643,15 @@ const DA_ERR_SLACK: f64 = 2e-3;
 /// `quick` (under compute-sanitizer): Llama-3.1-8B's head shape in bf16 at batch 5.
 fn decode_attention_checks(gpu: &Arc<Gpu>, quick: bool) {
     let mut rng = Rng(0xdec0_de0a_77e0_0001);
-    let shapes: &[(usize, usize, usize, usize, Option<usize>)] = if quick {
-        &[(512, 4, 1, 128, None)]
+    // The flash checks' shapes and 8 query heads per kv head (the most the kernel takes).
+    let shapes: Vec<AttentionShape> = if quick {
+        vec![(512, 4, 1, 128, None)]
     } else {
-        &[
-            (256, 16, 4, 16, None),
-            (256, 8, 8, 32, None),
-            (576, 9, 3, 64, None),
-            (512, 4, 1, 128, None),
-            (512, 8, 2, 128, Some(100)),
-            (512, 8, 1, 64, None),
-        ]
+        ATTENTION_SHAPES
+            .iter()
+            .copied()
+            .chain([(512, 8, 1, 64, None)])
+            .collect()
     };
     let batches: &[usize] = if quick { &[5] } else { &[1, 5, 64, 200] };
     let dtypes: &[DeviceDtype] = if quick {
@@ -1643,17 +1659,8 @@ fn decode_attention_checks(gpu: &Arc<Gpu>, quick: bool) {
     } else {
         &[DeviceDtype::Bfloat16, DeviceDtype::Float16]
     };
-    for &(h, heads, kv_heads, hd, window) in shapes {
-        let mut json = format!(
-            r#"{{"architectures":["LlamaForCausalLM"],"vocab_size":512,"hidden_size":{h},"intermediate_size":{},
-            "num_hidden_layers":2,"num_attention_heads":{heads},"num_key_value_heads":{kv_heads},"head_dim":{hd},
-            "max_position_embeddings":4096,"tie_word_embeddings":false"#,
-            h * 2 + 32
-        );
-        if let Some(w) = window {
-            json += &format!(r#","sliding_window":{w}"#);
-        }
-        let c = ModelConfig::from_hf_json(&(json + "}")).unwrap();
+    for &(h, heads, kv_heads, hd, window) in &shapes {
+        let c = attention_test_config(h, heads, kv_heads, hd, window);
         let host = random_model(&c, &mut rng);
         for &bs in batches {
             let seqs: Vec<Seq> = (0..bs)
