@@ -173,8 +173,8 @@ pub struct ServeArgs {
     pub lora_eviction_policy: EvictionPolicy,
     /// Copy adapters into their device slots on a side stream from pinned host memory while the
     /// running batch computes; a request joins the batch once its adapter's copy is done. Keeps
-    /// pinned copies of up to 2 × --max-loras-per-batch adapters, so --max-loaded-loras defaults
-    /// to (and may not exceed) that (needs --device cuda).
+    /// pinned copies of up to 2 × --max-loras-per-batch adapters, only of adapters held in host
+    /// memory, so --max-loaded-loras defaults to (and may not exceed) that (needs --device cuda).
     #[arg(long, help_heading = "LoRA")]
     pub enable_lora_overlap_loading: bool,
     /// Largest token chunk of the chunked-SGMV kernels: a power of two from 16 to 128.

@@ -310,6 +310,10 @@ struct CopyLog {
     loads: Vec<(usize, String, bool)>,
     /// `slot_ready` answers of "not yet".
     not_ready: usize,
+    /// Every `stage_adapter`: (adapter name, id).
+    staged: Vec<(String, u64)>,
+    /// Every `unstage_adapter`: the id.
+    unstaged: Vec<u64>,
 }
 
 /// The CPU model with slot copies that behave like the GPU's overlapped ones: a copy stays in
@@ -376,6 +380,14 @@ impl Forward for SlowCopies {
             log.not_ready += 1;
         }
         Ok(done)
+    }
+    fn stage_adapter(&mut self, adapter: &Arc<LoraAdapter>) -> ModelResult<()> {
+        let mut log = self.log.lock().unwrap();
+        log.staged.push((adapter.name.clone(), adapter.id));
+        Ok(())
+    }
+    fn unstage_adapter(&mut self, adapter_id: u64) {
+        self.log.lock().unwrap().unstaged.push(adapter_id);
     }
 }
 
@@ -463,6 +475,46 @@ async fn overlapped_copies_hold_requests_until_their_slot_is_ready() {
         "the pinned adapter is never copied again: {:?}",
         log.loads
     );
+}
+
+/// With overlap loading, what the model staged for an adapter is freed when the engine drops the
+/// adapter's host copy: on eviction over --max-loaded-loras, and on unload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staged_copies_are_freed_with_their_host_copies() {
+    let mut cfg = config(2, Some(2));
+    cfg.lora_overlap_loading = true;
+    let (h, log) = start_slow(
+        cfg,
+        vec![spec("a", "attn_r4", false), spec("b", "qv_r2", false)],
+        0,
+    );
+    let staged = |name: &str| {
+        let log = log.lock().unwrap();
+        log.staged.iter().find(|s| s.0 == name).map(|s| s.1)
+    };
+    let unstaged = |id: u64| log.lock().unwrap().unstaged.contains(&id);
+    // The engine thread frees them right after it answers the command: wait up to 5 s.
+    let eventually = |id: u64| async move {
+        for _ in 0..500 {
+            if unstaged(id) {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        false
+    };
+    let (a, b) = (staged("a").expect("a staged"), staged("b").expect("b staged"));
+    assert!(log.lock().unwrap().unstaged.is_empty());
+    // A third adapter over the cap of two host copies evicts the least recently used, `a`.
+    h.load_adapter("c".into(), fixture("tiny/adapters/all_r16"), false)
+        .await
+        .unwrap();
+    assert!(eventually(a).await, "a's staged copy outlived its host copy");
+    h.unload_adapter("b".into()).await.unwrap();
+    assert!(eventually(b).await, "b's staged copy outlived its unload");
+    let c = staged("c").expect("c staged");
+    assert!(!unstaged(c), "c is still loaded");
+    assert_eq!(log.lock().unwrap().unstaged, vec![a, b]);
 }
 
 /// A failed slot copy aborts the request that needed it with a message naming the adapter,

@@ -86,6 +86,9 @@ pub struct AdapterPool {
     next_uid: u64,
     tick: u64,
     metrics: Arc<Metrics>,
+    /// Ids ([`LoraAdapter::id`]) of adapters whose host copy left (unloaded, or evicted over
+    /// the cap) since [`AdapterPool::take_dropped`] last ran.
+    dropped: Vec<u64>,
 }
 
 impl AdapterPool {
@@ -104,6 +107,7 @@ impl AdapterPool {
             next_uid: 1,
             tick: 0,
             metrics,
+            dropped: Vec::new(),
         }
     }
 
@@ -263,7 +267,9 @@ impl AdapterPool {
             .registry
             .remove(name)
             .ok_or_else(|| EngineError::Adapter(format!("LoRA adapter {name:?} is not loaded")))?;
-        self.host.remove(&r.uid);
+        if let Some(h) = self.host.remove(&r.uid) {
+            self.dropped.push(h.adapter.id);
+        }
         for slot in self.slots.iter_mut() {
             if slot.is_some_and(|s| s.uid == r.uid) {
                 *slot = None;
@@ -275,6 +281,12 @@ impl AdapterPool {
         }
         self.publish_gauges();
         Ok(())
+    }
+
+    /// Ids ([`LoraAdapter::id`]) of the adapters whose host copy left since the last call, so
+    /// that the model can free what it keeps for them (pinned images for overlapped loads).
+    pub fn take_dropped(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.dropped)
     }
 
     /// Whether `name` is registered.
@@ -407,7 +419,9 @@ impl AdapterPool {
                 })
                 .map(|(uid, _)| *uid);
             let Some(uid) = victim else { break };
-            self.host.remove(&uid);
+            if let Some(h) = self.host.remove(&uid) {
+                self.dropped.push(h.adapter.id);
+            }
             self.metrics
                 .adapter_evictions
                 .with_label_values(&["host", self.policy.as_str(), "capacity"])
@@ -517,5 +531,24 @@ mod tests {
         let slot = r.slot.expect("pinned adapters take a slot");
         assert_eq!(p.slot_of(r.uid), Some(slot));
         assert_eq!(r.adapter.rank, 2);
+    }
+
+    /// The ids of adapters whose host copy leaves, by eviction over the cap or by unload, are
+    /// handed out once, for the model to free their staged images.
+    #[test]
+    fn host_copies_that_leave_are_reported_once() {
+        let mut p = pool(1);
+        p.max_host = Some(1);
+        let a = p.register("a", &fixture("adapters/qv_r2"), false).unwrap();
+        assert!(p.take_dropped().is_empty());
+        // Over the cap of one: `a`'s host copy (in no slot) leaves.
+        let b = p.register("b", &fixture("adapters/attn_r4"), false).unwrap();
+        assert_eq!(p.take_dropped(), vec![a.adapter.id]);
+        assert!(p.take_dropped().is_empty());
+        p.unregister("b").unwrap();
+        assert_eq!(p.take_dropped(), vec![b.adapter.id]);
+        // `a` has no host copy left to free.
+        p.unregister("a").unwrap();
+        assert!(p.take_dropped().is_empty());
     }
 }

@@ -164,6 +164,10 @@ impl<M: Forward> Scheduler<M> {
             }
             self.drop_cancelled();
             self.admit();
+            // Unloads and host evictions (in `handle` and `admit`) free the model's copies.
+            for id in self.pool.take_dropped() {
+                self.model.unstage_adapter(id);
+            }
             // A failed (or panicking) step must not take the server down: fail the batch, keep
             // serving the queue.
             let failure = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step())) {

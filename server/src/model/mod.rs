@@ -147,6 +147,12 @@ pub trait Forward {
         let _ = adapter;
         Ok(())
     }
+    /// Frees what [`Forward::stage_adapter`] prepared for the adapter with id `adapter_id`
+    /// ([`LoraAdapter::id`]): the engine no longer holds it in host memory (unloaded, or
+    /// evicted over `--max-loaded-loras`). A copy still reading it keeps it until done.
+    fn unstage_adapter(&mut self, adapter_id: u64) {
+        let _ = adapter_id;
+    }
 }
 
 impl Forward for LlamaModel {
@@ -218,6 +224,11 @@ impl Forward for Model {
         match self {
             Model::Cpu(_) => Ok(()),
             Model::Cuda(m) => m.stage_adapter(adapter),
+        }
+    }
+    fn unstage_adapter(&mut self, adapter_id: u64) {
+        if let Model::Cuda(m) = self {
+            m.unstage_adapter(adapter_id);
         }
     }
     /// On the GPU the cache was sized when the model was placed; the arguments are ignored.

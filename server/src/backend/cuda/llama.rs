@@ -752,6 +752,13 @@ impl<T: GpuFloat> CudaLlama<T> {
         Self::device_pool(&mut self.lora)?.ready(&self.gpu, &self.config, slot, wait)
     }
 
+    /// See [`LoraSlots::unstage`]; nothing without a LoRA pool.
+    pub fn unstage_adapter(&mut self, adapter_id: u64) {
+        if let Some(lora) = self.lora.as_mut() {
+            lora.unstage(adapter_id);
+        }
+    }
+
     /// See [`LoraSlots::fail_staging`] (fault injection for checks).
     #[doc(hidden)]
     pub fn fail_staging(&mut self, fail: bool) -> Result<()> {
@@ -1866,6 +1873,11 @@ impl CudaModel {
     /// See [`CudaLlama::stage_adapter`].
     pub fn stage_adapter(&mut self, adapter: &Arc<LoraAdapter>) -> Result<()> {
         each_dtype!(self, m => m.stage_adapter(adapter))
+    }
+
+    /// See [`CudaLlama::unstage_adapter`].
+    pub fn unstage_adapter(&mut self, adapter_id: u64) {
+        each_dtype!(self, m => m.unstage_adapter(adapter_id))
     }
 
     /// See [`CudaLlama::fail_staging`] (fault injection for checks).

@@ -6,7 +6,7 @@
 //!
 //! With overlap loading, the copy reads a pinned host image of the adapter in the device dtype
 //! (kept for the `2 · slots` most recently staged adapters, as SGLang limits
-//! `--max-loaded-loras`) on a side stream, and records an event that the compute stream waits
+//! `--max-loaded-loras`, and dropped when the engine drops the adapter's host copy) on a side stream, and records an event that the compute stream waits
 //! on before its first use of the slot. Images are converted on a worker thread ([`Staging`]),
 //! so that registering or reloading an adapter does not stall the engine thread's forward
 //! passes (44 ms for a rank-16 Llama-3.1-8B adapter on the H100 machine's host). The copy is
@@ -578,6 +578,14 @@ impl<T: GpuFloat> LoraSlots<T> {
             self.pending[slot] = None;
         }
         Ok(done)
+    }
+
+    /// Drops the staged image of the adapter with id `adapter_id`, if any: its pinned buffers
+    /// go to the recycled pool once no copy reads them (a queued or in-flight copy holds the
+    /// image until it is done).
+    pub fn unstage(&mut self, adapter_id: u64) {
+        self.staged.remove(&adapter_id);
+        self.staged_order.retain(|&id| id != adapter_id);
     }
 
     /// With `fail`, every image staged from now on fails at once, as if pinned memory had run
