@@ -5,9 +5,9 @@
 //
 // Why: the CUDA-core kernel spends about 180 instructions per key and warp (a shuffle tree per
 // score, a rescale of the output per key), so at batch 64 it issued instructions, not loads, for
-// most of its 31 us a layer (H100, 1.2 TB/s). Here the query heads of one kv group are the M rows
-// of mma.sync m16n8k16 (at most 8 of 16 used: the tensor cores have room to waste), so a warp's 16 keys
-// cost 2 KT + 2 DN mmas, and the softmax rescales once per 16 keys.
+// most of its 31 us a layer (H100, 1.2 TB/s). Here the query heads of one kv group are the M
+// rows of mma.sync m16n8k16 (at most 8 of 16 used: the tensor cores have room to waste), so a
+// warp's 16 keys cost 2 KT + DN mmas, and the softmax rescales once per 16 keys.
 //
 // One block of DA_WARPS warps per (kv head, row, split). The block's keys go through shared
 // memory DA_KEYS at a time with cp.async, in flash_attention's staggered K / V pipeline; warp w
