@@ -26,6 +26,9 @@
 #                              attention on CUDA cores and on tensor cores (bench_gpu
 #                              --compare-attention); first with bench_gpu_base when
 #                              scripts/gpu/build-baseline.sh made one
+#   scripts/gpu/run.sh ab      csgmv + graphs decode rows (bench_gpu --decode-only; batches from
+#                              LORAPLANE_BENCH_BATCHES, default 1,8,64) of bench_gpu_base (see
+#                              scripts/gpu/build-baseline.sh) and of this build, twice in turn
 #   scripts/gpu/run.sh all     check, serve and bench
 # Logs go to $OUT (or ./gpu-logs); the last lines printed are the summary tables.
 set -uo pipefail
@@ -124,6 +127,16 @@ if [[ $what == compare ]]; then
   LORAPLANE_BENCH_BATCHES=${LORAPLANE_BENCH_BATCHES:-1,8,64} "$BIN/bench_gpu" --compare 2>"$OUT/compare.err" \
     >"$OUT/compare.log"; rc=$((rc | $?))
   grep '^|' "$OUT/compare.log"; tail -5 "$OUT/compare.err"
+fi
+if [[ $what == ab ]]; then
+  for round in 1 2; do
+    for bin in bench_gpu_base bench_gpu; do
+      echo "== $bin, round $round"
+      LORAPLANE_BENCH_BATCHES=${LORAPLANE_BENCH_BATCHES:-1,8,64} "$BIN/$bin" --decode-only \
+        2>"$OUT/ab-$bin-$round.err" >"$OUT/ab-$bin-$round.log"; rc=$((rc | $?))
+      grep '^| csgmv' "$OUT/ab-$bin-$round.log"; tail -2 "$OUT/ab-$bin-$round.err"
+    done
+  done
 fi
 if [[ $what == attention ]]; then
   if [[ -x $BIN/bench_gpu_base ]]; then

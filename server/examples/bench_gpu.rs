@@ -366,6 +366,16 @@ fn main() {
         print_rows(&rows);
         return;
     }
+    // --decode-only: the default configuration's (csgmv + graphs) decode rows alone, for A/B
+    // timings of two builds in one call (scripts/gpu/run.sh ab).
+    if std::env::args().any(|a| a == "--decode-only") {
+        let mut m = CudaModel::dummy(gpu.clone(), c.clone(), opts(LoraKernelMode::Chunked(16), 256), 42)
+            .expect("model");
+        let mut kv = m.new_kv_cache();
+        decode_grid(&mut m, &mut kv, &c, "csgmv+graphs", &batches, &ranks, &mut rows);
+        print_rows(&rows);
+        return;
+    }
     let configs: &[(LoraKernelMode, usize, &str)] = &[
         (LoraKernelMode::Chunked(16), 256, "csgmv+graphs"),
         (LoraKernelMode::Chunked(16), 0, "csgmv eager"),
