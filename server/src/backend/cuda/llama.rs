@@ -1386,11 +1386,19 @@ impl<T: GpuFloat> CudaLlama<T> {
         rows: usize,
     ) -> Result<()> {
         let c = &self.config;
+        // A thread per 16-byte pack of the row (up to 1024), so the kernel keeps the row in
+        // registers; rows that are not whole packs take 1024 threads and two passes.
+        let pack = 16 / std::mem::size_of::<T>();
+        let threads = if c.hidden_size % pack == 0 {
+            (c.hidden_size / pack).next_multiple_of(32).min(1024)
+        } else {
+            1024
+        };
         launch!(
             self.gpu,
             &self.k("rms_norm"),
             (rows as u32, 1, 1),
-            (1024, 1, 1),
+            (threads as u32, 1, 1),
             out,
             x,
             delta,
