@@ -57,12 +57,42 @@ __device__ __forceinline__ uint4 add_pack(uint4 a, const T* delta) {
     return a;
 }
 
+// dst[i] = src[i] (+ delta[i], rounded to T) for i < n, by threads tid of nthreads: 16-byte
+// packs where the pointers allow, each thread's loads of up to 4 packs issued ahead of their
+// stores. A plain element loop waits a round trip per element, since for all the compiler knows
+// dst aliases src.
+template <typename T>
+__device__ __forceinline__ void copy_row(T* dst, const T* src, const T* delta, int n, int tid, int nthreads) {
+    constexpr int V = 16 / sizeof(T), U = 4;
+    size_t addr = (size_t)dst | (size_t)src | (size_t)(delta ? delta : src);
+    if (n % V != 0 || addr % 16 != 0) {
+        for (int i = tid; i < n; i += nthreads) dst[i] = from_f<T>(plus_delta(src, delta, i));
+        return;
+    }
+    int packs = n / V;
+    for (int p0 = tid; p0 < packs; p0 += nthreads * U) {
+        uint4 v[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int p = p0 + u * nthreads;
+            if (p < packs) {
+                v[u] = *reinterpret_cast<const uint4*>(src + (size_t)p * V);
+                if (delta) v[u] = add_pack(v[u], delta + (size_t)p * V);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int p = p0 + u * nthreads;
+            if (p < packs) *reinterpret_cast<uint4*>(dst + (size_t)p * V) = v[u];
+        }
+    }
+}
+
 // out[r, :] = table[ids[r], :]
 template <typename T>
 __device__ void embed(T* out, const T* table, const int* ids, int h) {
     int r = blockIdx.x;
-    const T* src = table + (size_t)ids[r] * h;
-    for (int i = threadIdx.x; i < h; i += blockDim.x) out[(size_t)r * h + i] = src[i];
+    copy_row(out + (size_t)r * h, table + (size_t)ids[r] * h, (const T*)nullptr, h, threadIdx.x, blockDim.x);
 }
 
 // out[r, :] = rmsnorm(x[src_row(r), :]) * w, HF LlamaRMSNorm (normalised value rounded to T
@@ -146,8 +176,8 @@ __device__ void rope_cache(T* qkv, const T* delta, T* k_cache, T* v_cache, const
     const T* drow = delta ? delta + (size_t)r * (qd + 2 * kvd) : nullptr;
     size_t slot = (size_t)slots[r];
     if (head == n_heads + n_kv_heads) {
-        for (int i = threadIdx.x; i < kvd; i += blockDim.x)
-            v_cache[slot * kvd + i] = from_f<T>(plus_delta(row, drow, qd + kvd + i));
+        copy_row(v_cache + slot * kvd, row + qd + kvd, drow ? drow + qd + kvd : nullptr, kvd, threadIdx.x,
+                 blockDim.x);
         return;
     }
     const float* cr = cs + (size_t)r * d;
