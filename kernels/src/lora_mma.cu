@@ -26,6 +26,7 @@
 #define LMMA_EXPAND_WARPS 8   // each takes 64 output columns
 #define LMMA_SHORT_ROWS 2     // items of at most this many rows walk short_groups in the expand
 #define LMMA_EXPAND_KSTEPS 2  // k-steps of 16 whose Bᵀ loads are in flight at once
+#define LMMA_STAGE_ELEMS 4    // elements of y per thread whose split loads are in flight at once
 
 __device__ __forceinline__ unsigned word_of(const uint4& v, int i) {
     return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
@@ -185,19 +186,32 @@ __device__ void lora_expand_mma(T* out, int out_stride, const float* yp, int spl
         // left as they are: they only reach output rows that are not written. A short item has
         // fewer elements than threads: then `tpe` lanes share an element's splits and add them
         // up with shuffles (in a fixed order).
+        // Each thread's loads for LMMA_STAGE_ELEMS elements go out together: a warp issues in
+        // order, so an element at a time cost a round trip each (24 at 16 rows of rank 64).
         int total = rows * n_targets * rk;
         int tpe = total >= (int)blockDim.x ? 1 : (2 * total >= (int)blockDim.x ? 2 : (4 * total >= (int)blockDim.x ? 4 : 8));
-        for (int e0 = 0; e0 < total; e0 += blockDim.x / tpe) {
-            int e = e0 + threadIdx.x / tpe, sp0 = threadIdx.x % tpe;
-            int q = e / (n_targets * rk), tk = e % (n_targets * rk), k = tk % rk;
-            float v = 0.f;
-            if (e < total && k < rank) {
-                const float* src = yp + (size_t)(first + r0 + q) * ylen + (tk / rk) * R + k;
-#pragma unroll 4
-                for (int sp = sp0; sp < splits; sp += tpe) v += src[sp * plane];
+        int step = blockDim.x / tpe, sp0 = threadIdx.x % tpe;
+        for (int e0 = threadIdx.x / tpe; e0 < total; e0 += LMMA_STAGE_ELEMS * step) {
+            const float* src[LMMA_STAGE_ELEMS];
+            float v[LMMA_STAGE_ELEMS];
+#pragma unroll
+            for (int u = 0; u < LMMA_STAGE_ELEMS; u++) {
+                int e = e0 + u * step;
+                int q = e / (n_targets * rk), tk = e % (n_targets * rk), k = tk % rk;
+                src[u] = e < total && k < rank ? yp + (size_t)(first + r0 + q) * ylen + (tk / rk) * R + k : nullptr;
+                v[u] = 0.f;
             }
-            for (int o = tpe / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-            if (e < total && sp0 == 0) ys[q * ld + tk] = from_f<T>(v);
+#pragma unroll 2
+            for (int sp = sp0; sp < splits; sp += tpe)
+#pragma unroll
+                for (int u = 0; u < LMMA_STAGE_ELEMS; u++)
+                    if (src[u]) v[u] += src[u][sp * plane];
+#pragma unroll
+            for (int u = 0; u < LMMA_STAGE_ELEMS; u++) {
+                int e = e0 + u * step;
+                for (int o = tpe / 2; o > 0; o >>= 1) v[u] += __shfl_xor_sync(0xffffffff, v[u], o);
+                if (e < total && sp0 == 0) ys[(e / (n_targets * rk)) * ld + e % (n_targets * rk)] = from_f<T>(v[u]);
+            }
         }
         __syncthreads();
         for (int q = 0; q < walk; q++) {
