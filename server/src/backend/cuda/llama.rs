@@ -1389,7 +1389,7 @@ impl<T: GpuFloat> CudaLlama<T> {
         // A thread per 16-byte pack of the row (up to 1024), so the kernel keeps the row in
         // registers; rows that are not whole packs take 1024 threads and two passes.
         let pack = 16 / std::mem::size_of::<T>();
-        let threads = if c.hidden_size % pack == 0 {
+        let threads = if c.hidden_size.is_multiple_of(pack) {
             (c.hidden_size / pack).next_multiple_of(32).min(1024)
         } else {
             1024
