@@ -653,12 +653,33 @@ __device__ void argmax(int* out, const float* logits, int vocab) {
     const float* l = logits + (size_t)r * vocab;
     float best = -INFINITY;
     int idx = 0x7fffffff;
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
-        float v = l[j];
+    auto take = [&](float v, int j) {
         if (v > best || (v == best && j < idx)) {
             best = v;
             idx = j;
         }
+    };
+    if (vocab % 4 == 0 && (size_t)l % 16 == 0) {
+        // 4 float4 loads per thread in flight, not one float at a time (a warp issues in order).
+        const float4* l4 = reinterpret_cast<const float4*>(l);
+        int n4 = vocab / 4;
+        for (int j0 = threadIdx.x; j0 < n4; j0 += 4 * blockDim.x) {
+            float4 v[4];
+#pragma unroll
+            for (int u = 0; u < 4; u++)
+                if (j0 + u * (int)blockDim.x < n4) v[u] = l4[j0 + u * blockDim.x];
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                int j = 4 * (j0 + u * blockDim.x);
+                if (j >= vocab) break;
+                take(v[u].x, j);
+                take(v[u].y, j + 1);
+                take(v[u].z, j + 2);
+                take(v[u].w, j + 3);
+            }
+        }
+    } else {
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x) take(l[j], j);
     }
     __shared__ float sb[1024];
     __shared__ int si[1024];

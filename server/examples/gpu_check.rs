@@ -1334,10 +1334,46 @@ fn penalty_checks(gpu: &Arc<Gpu>) {
 }
 
 fn sampling_checks(gpu: &Arc<Gpu>, quick: bool) {
+    argmax_checks(gpu);
     sampling_kernel_checks(gpu, quick);
     sampling_forward_checks(gpu);
     if !quick {
         sampling_timing(gpu);
+    }
+}
+
+/// `argmax_f32` (the greedy steps of `forward_greedy`, which the benchmark times) against the
+/// host's argmax, lowest id on ties: vocabularies that are and are not multiples of 4 (its
+/// float4 and scalar paths), rows with the maximum planted twice, early and late, and a flat row.
+fn argmax_checks(gpu: &Arc<Gpu>) {
+    use cudarc::driver::PushKernelArg;
+    for vocab in [1000usize, 1001, 128256] {
+        let rows = 4;
+        let mut logits: Vec<f32> = (0..rows * vocab)
+            .map(|i| ((i * 7919) % 1013) as f32 * 0.01 - 5.0)
+            .collect();
+        logits[vocab + 17] = 50.0;
+        logits[vocab + vocab - 3] = 50.0;
+        logits[2 * vocab + vocab - 1] = 60.0;
+        logits[3 * vocab..].fill(1.5);
+        let want: Vec<i32> = logits.chunks(vocab).map(|r| argmax(r) as i32).collect();
+        let d_logits = gpu.upload(&logits).unwrap();
+        let d_out = gpu.zeros::<i32>(rows).unwrap();
+        let (out_ptr, logits_ptr) = (gpu.ptr(&d_out), gpu.ptr(&d_logits));
+        let mut b = gpu.stream.launch_builder(gpu.kernels.get("argmax_f32"));
+        let vocab_i = vocab as i32;
+        b.arg(&out_ptr).arg(&logits_ptr).arg(&vocab_i);
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { b.launch(cfg) }.unwrap();
+        let got = gpu.download(&d_out, rows).unwrap();
+        if got != want {
+            fail(format!("argmax_f32 vocab {vocab}: got {got:?}, host {want:?}"));
+        }
+        println!("ok  argmax_f32 vocab {vocab}: {rows} rows (ties, flat row) = host argmax {want:?}");
     }
 }
 
