@@ -55,7 +55,8 @@ __device__ void decode_attention(T* out, const T* qkv, const T* k_cache, const T
     T* ks = kv_tiles;
     T* vs = kv_tiles + DA_KEYS * LD;
     int kvh = blockIdx.x, r = blockIdx.y;
-    int seq = row_seq[r];
+    // Both loads before the branch: one round trip, not two.
+    int seq = row_seq[r], pos = positions[r];
     if (seq < 0) return;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
     int group = n_heads / n_kv_heads;
@@ -75,7 +76,7 @@ __device__ void decode_attention(T* out, const T* qkv, const T* k_cache, const T
         }
     }
     int used, lo, hi;
-    if (!split_key_range(positions[r], window, DA_SPLIT_MIN_KEYS, used, lo, hi)) return;
+    if (!split_key_range(pos, window, DA_SPLIT_MIN_KEYS, used, lo, hi)) return;
     int kend = hi + 1;  // this block's keys [lo, kend)
     int tiles = (kend - lo + DA_KEYS - 1) / DA_KEYS;
     const int* table = block_tables + (size_t)seq * max_blocks;

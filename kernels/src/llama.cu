@@ -307,15 +307,17 @@ __device__ void attention_finish(T* out, const float* sm_m, const float* sm_l, c
     for (int idx = threadIdx.x; idx < group * d; idx += blockDim.x) {
         int g = idx / d, j = idx % d;
         float mx = -INFINITY;
+#pragma unroll 4
         for (int zz = 0; zz < used; zz++) mx = fmaxf(mx, __ldcg(p0 + (zz * group + g) * (d + 2) + d));
         float sum = 0.f, o = 0.f;
+        // No branch on the loaded max: the loads of several splits go out together.
+#pragma unroll 4
         for (int zz = 0; zz < used; zz++) {
             const float* pp = p0 + (zz * group + g) * (d + 2);
-            float mz = __ldcg(pp + d);
-            if (mz == -INFINITY) continue;
-            float c = __expf(mz - mx);
-            sum += __ldcg(pp + d + 1) * c;
-            o += __ldcg(pp + j) * c;
+            float mz = __ldcg(pp + d), lz = __ldcg(pp + d + 1), oz = __ldcg(pp + j);
+            float c = mz == -INFINITY ? 0.f : __expf(mz - mx);
+            sum += lz * c;
+            o += oz * c;
         }
         out[(size_t)r * qd + (kvh * group + g) * d + j] = from_f<T>(o / sum);
     }
@@ -347,15 +349,16 @@ __device__ void attention(T* out, const T* qkv, const T* k_cache, const T* v_cac
                           float scale, int window, float* part, int* counters) {
     const int ATTN_WARPS = blockDim.x >> 5;
     int kvh = blockIdx.x, r = blockIdx.y;
-    if (row_seq[r] < 0) return;
+    // Both loads before the branch: one round trip, not two.
+    int seq = row_seq[r], pos = positions[r];
+    if (seq < 0) return;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int group = n_heads / n_kv_heads;
     int qd = n_heads * d, kvd = n_kv_heads * d;
     const T* qrow = qkv + (size_t)r * (qd + 2 * kvd);
-    int pos = positions[r];
     int used, lo, hi;  // this block's keys [lo, hi]
     if (!split_key_range(pos, window, SPLIT_MIN_KEYS, used, lo, hi)) return;
-    const int* table = block_tables + (size_t)row_seq[r] * max_blocks;
+    const int* table = block_tables + (size_t)seq * max_blocks;
 
     // Lane `lane` holds dims [d0, d0 + DPL) of q, of each key and value, and of the output.
     int d0 = lane * DPL;
