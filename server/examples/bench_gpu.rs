@@ -6,7 +6,8 @@
 //! weights, every distinct adapter's weights and the KV cache read by the step.
 //!
 //! `--compare` times csgmv + graphs decode with the LoRA kernels on CUDA cores and on tensor
-//! cores (see `main`) in one table.
+//! cores (see `main`) in one table; `--decode-only` the default configuration's decode rows
+//! alone (`scripts/gpu/run.sh ab` runs it for two builds in turn).
 //!
 //! `--slot-loads` times adapter slot loads instead: a synchronous copy of a rank-16 adapter from
 //! host memory, staging it in pinned memory, an overlapped copy, and decode steps at batch 64
