@@ -187,16 +187,18 @@ __device__ void lora_expand_mma(T* out, int out_stride, const float* yp, int spl
         // fewer elements than threads: then `tpe` lanes share an element's splits and add them
         // up with shuffles (in a fixed order).
         // Each thread's loads for LMMA_STAGE_ELEMS elements go out together: a warp issues in
-        // order, so an element at a time cost a round trip each (24 at 16 rows of rank 64).
+        // order, so an element at a time cost a round trip each (12 for a 16-row item of rank 64
+        // on q/k/v). The loop bounds are the block's, not the thread's: every lane reaches the
+        // shuffles.
         int total = rows * n_targets * rk;
         int tpe = total >= (int)blockDim.x ? 1 : (2 * total >= (int)blockDim.x ? 2 : (4 * total >= (int)blockDim.x ? 4 : 8));
         int step = blockDim.x / tpe, sp0 = threadIdx.x % tpe;
-        for (int e0 = threadIdx.x / tpe; e0 < total; e0 += LMMA_STAGE_ELEMS * step) {
+        for (int e0 = 0; e0 < total; e0 += LMMA_STAGE_ELEMS * step) {
             const float* src[LMMA_STAGE_ELEMS];
             float v[LMMA_STAGE_ELEMS];
 #pragma unroll
             for (int u = 0; u < LMMA_STAGE_ELEMS; u++) {
-                int e = e0 + u * step;
+                int e = e0 + threadIdx.x / tpe + u * step;
                 int q = e / (n_targets * rk), tk = e % (n_targets * rk), k = tk % rk;
                 src[u] = e < total && k < rank ? yp + (size_t)(first + r0 + q) * ylen + (tk / rk) * R + k : nullptr;
                 v[u] = 0.f;
@@ -208,7 +210,7 @@ __device__ void lora_expand_mma(T* out, int out_stride, const float* yp, int spl
                     if (src[u]) v[u] += src[u][sp * plane];
 #pragma unroll
             for (int u = 0; u < LMMA_STAGE_ELEMS; u++) {
-                int e = e0 + u * step;
+                int e = e0 + threadIdx.x / tpe + u * step;
                 for (int o = tpe / 2; o > 0; o >>= 1) v[u] += __shfl_xor_sync(0xffffffff, v[u], o);
                 if (e < total && sp0 == 0) ys[(e / (n_targets * rk)) * ld + e % (n_targets * rk)] = from_f<T>(v[u]);
             }
