@@ -6,8 +6,9 @@
 //!
 //! With overlap loading, the copy reads a pinned host image of the adapter in the device dtype
 //! (kept for the `2 · slots` most recently staged adapters, as SGLang limits
-//! `--max-loaded-loras`, and dropped when the engine drops the adapter's host copy) on a side stream, and records an event that the compute stream waits
-//! on before its first use of the slot. Images are converted on a worker thread ([`Staging`]),
+//! `--max-loaded-loras`, and dropped when the engine drops the adapter's host copy) on a side
+//! stream, and records an event that the compute stream waits on before its first use of the
+//! slot. Images are converted on a worker thread ([`Staging`]),
 //! so that registering or reloading an adapter does not stall the engine thread's forward
 //! passes (44 ms for a rank-16 Llama-3.1-8B adapter on the H100 machine's host). The copy is
 //! queued, then issued right after the first forward pass that follows its image's conversion
