@@ -538,12 +538,12 @@ fn decode_logits(
 //    to 63 rows, several 16-row passes; chunked: up to 32), ragged prefill with empty segments,
 //    then decode at batch 1 (a single item: the shrink splits the pool's rank over blocks; with
 //    an adapter at and one below the pool's rank), 5, 64 and 200 with CUDA graphs (at 200 each
-//    block of the gate/up
-//    expand walks several column groups, the last one partly past the end). The reference is the f32 CPU backend;
-//    the same device model with the CUDA-core kernels sets the bar: tensor cores may only add
-//    the rounding of `x·Aᵀ` to the element type, so their error must stay within
-//    MMA_ERR_FACTOR times the CUDA-core error plus MMA_ERR_SLACK. The adapters must move the
-//    reference's logits by several times that bound, so a wrong delta cannot pass.
+//    block of the gate/up expand walks several column groups, the last one partly past the end).
+//    The reference is the f32 CPU backend; the same device model with the CUDA-core kernels sets
+//    the bar: tensor cores may only add the rounding of `x·Aᵀ` to the element type, so their
+//    error must stay within MMA_ERR_FACTOR times the CUDA-core error plus MMA_ERR_SLACK. The
+//    adapters must move the reference's logits by several times that bound, so a wrong delta
+//    cannot pass.
 // ---------------------------------------------------------------------------------------------
 
 const MMA_ERR_FACTOR: f64 = 1.5;
