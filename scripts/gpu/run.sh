@@ -22,6 +22,7 @@
 #                              (bench_gpu --compare, see there; batches from
 #                              LORAPLANE_BENCH_BATCHES, default 1,8,64)
 #   scripts/gpu/run.sh gemms       cuBLAS bf16 GEMMs at decode shapes: time and weight GB/s
+#                              (`gemms --variants`: also with beta 1, and split over k)
 #   scripts/gpu/run.sh attention   decode at 128-, 1000- and 4000-token contexts with the decode
 #                              attention on CUDA cores and on tensor cores (bench_gpu
 #                              --compare-attention); first with bench_gpu_base when
@@ -149,7 +150,7 @@ if [[ $what == attention ]]; then
   grep '^|' "$OUT/attention.log"; tail -3 "$OUT/attention.err"
 fi
 if [[ $what == gemms ]]; then
-  "$BIN/bench_gpu" --gemms 2>"$OUT/gemms.err" | tee "$OUT/gemms.log"; rc=$((rc | PIPESTATUS[0]))
+  "$BIN/bench_gpu" --gemms "${@:2}" 2>"$OUT/gemms.err" | tee "$OUT/gemms.log"; rc=$((rc | PIPESTATUS[0]))
 fi
 if [[ $what == slot-loads ]]; then
   "$BIN/bench_gpu" --slot-loads 2>"$OUT/slot-loads.err" | tee "$OUT/slot-loads.log"; rc=$((rc | PIPESTATUS[0]))

@@ -23,8 +23,8 @@ use std::time::Instant;
 
 use loraplane_server::adapter::{LoraAdapter, LoraTarget};
 use loraplane_server::backend::cuda::{
-    CudaModel, CudaOptions, DeviceDtype, Gpu, LoraKernelMode, DECODE_ATTENTION_TENSOR_CORES_MIN_PAIRS,
-    PREFILL_ATTENTION_MIN_ROWS,
+    CudaModel, CudaOptions, DeviceDtype, Gpu, GpuFloat, LoraKernelMode,
+    DECODE_ATTENTION_TENSOR_CORES_MIN_PAIRS, PREFILL_ATTENTION_MIN_ROWS,
 };
 use loraplane_server::engine::{KvCache, SeqCache};
 use loraplane_server::model::llama::{LogitsWanted, SeqInput};
@@ -330,7 +330,7 @@ fn main() {
         return;
     }
     if std::env::args().any(|a| a == "--gemms") {
-        decode_gemms(&gpu);
+        decode_gemms(&gpu, std::env::args().any(|a| a == "--variants"));
         return;
     }
     if std::env::args().any(|a| a == "--slot-loads") {
@@ -558,8 +558,10 @@ fn fill_bf16(gpu: &Gpu, s: &cudarc::driver::CudaSlice<half::bf16>, seed: u64) {
 
 /// cuBLAS bf16 GEMMs at decode shapes (rows 1 to 256 against each Llama-3.1-8B weight): time
 /// per call and the weight bytes read per second. Weights rotate over copies that together
-/// exceed the 50 MB L2, so each call reads its weight from HBM as in a decode step.
-fn decode_gemms(gpu: &std::sync::Arc<Gpu>) {
+/// exceed the 50 MB L2, so each call reads its weight from HBM as in a decode step. With
+/// `variants` (`--gemms --variants`), also each GEMM accumulating into its output (beta 1) and,
+/// at 1 and 64 rows, as 2, 4 or 8 strided-batched GEMMs over slices of k with f32 partials.
+fn decode_gemms(gpu: &std::sync::Arc<Gpu>, variants: bool) {
     println!("device: {}", gpu.name);
     println!("\n| weight (n x k) | rows | us per GEMM | weight GB/s |\n|---|---|---|---|");
     let shapes = [
@@ -601,6 +603,70 @@ fn decode_gemms(gpu: &std::sync::Arc<Gpu>) {
                 "| {name} ({n} x {k}) | {m} | {us:.1} | {:.0} |",
                 (n * k * 2) as f64 / us / 1e3
             );
+            if !variants {
+                continue;
+            }
+            // Accumulating into the output (beta 1, as the o and down projections add into the
+            // residual stream).
+            let run1 = |w: &cudarc::driver::CudaSlice<half::bf16>| {
+                gpu.gemm_nt::<half::bf16>(gpu.ptr(&out), n, false, gpu.ptr(&x), k, gpu.ptr(w), m, n, k, 1.0)
+                    .unwrap()
+            };
+            for w in &ws {
+                run1(w);
+            }
+            gpu.sync().unwrap();
+            let t0 = Instant::now();
+            for i in 0..reps {
+                run1(&ws[i % copies]);
+            }
+            gpu.sync().unwrap();
+            let us = t0.elapsed().as_secs_f64() * 1e6 / reps as f64;
+            println!(
+                "| {name} ({n} x {k}), beta 1 | {m} | {us:.1} | {:.0} |",
+                (n * k * 2) as f64 / us / 1e3
+            );
+            if !(m == 1 || m == 64) {
+                continue;
+            }
+            // The same product as `splits` strided-batched GEMMs over slices of k, each
+            // writing an f32 partial [m, n] (a consumer kernel would add them up).
+            for splits in [2usize, 4, 8] {
+                if k % (splits * 8) != 0 {
+                    continue;
+                }
+                let part = gpu.zeros::<f32>(splits * m * n).unwrap();
+                let kc = k / splits;
+                let bf = <half::bf16 as GpuFloat>::BLAS_TYPE;
+                let f32t = <f32 as GpuFloat>::BLAS_TYPE;
+                let run = |w: &cudarc::driver::CudaSlice<half::bf16>| {
+                    gpu.gemm_batched(
+                        true,
+                        false,
+                        (n, m, kc),
+                        (1.0, 0.0),
+                        (gpu.ptr(w), bf, k, kc),
+                        (gpu.ptr(&x), bf, k, kc),
+                        (gpu.ptr(&part), f32t, n, m * n),
+                        splits,
+                    )
+                    .unwrap()
+                };
+                for w in &ws {
+                    run(w);
+                }
+                gpu.sync().unwrap();
+                let t0 = Instant::now();
+                for i in 0..reps {
+                    run(&ws[i % copies]);
+                }
+                gpu.sync().unwrap();
+                let us = t0.elapsed().as_secs_f64() * 1e6 / reps as f64;
+                println!(
+                    "| {name} ({n} x {k}), {splits} k-slices, f32 partials | {m} | {us:.1} | {:.0} |",
+                    (n * k * 2) as f64 / us / 1e3
+                );
+            }
         }
     }
 }
