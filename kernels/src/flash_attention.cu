@@ -79,17 +79,25 @@ __device__ __forceinline__ void find_key_slots(int* key_slot, const int* table, 
 
 // One cache's (K or V) tile of KEYS keys of kv head `kvh` into shared rows of LD elements with
 // cp.async, by THREADS threads, then one commit; keys whose slot is -1 are zero (a masked key's
-// V must not be NaN: 0 x NaN is NaN).
+// V must not be NaN: 0 x NaN is NaN). Thread t always copies piece t % (D / 8) of keys
+// t / (D / 8) + i * THREADS / (D / 8): its offsets are computed once and the loop unrolls, where
+// a loop over flat chunk indices cost about 30 instructions per 16 bytes (a division, 64-bit
+// address arithmetic and a branch each), a third of decode attention's instructions at batch 64.
 template <typename T, int D, int KEYS, int THREADS, int LD>
 __device__ __forceinline__ void load_kv_tile(T* dst, const T* cache, const int* key_slot, int kvd, int kvh) {
-    for (int c = threadIdx.x; c < KEYS * (D / 8); c += THREADS) {
-        int key = c / (D / 8), piece = c % (D / 8);
-        int slot = key_slot[key];
-        T* d = dst + key * LD + piece * 8;
+    constexpr int PIECES = D / 8;  // 16-byte pieces of a key's row
+    constexpr int KEY_STEP = THREADS / PIECES;
+    static_assert(THREADS % PIECES == 0 && KEYS % KEY_STEP == 0, "every thread copies whole steps of keys");
+    const int piece = threadIdx.x % PIECES, key0 = threadIdx.x / PIECES;
+    const T* src = cache + kvh * D + piece * 8;
+    T* d = dst + key0 * LD + piece * 8;
+#pragma unroll
+    for (int i = 0; i < KEYS / KEY_STEP; i++) {
+        int slot = key_slot[key0 + i * KEY_STEP];
         if (slot >= 0) {
-            cp_async16(d, cache + (size_t)slot * kvd + kvh * D + piece * 8);
+            cp_async16(d + i * KEY_STEP * LD, src + (size_t)slot * kvd);
         } else {
-            *reinterpret_cast<uint4*>(d) = make_uint4(0, 0, 0, 0);
+            *reinterpret_cast<uint4*>(d + i * KEY_STEP * LD) = make_uint4(0, 0, 0, 0);
         }
     }
     cp_async_commit();
