@@ -580,14 +580,9 @@ fn decode_gemms(gpu: &std::sync::Arc<Gpu>, variants: bool) {
                 w
             })
             .collect();
-        for m in [1usize, 8, 32, 64, 128, 256] {
-            let x = gpu.zeros::<half::bf16>(m * k).unwrap();
-            fill_bf16(gpu, &x, 3);
-            let out = gpu.zeros::<half::bf16>(m * n).unwrap();
-            let run = |w: &cudarc::driver::CudaSlice<half::bf16>| {
-                gpu.gemm_nt::<half::bf16>(gpu.ptr(&out), n, false, gpu.ptr(&x), k, gpu.ptr(w), m, n, k, 0.0)
-                    .unwrap()
-            };
+        // Microseconds per call of `run` over the weight copies in turn, after one warm-up pass,
+        // printed as a table row with the weight's read rate.
+        let time_row = |label: &str, m: usize, run: &dyn Fn(&cudarc::driver::CudaSlice<half::bf16>)| {
             for w in &ws {
                 run(w);
             }
@@ -600,32 +595,25 @@ fn decode_gemms(gpu: &std::sync::Arc<Gpu>, variants: bool) {
             gpu.sync().unwrap();
             let us = t0.elapsed().as_secs_f64() * 1e6 / reps as f64;
             println!(
-                "| {name} ({n} x {k}) | {m} | {us:.1} | {:.0} |",
+                "| {name} ({n} x {k}){label} | {m} | {us:.1} | {:.0} |",
                 (n * k * 2) as f64 / us / 1e3
             );
+        };
+        for m in [1usize, 8, 32, 64, 128, 256] {
+            let x = gpu.zeros::<half::bf16>(m * k).unwrap();
+            fill_bf16(gpu, &x, 3);
+            let out = gpu.zeros::<half::bf16>(m * n).unwrap();
+            let gemm = |w: &cudarc::driver::CudaSlice<half::bf16>, beta: f32| {
+                gpu.gemm_nt::<half::bf16>(gpu.ptr(&out), n, false, gpu.ptr(&x), k, gpu.ptr(w), m, n, k, beta)
+                    .unwrap()
+            };
+            time_row("", m, &|w| gemm(w, 0.0));
             if !variants {
                 continue;
             }
             // Accumulating into the output (beta 1, as the o and down projections add into the
             // residual stream).
-            let run1 = |w: &cudarc::driver::CudaSlice<half::bf16>| {
-                gpu.gemm_nt::<half::bf16>(gpu.ptr(&out), n, false, gpu.ptr(&x), k, gpu.ptr(w), m, n, k, 1.0)
-                    .unwrap()
-            };
-            for w in &ws {
-                run1(w);
-            }
-            gpu.sync().unwrap();
-            let t0 = Instant::now();
-            for i in 0..reps {
-                run1(&ws[i % copies]);
-            }
-            gpu.sync().unwrap();
-            let us = t0.elapsed().as_secs_f64() * 1e6 / reps as f64;
-            println!(
-                "| {name} ({n} x {k}), beta 1 | {m} | {us:.1} | {:.0} |",
-                (n * k * 2) as f64 / us / 1e3
-            );
+            time_row(", beta 1", m, &|w| gemm(w, 1.0));
             if !(m == 1 || m == 64) {
                 continue;
             }
@@ -639,7 +627,7 @@ fn decode_gemms(gpu: &std::sync::Arc<Gpu>, variants: bool) {
                 let kc = k / splits;
                 let bf = <half::bf16 as GpuFloat>::BLAS_TYPE;
                 let f32t = <f32 as GpuFloat>::BLAS_TYPE;
-                let run = |w: &cudarc::driver::CudaSlice<half::bf16>| {
+                let split_gemm = |w: &cudarc::driver::CudaSlice<half::bf16>| {
                     gpu.gemm_batched(
                         true,
                         false,
@@ -652,20 +640,7 @@ fn decode_gemms(gpu: &std::sync::Arc<Gpu>, variants: bool) {
                     )
                     .unwrap()
                 };
-                for w in &ws {
-                    run(w);
-                }
-                gpu.sync().unwrap();
-                let t0 = Instant::now();
-                for i in 0..reps {
-                    run(&ws[i % copies]);
-                }
-                gpu.sync().unwrap();
-                let us = t0.elapsed().as_secs_f64() * 1e6 / reps as f64;
-                println!(
-                    "| {name} ({n} x {k}), {splits} k-slices, f32 partials | {m} | {us:.1} | {:.0} |",
-                    (n * k * 2) as f64 / us / 1e3
-                );
+                time_row(&format!(", {splits} k-slices, f32 partials"), m, &split_gemm);
             }
         }
     }
