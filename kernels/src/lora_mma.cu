@@ -195,12 +195,14 @@ __device__ void lora_expand_mma(T* out, int out_stride, const float* yp, int spl
         int step = blockDim.x / tpe, sp0 = threadIdx.x % tpe;
         for (int e0 = 0; e0 < total; e0 += LMMA_STAGE_ELEMS * step) {
             const float* src[LMMA_STAGE_ELEMS];
+            int dst[LMMA_STAGE_ELEMS];  // the element's place in ys, -1 past the end
             float v[LMMA_STAGE_ELEMS];
 #pragma unroll
             for (int u = 0; u < LMMA_STAGE_ELEMS; u++) {
                 int e = e0 + threadIdx.x / tpe + u * step;
                 int q = e / (n_targets * rk), tk = e % (n_targets * rk), k = tk % rk;
                 src[u] = e < total && k < rank ? yp + (size_t)(first + r0 + q) * ylen + (tk / rk) * R + k : nullptr;
+                dst[u] = e < total ? q * ld + tk : -1;
                 v[u] = 0.f;
             }
 #pragma unroll 2
@@ -210,9 +212,8 @@ __device__ void lora_expand_mma(T* out, int out_stride, const float* yp, int spl
                     if (src[u]) v[u] += src[u][sp * plane];
 #pragma unroll
             for (int u = 0; u < LMMA_STAGE_ELEMS; u++) {
-                int e = e0 + threadIdx.x / tpe + u * step;
                 for (int o = tpe / 2; o > 0; o >>= 1) v[u] += __shfl_xor_sync(0xffffffff, v[u], o);
-                if (e < total && sp0 == 0) ys[(e / (n_targets * rk)) * ld + e % (n_targets * rk)] = from_f<T>(v[u]);
+                if (dst[u] >= 0 && sp0 == 0) ys[dst[u]] = from_f<T>(v[u]);
             }
         }
         __syncthreads();
