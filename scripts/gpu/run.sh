@@ -18,6 +18,9 @@
 #   scripts/gpu/run.sh ncu-flash   ncu sections of one flash prefill attention kernel
 #   scripts/gpu/run.sh ncu-attention  ncu sections of one decode attention kernel (eager steps,
 #                              batch 64 then batch 1, base model, 131-key contexts)
+#   scripts/gpu/run.sh ncu-stalls  ncu instruction counts and stall reasons (cycles per issued
+#                              instruction) of one decode attention kernel (batch 64, base) and
+#                              one LoRA expand kernel (batch 64, 64 rank-16 adapters)
 #   scripts/gpu/run.sh compare     csgmv + graphs decode with the LoRA kernels on CUDA cores and on tensor cores
 #                              (bench_gpu --compare, see there; batches from
 #                              LORAPLANE_BENCH_BATCHES, default 1,8,64)
@@ -119,6 +122,20 @@ if [[ $what == ncu-lora ]]; then
     --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
     "$BIN/bench_gpu" --profile >"$OUT/ncu-lora.txt" 2>&1; rc=$((rc | $?))
   grep -E "lora_|Duration|Memory Throughput|Registers Per|Achieved Occupancy|Eligible Warps" "$OUT/ncu-lora.txt"
+fi
+if [[ $what == ncu-stalls ]]; then
+  mets=smsp__inst_executed.sum,smsp__cycles_active.avg
+  for s in long_scoreboard wait barrier short_scoreboard mio_throttle math_pipe_throttle selected not_selected \
+    no_instruction branch_resolving imc_miss dispatch_stall lg_throttle; do
+    mets=$mets,smsp__average_warps_issue_stalled_${s}_per_issue_active.ratio
+  done
+  for cfg in 0:decode_attention 64:lora_expand; do
+    echo "== ${cfg#*:} (batch 64, ${cfg%%:*} distinct rank-16 adapters)"
+    LORAPLANE_PROFILE_BS=64 LORAPLANE_PROFILE_ADAPTERS=${cfg%%:*} ncu --profile-from-start off --clock-control none \
+      --kernel-name regex:${cfg#*:} --launch-skip 3 --launch-count 1 --metrics $mets "$BIN/bench_gpu" --profile \
+      >"$OUT/ncu-stalls-${cfg#*:}.txt" 2>&1; rc=$((rc | $?))
+    grep -E "smsp__" "$OUT/ncu-stalls-${cfg#*:}.txt"
+  done
 fi
 if [[ $what == prefill ]]; then
   "$BIN/bench_gpu" --prefill-only 2>"$OUT/prefill.err" | tee "$OUT/prefill.log"; rc=$((rc | PIPESTATUS[0]))
