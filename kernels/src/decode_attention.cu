@@ -199,6 +199,7 @@ __device__ void decode_attention(T* out, const T* qkv, const T* k_cache, const T
         T* out, const T* qkv, const T* kc, const T* vc, const int* positions, const int* row_seq,           \
         const int* tables, int max_blocks, int block_size, int nh, int nkv, int d, float scale, int window,   \
         float* part, int* counters) {                                                                        \
+        pdl_entry();                                                                                         \
         decode_attention<T, D>(out, qkv, kc, vc, positions, row_seq, tables, max_blocks, block_size, nh, \
                                    nkv, scale, window, part, counters);                                     \
     }

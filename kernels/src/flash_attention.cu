@@ -294,6 +294,7 @@ __device__ void flash_attention(T* out, const T* qkv, const T* kc, const T* vc, 
     extern "C" __global__ void __launch_bounds__(FA_THREADS, 3) flash_attention_##S##_d##D(                     \
         T* out, const T* qkv, const T* kc, const T* vc, const int* table, int first_row, int rows, int cached, \
         int block_size, int nh, int nkv, float scale_log2, int window) {                                     \
+        pdl_entry();                                                                                         \
         flash_attention<T, D>(out, qkv, kc, vc, table, first_row, rows, cached, block_size, nh, nkv, scale_log2, \
                               window);                                                                       \
     }

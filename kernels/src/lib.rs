@@ -3,10 +3,11 @@
 //! [`Kernels::load`] compiles the sources once per process (the PTX is also cached on disk,
 //! keyed by a hash of the source and the target architecture), loads the module and hands out
 //! functions by name. Kernels are templates over the activation type, exported with the suffixes
-//! in [`TYPE_SUFFIXES`]; see `llama.cu`, `flash_attention.cu`, `decode_attention.cu`, `lora_mma.cu`
-//! and `sampling.cu` for each kernel's contract. The files are compiled as one program ([`source`]).
+//! in [`TYPE_SUFFIXES`]; see `llama.cu`, `flash_attention.cu`, `decode_attention.cu`, `lora_mma.cu`,
+//! `decode_gemm.cu` and `sampling.cu` for each kernel's contract. The files are compiled as one
+//! program ([`source`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -38,13 +39,19 @@ pub const DECODE_ATTENTION_CU: &str = include_str!("decode_attention.cu");
 /// `flash_attention.cu`'s helpers).
 pub const LORA_MMA_CU: &str = include_str!("lora_mma.cu");
 
+/// Decode-shaped GEMMs (at most [`DECODE_GEMM_MAX_ROWS`] rows) on tensor cores, bf16 and f16
+/// only (uses `flash_attention.cu`'s and `lora_mma.cu`'s helpers).
+pub const DECODE_GEMM_CU: &str = include_str!("decode_gemm.cu");
+
 /// The whole program NVRTC compiles: `llama.cu`, `flash_attention.cu`, `decode_attention.cu`,
-/// `lora_mma.cu`, then `sampling.cu`, each under its own file name for compiler messages.
+/// `lora_mma.cu`, `decode_gemm.cu`, then `sampling.cu`, each under its own file name for
+/// compiler messages.
 pub fn source() -> String {
     format!(
         "#line 1 \"llama.cu\"\n{LLAMA_CU}\n#line 1 \"flash_attention.cu\"\n{FLASH_ATTENTION_CU}\n\
          #line 1 \"decode_attention.cu\"\n{DECODE_ATTENTION_CU}\n\
-         #line 1 \"lora_mma.cu\"\n{LORA_MMA_CU}\n#line 1 \"sampling.cu\"\n{SAMPLING_CU}"
+         #line 1 \"lora_mma.cu\"\n{LORA_MMA_CU}\n#line 1 \"decode_gemm.cu\"\n{DECODE_GEMM_CU}\n\
+         #line 1 \"sampling.cu\"\n{SAMPLING_CU}"
     )
 }
 
@@ -77,6 +84,162 @@ pub fn decode_attention_kernel(suffix: &str, head_dim: usize, group: usize) -> O
         && FLASH_HEAD_DIMS.contains(&head_dim)
         && (1..=DECODE_ATTENTION_MAX_GROUP).contains(&group))
     .then(|| format!("decode_attention_{suffix}_d{head_dim}"))
+}
+
+/// Most rows (tokens) `decode_gemm.cu` takes: wgmma's widest N used there.
+pub const DECODE_GEMM_MAX_ROWS: usize = 64;
+/// k per unit of `decode_gemm.cu` (DG_BK): the box width of both tensor maps, one 128-byte
+/// swizzled row of 2-byte elements.
+pub const DECODE_GEMM_TILE_K: usize = 64;
+/// Token counts (x tensor map box rows, wgmma N) `decode_gemm.cu` is instantiated for.
+pub const DECODE_GEMM_TOKENS: [usize; 4] = [8, 16, 32, 64];
+/// Shared memory a block may have on sm_90 (227 KB), and what `decode_gemm.cu` keeps aside of
+/// it: 1 KB to align its stages to 1024 bytes.
+const SM90_BLOCK_SHARED: usize = 227 * 1024;
+const DG_ALIGN_SLACK: usize = 1024;
+/// Dynamic shared memory `decode_gemm.cu` may ask for: a block's all, less 1 KB for its static
+/// barriers.
+const DG_MAX_DYNAMIC_SHARED: usize = SM90_BLOCK_SHARED - 1024;
+/// Most stages `decode_gemm.cu` has barriers for.
+const DG_MAX_STAGES: usize = 16;
+
+/// How one decode GEMM launches (see [`decode_gemm_plan`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DecodeGemmPlan {
+    /// `decode_gemm_{bf16,f16}_t{tokens}_m{tile_n / 64}`.
+    pub kernel: String,
+    /// Blocks (a 1D grid): each streams an equal share of the weight.
+    pub blocks: u32,
+    /// Threads per block (one warpgroup).
+    pub threads: u32,
+    /// Dynamic shared memory per block.
+    pub shared_bytes: u32,
+    /// Pipeline stages per block.
+    pub stages: usize,
+    /// 64-k blocks per stage (a unit of work).
+    pub k_blocks: usize,
+    /// Weight tiles are marked evict-first in L2.
+    pub evict_first: bool,
+    /// Weight rows per tile (64 or 128): the weight tensor map's box rows.
+    pub tile_n: usize,
+    /// Token columns per tile: the x tensor map's box rows.
+    pub tokens: usize,
+    /// Output tiles: the counters the kernel needs (zero before the first call; each call leaves
+    /// them zero).
+    pub tiles: usize,
+    /// f32 partials the kernel needs in its workspace.
+    pub workspace: usize,
+}
+
+/// Launch choices of a decode GEMM (see [`decode_gemm_plan`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeGemmTuning {
+    /// Blocks on each SM (their stages share its shared memory).
+    pub blocks_per_sm: usize,
+    /// 64-k blocks per stage.
+    pub k_blocks: usize,
+    /// Weight tiles marked evict-first in L2.
+    pub evict_first: bool,
+    /// Weight rows per tile: 64 or 128.
+    pub tile_n: usize,
+    /// One block per tile over the whole k range (no partials) instead of equal shares.
+    pub whole_tiles: bool,
+}
+
+impl Default for DecodeGemmTuning {
+    fn default() -> Self {
+        Self {
+            blocks_per_sm: 1,
+            k_blocks: 4,
+            evict_first: true,
+            tile_n: 128,
+            whole_tiles: false,
+        }
+    }
+}
+
+/// The decode GEMM for `rows` x `k` times an `n` x `k` weight in element type `suffix` on a
+/// Hopper GPU of `sms` multiprocessors, where the kernel takes the shape: bf16/f16, 1 to
+/// [`DECODE_GEMM_MAX_ROWS`] rows, k a multiple of 8 (16-byte rows for the tensor maps).
+pub fn decode_gemm_plan(
+    suffix: &str,
+    (rows, n, k): (usize, usize, usize),
+    sms: usize,
+    t: DecodeGemmTuning,
+) -> Option<DecodeGemmPlan> {
+    let tokens = *DECODE_GEMM_TOKENS.iter().find(|&&v| v >= rows)?;
+    if !matches!(suffix, "bf16" | "f16")
+        || rows == 0
+        || n == 0
+        || k == 0
+        || !k.is_multiple_of(8)
+        || t.blocks_per_sm == 0
+        || t.k_blocks == 0
+        || !matches!(t.tile_n, 64 | 128)
+    {
+        return None;
+    }
+    let stage = t.k_blocks * (t.tile_n + tokens) * DECODE_GEMM_TILE_K * 2;
+    let stages = ((SM90_BLOCK_SHARED / t.blocks_per_sm).saturating_sub(DG_ALIGN_SLACK + 1024) / stage)
+        .min(DG_MAX_STAGES);
+    if stages < 2 {
+        return None;
+    }
+    debug_assert!(stages * stage + DG_ALIGN_SLACK <= DG_MAX_DYNAMIC_SHARED);
+    let tiles = n.div_ceil(t.tile_n);
+    let units = tiles * k.div_ceil(DECODE_GEMM_TILE_K).div_ceil(t.k_blocks);
+    let blocks = if t.whole_tiles {
+        tiles
+    } else {
+        (sms * t.blocks_per_sm).min(units)
+    };
+    Some(DecodeGemmPlan {
+        kernel: format!("decode_gemm_{suffix}_t{tokens}_m{}", t.tile_n / 64),
+        blocks: blocks as u32,
+        threads: 128,
+        shared_bytes: (stages * stage + DG_ALIGN_SLACK) as u32,
+        stages,
+        k_blocks: t.k_blocks,
+        evict_first: t.evict_first,
+        tile_n: t.tile_n,
+        tokens,
+        tiles,
+        workspace: blocks * 2 * t.tile_n * tokens,
+    })
+}
+
+/// The decode GEMM a model step runs for this projection shape, or None where cuBLAS is faster:
+/// one block a whole tile over the whole k range, 128-row tiles where they fill the GPU, 64-row
+/// tiles where those fill 70% of it. On the H100 (`bench_gpu --gemms` with LORAPLANE_DG_SWEEP)
+/// equal shares of the units with partial tiles added by the last block cost 4-12 us more per
+/// GEMM than whole tiles, and fewer tiles than that leave too few SMs streaming (o and down of
+/// Llama-3.1-8B: 64 tiles of 64 rows took 20.6 and 61.6 us at 64 rows against cuBLAS's 15.8
+/// and 47.8).
+pub fn decode_gemm_for_model(
+    suffix: &str,
+    (rows, n, k): (usize, usize, usize),
+    sms: usize,
+) -> Option<DecodeGemmPlan> {
+    let whole = |tile_n| DecodeGemmTuning {
+        tile_n,
+        whole_tiles: true,
+        ..Default::default()
+    };
+    if n.div_ceil(128) >= sms {
+        decode_gemm_plan(suffix, (rows, n, k), sms, whole(128))
+    } else if 10 * n.div_ceil(64) >= 7 * sms {
+        decode_gemm_plan(suffix, (rows, n, k), sms, whole(64))
+    } else {
+        None
+    }
+}
+
+/// Every decode GEMM kernel (sm_90a only: elsewhere their bodies are empty).
+fn decode_gemm_kernels() -> impl Iterator<Item = String> {
+    ["bf16", "f16"]
+        .into_iter()
+        .flat_map(|t| DECODE_GEMM_TOKENS.iter().map(move |n| (t, n)))
+        .flat_map(|(t, n)| [1, 2].map(|m| format!("decode_gemm_{t}_t{n}_m{m}")))
 }
 
 /// Every kernel name `llama.cu` exports, without the type suffix.
@@ -141,6 +304,7 @@ pub fn kernel_names() -> Vec<String> {
         .chain(["bf16", "f16"].iter().flat_map(|t| {
             ["lora_shrink", "lora_expand", "lora_expand_store"].map(|k| format!("{k}_mma_{t}"))
         }))
+        .chain(decode_gemm_kernels())
         .collect()
 }
 
@@ -148,6 +312,9 @@ pub fn kernel_names() -> Vec<String> {
 pub struct Kernels {
     _module: Arc<CudaModule>,
     funcs: HashMap<String, CudaFunction>,
+    arch: &'static str,
+    /// The functions' driver handles, to recognise them in a captured graph.
+    handles: HashSet<usize>,
 }
 
 impl Kernels {
@@ -181,10 +348,35 @@ impl Kernels {
                 .map_err(|e| format!("kernel {name}: {e}"))?;
             funcs.insert(name, f);
         }
+        // The decode GEMMs' stages take more than the default 48 KB of shared memory.
+        if arch == "sm_90a" {
+            for name in decode_gemm_kernels() {
+                funcs[&name]
+                    .set_attribute(
+                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        DG_MAX_DYNAMIC_SHARED as i32,
+                    )
+                    .map_err(|e| format!("kernel {name}: allowing {DG_MAX_DYNAMIC_SHARED} bytes of shared memory: {e}"))?;
+            }
+        }
+        let handles = funcs.values().map(|f| f.cu_function() as usize).collect();
         Ok(Self {
             _module: module,
             funcs,
+            arch,
+            handles,
         })
+    }
+
+    /// Whether the decode GEMMs (`decode_gemm.cu`, TMA and wgmma) run here: Hopper (sm_90a) only.
+    pub fn has_decode_gemm(&self) -> bool {
+        self.arch == "sm_90a"
+    }
+
+    /// Whether `f` is one of these kernels (all open with `pdl_entry()`), as opposed to a
+    /// library's (cuBLAS) kernel.
+    pub fn owns(&self, f: cudarc::driver::sys::CUfunction) -> bool {
+        self.handles.contains(&(f as usize))
     }
 
     /// The function `name` (with its type suffix); panics on a name the sources do not export,
@@ -270,6 +462,42 @@ mod tests {
         assert!(seen >= 6, "found only {seen} plain kernels");
     }
 
+    /// Decode graphs make the edges into these kernels programmatic (`griddepcontrol`): a kernel
+    /// that touched memory before waiting could read its predecessor's output before it is
+    /// written, or overwrite what the predecessor still reads. Each opens with `pdl_entry()`, or
+    /// with `pdl_trigger()` and calls a function that has a `pdl_wait()`.
+    #[test]
+    fn every_kernel_waits_for_its_predecessors() {
+        let src = source();
+        let defs: Vec<&str> = src.split("extern \"C\" __global__").skip(1).collect();
+        assert!(defs.len() >= 20, "found only {} kernels", defs.len());
+        for def in defs {
+            let (head, body) = def.split_once('{').expect("a kernel has a body");
+            let name = head.split('(').next().unwrap_or(head).trim();
+            let first = body.trim_start_matches(|c: char| c.is_whitespace() || c == '\\');
+            if first.starts_with("pdl_entry();") {
+                continue;
+            }
+            let rest = first.strip_prefix("pdl_trigger();").unwrap_or_else(|| {
+                panic!("kernel `{name}` opens with neither pdl_entry() nor pdl_trigger()")
+            });
+            let callee: String = rest
+                .trim_start_matches(|c: char| c.is_whitespace() || c == '\\')
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            let callee_body = src
+                .split_once(&format!("void {callee}("))
+                .and_then(|(_, f)| f.split_once("\n}\n"))
+                .unwrap_or_else(|| panic!("kernel `{name}`: no definition of `{callee}`"))
+                .0;
+            assert!(
+                callee_body.contains("pdl_wait();"),
+                "kernel `{name}`: `{callee}` never waits"
+            );
+        }
+    }
+
     #[test]
     fn flash_kernels_exist_only_for_half_types_and_tensor_core_head_sizes() {
         assert_eq!(
@@ -333,5 +561,75 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn decode_gemm_plans_fill_the_gpu_with_equal_shares() {
+        let one = DecodeGemmTuning {
+            k_blocks: 1,
+            ..Default::default()
+        };
+        // o projection at batch 64 on 132 SMs, one block an SM: 24 KB stages, 9 of them.
+        let p = decode_gemm_plan("bf16", (64, 4096, 4096), 132, one).unwrap();
+        assert_eq!(p.kernel, "decode_gemm_bf16_t64_m2");
+        assert_eq!((p.blocks, p.stages, p.tiles, p.tokens), (132, 9, 32, 64));
+        assert_eq!(p.shared_bytes as usize, 9 * 192 * 128 + 1024);
+        assert_eq!(p.workspace, 132 * 2 * 128 * 64);
+        // Four k-blocks a stage: 96 KB stages, 2 of them.
+        let p = decode_gemm_plan("bf16", (64, 4096, 4096), 132, Default::default()).unwrap();
+        assert_eq!((p.stages, p.k_blocks), (2, 4));
+        // One row, two blocks an SM: 17 KB stages.
+        let two = DecodeGemmTuning {
+            blocks_per_sm: 2,
+            ..one
+        };
+        let p = decode_gemm_plan("f16", (1, 28672, 4096), 132, two).unwrap();
+        assert_eq!(
+            (p.kernel.as_str(), p.blocks, p.stages),
+            ("decode_gemm_f16_t8_m2", 264, 6)
+        );
+        // Fewer units than blocks: one unit each.
+        let p = decode_gemm_plan("bf16", (9, 64, 512), 132, one).unwrap();
+        assert_eq!(
+            (p.kernel.as_str(), p.blocks, p.tiles),
+            ("decode_gemm_bf16_t16_m2", 8, 1)
+        );
+        // Whole tiles of 64 rows: one block a tile.
+        let whole = DecodeGemmTuning {
+            tile_n: 64,
+            whole_tiles: true,
+            ..one
+        };
+        let p = decode_gemm_plan("bf16", (9, 6144, 4096), 132, whole).unwrap();
+        assert_eq!(
+            (p.kernel.as_str(), p.blocks, p.tiles, p.tile_n),
+            ("decode_gemm_bf16_t16_m1", 96, 96, 64)
+        );
+        // Every plan's kernel is loaded.
+        let names = kernel_names();
+        for rows in 1..=DECODE_GEMM_MAX_ROWS {
+            for t in [one, two, whole, Default::default()] {
+                let p = decode_gemm_plan("bf16", (rows, 4096, 4096), 132, t).unwrap();
+                assert!(names.contains(&p.kernel), "{} not loaded", p.kernel);
+                assert!(p.tokens >= rows && p.stages >= 2 && p.stages <= DG_MAX_STAGES);
+            }
+        }
+    }
+
+    #[test]
+    fn decode_gemm_refuses_shapes_it_does_not_take() {
+        let plan = |suffix, shape| decode_gemm_plan(suffix, shape, 132, Default::default());
+        assert_eq!(plan("f32", (8, 4096, 4096)), None);
+        assert_eq!(plan("bf16", (65, 4096, 4096)), None);
+        assert_eq!(plan("bf16", (0, 4096, 4096)), None);
+        assert_eq!(plan("bf16", (8, 4096, 4100)), None); // rows of 8200 bytes: not 16-byte multiples
+        assert!(plan("bf16", (8, 960, 576)).is_some()); // n and k need not fill a tile
+        let t = |blocks_per_sm, tile_n| DecodeGemmTuning {
+            blocks_per_sm,
+            tile_n,
+            ..Default::default()
+        };
+        assert_eq!(decode_gemm_plan("bf16", (8, 4096, 4096), 132, t(0, 128)), None);
+        assert_eq!(decode_gemm_plan("bf16", (8, 4096, 4096), 132, t(1, 96)), None);
     }
 }

@@ -11,6 +11,28 @@
 typedef unsigned long long u64;
 #define INFINITY __int_as_float(0x7f800000)
 
+// Programmatic dependent launch (sm_90+). Every kernel opens with pdl_entry(): it waits until
+// the kernels it depends on have finished and their writes are visible, then lets the kernels
+// that depend on it be scheduled. Decode graphs (`server/src/backend/cuda/graph.rs`) mark the
+// edges into these kernels programmatic, so a kernel's launch overlaps the drain of the one
+// before it. A kernel may instead open with pdl_trigger() and read memory that no kernel of a
+// step writes (slot weights, step metadata) before its pdl_wait(). Launched without the
+// attribute, these instructions do nothing.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_entry() {
+    pdl_wait();
+    pdl_trigger();
+}
+
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
@@ -722,26 +744,32 @@ __device__ void fill_uniform(T* p, u64 n, u64 seed, float scale) {
     extern "C" __global__ void lora_shrink_##S##_kw##KW(float* y, const T* x, const T* A, const int* items, \
                                                        const int* slot_rank, int in_dim, int R, int nt,    \
                                                        u64 plane) {                                        \
+        pdl_entry();                                                                                       \
         lora_shrink<T, KW>(y, x, A, items, slot_rank, in_dim, R, nt, plane);                               \
     }
 #define INSTANTIATE(T, S)                                                                                  \
     extern "C" __global__ void embed_##S(T* out, const T* table, const int* ids, int h) {                   \
+        pdl_entry();                                                                                        \
         embed<T>(out, table, ids, h);                                                                      \
     }                                                                                                      \
     extern "C" __global__ void rms_norm_##S(T* out, T* x, const T* delta, const T* w, const int* rows_map,  \
                                             int h, float eps) {                                            \
+        pdl_entry();                                                                                       \
         rms_norm<T>(out, x, delta, w, rows_map, h, eps);                                                   \
     }                                                                                                      \
     extern "C" __global__ void rope_cache_##S(T* qkv, const T* delta, T* kc, T* vc, const float* cs,        \
                                               const int* slots, int nh, int nkv, int d) {                  \
+        pdl_entry();                                                                                       \
         rope_cache<T>(qkv, delta, kc, vc, cs, slots, nh, nkv, d);                                          \
     }                                                                                                      \
     extern "C" __global__ void silu_mul_##S(T* out, const T* gu, const T* delta, int rows, int inter) {     \
+        pdl_entry();                                                                                        \
         silu_mul<T>(out, gu, delta, rows, inter);                                                          \
     }                                                                                                      \
     INSTANTIATE_SHRINK(T, S, 1)                                                                            \
     INSTANTIATE_SHRINK(T, S, 4)                                                                            \
     extern "C" __global__ void fill_uniform_##S(T* p, u64 n, u64 seed, float scale) {                       \
+        pdl_entry();                                                                                        \
         fill_uniform<T>(p, n, seed, scale);                                                                \
     }
 
@@ -749,10 +777,14 @@ INSTANTIATE(float, f32)
 INSTANTIATE(__nv_bfloat16, bf16)
 INSTANTIATE(__half, f16)
 
-extern "C" __global__ void argmax_f32(int* out, const float* logits, int vocab) { argmax(out, logits, vocab); }
+extern "C" __global__ void argmax_f32(int* out, const float* logits, int vocab) {
+    pdl_entry();
+    argmax(out, logits, vocab);
+}
 
 #define INSTANTIATE_BIAS(T, S)                                                                   \
     extern "C" __global__ void add_bias_##S(T* out, const T* bias, int rows, int n) {          \
+        pdl_entry();                                                                           \
         size_t total = (size_t)rows * n;                                                         \
         for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;                \
              i += (size_t)gridDim.x * blockDim.x)                                                \
@@ -815,10 +847,12 @@ __device__ void causal_softmax(T* p, const float* s, int L, int rows_per_head, i
 #define INSTANTIATE_PREFILL(T, S)                                                                          \
     extern "C" __global__ void gather_kv_##S(T* ko, T* vo, const T* kc, const T* vc, const int* table, int L, \
                                              int bs, int nkv, int d) {                                     \
+        pdl_entry();                                                                                       \
         gather_kv<T>(ko, vo, kc, vc, table, L, bs, nkv, d);                                               \
     }                                                                                                      \
     extern "C" __global__ void causal_softmax_##S(T* p, const float* s, int L, int rows_per_head,          \
                                                   int first_pos, int window) {                             \
+        pdl_entry();                                                                                       \
         causal_softmax<T>(p, s, L, rows_per_head, first_pos, window);                                      \
     }
 INSTANTIATE_PREFILL(float, f32)
@@ -830,6 +864,7 @@ INSTANTIATE_PREFILL(__half, f16)
         T* out, const T* qkv, const T* kc, const T* vc, const int* positions, const int* row_seq,          \
         const int* tables, int max_blocks, int block_size, int nh, int nkv, int d, float scale, int window,   \
         float* part, int* counters) {                                                                        \
+        pdl_entry();                                                                                         \
         attention<T, G, D>(out, qkv, kc, vc, positions, row_seq, tables, max_blocks, block_size, nh, nkv, d, \
                            scale, window, part, counters);                                                 \
     }
@@ -854,6 +889,7 @@ INSTANTIATE_ATTN_G(__half, f16, 8)
                                                    u64 plane, const T* Bt, const int* items,                 \
                                                    const int* slot_rank, const float* slot_scale,            \
                                                    int out_total, int R, int nt, int b1, int b2) {           \
+        pdl_entry();                                                                                         \
         lora_expand<T, C, STORE>(out, out_stride, y, splits, plane, Bt, items, slot_rank, slot_scale, out_total, \
                                  R, nt, b1, b2);                                                           \
     }
@@ -869,5 +905,6 @@ INSTANTIATE_EXPAND(__nv_bfloat16, bf16, 8, vec)
 INSTANTIATE_EXPAND(__half, f16, 8, vec)
 
 extern "C" __global__ void rope_table_f32(float* cs, const int* positions, const float* inv_freq, int half) {
+    pdl_entry();
     rope_table(cs, positions, inv_freq, half);
 }

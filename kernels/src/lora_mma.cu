@@ -64,6 +64,22 @@ __device__ void lora_shrink_mma(float* yp, const T* x, const T* A, const int* it
         kc[j] = lo + 32 * (warp + j * LMMA_SHRINK_WARPS);
         has[j] = kc[j] < hi;
     }
+    uint4 w[LMMA_TILES][LMMA_CHUNKS];
+    auto load_a = [&](int n0) {
+#pragma unroll
+        for (int u = 0; u < LMMA_TILES; u++) {
+            int row = (n0 + u) * 8 + g;
+#pragma unroll
+            for (int j = 0; j < LMMA_CHUNKS; j++)
+                w[u][j] = (row < rank && has[j])
+                              ? *reinterpret_cast<const uint4*>(a_slot + (size_t)row * in_dim + kc[j] + 8 * c)
+                              : make_uint4(0, 0, 0, 0);
+        }
+    };
+    // The slot's A is not written by any kernel of the step: its first tiles load while the
+    // kernel before this one drains (programmatic launch), x only after it.
+    load_a(n_first);
+    pdl_wait();
     for (int r0 = 0; r0 < len; r0 += LMMA_ROWS) {
         int rows = min(LMMA_ROWS, len - r0);
         const T* xr = x + (size_t)(first + r0) * in_dim;
@@ -76,16 +92,7 @@ __device__ void lora_shrink_mma(float* yp, const T* x, const T* A, const int* it
                                ? *reinterpret_cast<const uint4*>(xr + (size_t)(g + 8 * h) * in_dim + kc[j] + 8 * c)
                                : make_uint4(0, 0, 0, 0);
         for (int n0 = n_first; n0 < tiles; n0 += LMMA_TILES * gridDim.z) {
-            uint4 w[LMMA_TILES][LMMA_CHUNKS];
-#pragma unroll
-            for (int u = 0; u < LMMA_TILES; u++) {
-                int row = (n0 + u) * 8 + g;
-#pragma unroll
-                for (int j = 0; j < LMMA_CHUNKS; j++)
-                    w[u][j] = (row < rank && has[j])
-                                  ? *reinterpret_cast<const uint4*>(a_slot + (size_t)row * in_dim + kc[j] + 8 * c)
-                                  : make_uint4(0, 0, 0, 0);
-            }
+            if (r0 > 0 || n0 > n_first) load_a(n0);
 #pragma unroll
             for (int u = 0; u < LMMA_TILES; u++) {
                 float acc[4] = {0.f, 0.f, 0.f, 0.f};
@@ -179,8 +186,10 @@ __device__ void lora_expand_mma(T* out, int out_stride, const float* yp, int spl
     };
     for (int r0 = 0; r0 < len; r0 += LMMA_ROWS) {
         int rows = min(LMMA_ROWS, len - r0);
-        // The first Bᵀ loads do not depend on y: issue them before staging it.
+        // The first Bᵀ loads do not depend on y: issue them before staging it, and (slot
+        // weights are not written by any kernel of the step) before the wait for the shrink.
         load_b(0, 0);
+        if (r0 == 0) pdl_wait();
         __syncthreads();
         // y summed over the splits, rounded to T; k past the rank is zero. Rows past `rows` are
         // left as they are: they only reach output rows that are not written. A short item has
@@ -283,6 +292,7 @@ __device__ void lora_expand_mma(T* out, int out_stride, const float* yp, int spl
     extern "C" __global__ void __launch_bounds__(LMMA_SHRINK_WARPS * 32)                                   \
         lora_shrink_mma_##S(float* y, const T* x, const T* A, const int* items, const int* slot_rank,        \
                             int in_dim, int R, int nt, u64 plane) {                                        \
+        pdl_trigger();                                                                                     \
         lora_shrink_mma<T>(y, x, A, items, slot_rank, in_dim, R, nt, plane);                                \
     }
 // lora_expand_mma_{S} adds the delta to `out`; lora_expand_store_mma_{S} writes it.
@@ -291,6 +301,7 @@ __device__ void lora_expand_mma(T* out, int out_stride, const float* yp, int spl
         KIND##_mma_##S(T* out, int out_stride, const float* y, int splits, u64 plane, const T* Bt,          \
                        const int* items, const int* slot_rank, const float* slot_scale, int out_total, int R, \
                        int nt, int b1, int b2, int groups, int short_groups) {                             \
+        pdl_trigger();                                                                                     \
         lora_expand_mma<T, STORE>(out, out_stride, y, splits, plane, Bt, items, slot_rank, slot_scale,      \
                                   out_total, R, nt, b1, b2, groups, short_groups);                         \
     }

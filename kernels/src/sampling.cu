@@ -281,6 +281,7 @@ __device__ int draw(int vocab, u64 seed, Mass mass) {
 // frequency * c + presence. Rounded as the host rounds (no fused multiply-add).
 extern "C" __global__ void penalize_f32(float* pen, const float* logits, const smp::PenaltyRow* rows,
                                         const int* tokens, const int* counts, int vocab) {
+    pdl_entry();
     const smp::PenaltyRow p = rows[blockIdx.x];
     const float* src = logits + (size_t)p.row * vocab;
     float* dst = pen + (size_t)blockIdx.x * vocab;
@@ -303,6 +304,7 @@ extern "C" __global__ void penalize_f32(float* pen, const float* logits, const s
 extern "C" __global__ void __launch_bounds__(1024)
     sample_f32(smp::SampleOut* out, const float* logits, const smp::SampleRow* rows, int vocab,
                const float* penalized) {
+    pdl_entry();
     using namespace smp;
     const SampleRow p = rows[blockIdx.x];
     const float* raw = logits + (size_t)p.row * vocab;
@@ -355,6 +357,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 extern "C" __global__ void __launch_bounds__(1024)
     top_logprobs_f32(smp::SampleOut* out, const float* logits, const int* rows, const int* ns, int vocab,
                      int max_n) {
+    pdl_entry();
     using namespace smp;
     const float* l = logits + (size_t)rows[blockIdx.x] * vocab;
     const int n = min(ns[blockIdx.x], max_n);
@@ -413,6 +416,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 
 // out[i, :] = logits[rows[i], :]: the rows the host still needs, packed for one copy.
 extern "C" __global__ void gather_rows_f32(float* out, const float* logits, const int* rows, int vocab) {
+    pdl_entry();
     const float* src = logits + (size_t)rows[blockIdx.x] * vocab;
     float* dst = out + (size_t)blockIdx.x * vocab;
     for (int j = threadIdx.x; j < vocab; j += blockDim.x) dst[j] = src[j];

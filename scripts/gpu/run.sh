@@ -24,8 +24,12 @@
 #   scripts/gpu/run.sh compare     csgmv + graphs decode with the LoRA kernels on CUDA cores and on tensor cores
 #                              (bench_gpu --compare, see there; batches from
 #                              LORAPLANE_BENCH_BATCHES, default 1,8,64)
-#   scripts/gpu/run.sh gemms       cuBLAS bf16 GEMMs at decode shapes: time and weight GB/s
-#                              (`gemms --variants`: also with beta 1, and split over k)
+#   scripts/gpu/run.sh gemms       bf16 GEMMs at decode shapes in cuBLAS and in decode_gemm.cu:
+#                              time and weight GB/s (`gemms --variants`: also cuBLAS with beta 1,
+#                              and split over k)
+#   scripts/gpu/run.sh compare-gemms  csgmv + graphs decode with the projections in cuBLAS and in
+#                              decode_gemm.cu (bench_gpu --compare-gemms; batches from
+#                              LORAPLANE_BENCH_BATCHES, default 1,8,64)
 #   scripts/gpu/run.sh attention   decode at 128-, 1000- and 4000-token contexts with the decode
 #                              attention on CUDA cores and on tensor cores (bench_gpu
 #                              --compare-attention); first with bench_gpu_base when
@@ -33,6 +37,8 @@
 #   scripts/gpu/run.sh ab      csgmv + graphs decode rows (bench_gpu --decode-only; batches from
 #                              LORAPLANE_BENCH_BATCHES, default 1,8,64) of bench_gpu_base (see
 #                              scripts/gpu/build-baseline.sh) and of this build, twice in turn
+#   scripts/gpu/run.sh pdl     the same decode rows with decode graphs of ordinary edges and with
+#                              programmatic ones (bench_gpu --compare-pdl), twice in turn
 #   scripts/gpu/run.sh all     check, serve and bench
 # Logs go to $OUT (or ./gpu-logs); the last lines printed are the summary tables.
 set -uo pipefail
@@ -156,6 +162,11 @@ if [[ $what == ab ]]; then
     done
   done
 fi
+if [[ $what == pdl ]]; then
+  LORAPLANE_BENCH_BATCHES=${LORAPLANE_BENCH_BATCHES:-1,8,64} "$BIN/bench_gpu" --compare-pdl 2>"$OUT/pdl.err" \
+    >"$OUT/pdl.log"; rc=$((rc | $?))
+  grep '^| csgmv' "$OUT/pdl.log"; grep 'programmatic edges' "$OUT/pdl.err"; tail -2 "$OUT/pdl.err"
+fi
 if [[ $what == attention ]]; then
   if [[ -x $BIN/bench_gpu_base ]]; then
     echo "== baseline (bench_gpu_base, see scripts/gpu/build-baseline.sh)"
@@ -165,6 +176,11 @@ if [[ $what == attention ]]; then
   fi
   "$BIN/bench_gpu" --compare-attention 2>"$OUT/attention.err" >"$OUT/attention.log"; rc=$((rc | $?))
   grep '^|' "$OUT/attention.log"; tail -3 "$OUT/attention.err"
+fi
+if [[ $what == compare-gemms ]]; then
+  LORAPLANE_BENCH_BATCHES=${LORAPLANE_BENCH_BATCHES:-1,8,64} "$BIN/bench_gpu" --compare-gemms 2>"$OUT/compare-gemms.err" \
+    | tee "$OUT/compare-gemms.log" | grep '^|'; rc=$((rc | PIPESTATUS[0]))
+  tail -3 "$OUT/compare-gemms.err"
 fi
 if [[ $what == gemms ]]; then
   "$BIN/bench_gpu" --gemms "${@:2}" 2>"$OUT/gemms.err" | tee "$OUT/gemms.log"; rc=$((rc | PIPESTATUS[0]))

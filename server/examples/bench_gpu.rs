@@ -7,7 +7,9 @@
 //!
 //! `--compare` times csgmv + graphs decode with the LoRA kernels on CUDA cores and on tensor
 //! cores (see `main`) in one table; `--decode-only` the default configuration's decode rows
-//! alone (`scripts/gpu/run.sh ab` runs it for two builds in turn).
+//! alone (`scripts/gpu/run.sh ab` runs it for two builds in turn); `--compare-pdl` those rows
+//! with decode graphs of ordinary edges and with programmatic ones, twice in turn
+//! (`scripts/gpu/run.sh pdl`).
 //!
 //! `--slot-loads` times adapter slot loads instead: a synchronous copy of a rank-16 adapter from
 //! host memory, staging it in pinned memory, an overlapped copy, and decode steps at batch 64
@@ -91,6 +93,8 @@ fn opts(mode: LoraKernelMode, graphs: usize) -> CudaOptions {
         attention_split_keys: true,
         lora_tensor_cores: true,
         decode_attention_tensor_cores: Some(DECODE_ATTENTION_TENSOR_CORES_MIN_PAIRS),
+        decode_gemms: true,
+        programmatic_launch: true,
     }
 }
 
@@ -353,16 +357,69 @@ fn main() {
     };
     let ranks = [16usize, 64];
     // --compare: csgmv + graphs decode with the bf16 LoRA kernels on CUDA cores, then on tensor
-    // cores (CudaOptions::lora_tensor_cores); one table, same call.
-    if std::env::args().any(|a| a == "--compare") {
-        for (label, tc) in [("LoRA on CUDA cores", false), ("LoRA on tensor cores", true)] {
-            let o = CudaOptions {
-                lora_tensor_cores: tc,
-                ..opts(LoraKernelMode::Chunked(16), 256)
+    // cores (CudaOptions::lora_tensor_cores); --compare-gemms: with the projections in cuBLAS,
+    // then in decode_gemm.cu with one and two blocks an SM (CudaOptions::decode_gemms). One
+    // table, same call.
+    let compare_gemms = std::env::args().any(|a| a == "--compare-gemms");
+    if compare_gemms || std::env::args().any(|a| a == "--compare") {
+        let base = opts(LoraKernelMode::Chunked(16), 256);
+        let variants: Vec<(&str, CudaOptions)> = if compare_gemms {
+            let v = |decode_gemms, programmatic_launch| CudaOptions {
+                decode_gemms,
+                programmatic_launch,
+                ..base
             };
+            vec![
+                ("GEMMs in cuBLAS", v(false, false)),
+                ("decode GEMMs", v(true, false)),
+                ("GEMMs in cuBLAS, PDL", v(false, true)),
+                ("decode GEMMs, PDL", v(true, true)),
+            ]
+        } else {
+            vec![
+                (
+                    "LoRA on CUDA cores",
+                    CudaOptions {
+                        lora_tensor_cores: false,
+                        ..base
+                    },
+                ),
+                (
+                    "LoRA on tensor cores",
+                    CudaOptions {
+                        lora_tensor_cores: true,
+                        ..base
+                    },
+                ),
+            ]
+        };
+        for (label, o) in variants {
             let mut m = CudaModel::dummy(gpu.clone(), c.clone(), o, 42).expect("model");
             let mut kv = m.new_kv_cache();
             decode_grid(&mut m, &mut kv, &c, label, &batches, &ranks, &mut rows);
+        }
+        print_rows(&rows);
+        return;
+    }
+    // --compare-pdl: the default configuration's decode rows with decode graphs of ordinary
+    // edges and with programmatic edges into loraplane's kernels (CudaOptions::
+    // programmatic_launch), in turn twice; same binary, same call.
+    if std::env::args().any(|a| a == "--compare-pdl") {
+        for round in 1..=2 {
+            for pdl in [false, true] {
+                let o = CudaOptions {
+                    programmatic_launch: pdl,
+                    ..opts(LoraKernelMode::Chunked(16), 256)
+                };
+                let mut m = CudaModel::dummy(gpu.clone(), c.clone(), o, 42).expect("model");
+                let mut kv = m.new_kv_cache();
+                let label = format!("csgmv+graphs pdl={pdl} r{round}");
+                decode_grid(&mut m, &mut kv, &c, &label, &batches, &ranks, &mut rows);
+                eprintln!(
+                    "{label}: {} programmatic edges over the captured graphs",
+                    m.programmatic_edges()
+                );
+            }
         }
         print_rows(&rows);
         return;
@@ -556,9 +613,11 @@ fn fill_bf16(gpu: &Gpu, s: &cudarc::driver::CudaSlice<half::bf16>, seed: u64) {
     unsafe { l.launch(cudarc::driver::LaunchConfig::for_num_elems(1 << 20)) }.unwrap();
 }
 
-/// cuBLAS bf16 GEMMs at decode shapes (rows 1 to 256 against each Llama-3.1-8B weight): time
-/// per call and the weight bytes read per second. Weights rotate over copies that together
-/// exceed the 50 MB L2, so each call reads its weight from HBM as in a decode step. With
+/// bf16 GEMMs at decode shapes (rows 1 to 256 against each Llama-3.1-8B weight) in cuBLAS and,
+/// up to 64 rows on Hopper, in `decode_gemm.cu`: time per call and the weight bytes read per
+/// second. Back-to-back calls without programmatic launch, so `decode_gemm.cu` pays the ramp that
+/// a decode graph hides. Weights rotate over copies that together exceed the 50 MB L2, so each
+/// call reads its weight from HBM as in a decode step. With
 /// `variants` (`--gemms --variants`), also each GEMM accumulating into its output (beta 1) and,
 /// at 1 and 64 rows, as 2, 4 or 8 strided-batched GEMMs over slices of k with f32 partials.
 fn decode_gemms(gpu: &std::sync::Arc<Gpu>, variants: bool) {
@@ -608,6 +667,95 @@ fn decode_gemms(gpu: &std::sync::Arc<Gpu>, variants: bool) {
                     .unwrap()
             };
             time_row("", m, &|w| gemm(w, 0.0));
+            // decode_gemm.cu (Hopper only) in the two launches a model step may use (whole
+            // tiles of 128 and of 64 rows, `decode_gemm_for_model`); with LORAPLANE_DG_SWEEP,
+            // also equal shares of the units and other stage sizes.
+            let sweep = std::env::var("LORAPLANE_DG_SWEEP").is_ok();
+            let base = loraplane_kernels::DecodeGemmTuning::default();
+            let whole = |tile_n| loraplane_kernels::DecodeGemmTuning {
+                whole_tiles: true,
+                tile_n,
+                ..base
+            };
+            let mut tunings = vec![whole(128), whole(64)];
+            if sweep {
+                use loraplane_kernels::DecodeGemmTuning as Dt;
+                tunings.extend([
+                    base,
+                    Dt { tile_n: 64, ..base },
+                    Dt {
+                        whole_tiles: true,
+                        tile_n: 64,
+                        k_blocks: 2,
+                        ..base
+                    },
+                    Dt { k_blocks: 2, ..base },
+                    Dt {
+                        blocks_per_sm: 2,
+                        k_blocks: 2,
+                        ..base
+                    },
+                ]);
+            }
+            for t in tunings {
+                if !gpu.kernels.has_decode_gemm() || (sweep && !(m == 1 || m == 64)) {
+                    break;
+                }
+                let Some(p) = loraplane_kernels::decode_gemm_plan("bf16", (m, n, k), gpu.sms, t) else {
+                    continue;
+                };
+                // The weight copies' maps, then x's.
+                let mut maps: Vec<u64> = Vec::new();
+                for w in ws.iter() {
+                    let map = gpu.decode_gemm_map::<half::bf16>(gpu.ptr(w), (n, k), k, p.tile_n);
+                    maps.extend(map.unwrap());
+                }
+                maps.extend(
+                    gpu.decode_gemm_map::<half::bf16>(gpu.ptr(&x), (m, k), k, p.tokens)
+                        .unwrap(),
+                );
+                let maps = gpu.upload(&maps).unwrap();
+                let workspace = gpu.zeros::<f32>(p.workspace).unwrap();
+                let counters = gpu.zeros::<u32>(p.tiles).unwrap();
+                let map_at = |i: usize| gpu.ptr(&maps) + 128 * i as u64;
+                let index = |w: &cudarc::driver::CudaSlice<half::bf16>| {
+                    ws.iter()
+                        .position(|c| c.len() == w.len() && gpu.ptr(c) == gpu.ptr(w))
+                        .unwrap()
+                };
+                time_row(
+                    &format!(
+                        ", decode_gemm {} ({} blocks{}, {}-row tiles, {} stages of {} k-blocks)",
+                        if t.whole_tiles {
+                            "whole tiles"
+                        } else {
+                            "equal shares"
+                        },
+                        p.blocks,
+                        if t.whole_tiles {
+                            String::new()
+                        } else {
+                            format!(" {}/SM", t.blocks_per_sm)
+                        },
+                        p.tile_n,
+                        p.stages,
+                        p.k_blocks,
+                    ),
+                    m,
+                    &|w| {
+                        gpu.decode_gemm(
+                            &p,
+                            (map_at(index(w)), map_at(copies)),
+                            gpu.ptr(&out),
+                            n,
+                            (m, n, k),
+                            0.0,
+                            (gpu.ptr(&workspace), gpu.ptr(&counters)),
+                        )
+                        .unwrap()
+                    },
+                );
+            }
             if !variants {
                 continue;
             }

@@ -25,6 +25,9 @@
 //!    LoRA kernels (see `lora_tensor_core_checks` below).
 //! 7. Decode attention on tensor cores in bf16 and f16 against the f32 CPU backend, next to the
 //!    CUDA-core kernel (see `decode_attention_checks` below).
+//! 8. Decode GEMMs (`decode_gemm.cu`) in bf16 and f16 against an f64 host product of the same
+//!    rounded inputs (see `decode_gemm_checks` below). The model checks above run them too:
+//!    every bf16/f16 step of at most 64 rows takes them where the shapes fit.
 //!
 //! Prints one line per case and exits non-zero on the first failure.
 
@@ -39,7 +42,8 @@ use loraplane_server::backend::cuda::sampling::{
     sample_rows, sample_rows_penalized, top_logprobs_rows, SampleRow,
 };
 use loraplane_server::backend::cuda::{
-    CudaModel, CudaOptions, DeviceDtype, Gpu, LoraKernelMode, DECODE_ATTENTION_TENSOR_CORES_MIN_PAIRS,
+    CudaModel, CudaOptions, DeviceDtype, Gpu, GpuFloat, LoraKernelMode,
+    DECODE_ATTENTION_TENSOR_CORES_MIN_PAIRS,
 };
 use loraplane_server::engine::generate::argmax;
 use loraplane_server::engine::request::SamplingParams;
@@ -99,6 +103,8 @@ fn opts(dtype: DeviceDtype, mode: LoraKernelMode, graphs: usize, max_tokens: usi
         attention_split_keys: true,
         lora_tensor_cores: true,
         decode_attention_tensor_cores: Some(DECODE_ATTENTION_TENSOR_CORES_MIN_PAIRS),
+        decode_gemms: true,
+        programmatic_launch: true,
     }
 }
 
@@ -428,7 +434,7 @@ fn random_vs_cpu(gpu: &Arc<Gpu>) {
 /// Prefill (up to 600 tokens at batch sizes 1 and 5) then 6 decode steps of up to 256 sequences
 /// with mixed adapters: CPU, GPU eager and
 /// GPU graphs (LoRA beside the base GEMMs), and GPU eager with LoRA after them, must agree on
-/// every step's logits.
+/// every step's logits; graphs with and without programmatic launch, bit for bit.
 fn decode_vs_cpu(
     gpu: &Arc<Gpu>,
     c: &ModelConfig,
@@ -455,12 +461,14 @@ fn decode_vs_cpu(
             })
             .collect();
         let mut results: Vec<Vec<Vec<f32>>> = Vec::new();
-        for which in 0..4 {
-            // 0: CPU, 1: GPU eager, 2: GPU with graphs, 3: GPU eager with LoRA after the GEMMs.
+        for which in 0..5 {
+            // 0: CPU, 1: GPU eager, 2: GPU with graphs, 3: GPU eager with LoRA after the GEMMs,
+            // 4: GPU with graphs whose edges are all ordinary (no programmatic launch).
             let gpu_model = (which > 0).then(|| {
-                let g = if which == 2 { 256 } else { 0 };
+                let g = if which == 2 || which == 4 { 256 } else { 0 };
                 let o = CudaOptions {
                     lora_side_stream: which != 3,
+                    programmatic_launch: which != 4,
                     ..opts(DeviceDtype::Float32, LoraKernelMode::Chunked(16), g, 16 * 1024)
                 };
                 CudaModel::from_host(gpu.clone(), host, o).unwrap()
@@ -476,8 +484,17 @@ fn decode_vs_cpu(
                 c.hidden_size
             ));
         }
+        // The same kernels in the same order: a kernel that read before its predecessor's
+        // writes landed would differ.
+        if results[4] != results[2] {
+            fail(format!(
+                "decode h={} bs={bs}: graphs with programmatic launch differ from graphs without (rel err {:e})",
+                c.hidden_size,
+                rel_err(&results[2], &results[4])
+            ));
+        }
         println!(
-            "ok  decode h={:3} bs={bs:3}: 7 steps, eager rel err {e_eager:.1e}, CUDA graphs rel err {e_graph:.1e}, LoRA after GEMMs {e_after:.1e}",
+            "ok  decode h={:3} bs={bs:3}: 7 steps, eager rel err {e_eager:.1e}, CUDA graphs rel err {e_graph:.1e} (bit-identical without programmatic launch), LoRA after GEMMs {e_after:.1e}",
             c.hidden_size
         );
     }
@@ -708,7 +725,7 @@ fn main() {
     // --quick: the PEFT check of one model and a few sampling draws (for compute-sanitizer,
     // which is slow). `--only sampling` runs the sampling checks alone, `--only lora-mma` the
     // tensor-core LoRA checks, `--only decode-attention` the tensor-core decode attention checks,
-    // `--only slots` the slot load checks.
+    // `--only slots` the slot load checks, `--only decode-gemm` the decode GEMM checks.
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     let only = args
@@ -722,6 +739,11 @@ fn main() {
     }
     if only.is_some_and(|o| o == "slots") {
         slot_load_checks(&gpu);
+        println!("all GPU checks passed");
+        return;
+    }
+    if only.is_some_and(|o| o == "decode-gemm") {
+        decode_gemm_checks(&gpu, quick);
         println!("all GPU checks passed");
         return;
     }
@@ -743,6 +765,7 @@ fn main() {
         flash_prefill_checks(&gpu, quick);
         lora_tensor_core_checks(&gpu, quick);
         decode_attention_checks(&gpu, quick);
+        decode_gemm_checks(&gpu, quick);
     }
     println!("all GPU checks passed");
 }
@@ -1751,4 +1774,162 @@ fn decode_attention_checks(gpu: &Arc<Gpu>, quick: bool) {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Decode GEMMs (`decode_gemm.cu`, Hopper only): out = beta * out + x . Wᵀ for 1 to 64 rows,
+//    against an f64 host product of the same rounded inputs, within the output type's rounding
+//    (2^-8 of the value in bf16, 2^-11 in f16) plus 1e-5 of the sum of |x W| terms (f32
+//    accumulation). Cases cover every token tile (8/16/32/64), n and k that do not fill a tile
+//    (the tensor maps' zero fill), grids of 1 block (whole tiles), 7 blocks (blocks that span
+//    tiles) and the plan's full grid (tiles shared by blocks: partials and counters; each case
+//    runs twice, so the counters must come back to zero), beta 0 and 1, an output row stride
+//    wider than n (columns past n must stay as they were), and rows of x past `rows` that hold
+//    NaN (the x buffer is larger than the step, as the model's is).
+// ---------------------------------------------------------------------------------------------
+
+fn decode_gemm_checks(gpu: &Arc<Gpu>, quick: bool) {
+    if !gpu.kernels.has_decode_gemm() {
+        println!("skip decode GEMM checks: not a Hopper GPU");
+        return;
+    }
+    let mut rng = Rng(0xd6e0_6e44_0000_0001);
+    // (n, k)
+    let mut shapes: Vec<(usize, usize)> = vec![(256, 4096), (960, 576), (1000, 520)];
+    if !quick {
+        shapes.push((6144, 4096));
+        shapes.push((4096, 14336));
+    }
+    let rows_list: &[usize] = if quick {
+        &[1, 9, 64]
+    } else {
+        &[1, 2, 7, 8, 9, 16, 17, 33, 64]
+    };
+    for (n, k) in shapes {
+        for &rows in rows_list {
+            let base = loraplane_kernels::DecodeGemmTuning::default();
+            let one = loraplane_kernels::DecodeGemmTuning { k_blocks: 1, ..base };
+            let half = loraplane_kernels::DecodeGemmTuning { tile_n: 64, ..base };
+            let whole = loraplane_kernels::DecodeGemmTuning {
+                whole_tiles: true,
+                ..half
+            };
+            for (sms, tuning) in [(1, one), (7, one), (7, half), (gpu.sms, base), (gpu.sms, whole)] {
+                if n * k > 4 << 20 && (rows != 64 || (sms, tuning) != (gpu.sms, base)) {
+                    continue; // the large shapes at the batch the benchmark targets, as the model runs them
+                }
+                for dtype in [DeviceDtype::Bfloat16, DeviceDtype::Float16] {
+                    let beta = if rng.below(2) == 0 { 0.0 } else { 1.0 };
+                    let (worst, blocks) = match dtype {
+                        DeviceDtype::Bfloat16 => decode_gemm_case::<half::bf16>(
+                            gpu,
+                            (rows, n, k),
+                            (sms, tuning),
+                            beta,
+                            2f64.powi(-8),
+                            &mut rng,
+                        ),
+                        _ => decode_gemm_case::<half::f16>(
+                            gpu,
+                            (rows, n, k),
+                            (sms, tuning),
+                            beta,
+                            2f64.powi(-11),
+                            &mut rng,
+                        ),
+                    };
+                    let what = format!(
+                        "decode GEMM {dtype:?} rows {rows} x ({n} x {k}), {blocks} blocks of {}-row tiles, {} k-blocks a stage, beta {beta}",
+                        tuning.tile_n, tuning.k_blocks
+                    );
+                    if worst > 1.0 {
+                        fail(format!("{what}: error {worst:.2}x the bound"));
+                    }
+                    println!("ok   {what}: worst error {worst:.2}x the bound");
+                }
+            }
+        }
+    }
+}
+
+/// One decode GEMM case planned with `tuning` for `sms` multiprocessors, run twice; returns the
+/// worst error as a multiple of its bound, and the plan's blocks.
+fn decode_gemm_case<T: GpuFloat + Into<f32> + Default>(
+    gpu: &Arc<Gpu>,
+    (rows, n, k): (usize, usize, usize),
+    (sms, tuning): (usize, loraplane_kernels::DecodeGemmTuning),
+    beta: f32,
+    rel: f64,
+    rng: &mut Rng,
+) -> (f64, u32) {
+    let p = loraplane_kernels::decode_gemm_plan(T::SUFFIX, (rows, n, k), sms, tuning)
+        .unwrap_or_else(|| fail(format!("no decode GEMM plan for {rows} x ({n} x {k})")));
+    let round = |v: Vec<f32>| -> Vec<T> { v.into_iter().map(T::from_f32).collect() };
+    // x has 5 rows more than the step, holding NaN.
+    let x_rows = rows + 5;
+    let x = round(
+        (0..x_rows * k)
+            .map(|i| if i < rows * k { rng.f() } else { f32::NAN })
+            .collect(),
+    );
+    let w = round((0..n * k).map(|_| 0.05 * rng.f()).collect());
+    let ld_out = n + 64;
+    let out0 = round((0..rows * ld_out).map(|_| rng.f()).collect());
+    let (dx, dw) = (gpu.upload(&x).unwrap(), gpu.upload(&w).unwrap());
+    let mut maps: Vec<u64> = Vec::new();
+    maps.extend(
+        gpu.decode_gemm_map::<T>(gpu.ptr(&dw), (n, k), k, p.tile_n)
+            .unwrap(),
+    );
+    maps.extend(
+        gpu.decode_gemm_map::<T>(gpu.ptr(&dx), (x_rows, k), k, p.tokens)
+            .unwrap(),
+    );
+    let maps = gpu.upload(&maps).unwrap();
+    let workspace = gpu.zeros::<f32>(p.workspace).unwrap();
+    let counters = gpu.zeros::<u32>(p.tiles).unwrap();
+    let f = |v: &T| -> f64 { f64::from(Into::<f32>::into(*v)) };
+    let mut worst = 0f64;
+    for _ in 0..2 {
+        let out = gpu.upload(&out0).unwrap();
+        gpu.decode_gemm(
+            &p,
+            (gpu.ptr(&maps), gpu.ptr(&maps) + 128),
+            gpu.ptr(&out),
+            ld_out,
+            (rows, n, k),
+            beta,
+            (gpu.ptr(&workspace), gpu.ptr(&counters)),
+        )
+        .unwrap_or_else(|e| fail(e.to_string()));
+        let got = gpu.download(&out, rows * ld_out).unwrap();
+        for r in 0..rows {
+            for col in 0..ld_out {
+                let (g, o) = (f(&got[r * ld_out + col]), f(&out0[r * ld_out + col]));
+                if col >= n {
+                    if g.to_bits() != o.to_bits() {
+                        fail(format!(
+                            "decode GEMM {rows} x ({n} x {k}): row {r} column {col} past n changed"
+                        ));
+                    }
+                    continue;
+                }
+                let (xr, wr) = (&x[r * k..(r + 1) * k], &w[col * k..(col + 1) * k]);
+                let (mut sum, mut mag) = (f64::from(beta) * o, 0f64);
+                for (a, b) in xr.iter().zip(wr) {
+                    sum += f(a) * f(b);
+                    mag += (f(a) * f(b)).abs();
+                }
+                let bound = rel * sum.abs() + 1e-5 * mag + 1e-30;
+                let err = (g - sum).abs() / bound;
+                if err.is_nan() {
+                    fail(format!(
+                        "decode GEMM {rows} x ({n} x {k}): row {r} column {col} is {g}"
+                    ));
+                }
+                worst = worst.max(err);
+            }
+        }
+    }
+    (worst, p.blocks)
 }

@@ -234,6 +234,8 @@ fn place_model(
         attention_split_keys: true,
         lora_tensor_cores: true,
         decode_attention_tensor_cores: Some(DECODE_ATTENTION_TENSOR_CORES_MIN_PAIRS),
+        decode_gemms: true,
+        programmatic_launch: true,
     };
     let t0 = Instant::now();
     let model = match &host {

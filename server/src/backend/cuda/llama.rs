@@ -10,8 +10,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use cudarc::driver::{sys as drv, CudaGraph, CudaSlice, CudaStream};
+use cudarc::driver::{sys as drv, CudaSlice, CudaStream, DevicePtr};
+use loraplane_kernels::{decode_gemm_for_model, DECODE_GEMM_MAX_ROWS, DECODE_GEMM_TOKENS};
 
+use super::graph::DecodeGraph;
 use super::lora::{group_dims, LoraSlots, GROUPS};
 use super::sampling::{check_sampling, split_outputs};
 use super::{launch, Gpu, GpuFloat};
@@ -101,6 +103,13 @@ pub struct CudaOptions {
     /// CUDA-core kernel (`attention` in `llama.cu`). Default:
     /// [`DECODE_ATTENTION_TENSOR_CORES_MIN_PAIRS`].
     pub decode_attention_tensor_cores: Option<usize>,
+    /// bf16/f16 steps of at most [`DECODE_GEMM_MAX_ROWS`] rows run the projection GEMMs whose
+    /// shapes `decode_gemm_for_model` takes in `decode_gemm.cu` (TMA and wgmma, Hopper only)
+    /// instead of cuBLAS.
+    pub decode_gemms: bool,
+    /// Decode graphs launch each of loraplane's kernels while the kernel before it drains
+    /// (programmatic dependent launch, sm_90+; see [`super::graph`]).
+    pub programmatic_launch: bool,
 }
 
 /// Default for [`CudaOptions::decode_attention_tensor_cores`]. The tensor-core kernel has 4
@@ -323,12 +332,6 @@ struct Buffers<T> {
     argmax: CudaSlice<i32>,
 }
 
-/// A captured graph. NB: CUgraph handles are raw pointers, so not `Send`; the model creates and
-/// replays its graphs only on the thread that owns it (the engine thread), and a `CudaLlama` is
-/// moved between threads only before its first step, when it holds none.
-struct Graph(CudaGraph);
-unsafe impl Send for Graph {}
-
 /// Launch shape of one step (constant for a captured graph).
 #[derive(Clone, Copy)]
 struct StepShape {
@@ -367,7 +370,7 @@ pub struct CudaLlama<T: GpuFloat> {
     /// the element type, the group's widths and the pool's rank.
     lora_mma: [bool; GROUPS.len()],
     bufs: Buffers<T>,
-    graphs: HashMap<usize, Graph>,
+    graphs: HashMap<usize, DecodeGraph>,
     /// This step's prefill chunks attended by the prefill path.
     prefill_chunks: Vec<PrefillChunk>,
     /// The flash prefill kernel, where it is used; else prefill chunks attend through GEMMs.
@@ -378,6 +381,51 @@ pub struct CudaLlama<T: GpuFloat> {
     /// This step's long LoRA segments run as GEMMs: (first row, rows, slot).
     gemm_lora: Vec<(usize, usize, usize)>,
     attention_scratch: Option<AttentionScratch<T>>,
+    /// The projections' `decode_gemm.cu` launches, where [`CudaOptions::decode_gemms`] is on and
+    /// the GPU runs them.
+    decode_gemms: Option<DecodeGemms>,
+}
+
+/// The tensor maps, workspace and counters of the decode GEMMs ([`CudaOptions::decode_gemms`]).
+/// Maps, 128 bytes each in one device buffer: per layer q/k/v, o, gate/up, down weights
+/// ([`DecodeGemms::weight`]), then each GEMM input buffer (`normed`, `attn`, `act`) once per
+/// token count of [`DECODE_GEMM_TOKENS`] ([`DecodeGemms::input`]).
+struct DecodeGemms {
+    maps: CudaSlice<u64>,
+    layers: usize,
+    /// Per group (q/k/v, o, gate/up, down): whether its GEMMs run here (else in cuBLAS).
+    groups: [bool; 4],
+    workspace: CudaSlice<f32>,
+    counters: CudaSlice<u32>,
+}
+
+/// A projection's input buffer, for its decode GEMM tensor map.
+#[derive(Clone, Copy)]
+enum GemmInput {
+    Normed = 0,
+    Attn = 1,
+    Act = 2,
+}
+
+impl DecodeGemms {
+    /// Device address of layer `li`'s weight map of group `g` (0 q/k/v, 1 o, 2 gate/up, 3 down).
+    fn weight(&self, li: usize, g: usize) -> u64 {
+        self.map(4 * li + g)
+    }
+
+    /// Device address of the map of `input` for boxes of `tokens` rows.
+    fn input(&self, input: GemmInput, tokens: usize) -> u64 {
+        let t = DECODE_GEMM_TOKENS
+            .iter()
+            .position(|&v| v == tokens)
+            .expect("a token count of the kernels");
+        self.map(4 * self.layers + DECODE_GEMM_TOKENS.len() * input as usize + t)
+    }
+
+    fn map(&self, i: usize) -> u64 {
+        let (ptr, _) = self.maps.device_ptr(self.maps.stream());
+        ptr + 128 * i as u64
+    }
 }
 
 /// The device model in its element type.
@@ -628,7 +676,7 @@ impl<T: GpuFloat> CudaLlama<T> {
             loraplane_kernels::decode_attention_kernel(T::SUFFIX, c.head_dim, c.num_heads / c.num_kv_heads)
                 .map(|k| (k, min_pairs))
         });
-        Ok(Self {
+        let mut model = Self {
             gpu,
             config,
             opts,
@@ -649,7 +697,92 @@ impl<T: GpuFloat> CudaLlama<T> {
             decode_attention_kernel,
             gemm_lora: Vec::new(),
             attention_scratch: None,
-        })
+            decode_gemms: None,
+        };
+        model.decode_gemms = model.build_decode_gemms()?;
+        Ok(model)
+    }
+
+    /// The decode GEMMs' maps and scratch, when [`CudaOptions::decode_gemms`] is on, the GPU
+    /// runs `decode_gemm.cu` and the element type is bf16 or f16.
+    fn build_decode_gemms(&self) -> Result<Option<DecodeGemms>> {
+        let gpu = &self.gpu;
+        if !self.opts.decode_gemms || !gpu.kernels.has_decode_gemm() || !matches!(T::SUFFIX, "bf16" | "f16") {
+            return Ok(None);
+        }
+        let c = &self.config;
+        let (h, qd, kvd, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let shapes = [(qd + 2 * kvd, h), (h, qd), (2 * inter, h), (h, inter)];
+        let (mut workspace, mut tiles) = (1, 1);
+        let mut tile_n = [0; 4];
+        for (g, &(n, k)) in shapes.iter().enumerate() {
+            for rows in 1..=DECODE_GEMM_MAX_ROWS {
+                if let Some(p) = decode_gemm_for_model(T::SUFFIX, (rows, n, k), gpu.sms) {
+                    workspace = workspace.max(p.workspace);
+                    tiles = tiles.max(p.tiles);
+                    tile_n[g] = p.tile_n;
+                }
+            }
+        }
+        let mut maps: Vec<u64> = Vec::new();
+        let weights = |blk: &DevBlock<T>| {
+            [
+                gpu.ptr(&blk.qkv.w),
+                gpu.ptr(&blk.o.w),
+                gpu.ptr(&blk.gate_up.w),
+                gpu.ptr(&blk.down.w),
+            ]
+        };
+        for blk in &self.blocks {
+            for (g, (w, (n, k))) in weights(blk).into_iter().zip(shapes).enumerate() {
+                // A group cuBLAS runs keeps a map that is never read, so that indices stay fixed.
+                maps.extend(gpu.decode_gemm_map::<T>(w, (n, k), k, tile_n[g].max(64))?);
+            }
+        }
+        let b = &self.bufs;
+        for (buf, width) in [(&b.normed, h), (&b.attn, qd), (&b.act, inter)] {
+            for tokens in DECODE_GEMM_TOKENS {
+                maps.extend(gpu.decode_gemm_map::<T>(gpu.ptr(buf), (b.cap, width), width, tokens)?);
+            }
+        }
+        Ok(Some(DecodeGemms {
+            maps: gpu.upload(&maps)?,
+            layers: self.blocks.len(),
+            groups: tile_n.map(|t| t > 0),
+            workspace: gpu.zeros::<f32>(workspace)?,
+            counters: gpu.zeros::<u32>(tiles)?,
+        }))
+    }
+
+    /// `out[rows, n] = beta · out + x · Wᵀ` for layer `li`'s projection of group `g` (weight
+    /// `w` [n, k]) on `input` (x, dense): in `decode_gemm.cu` where it takes the step, else
+    /// cuBLAS.
+    #[allow(clippy::too_many_arguments)]
+    fn linear(
+        &self,
+        out: u64,
+        (input, x): (GemmInput, u64),
+        (li, g, w): (usize, usize, u64),
+        rows: usize,
+        n: usize,
+        k: usize,
+        beta: f32,
+    ) -> Result<()> {
+        let gpu = &self.gpu;
+        if let Some(d) = self.decode_gemms.as_ref().filter(|d| d.groups[g]) {
+            if let Some(p) = decode_gemm_for_model(T::SUFFIX, (rows, n, k), gpu.sms) {
+                return gpu.decode_gemm(
+                    &p,
+                    (d.weight(li, g), d.input(input, p.tokens)),
+                    out,
+                    n,
+                    (rows, n, k),
+                    beta,
+                    (gpu.ptr(&d.workspace), gpu.ptr(&d.counters)),
+                );
+            }
+        }
+        gpu.gemm_nt::<T>(out, n, false, x, k, w, rows, n, k, beta)
     }
 
     fn buffers(
@@ -723,6 +856,11 @@ impl<T: GpuFloat> CudaLlama<T> {
     /// Device bytes held by the LoRA slot pool.
     pub fn lora_pool_bytes(&self) -> usize {
         self.lora.as_ref().map_or(0, |l| l.bytes())
+    }
+
+    /// Programmatic edges over the decode graphs captured so far (0 without programmatic launch).
+    pub fn programmatic_edges(&self) -> usize {
+        self.graphs.values().map(|g| g.programmatic_edges).sum()
     }
 
     /// Fills LoRA slot `slot` with a random rank-`rank` adapter on `targets` and returns a
@@ -1532,13 +1670,10 @@ impl<T: GpuFloat> CudaLlama<T> {
             self.rms_norm(normed, x, down_delta, &blk.input_norm, null, rows)?;
             let qkv_delta = self.lora_beside(li, 0, normed, s)?;
             let qkv_lora_first = self.lora_gemms_first(li, 0, normed, qkv, qkv_w, rows, s)?;
-            gpu.gemm_nt::<T>(
+            self.linear(
                 qkv,
-                qkv_w,
-                false,
-                normed,
-                h,
-                gpu.ptr(&blk.qkv.w),
+                (GemmInput::Normed, normed),
+                (li, 0, gpu.ptr(&blk.qkv.w)),
                 rows,
                 qkv_w,
                 h,
@@ -1597,19 +1732,24 @@ impl<T: GpuFloat> CudaLlama<T> {
                 }
             }
             let o_delta = self.lora_beside(li, 1, attn, s)?;
-            gpu.gemm_nt::<T>(x, h, false, attn, qd, gpu.ptr(&blk.o.w), rows, h, qd, 1.0)?;
+            self.linear(
+                x,
+                (GemmInput::Attn, attn),
+                (li, 1, gpu.ptr(&blk.o.w)),
+                rows,
+                h,
+                qd,
+                1.0,
+            )?;
             self.bias(x, &blk.o.bias, rows, h)?;
             self.lora_join_or_apply(o_delta, li, 1, attn, x, h, s, false)?;
             self.rms_norm(normed, x, o_delta, &blk.post_norm, null, rows)?;
             let gu_delta = self.lora_beside(li, 2, normed, s)?;
             let gu_lora_first = self.lora_gemms_first(li, 2, normed, gu, 2 * inter, rows, s)?;
-            gpu.gemm_nt::<T>(
+            self.linear(
                 gu,
-                2 * inter,
-                false,
-                normed,
-                h,
-                gpu.ptr(&blk.gate_up.w),
+                (GemmInput::Normed, normed),
+                (li, 2, gpu.ptr(&blk.gate_up.w)),
                 rows,
                 2 * inter,
                 h,
@@ -1628,7 +1768,15 @@ impl<T: GpuFloat> CudaLlama<T> {
                 inter as i32
             )?;
             down_delta = self.lora_beside(li, 3, act, s)?;
-            gpu.gemm_nt::<T>(x, h, false, act, inter, gpu.ptr(&blk.down.w), rows, h, inter, 1.0)?;
+            self.linear(
+                x,
+                (GemmInput::Act, act),
+                (li, 3, gpu.ptr(&blk.down.w)),
+                rows,
+                h,
+                inter,
+                1.0,
+            )?;
             self.lora_join_or_apply(down_delta, li, 3, act, x, h, s, false)?;
         }
         if s.wanted > 0 {
@@ -1725,17 +1873,17 @@ impl<T: GpuFloat> CudaLlama<T> {
                 .begin_capture(drv::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
                 .map_err(|e| Error::Model(format!("CUDA: beginning graph capture: {e}")))?;
             let ran = self.run(shape);
-            let graph = stream.end_capture(drv::CUgraphInstantiate_flags(0));
+            let graph = DecodeGraph::end_capture(&stream, &self.gpu.kernels, self.opts.programmatic_launch);
             ran?;
-            let graph = graph
-                .map_err(|e| Error::Model(format!("CUDA: capturing the decode graph: {e}")))?
-                .ok_or_else(|| Error::Model("CUDA: graph capture produced no graph".into()))?;
-            self.graphs.insert(bucket, Graph(graph));
+            let graph = graph?;
+            tracing::debug!(
+                bucket,
+                programmatic_edges = graph.programmatic_edges,
+                "captured a decode graph"
+            );
+            self.graphs.insert(bucket, graph);
         }
-        self.graphs[&bucket]
-            .0
-            .launch()
-            .map_err(|e| Error::Model(format!("CUDA: launching the decode graph: {e}")))
+        self.graphs[&bucket].launch()
     }
 
     /// One forward pass returning each sequence's wanted logits on the host (as the CPU model).
@@ -1913,6 +2061,11 @@ impl CudaModel {
     /// Device bytes of the LoRA slot pool.
     pub fn lora_pool_bytes(&self) -> usize {
         each_dtype!(self, m => m.lora_pool_bytes())
+    }
+
+    /// Programmatic edges over the decode graphs captured so far (0 without programmatic launch).
+    pub fn programmatic_edges(&self) -> usize {
+        each_dtype!(self, m => m.programmatic_edges())
     }
 }
 

@@ -8,6 +8,7 @@
 //! ([`Gpu::side`]) runs work that overlaps the main stream's, forked from and joined back into it
 //! with events, which graph capture records as edges.
 
+mod graph;
 mod llama;
 pub mod lora;
 pub mod sampling;
@@ -16,7 +17,7 @@ use std::sync::Arc;
 
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
-use loraplane_kernels::Kernels;
+use loraplane_kernels::{Kernels, DECODE_GEMM_TILE_K};
 
 pub use llama::{
     CudaLlama, CudaModel, CudaOptions, DeviceDtype, LoraKernelMode, DECODE_ATTENTION_TENSOR_CORES_MIN_PAIRS,
@@ -79,6 +80,8 @@ pub struct Gpu {
     pub kernels: Kernels,
     /// Device name, as the driver reports it.
     pub name: String,
+    /// Streaming multiprocessors: how many blocks make a full grid.
+    pub sms: usize,
 }
 
 fn cuda_err(what: &str, e: impl std::fmt::Display) -> Error {
@@ -109,6 +112,9 @@ impl Gpu {
         // graph capture).
         unsafe { ctx.disable_event_tracking() };
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let sms = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| cuda_err("reading the multiprocessor count", e))? as usize;
         let stream = ctx.new_stream().map_err(|e| cuda_err("creating a stream", e))?;
         let side = ctx.new_stream().map_err(|e| cuda_err("creating a stream", e))?;
         let event = || ctx.new_event(None).map_err(|e| cuda_err("creating an event", e));
@@ -136,6 +142,7 @@ impl Gpu {
             _blas_workspace: workspace,
             kernels,
             name,
+            sms,
         }))
     }
 
@@ -228,6 +235,94 @@ impl Gpu {
             )
         }
         .map_err(|e| cuda_err("cuBLAS GEMM", e))
+    }
+
+    /// A 2D TMA tensor map of a row-major `[outer, inner]` matrix of `T` at `ptr` with rows
+    /// `row_stride` elements apart, for boxes of [`DECODE_GEMM_TILE_K`] x `box_rows` in the
+    /// 128-byte swizzle that `decode_gemm.cu` reads; elements past the bounds load as zeros.
+    /// The map is 128 bytes for the device (kernels read it from global memory).
+    pub fn decode_gemm_map<T: GpuFloat>(
+        &self,
+        ptr: u64,
+        (outer, inner): (usize, usize),
+        row_stride: usize,
+        box_rows: usize,
+    ) -> Result<[u64; 16]> {
+        use cudarc::driver::sys as drv;
+        let dtype = match T::SUFFIX {
+            "bf16" => drv::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            "f16" => drv::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+            other => {
+                return Err(Error::Model(format!(
+                    "decode GEMM tensor maps take bf16 or f16, not {other}"
+                )))
+            }
+        };
+        let mut map = drv::CUtensorMap { opaque: [0; 16] };
+        let dims = [inner as u64, outer as u64];
+        let strides = [(row_stride * std::mem::size_of::<T>()) as u64];
+        let boxes = [DECODE_GEMM_TILE_K as u32, box_rows as u32];
+        let steps = [1u32, 1];
+        // SAFETY: every pointer argument points at a live local of the length the rank (2) asks for.
+        let r = unsafe {
+            drv::cuTensorMapEncodeTiled(
+                &mut map,
+                dtype,
+                2,
+                ptr as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                steps.as_ptr(),
+                drv::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                drv::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                drv::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                drv::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        };
+        if r != drv::CUresult::CUDA_SUCCESS {
+            return Err(cuda_err(
+                &format!("encoding a tensor map of [{outer}, {inner}] with row stride {row_stride}"),
+                format!("{r:?}"),
+            ));
+        }
+        Ok(map.opaque)
+    }
+
+    /// `out[rows, n] = beta · out + x · Wᵀ` in `decode_gemm.cu` with plan `p`, the weight's and
+    /// x's tensor maps ([`Self::decode_gemm_map`], boxes of 128 weight rows and `p.tokens` rows
+    /// of x) in device memory at `maps`, and the plan's workspace and tile counters.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_gemm(
+        &self,
+        p: &loraplane_kernels::DecodeGemmPlan,
+        (w_map, x_map): (u64, u64),
+        out: u64,
+        ld_out: usize,
+        (rows, n, k): (usize, usize, usize),
+        beta: f32,
+        (workspace, counters): (u64, u64),
+    ) -> Result<()> {
+        launch!(
+            self,
+            &p.kernel,
+            (p.blocks, 1, 1),
+            (p.threads, 1, 1),
+            shared = p.shared_bytes,
+            w_map,
+            x_map,
+            out,
+            ld_out as i32,
+            rows as i32,
+            n as i32,
+            k as i32,
+            beta,
+            p.stages as i32,
+            p.k_blocks as i32,
+            i32::from(p.evict_first),
+            workspace,
+            counters
+        )
     }
 
     /// Column-major strided batched GEMM, `C_b = alpha · op(A_b) · op(B_b) + beta · C_b` for
