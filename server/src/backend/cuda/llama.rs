@@ -103,9 +103,10 @@ pub struct CudaOptions {
     /// CUDA-core kernel (`attention` in `llama.cu`). Default:
     /// [`DECODE_ATTENTION_TENSOR_CORES_MIN_PAIRS`].
     pub decode_attention_tensor_cores: Option<usize>,
-    /// bf16/f16 steps of at most [`DECODE_GEMM_MAX_ROWS`] rows run the projection GEMMs whose
-    /// shapes `decode_gemm_for_model` takes in `decode_gemm.cu` (TMA and wgmma, Hopper only)
-    /// instead of cuBLAS.
+    /// bf16/f16 graph-replayed steps of at most [`DECODE_GEMM_MAX_ROWS`] rows, with
+    /// [`Self::programmatic_launch`], run the projection GEMMs whose shapes
+    /// `decode_gemm_for_model` takes in `decode_gemm.cu` (TMA and wgmma, Hopper only) instead
+    /// of cuBLAS.
     pub decode_gemms: bool,
     /// Decode graphs launch each of loraplane's kernels while the kernel before it drains
     /// (programmatic dependent launch, sm_90+; see [`super::graph`]).
@@ -343,6 +344,9 @@ struct StepShape {
     paged: bool,
     /// LoRA deltas are computed beside the base GEMMs ([`CudaOptions::lora_side_stream`]).
     lora_delta: bool,
+    /// A graph replays the step with programmatic edges, so the decode GEMMs' first weight
+    /// loads overlap the kernel before them; without that they are slower than cuBLAS.
+    programmatic: bool,
 }
 
 /// What a prepared step returns to its caller, per sequence in the caller's order.
@@ -755,21 +759,25 @@ impl<T: GpuFloat> CudaLlama<T> {
     }
 
     /// `out[rows, n] = beta · out + x · Wᵀ` for layer `li`'s projection of group `g` (weight
-    /// `w` [n, k]) on `input` (x, dense): in `decode_gemm.cu` where it takes the step, else
-    /// cuBLAS.
+    /// `w` [n, k]) on `input` (x, dense): in `decode_gemm.cu` where it takes the step and a graph
+    /// replays it with programmatic edges, else cuBLAS.
     #[allow(clippy::too_many_arguments)]
     fn linear(
         &self,
         out: u64,
         (input, x): (GemmInput, u64),
         (li, g, w): (usize, usize, u64),
-        rows: usize,
+        s: &StepShape,
         n: usize,
         k: usize,
         beta: f32,
     ) -> Result<()> {
-        let gpu = &self.gpu;
-        if let Some(d) = self.decode_gemms.as_ref().filter(|d| d.groups[g]) {
+        let (gpu, rows) = (&self.gpu, s.rows);
+        if let Some(d) = self
+            .decode_gemms
+            .as_ref()
+            .filter(|d| d.groups[g] && s.programmatic)
+        {
             if let Some(p) = decode_gemm_for_model(T::SUFFIX, (rows, n, k), gpu.sms) {
                 return gpu.decode_gemm(
                     &p,
@@ -1046,6 +1054,7 @@ impl<T: GpuFloat> CudaLlama<T> {
                 && gemm_lora.is_empty()
                 && self.bufs.lora_delta.is_some()
                 && rows <= LORA_DELTA_ROWS,
+            programmatic: bucket.is_some() && self.opts.programmatic_launch,
         };
         self.gemm_lora = gemm_lora;
         Ok((shape, StepOut { per_seq }))
@@ -1674,7 +1683,7 @@ impl<T: GpuFloat> CudaLlama<T> {
                 qkv,
                 (GemmInput::Normed, normed),
                 (li, 0, gpu.ptr(&blk.qkv.w)),
-                rows,
+                s,
                 qkv_w,
                 h,
                 if qkv_lora_first { 1.0 } else { 0.0 },
@@ -1736,7 +1745,7 @@ impl<T: GpuFloat> CudaLlama<T> {
                 x,
                 (GemmInput::Attn, attn),
                 (li, 1, gpu.ptr(&blk.o.w)),
-                rows,
+                s,
                 h,
                 qd,
                 1.0,
@@ -1750,7 +1759,7 @@ impl<T: GpuFloat> CudaLlama<T> {
                 gu,
                 (GemmInput::Normed, normed),
                 (li, 2, gpu.ptr(&blk.gate_up.w)),
-                rows,
+                s,
                 2 * inter,
                 h,
                 if gu_lora_first { 1.0 } else { 0.0 },
@@ -1772,7 +1781,7 @@ impl<T: GpuFloat> CudaLlama<T> {
                 x,
                 (GemmInput::Act, act),
                 (li, 3, gpu.ptr(&blk.down.w)),
-                rows,
+                s,
                 h,
                 inter,
                 1.0,
