@@ -1,6 +1,6 @@
 // Decode-shaped GEMMs on Hopper (sm_90a): out[r, :] = beta * out[r, :] + x[r, :] . Wᵀ for at
 // most 64 rows r (tokens), the weight W [n, k] row-major, bf16 or f16. Compiled after llama.cu
-// (to_f/from_f) and flash_attention.cu (smem_addr).
+// (to_f/from_f, pdl_trigger/pdl_wait) and flash_attention.cu (smem_addr).
 //
 // Why: a decode step is a stream of weights, and at 64 rows cuBLAS reads them at 2.1-2.7 TB/s
 // against about 3.0 for a plain stream, while an mma.sync kernel (branch wip/decode-gemm) ran out

@@ -204,7 +204,12 @@ pub fn decode_gemm_plan(
         tile_n: t.tile_n,
         tokens,
         tiles,
-        workspace: blocks * 2 * t.tile_n * tokens,
+        // Whole tiles never leave a partial.
+        workspace: if t.whole_tiles {
+            0
+        } else {
+            blocks * 2 * t.tile_n * tokens
+        },
     })
 }
 
@@ -605,6 +610,7 @@ mod tests {
             (p.kernel.as_str(), p.blocks, p.tiles, p.tile_n),
             ("decode_gemm_bf16_t16_m1", 96, 96, 64)
         );
+        assert_eq!(p.workspace, 0);
         // Every plan's kernel is loaded.
         let names = kernel_names();
         for rows in 1..=DECODE_GEMM_MAX_ROWS {

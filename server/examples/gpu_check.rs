@@ -1886,7 +1886,7 @@ fn decode_gemm_case<T: GpuFloat + Into<f32> + Default>(
             .unwrap(),
     );
     let maps = gpu.upload(&maps).unwrap();
-    let workspace = gpu.zeros::<f32>(p.workspace).unwrap();
+    let workspace = gpu.zeros::<f32>(p.workspace.max(1)).unwrap();
     let counters = gpu.zeros::<u32>(p.tiles).unwrap();
     let f = |v: &T| -> f64 { f64::from(Into::<f32>::into(*v)) };
     let mut worst = 0f64;

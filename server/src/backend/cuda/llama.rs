@@ -717,6 +717,7 @@ impl<T: GpuFloat> CudaLlama<T> {
         let c = &self.config;
         let (h, qd, kvd, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let shapes = [(qd + 2 * kvd, h), (h, qd), (2 * inter, h), (h, inter)];
+        // Device buffers of at least one element, also where no plan needs them.
         let (mut workspace, mut tiles) = (1, 1);
         let mut tile_n = [0; 4];
         for (g, &(n, k)) in shapes.iter().enumerate() {

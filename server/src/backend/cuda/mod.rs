@@ -290,7 +290,7 @@ impl Gpu {
     }
 
     /// `out[rows, n] = beta · out + x · Wᵀ` in `decode_gemm.cu` with plan `p`, the weight's and
-    /// x's tensor maps ([`Self::decode_gemm_map`], boxes of 128 weight rows and `p.tokens` rows
+    /// x's tensor maps ([`Self::decode_gemm_map`], boxes of `p.tile_n` weight rows and `p.tokens` rows
     /// of x) in device memory at `maps`, and the plan's workspace and tile counters.
     #[allow(clippy::too_many_arguments)]
     pub fn decode_gemm(
