@@ -20,6 +20,12 @@
 // an f32 partial to ws, and the last of them to arrive (a counter per tile, left at zero for
 // the next call) adds the partials in block order, so results do not depend on scheduling. No
 // block waits for another, so the kernel cannot deadlock beside other kernels.
+//
+// Split tiles (SPLIT > 1, whole tiles only): a tile's k range is cut over the SPLIT blocks of
+// one thread-block cluster, which the hardware runs together. Each block but the first writes
+// its sums into the first one's shared memory (distributed shared memory, no trip to global
+// memory), and the first adds them in rank order and stores the tile. This is for projections
+// too narrow to fill the GPU with whole tiles (o and down of Llama-3.1-8B: 64 tiles of 64 rows).
 
 #define DG_HALF 64      // weight rows per wgmma (M); a tile has MH of them
 #define DG_BK 64        // k per unit: one 128-byte swizzled row
@@ -100,13 +106,17 @@ __device__ __forceinline__ void dg_tma_evict_first(unsigned dst, const void* map
 // Keeps the compiler from moving accumulator reads above a wgmma wait.
 __device__ __forceinline__ void dg_fence_reg(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 
+__device__ __forceinline__ void dg_cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+
 // The block whose unit range holds unit u, when units 0..U are cut into G ranges
 // [c U / G, (c + 1) U / G).
 __device__ __forceinline__ int dg_owner(long long u, long long U, long long G) {
     return (int)(((u + 1) * G + U - 1) / U - 1);
 }
 
-template <typename T, int TOK, int MH>
+template <typename T, int TOK, int MH, int SPLIT>
 __device__ void decode_gemm(const void* wmap, const void* xmap, T* out, int ld_out, int rows, int n, int k,
                             float beta, int stages, int ku, int evict, float* ws, unsigned* counters) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -208,7 +218,8 @@ __device__ void decode_gemm(const void* wmap, const void* xmap, T* out, int ld_o
             issue_x(i + stages);
         }
         if (kb != kb_n - 1 && i != units - 1) continue;
-        // This block's part of tile t ends here.
+        // This block's part of tile t ends here (split tiles: its last unit; added below).
+        if (SPLIT > 1) break;
         fresh = true;
         const int first = dg_owner((long long)t * kb_n, U, G), final_ = dg_owner((long long)t * kb_n + kb_n - 1, U, G);
         if (first == final_) {
@@ -243,23 +254,73 @@ __device__ void decode_gemm(const void* wmap, const void* xmap, T* out, int ld_o
         store(t, sum);
         if (tid == 0) counters[t] = 0;
     }
+    if (SPLIT > 1) {
+        // Blocks c = SPLIT t + rank hold tile t's k ranges in rank order (the equal ranges of
+        // tiles x SPLIT blocks never cross a tile). Every block is past its last stage, so the
+        // first block's stages are free: the others write their sums there, then it adds them.
+        unsigned rank;
+        asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+        dg_cluster_sync();
+        if (rank != 0) {
+            unsigned dst;
+            asm volatile("mapa.shared::cluster.u32 %0, %1, 0;\n" : "=r"(dst) : "r"(base));
+            dst += (rank - 1) * MH * ACC * DG_THREADS * 4;
+#pragma unroll
+            for (int h = 0; h < MH; h++)
+#pragma unroll
+                for (int j = 0; j < ACC; j++)
+                    asm volatile("st.shared::cluster.f32 [%0], %1;\n" ::"r"(dst + ((h * ACC + j) * DG_THREADS + tid) * 4),
+                                 "f"(acc[h][j])
+                                 : "memory");
+        }
+        dg_cluster_sync();
+        if (rank == 0) {
+            const float* sums = (const float*)(dg_smem + (base - smem_addr(dg_smem)));
+            for (int r = 1; r < SPLIT; r++)
+#pragma unroll
+                for (int h = 0; h < MH; h++)
+#pragma unroll
+                    for (int j = 0; j < ACC; j++)
+                        acc[h][j] += sums[((r - 1) * MH * ACC + h * ACC + j) * DG_THREADS + tid];
+            store(u0 / kb_n, acc);
+        }
+    }
 #endif
 }
 
+#define DECODE_GEMM_ARGS(T)                                                                                         \
+    const void *wmap, const void *xmap, T *out, int ld_out, int rows, int n, int k, float beta, int stages, int ku, \
+        int evict, float *ws, unsigned *counters
 #define DECODE_GEMM(T, S, TOK, MH)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(DG_THREADS) decode_gemm_##S##_t##TOK##_m##MH(                      \
-        const void* wmap, const void* xmap, T* out, int ld_out, int rows, int n, int k, float beta, int stages,     \
-        int ku, int evict, float* ws, unsigned* counters) {                                                         \
+    extern "C" __global__ void __launch_bounds__(DG_THREADS)                                                        \
+        decode_gemm_##S##_t##TOK##_m##MH(DECODE_GEMM_ARGS(T)) {                                                     \
         pdl_trigger();                                                                                              \
-        decode_gemm<T, TOK, MH>(wmap, xmap, out, ld_out, rows, n, k, beta, stages, ku, evict, ws, counters);        \
+        decode_gemm<T, TOK, MH, 1>(wmap, xmap, out, ld_out, rows, n, k, beta, stages, ku, evict, ws, counters);     \
+    }
+// Split tiles: 64-row tiles, k over the 2 blocks of a cluster (sm_90+; elsewhere the body is
+// empty and the kernel never planned).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define DG_CLUSTER2 __cluster_dims__(2, 1, 1)
+#else
+#define DG_CLUSTER2
+#endif
+#define DECODE_GEMM_S2(T, S, TOK)                                                                                   \
+    extern "C" __global__ void DG_CLUSTER2 __launch_bounds__(DG_THREADS)                                            \
+        decode_gemm_##S##_t##TOK##_m1_s2(DECODE_GEMM_ARGS(T)) {                                                     \
+        pdl_trigger();                                                                                              \
+        decode_gemm<T, TOK, 1, 2>(wmap, xmap, out, ld_out, rows, n, k, beta, stages, ku, evict, ws, counters);      \
     }
 #define DECODE_GEMMS_M(T, S, MH) \
     DECODE_GEMM(T, S, 8, MH)     \
     DECODE_GEMM(T, S, 16, MH)    \
     DECODE_GEMM(T, S, 32, MH)    \
     DECODE_GEMM(T, S, 64, MH)
-#define DECODE_GEMMS(T, S)   \
-    DECODE_GEMMS_M(T, S, 1)  \
-    DECODE_GEMMS_M(T, S, 2)
+#define DECODE_GEMMS(T, S)     \
+    DECODE_GEMMS_M(T, S, 1)    \
+    DECODE_GEMMS_M(T, S, 2)    \
+    DECODE_GEMM_S2(T, S, 8)    \
+    DECODE_GEMM_S2(T, S, 16)   \
+    DECODE_GEMM_S2(T, S, 32)   \
+    DECODE_GEMM_S2(T, S, 64)
 DECODE_GEMMS(__nv_bfloat16, bf16)
 DECODE_GEMMS(__half, f16)

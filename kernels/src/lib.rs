@@ -106,7 +106,7 @@ const DG_MAX_STAGES: usize = 16;
 /// How one decode GEMM launches (see [`decode_gemm_plan`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DecodeGemmPlan {
-    /// `decode_gemm_{bf16,f16}_t{tokens}_m{tile_n / 64}`.
+    /// `decode_gemm_{bf16,f16}_t{tokens}_m{tile_n / 64}`, `_s2` with split tiles (clusters of 2).
     pub kernel: String,
     /// Blocks (a 1D grid): each streams an equal share of the weight.
     pub blocks: u32,
@@ -144,6 +144,9 @@ pub struct DecodeGemmTuning {
     pub tile_n: usize,
     /// One block per tile over the whole k range (no partials) instead of equal shares.
     pub whole_tiles: bool,
+    /// With whole tiles: blocks a tile's k range is cut over, the blocks of one thread-block
+    /// cluster that add their sums in shared memory. 1, or 2 with 64-row tiles.
+    pub split: usize,
 }
 
 impl Default for DecodeGemmTuning {
@@ -154,6 +157,7 @@ impl Default for DecodeGemmTuning {
             evict_first: true,
             tile_n: 128,
             whole_tiles: false,
+            split: 1,
         }
     }
 }
@@ -176,6 +180,7 @@ pub fn decode_gemm_plan(
         || t.blocks_per_sm == 0
         || t.k_blocks == 0
         || !matches!(t.tile_n, 64 | 128)
+        || !matches!((t.split, t.whole_tiles, t.tile_n), (1, _, _) | (2, true, 64))
     {
         return None;
     }
@@ -187,14 +192,22 @@ pub fn decode_gemm_plan(
     }
     debug_assert!(stages * stage + DG_ALIGN_SLACK <= DG_MAX_DYNAMIC_SHARED);
     let tiles = n.div_ceil(t.tile_n);
-    let units = tiles * k.div_ceil(DECODE_GEMM_TILE_K).div_ceil(t.k_blocks);
+    let units_per_tile = k.div_ceil(DECODE_GEMM_TILE_K).div_ceil(t.k_blocks);
+    if units_per_tile < t.split {
+        return None;
+    }
     let blocks = if t.whole_tiles {
-        tiles
+        tiles * t.split
     } else {
-        (sms * t.blocks_per_sm).min(units)
+        (sms * t.blocks_per_sm).min(tiles * units_per_tile)
+    };
+    let split = if t.split > 1 {
+        format!("_s{}", t.split)
+    } else {
+        String::new()
     };
     Some(DecodeGemmPlan {
-        kernel: format!("decode_gemm_{suffix}_t{tokens}_m{}", t.tile_n / 64),
+        kernel: format!("decode_gemm_{suffix}_t{tokens}_m{}{split}", t.tile_n / 64),
         blocks: blocks as u32,
         threads: 128,
         shared_bytes: (stages * stage + DG_ALIGN_SLACK) as u32,
@@ -215,11 +228,13 @@ pub fn decode_gemm_plan(
 
 /// The decode GEMM a model step runs for this projection shape, or None where cuBLAS is faster:
 /// one block a whole tile over the whole k range, 128-row tiles where they fill the GPU, 64-row
-/// tiles where those fill 70% of it. On the H100 (`bench_gpu --gemms` with LORAPLANE_DG_SWEEP)
-/// equal shares of the units with partial tiles added by the last block cost 4-12 us more per
-/// GEMM than whole tiles, and fewer tiles than that leave too few SMs streaming (o and down of
-/// Llama-3.1-8B: 64 tiles of 64 rows took 20.6 and 61.6 us at 64 rows against cuBLAS's 15.8
-/// and 47.8).
+/// tiles where those fill 70% of it, and up to [`DECODE_GEMM_SPLIT_MAX_ROWS`] rows 64-row tiles split
+/// over clusters of 2 where those fill 70% of it in one wave. On the H100 (`bench_gpu --gemms`
+/// with LORAPLANE_DG_SWEEP) equal shares of the units with partial tiles added by the last
+/// block cost 4-12 us more per GEMM than whole tiles, and fewer tiles than that leave too few
+/// SMs streaming (o and down of Llama-3.1-8B: 64 whole tiles of 64 rows took 20.6 and 61.6 us
+/// at 64 rows against cuBLAS's 15.8 and 47.8; split over clusters, 17.5 and 43.9 us at one row
+/// against 16.6 and 45.3).
 pub fn decode_gemm_for_model(
     suffix: &str,
     (rows, n, k): (usize, usize, usize),
@@ -230,21 +245,35 @@ pub fn decode_gemm_for_model(
         whole_tiles: true,
         ..Default::default()
     };
+    let tiles64 = n.div_ceil(64);
     if n.div_ceil(128) >= sms {
         decode_gemm_plan(suffix, (rows, n, k), sms, whole(128))
-    } else if 10 * n.div_ceil(64) >= 7 * sms {
+    } else if 10 * tiles64 >= 7 * sms {
         decode_gemm_plan(suffix, (rows, n, k), sms, whole(64))
+    } else if rows <= DECODE_GEMM_SPLIT_MAX_ROWS && 10 * 2 * tiles64 >= 7 * sms && 2 * tiles64 <= sms {
+        let split = DecodeGemmTuning {
+            split: 2,
+            ..whole(64)
+        };
+        decode_gemm_plan(suffix, (rows, n, k), sms, split)
     } else {
         None
     }
 }
+
+/// Most rows that [`decode_gemm_for_model`] runs in split tiles (the 8-token tile). Against
+/// cuBLAS in whole decode steps on the H100 (`run.sh ab`, fifteenth session), o and down in
+/// split tiles saved about 0.2 ms a step at batches 1 and 8, but at batch 32 cost up to 0.3 ms
+/// beside rank-64 adapters (the 128 blocks leave the side stream's LoRA kernels 4 SMs), and at
+/// batch 64 0.1-0.3 ms.
+pub const DECODE_GEMM_SPLIT_MAX_ROWS: usize = 8;
 
 /// Every decode GEMM kernel (sm_90a only: elsewhere their bodies are empty).
 fn decode_gemm_kernels() -> impl Iterator<Item = String> {
     ["bf16", "f16"]
         .into_iter()
         .flat_map(|t| DECODE_GEMM_TOKENS.iter().map(move |n| (t, n)))
-        .flat_map(|(t, n)| [1, 2].map(|m| format!("decode_gemm_{t}_t{n}_m{m}")))
+        .flat_map(|(t, n)| ["m1", "m2", "m1_s2"].map(|m| format!("decode_gemm_{t}_t{n}_{m}")))
 }
 
 /// Every kernel name `llama.cu` exports, without the type suffix.
@@ -320,6 +349,8 @@ pub struct Kernels {
     arch: &'static str,
     /// The functions' driver handles, to recognise them in a captured graph.
     handles: HashSet<usize>,
+    /// The decode GEMM kernels' handles among them.
+    decode_gemm_handles: HashSet<usize>,
 }
 
 impl Kernels {
@@ -365,11 +396,15 @@ impl Kernels {
             }
         }
         let handles = funcs.values().map(|f| f.cu_function() as usize).collect();
+        let decode_gemm_handles = decode_gemm_kernels()
+            .map(|name| funcs[&name].cu_function() as usize)
+            .collect();
         Ok(Self {
             _module: module,
             funcs,
             arch,
             handles,
+            decode_gemm_handles,
         })
     }
 
@@ -382,6 +417,11 @@ impl Kernels {
     /// library's (cuBLAS) kernel.
     pub fn owns(&self, f: cudarc::driver::sys::CUfunction) -> bool {
         self.handles.contains(&(f as usize))
+    }
+
+    /// Whether `f` is one of the decode GEMM kernels (`decode_gemm.cu`).
+    pub fn is_decode_gemm(&self, f: cudarc::driver::sys::CUfunction) -> bool {
+        self.decode_gemm_handles.contains(&(f as usize))
     }
 
     /// The function `name` (with its type suffix); panics on a name the sources do not export,
@@ -447,6 +487,7 @@ mod tests {
         let mut seen = 0;
         for def in src.split("extern \"C\" __global__").skip(1) {
             let mut rest = def.trim_start().strip_prefix("void").unwrap_or(def).trim_start();
+            rest = rest.strip_prefix("DG_CLUSTER2").unwrap_or(rest).trim_start();
             if let Some(after) = rest.strip_prefix("__launch_bounds__(") {
                 // The name may follow on the macro's next line.
                 rest = after
@@ -611,10 +652,17 @@ mod tests {
             ("decode_gemm_bf16_t16_m1", 96, 96, 64)
         );
         assert_eq!(p.workspace, 0);
+        // Split tiles: two blocks (a cluster) a tile, no workspace.
+        let split = DecodeGemmTuning { split: 2, ..whole };
+        let p = decode_gemm_plan("bf16", (64, 4096, 14336), 132, split).unwrap();
+        assert_eq!(
+            (p.kernel.as_str(), p.blocks, p.tiles, p.workspace),
+            ("decode_gemm_bf16_t64_m1_s2", 128, 64, 0)
+        );
         // Every plan's kernel is loaded.
         let names = kernel_names();
         for rows in 1..=DECODE_GEMM_MAX_ROWS {
-            for t in [one, two, whole, Default::default()] {
+            for t in [one, two, whole, split, Default::default()] {
                 let p = decode_gemm_plan("bf16", (rows, 4096, 4096), 132, t).unwrap();
                 assert!(names.contains(&p.kernel), "{} not loaded", p.kernel);
                 assert!(p.tokens >= rows && p.stages >= 2 && p.stages <= DG_MAX_STAGES);
@@ -637,5 +685,57 @@ mod tests {
         };
         assert_eq!(decode_gemm_plan("bf16", (8, 4096, 4096), 132, t(0, 128)), None);
         assert_eq!(decode_gemm_plan("bf16", (8, 4096, 4096), 132, t(1, 96)), None);
+        // Split tiles: 64-row whole tiles only, and at least a unit of k for each block.
+        let split = |tile_n, whole_tiles, split| DecodeGemmTuning {
+            tile_n,
+            whole_tiles,
+            split,
+            ..Default::default()
+        };
+        assert!(decode_gemm_plan("bf16", (8, 4096, 4096), 132, split(64, true, 2)).is_some());
+        assert_eq!(
+            decode_gemm_plan("bf16", (8, 4096, 4096), 132, split(128, true, 2)),
+            None
+        );
+        assert_eq!(
+            decode_gemm_plan("bf16", (8, 4096, 4096), 132, split(64, false, 2)),
+            None
+        );
+        assert_eq!(
+            decode_gemm_plan("bf16", (8, 4096, 4096), 132, split(64, true, 3)),
+            None
+        );
+        assert_eq!(
+            decode_gemm_plan("bf16", (8, 4096, 256), 132, split(64, true, 2)),
+            None
+        );
+    }
+
+    /// Llama-3.1-8B on an H100 (132 SMs): gate/up in 128-row tiles, q/k/v in 64-row tiles, o
+    /// and down up to 8 rows in 64-row tiles split over clusters of 2.
+    #[test]
+    fn decode_gemm_for_model_on_the_8b_shapes() {
+        let kernel =
+            |rows, n, k| decode_gemm_for_model("bf16", (rows, n, k), 132).map(|p| (p.kernel, p.blocks));
+        assert_eq!(
+            kernel(64, 28672, 4096),
+            Some(("decode_gemm_bf16_t64_m2".into(), 224))
+        );
+        assert_eq!(
+            kernel(64, 6144, 4096),
+            Some(("decode_gemm_bf16_t64_m1".into(), 96))
+        );
+        assert_eq!(
+            kernel(8, 4096, 4096),
+            Some(("decode_gemm_bf16_t8_m1_s2".into(), 128))
+        );
+        assert_eq!(
+            kernel(1, 4096, 14336),
+            Some(("decode_gemm_bf16_t8_m1_s2".into(), 128))
+        );
+        // Split tiles up to 8 rows only; too narrow for a cluster pair per tile to fill 70% of
+        // the SMs.
+        assert_eq!(kernel(9, 4096, 4096), None);
+        assert_eq!(kernel(8, 2048, 4096), None);
     }
 }

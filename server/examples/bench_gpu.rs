@@ -666,9 +666,10 @@ fn decode_gemms(gpu: &std::sync::Arc<Gpu>, variants: bool) {
                     .unwrap()
             };
             time_row("", m, &|w| gemm(w, 0.0));
-            // decode_gemm.cu (Hopper only) in the two launches a model step may use (whole
-            // tiles of 128 and of 64 rows, `decode_gemm_for_model`); with LORAPLANE_DG_SWEEP,
-            // also equal shares of the units and other stage sizes.
+            // decode_gemm.cu (Hopper only) in the three launches a model step may use (whole
+            // tiles of 128 and of 64 rows, 64-row tiles split over clusters of 2,
+            // `decode_gemm_for_model`); with LORAPLANE_DG_SWEEP, also equal shares of the units
+            // and other stage sizes.
             let sweep = std::env::var("LORAPLANE_DG_SWEEP").is_ok();
             let base = loraplane_kernels::DecodeGemmTuning::default();
             let whole = |tile_n| loraplane_kernels::DecodeGemmTuning {
@@ -676,7 +677,11 @@ fn decode_gemms(gpu: &std::sync::Arc<Gpu>, variants: bool) {
                 tile_n,
                 ..base
             };
-            let mut tunings = vec![whole(128), whole(64)];
+            let split = loraplane_kernels::DecodeGemmTuning {
+                split: 2,
+                ..whole(64)
+            };
+            let mut tunings = vec![whole(128), whole(64), split];
             if sweep {
                 use loraplane_kernels::DecodeGemmTuning as Dt;
                 tunings.extend([
@@ -725,7 +730,9 @@ fn decode_gemms(gpu: &std::sync::Arc<Gpu>, variants: bool) {
                 time_row(
                     &format!(
                         ", decode_gemm {} ({} blocks{}, {}-row tiles, {} stages of {} k-blocks)",
-                        if t.whole_tiles {
+                        if t.split > 1 {
+                            "tiles split over clusters of 2"
+                        } else if t.whole_tiles {
                             "whole tiles"
                         } else {
                             "equal shares"

@@ -26,8 +26,8 @@
 //! 7. Decode attention on tensor cores in bf16 and f16 against the f32 CPU backend, next to the
 //!    CUDA-core kernel (see `decode_attention_checks` below).
 //! 8. Decode GEMMs (`decode_gemm.cu`) in bf16 and f16 against an f64 host product of the same
-//!    rounded inputs (see `decode_gemm_checks` below). The model checks above run them too:
-//!    every bf16/f16 step of at most 64 rows takes them where the shapes fit.
+//!    rounded inputs, then inside a model of Llama-3.1-8B's widths (the models above are too
+//!    narrow to take them) against the same model in cuBLAS (see `decode_gemm_checks` below).
 //!
 //! Prints one line per case and exits non-zero on the first failure.
 
@@ -464,7 +464,7 @@ fn decode_vs_cpu(
         for which in 0..5 {
             // 0: CPU, 1: GPU eager, 2: GPU with graphs, 3: GPU eager with LoRA after the GEMMs,
             // 4: GPU with graphs whose edges are all ordinary (no programmatic launch).
-            let gpu_model = (which > 0).then(|| {
+            let mut gpu_model = (which > 0).then(|| {
                 let g = if which == 2 || which == 4 { 256 } else { 0 };
                 let o = CudaOptions {
                     lora_side_stream: which != 3,
@@ -473,7 +473,7 @@ fn decode_vs_cpu(
                 };
                 CudaModel::from_host(gpu.clone(), host, o).unwrap()
             });
-            results.push(decode_logits(gpu_model, host, &seqs, 7));
+            results.push(decode_logits(gpu_model.as_mut(), host, &seqs, 7));
         }
         let e_eager = rel_err(&results[1], &results[0]);
         let e_graph = rel_err(&results[2], &results[0]);
@@ -504,7 +504,7 @@ fn decode_vs_cpu(
 /// per step (a fixed function of the step and sequence, so that every run feeds the same), on
 /// `gpu_model` or, without one, on the host.
 fn decode_logits(
-    mut gpu_model: Option<CudaModel>,
+    mut gpu_model: Option<&mut CudaModel>,
     host: &LlamaModel,
     seqs: &[(Vec<u32>, Option<Arc<LoraAdapter>>)],
     steps: usize,
@@ -657,9 +657,9 @@ fn lora_tensor_core_checks(gpu: &Arc<Gpu>, quick: bool) {
                 6,
             ));
         }
-        let run = |gpu_model: Option<CudaModel>, batch: &[Seq], steps| {
+        let run = |mut gpu_model: Option<CudaModel>, batch: &[Seq], steps| {
             if steps > 0 {
-                return decode_logits(gpu_model, &host, batch, steps);
+                return decode_logits(gpu_model.as_mut(), &host, batch, steps);
             }
             match gpu_model {
                 Some(mut m) => {
@@ -1752,8 +1752,8 @@ fn decode_attention_checks(gpu: &Arc<Gpu>, quick: bool) {
                                 16 * 1024,
                             )
                         };
-                        let m = CudaModel::from_host(gpu.clone(), &host, o).unwrap();
-                        rel_err(&decode_logits(Some(m), &host, &seqs, 7), &want)
+                        let mut m = CudaModel::from_host(gpu.clone(), &host, o).unwrap();
+                        rel_err(&decode_logits(Some(&mut m), &host, &seqs, 7), &want)
                     })
                     .collect();
                 let bound = DA_ERR_FACTOR * errs[2] + DA_ERR_SLACK;
@@ -1786,6 +1786,8 @@ fn decode_attention_checks(gpu: &Arc<Gpu>, quick: bool) {
 //    runs twice, so the counters must come back to zero), beta 0 and 1, an output row stride
 //    wider than n (columns past n must stay as they were), and rows of x past `rows` that hold
 //    NaN (the x buffer is larger than the step, as the model's is).
+//    Then the model (`decode_gemm_model_checks`): the wiring of its tensor maps (a map per layer
+//    and weight, one per input buffer and token count) in graph-replayed decode steps.
 // ---------------------------------------------------------------------------------------------
 
 fn decode_gemm_checks(gpu: &Arc<Gpu>, quick: bool) {
@@ -1814,9 +1816,17 @@ fn decode_gemm_checks(gpu: &Arc<Gpu>, quick: bool) {
                 whole_tiles: true,
                 ..half
             };
-            for (sms, tuning) in [(1, one), (7, one), (7, half), (gpu.sms, base), (gpu.sms, whole)] {
-                if n * k > 4 << 20 && (rows != 64 || (sms, tuning) != (gpu.sms, base)) {
-                    continue; // the large shapes at the batch the benchmark targets, as the model runs them
+            let split = loraplane_kernels::DecodeGemmTuning { split: 2, ..whole };
+            for (sms, tuning) in [
+                (1, one),
+                (7, one),
+                (7, half),
+                (gpu.sms, base),
+                (gpu.sms, whole),
+                (gpu.sms, split),
+            ] {
+                if n * k > 4 << 20 && (rows != 64 || !(tuning == base || tuning == split)) {
+                    continue; // the large shapes at the batch the benchmark targets
                 }
                 for dtype in [DeviceDtype::Bfloat16, DeviceDtype::Float16] {
                     let beta = if rng.below(2) == 0 { 0.0 } else { 1.0 };
@@ -1839,8 +1849,10 @@ fn decode_gemm_checks(gpu: &Arc<Gpu>, quick: bool) {
                         ),
                     };
                     let what = format!(
-                        "decode GEMM {dtype:?} rows {rows} x ({n} x {k}), {blocks} blocks of {}-row tiles, {} k-blocks a stage, beta {beta}",
-                        tuning.tile_n, tuning.k_blocks
+                        "decode GEMM {dtype:?} rows {rows} x ({n} x {k}), {blocks} blocks of {}-row tiles{}, {} k-blocks a stage, beta {beta}",
+                        tuning.tile_n,
+                        if tuning.split > 1 { ", k split over clusters of 2" } else { "" },
+                        tuning.k_blocks
                     );
                     if worst > 1.0 {
                         fail(format!("{what}: error {worst:.2}x the bound"));
@@ -1849,6 +1861,105 @@ fn decode_gemm_checks(gpu: &Arc<Gpu>, quick: bool) {
                 }
             }
         }
+    }
+    decode_gemm_model_checks(gpu, quick);
+}
+
+/// The decode GEMMs inside a model: Llama-3.1-8B's widths (hidden 4096, 32/8 heads of 128,
+/// intermediate 14336) in 2 layers (1 with `quick`) and a 1024-token vocabulary, bf16, decode
+/// steps replayed from CUDA graphs, with rank-16 and rank-64 adapters on every target beside
+/// base rows. Its decode GEMMs with programmatic edges and the same model in cuBLAS with
+/// ordinary edges are both compared with the f32 model: the decode GEMMs only add the f32 sums
+/// in another order, so their error must stay within MMA_ERR_FACTOR times cuBLAS's plus
+/// MMA_ERR_SLACK. A wrong map (another layer's weight, another input buffer or token count,
+/// rows past the step) moves the logits by far more than that.
+fn decode_gemm_model_checks(gpu: &Arc<Gpu>, quick: bool) {
+    let layers = if quick { 1 } else { 2 };
+    let c = ModelConfig::from_hf_json(&format!(
+        r#"{{"architectures":["LlamaForCausalLM"],"vocab_size":1024,"hidden_size":4096,"intermediate_size":14336,
+        "num_hidden_layers":{layers},"num_attention_heads":32,"num_key_value_heads":8,"head_dim":128,
+        "max_position_embeddings":4096,"tie_word_embeddings":false}}"#
+    ))
+    .unwrap();
+    let mut rng = Rng(0xd6e0_6e44_0000_0002);
+    let host = random_model(&c, &mut rng);
+    let adapters = [16usize, 64].map(|r| {
+        Arc::new(LoraAdapter::dummy(
+            &format!("r{r}"),
+            &c,
+            r,
+            &LoraTarget::ALL,
+            91 + r as u64,
+        ))
+    });
+    let model = |dtype, fast: bool| {
+        let o = CudaOptions {
+            decode_gemms: fast,
+            programmatic_launch: fast,
+            ..opts(dtype, LoraKernelMode::Chunked(16), 64, 16 * 1024)
+        };
+        CudaModel::from_host(gpu.clone(), &host, o).unwrap()
+    };
+    let mut reference = model(DeviceDtype::Float32, false);
+    let mut cublas = model(DeviceDtype::Bfloat16, false);
+    let mut fast = model(DeviceDtype::Bfloat16, true);
+    let groups = fast.decode_gemm_groups();
+    if groups.is_empty() {
+        fail("decode GEMM model check: no projection of the 8B widths takes decode_gemm.cu".into());
+    }
+    let batches: &[usize] = if quick { &[8, 64] } else { &[1, 8, 32, 33, 64] };
+    for &bs in batches {
+        let seqs: Vec<Seq> = (0..bs)
+            .map(|i| {
+                let toks = (0..1 + rng.below(16))
+                    .map(|_| rng.below(c.vocab_size) as u32)
+                    .collect();
+                let a = (i % 3 != 0).then(|| adapters[i % 2].clone());
+                (toks, a)
+            })
+            .collect();
+        // The prompts' pass (eager, so cuBLAS in both; its logits are left out), then 5
+        // graph-replayed decode steps.
+        let steps = 6;
+        let decode = |m: &mut CudaModel| decode_logits(Some(m), &host, &seqs, steps).split_off(bs);
+        let want = decode(&mut reference);
+        let got_cublas = decode(&mut cublas);
+        let got_fast = decode(&mut fast);
+        let (e_cublas, e_fast) = (rel_err(&got_cublas, &want), rel_err(&got_fast, &want));
+        let bound = MMA_ERR_FACTOR * e_cublas + MMA_ERR_SLACK;
+        let what = format!(
+            "decode GEMMs in a {layers}-layer model of the 8B widths ({}), bf16, bs={bs:2}, {} steps",
+            groups.join(", "),
+            steps - 1
+        );
+        if e_fast > bound {
+            fail(format!(
+                "{what}: rel err vs f32 {e_fast:.1e}, above the bound {bound:.1e} (cuBLAS {e_cublas:.1e})"
+            ));
+        }
+        // The decode steps' graph must launch every group that takes them in every layer. (The
+        // logits alone cannot tell: where cuBLAS also adds k in order, as at one row, they are
+        // the same bits.)
+        let graphs = fast.graph_decode_gemms();
+        let (bucket, launches) = graphs.range(bs..).next().map_or((0, 0), |(&b, &n)| (b, n));
+        let (h, qd, kvd, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let shapes = [(qd + 2 * kvd, h), (h, qd), (2 * inter, h), (h, inter)];
+        let want_launches = layers
+            * shapes
+                .iter()
+                .filter(|&&(n, k)| {
+                    loraplane_kernels::decode_gemm_for_model("bf16", (bucket, n, k), gpu.sms).is_some()
+                })
+                .count();
+        if launches != want_launches || launches == 0 {
+            fail(format!(
+                "{what}: the decode graph of {bucket} rows launches {launches} decode GEMMs, not {want_launches}"
+            ));
+        }
+        println!(
+            "ok   {what}: {launches} decode GEMMs a step, rel err vs f32 {e_fast:.1e} (cuBLAS {e_cublas:.1e}, bound {bound:.1e}; {:.1e} between the two)",
+            rel_err(&got_fast, &got_cublas)
+        );
     }
 }
 
@@ -1889,6 +2000,26 @@ fn decode_gemm_case<T: GpuFloat + Into<f32> + Default>(
     let workspace = gpu.zeros::<f32>(p.workspace.max(1)).unwrap();
     let counters = gpu.zeros::<u32>(p.tiles).unwrap();
     let f = |v: &T| -> f64 { f64::from(Into::<f32>::into(*v)) };
+    // x . Wᵀ and the sum of its terms' magnitudes in f64, once for both runs, on every core.
+    let (xf, wf): (Vec<f64>, Vec<f64>) = (x.iter().map(f).collect(), w.iter().map(f).collect());
+    let mut reference = vec![(0f64, 0f64); rows * n];
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    let per_thread = (rows * n).div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        for (c, chunk) in reference.chunks_mut(per_thread).enumerate() {
+            let (xf, wf) = (&xf, &wf);
+            scope.spawn(move || {
+                for (i, cell) in chunk.iter_mut().enumerate() {
+                    let (r, col) = ((c * per_thread + i) / n, (c * per_thread + i) % n);
+                    let (xr, wr) = (&xf[r * k..(r + 1) * k], &wf[col * k..(col + 1) * k]);
+                    *cell = xr
+                        .iter()
+                        .zip(wr)
+                        .fold((0.0, 0.0), |(s, m), (a, b)| (s + a * b, m + (a * b).abs()));
+                }
+            });
+        }
+    });
     let mut worst = 0f64;
     for _ in 0..2 {
         let out = gpu.upload(&out0).unwrap();
@@ -1914,12 +2045,8 @@ fn decode_gemm_case<T: GpuFloat + Into<f32> + Default>(
                     }
                     continue;
                 }
-                let (xr, wr) = (&x[r * k..(r + 1) * k], &w[col * k..(col + 1) * k]);
-                let (mut sum, mut mag) = (f64::from(beta) * o, 0f64);
-                for (a, b) in xr.iter().zip(wr) {
-                    sum += f(a) * f(b);
-                    mag += (f(a) * f(b)).abs();
-                }
+                let (product, mag) = reference[r * n + col];
+                let sum = f64::from(beta) * o + product;
                 let bound = rel * sum.abs() + 1e-5 * mag + 1e-30;
                 let err = (g - sum).abs() / bound;
                 if err.is_nan() {

@@ -29,6 +29,8 @@ pub(super) struct DecodeGraph {
     stream: Arc<CudaStream>,
     /// Edges made programmatic.
     pub programmatic_edges: usize,
+    /// Kernel nodes that launch a decode GEMM (`decode_gemm.cu`).
+    pub decode_gemms: usize,
 }
 
 unsafe impl Send for DecodeGraph {}
@@ -74,6 +76,22 @@ fn kernel_of(node: drv::CUgraphNode) -> Option<drv::CUfunction> {
         .result()
         .ok()?;
     Some(p.func)
+}
+
+/// The graph's kernel nodes that launch one of the decode GEMM kernels.
+fn decode_gemm_nodes(graph: drv::CUgraph, kernels: &Kernels) -> Result<usize> {
+    let mut n = 0usize;
+    unsafe { drv::cuGraphGetNodes(graph, std::ptr::null_mut(), &mut n) }
+        .result()
+        .map_err(|e| cuda_err("reading the decode graph's nodes", e))?;
+    let mut nodes = vec![std::ptr::null_mut(); n];
+    unsafe { drv::cuGraphGetNodes(graph, nodes.as_mut_ptr(), &mut n) }
+        .result()
+        .map_err(|e| cuda_err("reading the decode graph's nodes", e))?;
+    Ok(nodes[..n]
+        .iter()
+        .filter(|&&node| kernel_of(node).is_some_and(|f| kernels.is_decode_gemm(f)))
+        .count())
 }
 
 /// The graph's ordinary kernel-to-kernel edges whose downstream kernel is one of `kernels`.
@@ -141,6 +159,9 @@ impl DecodeGraph {
             ));
         }
         let flags = drv::CUgraphInstantiate_flags(0);
+        let decode_gemms = decode_gemm_nodes(graph, kernels).inspect_err(|_| unsafe {
+            let _ = result::graph::destroy(graph);
+        })?;
         let mut edges = Vec::new();
         if programmatic {
             match edges_into_own_kernels(graph, kernels).and_then(|e| retype(graph, &e, true).map(|()| e)) {
@@ -175,6 +196,7 @@ impl DecodeGraph {
             exec,
             stream: stream.clone(),
             programmatic_edges: edges.len(),
+            decode_gemms,
         })
     }
 

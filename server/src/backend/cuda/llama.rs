@@ -7,7 +7,7 @@
 //! replayed from a CUDA graph captured on first use; LoRA metadata lives in device buffers read
 //! by the kernels, so a replay applies whatever adapters the step's rows use.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use cudarc::driver::{sys as drv, CudaSlice, CudaStream, DevicePtr};
@@ -870,6 +870,26 @@ impl<T: GpuFloat> CudaLlama<T> {
     /// Programmatic edges over the decode graphs captured so far (0 without programmatic launch).
     pub fn programmatic_edges(&self) -> usize {
         self.graphs.values().map(|g| g.programmatic_edges).sum()
+    }
+
+    /// Decode GEMM launches (`decode_gemm.cu`) in the graph of each decode bucket captured so
+    /// far, by bucket (batch size).
+    pub fn graph_decode_gemms(&self) -> BTreeMap<usize, usize> {
+        self.graphs.iter().map(|(&b, g)| (b, g.decode_gemms)).collect()
+    }
+
+    /// The projection groups whose decode steps run in `decode_gemm.cu` (see
+    /// [`CudaOptions::decode_gemms`]), by name; empty where every GEMM runs in cuBLAS.
+    pub fn decode_gemm_groups(&self) -> Vec<&'static str> {
+        const NAMES: [&str; 4] = ["q/k/v", "o", "gate/up", "down"];
+        self.decode_gemms.as_ref().map_or(Vec::new(), |d| {
+            NAMES
+                .iter()
+                .zip(d.groups)
+                .filter(|(_, on)| *on)
+                .map(|(n, _)| *n)
+                .collect()
+        })
     }
 
     /// Fills LoRA slot `slot` with a random rank-`rank` adapter on `targets` and returns a
@@ -2076,6 +2096,16 @@ impl CudaModel {
     /// Programmatic edges over the decode graphs captured so far (0 without programmatic launch).
     pub fn programmatic_edges(&self) -> usize {
         each_dtype!(self, m => m.programmatic_edges())
+    }
+
+    /// See [`CudaLlama::graph_decode_gemms`].
+    pub fn graph_decode_gemms(&self) -> BTreeMap<usize, usize> {
+        each_dtype!(self, m => m.graph_decode_gemms())
+    }
+
+    /// See [`CudaLlama::decode_gemm_groups`].
+    pub fn decode_gemm_groups(&self) -> Vec<&'static str> {
+        each_dtype!(self, m => m.decode_gemm_groups())
     }
 }
 
