@@ -234,11 +234,11 @@ fn place_model(
         attention_split_keys: true,
         lora_tensor_cores: true,
         decode_attention_tensor_cores: Some(DECODE_ATTENTION_TENSOR_CORES_MIN_PAIRS),
-        // Off in the server until a model-level check covers them: gpu_check checks the decode
-        // GEMM kernel on the Llama-3.1-8B shapes, but its check models are too narrow to take
-        // it (BENCHMARKS.md, fourteenth session); bench_gpu measures both on.
-        decode_gemms: false,
-        programmatic_launch: false,
+        // Graph-replayed decode steps launch programmatically and run the wide projections in
+        // decode_gemm.cu on Hopper; `gpu_check --only decode-gemm` checks them inside a model
+        // of Llama-3.1-8B's widths (BENCHMARKS.md, fifteenth session).
+        decode_gemms: true,
+        programmatic_launch: true,
     };
     let t0 = Instant::now();
     let model = match &host {
@@ -249,6 +249,7 @@ fn place_model(
         gpu = %gpu.name,
         dtype = config.device.dtype.name(),
         lora_pool_gb = model.lora_pool_bytes() as f64 / 1e9,
+        decode_gemms = %model.decode_gemm_groups().join(", "),
         secs = t0.elapsed().as_secs_f32(),
         "model on the GPU"
     );
