@@ -261,12 +261,13 @@ pub fn decode_gemm_for_model(
     }
 }
 
-/// Most rows that [`decode_gemm_for_model`] runs in split tiles (the 8-token tile). Against
-/// cuBLAS in whole decode steps on the H100 (`run.sh ab`, fifteenth session), o and down in
-/// split tiles saved about 0.2 ms a step at batches 1 and 8, but at batch 32 cost up to 0.3 ms
-/// beside rank-64 adapters (the 128 blocks leave the side stream's LoRA kernels 4 SMs), and at
-/// batch 64 0.1-0.3 ms.
-pub const DECODE_GEMM_SPLIT_MAX_ROWS: usize = 8;
+/// Most rows that [`decode_gemm_for_model`] runs in split tiles (the 8- and 16-token tiles).
+/// Against cuBLAS in whole decode steps on the H100 (`run.sh ab`, fifteenth session), o and
+/// down in split tiles saved 0.13-0.26 ms a step at batches 1, 8 and 16, except beside 8
+/// rank-64 adapters (0.03-0.08 ms slower); at batch 32 they cost up to 0.3 ms beside rank-64
+/// adapters (the 128 blocks leave the side stream's LoRA kernels 4 SMs), and at batch 64
+/// 0.1-0.3 ms.
+pub const DECODE_GEMM_SPLIT_MAX_ROWS: usize = 16;
 
 /// Every decode GEMM kernel (sm_90a only: elsewhere their bodies are empty).
 fn decode_gemm_kernels() -> impl Iterator<Item = String> {
@@ -712,7 +713,7 @@ mod tests {
     }
 
     /// Llama-3.1-8B on an H100 (132 SMs): gate/up in 128-row tiles, q/k/v in 64-row tiles, o
-    /// and down up to 8 rows in 64-row tiles split over clusters of 2.
+    /// and down up to 16 rows in 64-row tiles split over clusters of 2.
     #[test]
     fn decode_gemm_for_model_on_the_8b_shapes() {
         let kernel =
@@ -733,9 +734,13 @@ mod tests {
             kernel(1, 4096, 14336),
             Some(("decode_gemm_bf16_t8_m1_s2".into(), 128))
         );
-        // Split tiles up to 8 rows only; too narrow for a cluster pair per tile to fill 70% of
+        // Split tiles up to 16 rows only; too narrow for a cluster pair per tile to fill 70% of
         // the SMs.
-        assert_eq!(kernel(9, 4096, 4096), None);
+        assert_eq!(
+            kernel(16, 4096, 4096).map(|k| k.0),
+            Some("decode_gemm_bf16_t16_m1_s2".into())
+        );
+        assert_eq!(kernel(17, 4096, 4096), None);
         assert_eq!(kernel(8, 2048, 4096), None);
     }
 }

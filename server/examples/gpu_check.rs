@@ -1907,7 +1907,7 @@ fn decode_gemm_model_checks(gpu: &Arc<Gpu>, quick: bool) {
     if groups.is_empty() {
         fail("decode GEMM model check: no projection of the 8B widths takes decode_gemm.cu".into());
     }
-    let batches: &[usize] = if quick { &[8, 64] } else { &[1, 8, 32, 33, 64] };
+    let batches: &[usize] = if quick { &[8, 64] } else { &[1, 8, 16, 32, 33, 64] };
     for &bs in batches {
         let seqs: Vec<Seq> = (0..bs)
             .map(|i| {
