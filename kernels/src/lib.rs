@@ -409,6 +409,13 @@ impl Kernels {
         })
     }
 
+    /// Whether kernels may launch programmatically here (`griddepcontrol`, sm_90 and newer):
+    /// below that the kernels are compiled without their waits, so a programmatic edge into one
+    /// would not order it after its predecessor.
+    pub fn has_programmatic_launch(&self) -> bool {
+        matches!(self.arch, "sm_90a" | "sm_100" | "sm_120")
+    }
+
     /// Whether the decode GEMMs (`decode_gemm.cu`, TMA and wgmma) run here: Hopper (sm_90a) only.
     pub fn has_decode_gemm(&self) -> bool {
         self.arch == "sm_90a"

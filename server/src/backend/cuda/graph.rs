@@ -147,8 +147,9 @@ fn retype(
 
 impl DecodeGraph {
     /// Ends the capture begun on `stream` and instantiates it; with `programmatic`, the edges
-    /// into `kernels` first become programmatic. A driver that refuses them (a chip before
-    /// sm_90, a driver before CUDA 12.3) gets the graph as captured, with a warning.
+    /// into `kernels` first become programmatic (the model asks only on sm_90 and newer). A
+    /// driver that refuses them (one before CUDA 12.3) gets the graph as captured, with a
+    /// warning.
     pub fn end_capture(stream: &Arc<CudaStream>, kernels: &Kernels, programmatic: bool) -> Result<Self> {
         let graph = unsafe { result::stream::end_capture(stream.cu_stream()) }
             .map_err(|e| cuda_err("capturing the decode graph", e))?;

@@ -109,7 +109,8 @@ pub struct CudaOptions {
     /// of cuBLAS.
     pub decode_gemms: bool,
     /// Decode graphs launch each of loraplane's kernels while the kernel before it drains
-    /// (programmatic dependent launch, sm_90+; see [`super::graph`]).
+    /// (programmatic dependent launch, see [`super::graph`]); ignored before sm_90, where the
+    /// kernels have no waits.
     pub programmatic_launch: bool,
 }
 
@@ -616,12 +617,13 @@ impl<T: GpuFloat> CudaLlama<T> {
     fn assemble(
         gpu: Arc<Gpu>,
         config: ModelConfig,
-        opts: CudaOptions,
+        mut opts: CudaOptions,
         embed: CudaSlice<T>,
         lm_head: Option<CudaSlice<T>>,
         norm: CudaSlice<T>,
         blocks: Vec<DevBlock<T>>,
     ) -> Result<Self> {
+        opts.programmatic_launch &= gpu.kernels.has_programmatic_launch();
         let c = &config;
         if !c.head_dim.is_multiple_of(2) || c.head_dim > 256 {
             return Err(Error::Model(format!(
