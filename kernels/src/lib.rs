@@ -263,7 +263,7 @@ pub fn decode_gemm_for_model(
 
 /// Most rows that [`decode_gemm_for_model`] runs in split tiles (the 8- and 16-token tiles).
 /// Against cuBLAS in whole decode steps on the H100 (`run.sh ab`, fifteenth session), o and
-/// down in split tiles saved 0.13-0.26 ms a step at batches 1, 8 and 16, except beside 8
+/// down in split tiles saved 0.13-0.29 ms a step at batches 1, 8 and 16, except beside 8
 /// rank-64 adapters (0.03-0.08 ms slower); at batch 32 they cost up to 0.3 ms beside rank-64
 /// adapters (the 128 blocks leave the side stream's LoRA kernels 4 SMs), and at batch 64
 /// 0.1-0.3 ms.
