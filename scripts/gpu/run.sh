@@ -158,14 +158,14 @@ if [[ $what == ab ]]; then
       echo "== $bin, round $round"
       LORAPLANE_BENCH_BATCHES=${LORAPLANE_BENCH_BATCHES:-1,8,64} "$BIN/$bin" --decode-only \
         2>"$OUT/ab-$bin-$round.err" >"$OUT/ab-$bin-$round.log"; rc=$((rc | $?))
-      grep '^| csgmv' "$OUT/ab-$bin-$round.log"; tail -2 "$OUT/ab-$bin-$round.err"
+      grep '^| decode csgmv' "$OUT/ab-$bin-$round.log"; tail -2 "$OUT/ab-$bin-$round.err"
     done
   done
 fi
 if [[ $what == pdl ]]; then
   LORAPLANE_BENCH_BATCHES=${LORAPLANE_BENCH_BATCHES:-1,8,64} "$BIN/bench_gpu" --compare-pdl 2>"$OUT/pdl.err" \
     >"$OUT/pdl.log"; rc=$((rc | $?))
-  grep '^| csgmv' "$OUT/pdl.log"; grep 'programmatic edges' "$OUT/pdl.err"; tail -2 "$OUT/pdl.err"
+  grep '^| decode csgmv' "$OUT/pdl.log"; grep 'programmatic edges' "$OUT/pdl.err"; tail -2 "$OUT/pdl.err"
 fi
 if [[ $what == attention ]]; then
   if [[ -x $BIN/bench_gpu_base ]]; then
