@@ -423,6 +423,46 @@ fn main() {
         print_rows(&rows);
         return;
     }
+    // --step-parts: for each BATCH:ADAPTERS:RANK in LORAPLANE_PARTS, the whole step as the grid
+    // times it, and its graph replayed alone back to back (its device time); the difference is
+    // the host's part of a step (metadata, launch, argmax, the ids' copy back).
+    if std::env::args().any(|a| a == "--step-parts") {
+        let parts = std::env::var("LORAPLANE_PARTS")
+            .unwrap_or_else(|_| "1:0:16 8:1:64 32:1:16 64:0:16 64:64:16".into());
+        let mut m = CudaModel::dummy(gpu.clone(), c.clone(), opts(LoraKernelMode::Chunked(16), 256), 42)
+            .expect("model");
+        let mut kv = m.new_kv_cache();
+        println!("| configuration | whole step ms | graph replay ms | host part ms |");
+        println!("|---|---|---|---|");
+        for p in parts.split_whitespace() {
+            let f: Vec<usize> = p
+                .split(':')
+                .map(|x| {
+                    x.parse()
+                        .unwrap_or_else(|_| panic!("LORAPLANE_PARTS: {p:?} is not BATCH:ADAPTERS:RANK"))
+                })
+                .collect();
+            let [bs, n, rank] = f[..] else {
+                panic!("LORAPLANE_PARTS: {p:?} is not BATCH:ADAPTERS:RANK")
+            };
+            for s in 0..64 {
+                m.dummy_adapter_in_slot(s, rank, &LoraTarget::ALL, 1000 + s as u64)
+                    .unwrap();
+            }
+            let slots: Vec<i32> = (0..bs)
+                .map(|i| if n == 0 { -1 } else { (i % n) as i32 })
+                .collect();
+            let ms = decode(&mut m, &mut kv, bs, &slots, 20, false, |_| {});
+            let replay = m.time_graph_replays(bs, 50).expect("replay");
+            let what = if n == 0 {
+                format!("bs={bs} base")
+            } else {
+                format!("bs={bs} {n}x r{rank}")
+            };
+            println!("| {what} | {ms:.3} | {replay:.3} | {:.3} |", ms - replay);
+        }
+        return;
+    }
     // --decode-only: the default configuration's (csgmv + graphs) decode rows alone, for A/B
     // timings of two builds in one call (scripts/gpu/run.sh ab).
     if std::env::args().any(|a| a == "--decode-only") {

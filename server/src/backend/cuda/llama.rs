@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use cudarc::driver::{sys as drv, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{sys as drv, CudaEvent, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
 use loraplane_kernels::{decode_gemm_for_model, DECODE_GEMM_MAX_ROWS, DECODE_GEMM_TOKENS};
 
 use super::graph::DecodeGraph;
@@ -308,8 +308,15 @@ struct DevBlock<T> {
 struct Buffers<T> {
     cap: usize,
     max_blocks: usize,
-    /// ids | positions | slots | row_seq | items (3 per row) | wanted | tables.
+    /// ids | positions | slots | row_seq | items (3 per row) | wanted | tables, each section
+    /// `meta_stride` rows long (the step's rows: a graph's pointers hold its bucket's stride).
     meta: CudaSlice<i32>,
+    meta_stride: usize,
+    /// The step's metadata on the host, page-locked so that its upload is an asynchronous copy
+    /// of only what the step uses; grown on demand. The event marks the end of its last upload,
+    /// before which it must not be rewritten.
+    meta_host: Option<PinnedHostSlice<i32>>,
+    meta_uploaded: Option<CudaEvent>,
     x: CudaSlice<T>,
     normed: CudaSlice<T>,
     qkv: CudaSlice<T>,
@@ -810,6 +817,9 @@ impl<T: GpuFloat> CudaLlama<T> {
             cap,
             max_blocks,
             meta: gpu.zeros::<i32>(8 * cap + cap * max_blocks)?,
+            meta_stride: cap,
+            meta_host: None,
+            meta_uploaded: None,
             x: gpu.zeros::<T>(cap * h)?,
             normed: gpu.zeros::<T>(cap * h)?,
             qkv: gpu.zeros::<T>(cap * (qd + 2 * kvd))?,
@@ -941,7 +951,7 @@ impl<T: GpuFloat> CudaLlama<T> {
     }
 
     fn meta_ptr(&self, section: usize) -> u64 {
-        self.gpu.ptr(&self.bufs.meta) + (section * self.bufs.cap * 4) as u64
+        self.gpu.ptr(&self.bufs.meta) + (section * self.bufs.meta_stride * 4) as u64
     }
 
     /// Builds the step's metadata on the host and uploads it. `slots_of` gives each sequence's
@@ -973,13 +983,36 @@ impl<T: GpuFloat> CudaLlama<T> {
         if matches!(self.opts.lora_mode, LoraKernelMode::Chunked(_)) {
             order.sort_by_key(|&i| seq_slots[i]);
         }
-        let cap = self.bufs.cap;
         let mb = self.bufs.max_blocks;
-        // NB: only the used block-table rows are built and copied; the full table area is
-        // `cap` rows and would cost a large host-to-device copy every step.
+        // Sections of `rows` entries, then only the used block-table rows: at batch 64 about
+        // 67 KB where sections of the buffers' capacity made 330 KB (H100: the host part of a
+        // step, `bench_gpu --step-parts`, was 0.11-0.16 ms with those copied from pageable
+        // memory).
         let table_rows = bucket.unwrap_or(seqs.len()).max(1);
-        let mut meta = vec![0i32; 8 * cap + table_rows * mb];
+        let stride = rows;
+        let len = 8 * stride + table_rows * mb;
         let pad_slot = (self.kv_blocks * kv.block_size()) as i32;
+        if let Some(e) = self.bufs.meta_uploaded.take() {
+            e.synchronize()
+                .map_err(|e| Error::Model(format!("CUDA: waiting for the metadata upload: {e}")))?;
+        }
+        if self.bufs.meta_host.as_ref().is_none_or(|h| h.len() < len) {
+            self.bufs.meta_host = None;
+            // SAFETY: every element the step uses is written below (the range is zeroed
+            // first), and nothing reads the buffer before.
+            let host = unsafe {
+                self.gpu
+                    .ctx
+                    .alloc_pinned_with_flags::<i32>(len.next_power_of_two(), 0)
+            }
+            .map_err(|e| Error::Model(format!("CUDA: allocating pinned memory for step metadata: {e}")))?;
+            self.bufs.meta_host = Some(host);
+        }
+        let host = self.bufs.meta_host.as_mut().expect("allocated above");
+        let meta = &mut host
+            .as_mut_slice()
+            .map_err(|e| Error::Model(format!("CUDA: step metadata: {e}")))?[..len];
+        meta.fill(0);
         let mut row = 0usize;
         let mut items: Vec<[i32; 3]> = Vec::new();
         let merge_rows = decode_merge_rows(rows, self.lora_mma.iter().all(|&m| m));
@@ -997,21 +1030,21 @@ impl<T: GpuFloat> CudaLlama<T> {
                 )));
             }
             for (b, &blk) in s.cache.blocks.iter().enumerate() {
-                meta[8 * cap + oi * mb + b] = blk as i32;
+                meta[8 * stride + oi * mb + b] = blk as i32;
             }
             let first_row = row;
             for (i, &t) in s.tokens.iter().enumerate() {
                 meta[row] = t as i32;
-                meta[cap + row] = (s.cache.len + i) as i32;
-                meta[2 * cap + row] = kv.slot(s.cache, s.cache.len + i) as i32;
-                meta[3 * cap + row] = oi as i32;
+                meta[stride + row] = (s.cache.len + i) as i32;
+                meta[2 * stride + row] = kv.slot(s.cache, s.cache.len + i) as i32;
+                meta[3 * stride + row] = oi as i32;
                 row += 1;
             }
             let n = s.tokens.len();
             let min_rows = self.opts.prefill_attention_min_rows;
             if bucket.is_none() && min_rows > 0 && n >= min_rows {
                 for r in first_row..first_row + n {
-                    meta[3 * cap + r] = -1; // the paged kernel skips these rows
+                    meta[3 * stride + r] = -1; // the paged kernel skips these rows
                 }
                 prefill_chunks.push(PrefillChunk {
                     table_row: oi,
@@ -1039,20 +1072,37 @@ impl<T: GpuFloat> CudaLlama<T> {
         if let Some(b) = bucket {
             // Padding rows: token 0 at position 0 in the spare block, no adapter, logits unused.
             for (oi, r) in (seqs.len()..b).zip(total..b) {
-                meta[8 * cap + oi * mb] = self.kv_blocks as i32;
+                meta[8 * stride + oi * mb] = self.kv_blocks as i32;
                 meta[r] = 0;
-                meta[cap + r] = 0;
-                meta[2 * cap + r] = pad_slot;
-                meta[3 * cap + r] = oi as i32;
+                meta[stride + r] = 0;
+                meta[2 * stride + r] = pad_slot;
+                meta[3 * stride + r] = oi as i32;
                 wanted.push(r as i32);
             }
             // The graph launches one block column per possible item: pad with empty ones.
             items.resize(b, [0, 0, -1]);
         }
         for (i, it) in items.iter().enumerate() {
-            meta[4 * cap + 3 * i..4 * cap + 3 * i + 3].copy_from_slice(it);
+            meta[4 * stride + 3 * i..4 * stride + 3 * i + 3].copy_from_slice(it);
         }
-        meta[7 * cap..7 * cap + wanted.len()].copy_from_slice(&wanted);
+        meta[7 * stride..7 * stride + wanted.len()].copy_from_slice(&wanted);
+        let stream = &self.gpu.stream;
+        // SAFETY: the device buffer holds the capacity's sections, at least `len`; the pinned
+        // source is not rewritten before `meta_uploaded` fires (waited for above).
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(
+                self.gpu.ptr(&self.bufs.meta),
+                &meta[..],
+                stream.cu_stream(),
+            )
+        }
+        .map_err(|e| Error::Model(format!("CUDA: uploading step metadata: {e}")))?;
+        self.bufs.meta_uploaded = Some(
+            stream
+                .record_event(None)
+                .map_err(|e| Error::Model(format!("CUDA: recording the metadata upload: {e}")))?,
+        );
+        self.bufs.meta_stride = stride;
         if wanted.len() > self.bufs.logit_rows {
             self.grow_logits(wanted.len())?;
         }
@@ -1060,10 +1110,6 @@ impl<T: GpuFloat> CudaLlama<T> {
             self.reserve_attention_scratch(&prefill_chunks)?;
         }
         self.prefill_chunks = prefill_chunks;
-        self.gpu
-            .stream
-            .memcpy_htod(&meta, &mut self.bufs.meta.slice_mut(..meta.len()))
-            .map_err(|e| Error::Model(format!("CUDA: uploading step metadata: {e}")))?;
         let chunk_rows: usize = self.prefill_chunks.iter().map(|g| g.rows).sum();
         let shape = StepShape {
             rows,
@@ -1918,6 +1964,25 @@ impl<T: GpuFloat> CudaLlama<T> {
         self.graphs[&bucket].launch()
     }
 
+    /// Times `n` back-to-back replays of the decode graph that a step of `rows` rows takes, on
+    /// the metadata of the last step (a step of that many rows): the step's device time without
+    /// the host's part (building and uploading the metadata, the argmax and the copy of the ids
+    /// back). Ms per replay.
+    pub fn time_graph_replays(&mut self, rows: usize, n: usize) -> Result<f64> {
+        let bucket = graph_buckets(self.opts.cuda_graph_max_bs)
+            .into_iter()
+            .find(|&b| b >= rows)
+            .filter(|b| self.graphs.contains_key(b) && self.bufs.meta_stride == *b)
+            .ok_or_else(|| Error::Model(format!("the last step did not replay a graph of {rows} rows")))?;
+        self.gpu.sync()?;
+        let t0 = std::time::Instant::now();
+        for _ in 0..n {
+            self.graphs[&bucket].launch()?;
+        }
+        self.gpu.sync()?;
+        Ok(t0.elapsed().as_secs_f64() * 1e3 / n.max(1) as f64)
+    }
+
     /// One forward pass returning each sequence's wanted logits on the host (as the CPU model).
     pub fn forward(&mut self, kv: &KvCache, seqs: &[SeqInput<'_>]) -> Result<Vec<Vec<f32>>> {
         self.forward_sampled(kv, seqs, &vec![None; seqs.len()])?
@@ -2108,6 +2173,11 @@ impl CudaModel {
     /// See [`CudaLlama::decode_gemm_groups`].
     pub fn decode_gemm_groups(&self) -> Vec<&'static str> {
         each_dtype!(self, m => m.decode_gemm_groups())
+    }
+
+    /// See [`CudaLlama::time_graph_replays`].
+    pub fn time_graph_replays(&mut self, rows: usize, n: usize) -> Result<f64> {
+        each_dtype!(self, m => m.time_graph_replays(rows, n))
     }
 }
 
