@@ -428,7 +428,56 @@ fn random_vs_cpu(gpu: &Arc<Gpu>) {
             }
         }
         decode_vs_cpu(gpu, &c, &host, &adapters, &mut rng);
+        base_then_adapter_graphs(gpu, &host, &adapters, &mut rng);
     }
+}
+
+/// A decode bucket's graph of base rows only has no LoRA kernels, so a later step of the same
+/// bucket with adapters must replay another one: decode steps of 8 base sequences, then of the
+/// same prompts with adapters, on one model with CUDA graphs, against a fresh eager model for
+/// each.
+fn base_then_adapter_graphs(gpu: &Arc<Gpu>, host: &LlamaModel, adapters: &[Arc<LoraAdapter>], rng: &mut Rng) {
+    let c = host.config();
+    let prompts: Vec<Vec<u32>> = (0..8)
+        .map(|_| {
+            (0..1 + rng.below(20))
+                .map(|_| rng.below(c.vocab_size) as u32)
+                .collect()
+        })
+        .collect();
+    let base: Vec<(Vec<u32>, Option<Arc<LoraAdapter>>)> = prompts.iter().map(|p| (p.clone(), None)).collect();
+    let with: Vec<(Vec<u32>, Option<Arc<LoraAdapter>>)> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.clone(), Some(adapters[i % adapters.len()].clone())))
+        .collect();
+    let model = |graphs| {
+        let o = opts(
+            DeviceDtype::Float32,
+            LoraKernelMode::Chunked(16),
+            graphs,
+            16 * 1024,
+        );
+        CudaModel::from_host(gpu.clone(), host, o).unwrap()
+    };
+    let mut graphed = model(256);
+    let got_base = decode_logits(Some(&mut graphed), host, &base, 4);
+    let got_with = decode_logits(Some(&mut graphed), host, &with, 4);
+    let want_base = decode_logits(Some(&mut model(0)), host, &base, 4);
+    let want_with = decode_logits(Some(&mut model(0)), host, &with, 4);
+    let (e_base, e_with) = (rel_err(&got_base, &want_base), rel_err(&got_with, &want_with));
+    // The adapters must change the logits, or the second comparison proves nothing.
+    let moved = rel_err(&want_with, &want_base);
+    if e_base > 1e-4 || e_with > 1e-4 || moved < 1e-3 {
+        fail(format!(
+            "graphs h={}: base rows then adapters in one bucket: rel err {e_base:e} then {e_with:e} against eager (adapters move the logits by {moved:e})",
+            c.hidden_size
+        ));
+    }
+    println!(
+        "ok  graphs h={:3}: base-only steps then adapter steps in one bucket, rel err vs eager {e_base:.1e} / {e_with:.1e} (adapters move the logits {moved:.1e})",
+        c.hidden_size
+    );
 }
 
 /// Prefill (up to 600 tokens at batch sizes 1 and 5) then 6 decode steps of up to 256 sequences
