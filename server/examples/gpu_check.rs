@@ -1789,7 +1789,7 @@ fn decode_attention_checks(gpu: &Arc<Gpu>, quick: bool) {
             let want = decode_logits(None, &host, &seqs, 7);
             for &dtype in dtypes {
                 // 0: tensor cores eager, 1: tensor cores with graphs, 2: CUDA cores eager.
-                let errs: Vec<f64> = (0..3)
+                let logits: Vec<Vec<Vec<f32>>> = (0..3)
                     .map(|which| {
                         let o = CudaOptions {
                             // Tensor cores at every batch size, so that batch 1 and 5 take them too.
@@ -1802,9 +1802,10 @@ fn decode_attention_checks(gpu: &Arc<Gpu>, quick: bool) {
                             )
                         };
                         let mut m = CudaModel::from_host(gpu.clone(), &host, o).unwrap();
-                        rel_err(&decode_logits(Some(&mut m), &host, &seqs, 7), &want)
+                        decode_logits(Some(&mut m), &host, &seqs, 7)
                     })
                     .collect();
+                let errs: Vec<f64> = logits.iter().map(|l| rel_err(l, &want)).collect();
                 let bound = DA_ERR_FACTOR * errs[2] + DA_ERR_SLACK;
                 let what = format!(
                     "decode attention heads={heads}/{kv_heads} d={hd:3} window={window:?} bs={bs:3} {}",
@@ -1816,8 +1817,16 @@ fn decode_attention_checks(gpu: &Arc<Gpu>, quick: bool) {
                         errs[0], errs[1], errs[2]
                     ));
                 }
+                // These widths keep every projection in cuBLAS, so graphs replay the eager
+                // steps' kernels and must agree with them bit for bit.
+                if logits[1] != logits[0] {
+                    fail(format!(
+                        "{what}: graphs differ from eager steps (rel err {:e})",
+                        rel_err(&logits[1], &logits[0])
+                    ));
+                }
                 println!(
-                    "ok  {what}: rel err vs f32 CPU {:.1e} eager, {:.1e} graphs (CUDA cores {:.1e})",
+                    "ok  {what}: rel err vs f32 CPU {:.1e} eager, {:.1e} graphs, bit-identical (CUDA cores {:.1e})",
                     errs[0], errs[1], errs[2]
                 );
             }
