@@ -138,10 +138,17 @@ pub const LORA_GEMM_MIN_ROWS: usize = 64;
 const LORA_SHRINK_SLICE: usize = 512;
 
 /// Batches of at least this many rows merge decode rows of one adapter into shared work items
-/// of DECODE_MERGE_ROWS rows in the csgmv scheme; smaller batches give each row its own item. On
-/// the H100 with LoRA beside the GEMMs, merging from batch 32 instead of 64 took batch 32 with
-/// one rank-16 adapter from 8.22 to 7.80 ms; merging from batch 8 made batch 8 slower.
+/// of DECODE_MERGE_ROWS rows in the csgmv scheme, for the CUDA-core kernels; smaller batches
+/// give each row its own item. On the H100 with LoRA beside the GEMMs, merging from batch 32
+/// instead of 64 took batch 32 with one rank-16 adapter from 8.22 to 7.80 ms; merging from
+/// batch 8 made batch 8 slower.
 const DECODE_MERGE_MIN_BATCH: usize = 32;
+
+/// The same threshold for the tensor-core kernels. From batch 8 instead of 32 (H100, sixteenth
+/// session, `bench_gpu --step-parts`, same call, two rounds): batch 8 with one rank-64 adapter
+/// 6.70 -> 6.49 ms a step, batch 16 with one 7.48 -> 6.75 and with 8 of them 8.14 -> 7.80; the
+/// rank-16 rows within 0.07 ms.
+const DECODE_MERGE_MIN_BATCH_MMA: usize = 8;
 
 /// Rank rows each warp of the LoRA shrink loads at once (`lora_shrink_*_kw{1,4}`): 4 for a pool
 /// of rank above 16 in steps under 64 rows, where the grid is small and each warp would
@@ -170,16 +177,21 @@ const DECODE_MERGE_ROWS: usize = 4;
 const DECODE_MERGE_ROWS_MMA: usize = 16;
 
 /// Rows per work item for the decode rows of one adapter in a step of `step_rows` rows (its
-/// graph bucket when padded): 1 below [`DECODE_MERGE_MIN_BATCH`]; else [`DECODE_MERGE_ROWS`]
-/// for the CUDA-core kernels, and for the tensor-core kernels (`tensor_cores`) a quarter of the
-/// batch, from 8 at batch 32 up to 16, so that an adapter's factors are read by at most four
-/// items. On the H100 with one adapter, items of 8 against 4 rows: batch 32 rank 64 8.56 ->
+/// graph bucket when padded): for the CUDA-core kernels 1 below [`DECODE_MERGE_MIN_BATCH`], else
+/// [`DECODE_MERGE_ROWS`]; for the tensor-core kernels (`tensor_cores`) 1 below
+/// [`DECODE_MERGE_MIN_BATCH_MMA`], else a quarter of the batch, from 4 at batches 8 to 16 up to
+/// 16, so that an adapter's factors are read by at most four items. On the H100 with one
+/// adapter, items of 8 against 4 rows: batch 32 rank 64 8.56 ->
 /// 7.96 ms; of 16: batch 64 rank 64 9.63 -> 9.19, rank 16 8.45 -> 8.18 (16 at batch 32: 8.19).
 fn decode_merge_rows(step_rows: usize, tensor_cores: bool) -> usize {
-    if step_rows < DECODE_MERGE_MIN_BATCH {
+    if tensor_cores {
+        if step_rows < DECODE_MERGE_MIN_BATCH_MMA {
+            1
+        } else {
+            (step_rows / 4).clamp(DECODE_MERGE_ROWS, DECODE_MERGE_ROWS_MMA)
+        }
+    } else if step_rows < DECODE_MERGE_MIN_BATCH {
         1
-    } else if tensor_cores {
-        (step_rows / 4).clamp(DECODE_MERGE_ROWS, DECODE_MERGE_ROWS_MMA)
     } else {
         DECODE_MERGE_ROWS
     }
@@ -2314,7 +2326,10 @@ mod tests {
 
     #[test]
     fn tensor_core_items_take_a_quarter_of_the_batch_up_to_one_pass() {
-        assert_eq!(decode_merge_rows(8, true), 1);
+        assert_eq!(decode_merge_rows(DECODE_MERGE_MIN_BATCH_MMA - 1, true), 1);
+        assert_eq!(decode_merge_rows(8, true), 4);
+        assert_eq!(decode_merge_rows(16, true), 4);
+        assert_eq!(decode_merge_rows(31, false), 1);
         assert_eq!(decode_merge_rows(32, true), 8);
         assert_eq!(decode_merge_rows(64, true), 16);
         assert_eq!(decode_merge_rows(256, true), DECODE_MERGE_ROWS_MMA);
