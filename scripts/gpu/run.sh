@@ -37,6 +37,10 @@
 #   scripts/gpu/run.sh ab      csgmv + graphs decode rows (bench_gpu --decode-only; batches from
 #                              LORAPLANE_BENCH_BATCHES, default 1,8,64) of bench_gpu_base (see
 #                              scripts/gpu/build-baseline.sh) and of this build, twice in turn
+#   scripts/gpu/run.sh parts   the whole decode step against its graph replayed alone (the host's
+#                              part of a step; bench_gpu --step-parts, configurations from
+#                              LORAPLANE_PARTS) for bench_gpu_base when built and this build,
+#                              twice in turn
 #   scripts/gpu/run.sh pdl     the same decode rows with decode graphs of ordinary edges and with
 #                              programmatic ones (bench_gpu --compare-pdl), twice in turn
 #   scripts/gpu/run.sh all     check, serve and bench
@@ -159,6 +163,16 @@ if [[ $what == ab ]]; then
       LORAPLANE_BENCH_BATCHES=${LORAPLANE_BENCH_BATCHES:-1,8,64} "$BIN/$bin" --decode-only \
         2>"$OUT/ab-$bin-$round.err" >"$OUT/ab-$bin-$round.log"; rc=$((rc | $?))
       grep '^| decode csgmv' "$OUT/ab-$bin-$round.log"; tail -2 "$OUT/ab-$bin-$round.err"
+    done
+  done
+fi
+if [[ $what == parts ]]; then
+  for round in 1 2; do
+    for bin in bench_gpu_base bench_gpu; do
+      [[ -x $BIN/$bin ]] || continue
+      echo "== $bin, round $round"
+      "$BIN/$bin" --step-parts 2>"$OUT/parts-$bin-$round.err" >"$OUT/parts-$bin-$round.log"; rc=$((rc | $?))
+      grep '^| bs' "$OUT/parts-$bin-$round.log"; tail -2 "$OUT/parts-$bin-$round.err"
     done
   done
 fi

@@ -11,6 +11,10 @@
 //! with decode graphs of ordinary edges and with programmatic ones, twice in turn
 //! (`scripts/gpu/run.sh pdl`).
 //!
+//! `--step-parts` times the whole decode step of each configuration in LORAPLANE_PARTS
+//! (`BATCH:ADAPTERS:RANK ...`) and the same step's graph replayed alone: the difference is the
+//! host's part of a step (`scripts/gpu/run.sh parts`).
+//!
 //! `--slot-loads` times adapter slot loads instead: a synchronous copy of a rank-16 adapter from
 //! host memory, staging it in pinned memory, an overlapped copy, and decode steps at batch 64
 //! with one slot load per step, synchronous or overlapped (`--enable-lora-overlap-loading`);
