@@ -116,7 +116,11 @@ __device__ __forceinline__ int dg_owner(long long u, long long U, long long G) {
     return (int)(((u + 1) * G + U - 1) / U - 1);
 }
 
-template <typename T, int TOK, int MH, int SPLIT>
+// SILU (whole 128-row tiles, MH = 2, beta 0): the weight is gate/up, [gate; up] of n / 2 rows
+// each, and the weight map's boxes are 64 rows. Tile t takes gate rows 64t.. in its first half
+// and up rows n / 2 + 64t.. in its second, so each thread holds matching gate and up sums, and
+// the tile stores silu(gate) * up (silu_mul's roundings) into out [rows, n / 2] instead.
+template <typename T, int TOK, int MH, int SPLIT, bool SILU = false>
 __device__ void decode_gemm(const void* wmap, const void* xmap, T* out, int ld_out, int rows, int n, int k,
                             float beta, int stages, int ku, int evict, float* ws, unsigned* counters) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -148,10 +152,16 @@ __device__ void decode_gemm(const void* wmap, const void* xmap, T* out, int ld_o
         unsigned st = base + s * STAGE, bar = bar0 + 8 * s;
         dg_bar_expect(bar, nk * (W_BYTES + X_BYTES));
         for (int j = 0; j < nk; j++) {
-            if (evict)
-                dg_tma_evict_first(st + j * W_BYTES, wmap, (kb0 + j) * DG_BK, (u / kb_n) * DG_BN, bar, policy);
-            else
-                dg_tma(st + j * W_BYTES, wmap, (kb0 + j) * DG_BK, (u / kb_n) * DG_BN, bar);
+            // SILU: the tile's halves come from the gate and the up rows (64-row boxes).
+#pragma unroll
+            for (int b = 0; b < (SILU ? 2 : 1); b++) {
+                const int row0 = SILU ? b * (n / 2) + (u / kb_n) * DG_HALF : (u / kb_n) * DG_BN;
+                const unsigned dst = st + j * W_BYTES + b * (W_BYTES / 2);
+                if (evict)
+                    dg_tma_evict_first(dst, wmap, (kb0 + j) * DG_BK, row0, bar, policy);
+                else
+                    dg_tma(dst, wmap, (kb0 + j) * DG_BK, row0, bar);
+            }
         }
     };
     auto issue_x = [&](int i) {
@@ -177,6 +187,15 @@ __device__ void decode_gemm(const void* wmap, const void* xmap, T* out, int ld_o
     auto col_of = [&](int h, int j) { return 64 * h + 16 * warp + (lane >> 2) + 8 * ((j & 3) >> 1); };
     auto tok_of = [&](int j) { return 8 * (j >> 2) + 2 * (lane & 3) + (j & 1); };
     auto store = [&](int t, float (*v)[ACC]) {
+        if (SILU) {
+#pragma unroll
+            for (int j = 0; j < ACC; j++) {
+                int col = t * DG_HALF + col_of(0, j), r = tok_of(j);
+                if (r < rows && col < n / 2)
+                    out[(size_t)r * ld_out + col] = silu_mul_one<T>(from_f<T>(v[0][j]), from_f<T>(v[MH - 1][j]));
+            }
+            return;
+        }
 #pragma unroll
         for (int h = 0; h < MH; h++)
 #pragma unroll
@@ -315,9 +334,20 @@ __device__ void decode_gemm(const void* wmap, const void* xmap, T* out, int ld_o
     DECODE_GEMM(T, S, 16, MH)    \
     DECODE_GEMM(T, S, 32, MH)    \
     DECODE_GEMM(T, S, 64, MH)
+// gate/up with silu_mul in the epilogue: 128-row tiles of 64 gate and 64 up rows.
+#define DECODE_GEMM_SILU(T, S, TOK)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(DG_THREADS) decode_gemm_##S##_t##TOK##_m2_silu(                     \
+        DECODE_GEMM_ARGS(T)) {                                                                                      \
+        pdl_trigger();                                                                                              \
+        decode_gemm<T, TOK, 2, 1, true>(wmap, xmap, out, ld_out, rows, n, k, beta, stages, ku, evict, ws, counters); \
+    }
 #define DECODE_GEMMS(T, S)     \
     DECODE_GEMMS_M(T, S, 1)    \
     DECODE_GEMMS_M(T, S, 2)    \
+    DECODE_GEMM_SILU(T, S, 8)  \
+    DECODE_GEMM_SILU(T, S, 16) \
+    DECODE_GEMM_SILU(T, S, 32) \
+    DECODE_GEMM_SILU(T, S, 64) \
     DECODE_GEMM_S2(T, S, 8)    \
     DECODE_GEMM_S2(T, S, 16)   \
     DECODE_GEMM_S2(T, S, 32)   \

@@ -261,6 +261,29 @@ pub fn decode_gemm_for_model(
     }
 }
 
+/// The gate/up decode GEMM with silu_mul in its epilogue (`decode_gemm_*_m2_silu`), for the
+/// gate/up weight `[gate; up]` of `2 · inter` x `k`: writes `silu(gate) · up`, `[rows, inter]`.
+/// Where [`decode_gemm_for_model`] takes gate/up in whole 128-row tiles, the same plan with the
+/// fused kernel ([`decode_gemm_silu_plan`]).
+pub fn decode_gemm_silu_for_model(
+    suffix: &str,
+    (rows, inter, k): (usize, usize, usize),
+    sms: usize,
+) -> Option<DecodeGemmPlan> {
+    decode_gemm_silu_plan(decode_gemm_for_model(suffix, (rows, 2 * inter, k), sms)?)
+}
+
+/// A gate/up plan of whole 128-row tiles (`p.tiles` of them over `2 · inter` rows) as the
+/// fused kernel: tile t takes gate rows 64t.. and up rows inter + 64t.., so its weight map needs
+/// boxes of 64 rows (gate rows past `inter` in the last tile are read but never stored). None
+/// for other plans.
+pub fn decode_gemm_silu_plan(p: DecodeGemmPlan) -> Option<DecodeGemmPlan> {
+    (p.tile_n == 128 && p.workspace == 0 && p.kernel.ends_with("_m2")).then(|| DecodeGemmPlan {
+        kernel: format!("{}_silu", p.kernel),
+        ..p
+    })
+}
+
 /// Most rows that [`decode_gemm_for_model`] runs in split tiles (the 8- and 16-token tiles).
 /// Against cuBLAS in whole decode steps on the H100 (`run.sh ab`, fifteenth session), o and
 /// down in split tiles saved 0.13-0.29 ms a step at batches 1, 8 and 16, except beside 8
@@ -274,7 +297,7 @@ fn decode_gemm_kernels() -> impl Iterator<Item = String> {
     ["bf16", "f16"]
         .into_iter()
         .flat_map(|t| DECODE_GEMM_TOKENS.iter().map(move |n| (t, n)))
-        .flat_map(|(t, n)| ["m1", "m2", "m1_s2"].map(|m| format!("decode_gemm_{t}_t{n}_{m}")))
+        .flat_map(|(t, n)| ["m1", "m2", "m1_s2", "m2_silu"].map(|m| format!("decode_gemm_{t}_t{n}_{m}")))
 }
 
 /// Every kernel name `llama.cu` exports, without the type suffix.
@@ -721,6 +744,25 @@ mod tests {
 
     /// Llama-3.1-8B on an H100 (132 SMs): gate/up in 128-row tiles, q/k/v in 64-row tiles, o
     /// and down up to 16 rows in 64-row tiles split over clusters of 2.
+    #[test]
+    fn gate_up_with_silu_takes_the_whole_tile_plans_only() {
+        let p = decode_gemm_silu_for_model("bf16", (64, 14336, 4096), 132).expect("8B gate/up");
+        assert_eq!(
+            (p.kernel.as_str(), p.blocks, p.tiles),
+            ("decode_gemm_bf16_t64_m2_silu", 224, 224)
+        );
+        assert_eq!(
+            decode_gemm_silu_for_model("bf16", (1, 14336, 4096), 132)
+                .unwrap()
+                .kernel,
+            "decode_gemm_bf16_t8_m2_silu"
+        );
+        // SmolLM2's 1536 takes no decode GEMM; equal shares (partials) never take the fused kernel.
+        assert_eq!(decode_gemm_silu_for_model("bf16", (8, 1536, 576), 132), None);
+        let shares = decode_gemm_plan("bf16", (8, 28672, 4096), 132, DecodeGemmTuning::default()).unwrap();
+        assert_eq!(decode_gemm_silu_plan(shares), None);
+    }
+
     #[test]
     fn decode_gemm_for_model_on_the_8b_shapes() {
         let kernel =

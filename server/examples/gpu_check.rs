@@ -1920,7 +1920,104 @@ fn decode_gemm_checks(gpu: &Arc<Gpu>, quick: bool) {
             }
         }
     }
+    // gate/up with silu_mul in the epilogue (whole 128-row tiles; the 8B width, and a width
+    // whose last tile is half gate rows past `inter`).
+    let silu_shapes: &[(usize, usize)] = if quick {
+        &[(1056, 512)]
+    } else {
+        &[(1056, 512), (14336, 4096)]
+    };
+    for &(inter, k) in silu_shapes {
+        for &rows in &[1usize, 9, 64] {
+            let worst = [
+                decode_gemm_silu_case::<half::bf16>(gpu, (rows, inter, k), 2f64.powi(-8), &mut rng),
+                decode_gemm_silu_case::<half::f16>(gpu, (rows, inter, k), 2f64.powi(-11), &mut rng),
+            ];
+            let what =
+                format!("decode GEMM gate/up + silu_mul rows {rows} x ({inter} x 2 x {k}), bf16 / f16");
+            if worst.iter().any(|w| *w > 1.0) {
+                fail(format!(
+                    "{what}: error {:.2}x / {:.2}x the bound",
+                    worst[0], worst[1]
+                ));
+            }
+            println!(
+                "ok   {what}: worst error {:.2}x / {:.2}x the bound",
+                worst[0], worst[1]
+            );
+        }
+    }
     decode_gemm_model_checks(gpu, quick);
+}
+
+/// The gate/up decode GEMM with silu_mul in its epilogue against the plain gate/up decode GEMM
+/// (the same plan of whole 128-row tiles, so each sum is added in the same order: the same
+/// bits) and silu(gate) · up from those on the host in f64: the kernel rounds silu to T, then
+/// the product, so it may differ by two roundings of `rel`. Returns the worst error as a
+/// multiple of that bound.
+fn decode_gemm_silu_case<T: GpuFloat + Into<f32> + Default>(
+    gpu: &Arc<Gpu>,
+    (rows, inter, k): (usize, usize, usize),
+    rel: f64,
+    rng: &mut Rng,
+) -> f64 {
+    let n = 2 * inter;
+    let whole = loraplane_kernels::DecodeGemmTuning {
+        whole_tiles: true,
+        ..Default::default()
+    };
+    let plain = loraplane_kernels::decode_gemm_plan(T::SUFFIX, (rows, n, k), gpu.sms, whole)
+        .unwrap_or_else(|| fail(format!("no decode GEMM plan for {rows} x ({n} x {k})")));
+    let fused = loraplane_kernels::decode_gemm_silu_plan(plain.clone())
+        .unwrap_or_else(|| fail(format!("no gate/up + silu plan for {rows} x ({n} x {k})")));
+    let round = |v: Vec<f32>| -> Vec<T> { v.into_iter().map(T::from_f32).collect() };
+    let x = round((0..rows * k).map(|_| rng.f()).collect());
+    let w = round((0..n * k).map(|_| 0.1 * rng.f()).collect());
+    let (dx, dw) = (gpu.upload(&x).unwrap(), gpu.upload(&w).unwrap());
+    let mut maps: Vec<u64> = Vec::new();
+    for (ptr, (r, tile)) in [
+        (gpu.ptr(&dw), (n, 128)),
+        (gpu.ptr(&dw), (n, 64)),
+        (gpu.ptr(&dx), (rows, plain.tokens)),
+    ] {
+        maps.extend(gpu.decode_gemm_map::<T>(ptr, (r, k), k, tile).unwrap());
+    }
+    let maps = gpu.upload(&maps).unwrap();
+    let (gu, act) = (
+        gpu.zeros::<T>(rows * n).unwrap(),
+        gpu.zeros::<T>(rows * inter).unwrap(),
+    );
+    let scratch = (
+        gpu.ptr(&gpu.zeros::<f32>(1).unwrap()),
+        gpu.ptr(&gpu.zeros::<u32>(plain.tiles).unwrap()),
+    );
+    let m = gpu.ptr(&maps);
+    for (p, w_map, out, ld) in [
+        (&plain, m, gpu.ptr(&gu), n),
+        (&fused, m + 128, gpu.ptr(&act), inter),
+    ] {
+        gpu.decode_gemm(p, (w_map, m + 256), out, ld, (rows, n, k), 0.0, scratch)
+            .unwrap_or_else(|e| fail(e.to_string()));
+    }
+    let f = |v: &T| -> f64 { f64::from(Into::<f32>::into(*v)) };
+    let (gu, act) = (
+        gpu.download(&gu, rows * n).unwrap(),
+        gpu.download(&act, rows * inter).unwrap(),
+    );
+    let mut worst = 0f64;
+    for r in 0..rows {
+        for j in 0..inter {
+            let (g, u) = (f(&gu[r * n + j]), f(&gu[r * n + inter + j]));
+            let want = g / (1.0 + (-g).exp()) * u;
+            let err = (f(&act[r * inter + j]) - want).abs() / (2.0 * rel * want.abs() + 1e-6);
+            worst = if err.is_nan() {
+                f64::INFINITY
+            } else {
+                worst.max(err)
+            };
+        }
+    }
+    worst
 }
 
 /// The decode GEMMs inside a model: Llama-3.1-8B's widths (hidden 4096, 32/8 heads of 128,
@@ -1965,14 +2062,30 @@ fn decode_gemm_model_checks(gpu: &Arc<Gpu>, quick: bool) {
     if groups.is_empty() {
         fail("decode GEMM model check: no projection of the 8B widths takes decode_gemm.cu".into());
     }
-    let batches: &[usize] = if quick { &[8, 64] } else { &[1, 8, 16, 32, 33, 64] };
-    for &bs in batches {
+    // (batch, with adapters): steps of base rows only replay graphs without LoRA kernels, whose
+    // gate/up runs with silu_mul in its epilogue.
+    let batches: &[(usize, bool)] = if quick {
+        &[(8, true), (64, true), (64, false)]
+    } else {
+        &[
+            (1, true),
+            (8, true),
+            (16, true),
+            (32, true),
+            (33, true),
+            (64, true),
+            (1, false),
+            (33, false),
+            (64, false),
+        ]
+    };
+    for &(bs, with_adapters) in batches {
         let seqs: Vec<Seq> = (0..bs)
             .map(|i| {
                 let toks = (0..1 + rng.below(16))
                     .map(|_| rng.below(c.vocab_size) as u32)
                     .collect();
-                let a = (i % 3 != 0).then(|| adapters[i % 2].clone());
+                let a = (with_adapters && i % 3 != 0).then(|| adapters[i % 2].clone());
                 (toks, a)
             })
             .collect();
@@ -1986,8 +2099,13 @@ fn decode_gemm_model_checks(gpu: &Arc<Gpu>, quick: bool) {
         let (e_cublas, e_fast) = (rel_err(&got_cublas, &want), rel_err(&got_fast, &want));
         let bound = MMA_ERR_FACTOR * e_cublas + MMA_ERR_SLACK;
         let what = format!(
-            "decode GEMMs in a {layers}-layer model of the 8B widths ({}), bf16, bs={bs:2}, {} steps",
+            "decode GEMMs in a {layers}-layer model of the 8B widths ({}), bf16, bs={bs:2}{}, {} steps",
             groups.join(", "),
+            if with_adapters {
+                ""
+            } else {
+                " base rows only (gate/up + silu_mul)"
+            },
             steps - 1
         );
         if e_fast > bound {

@@ -11,7 +11,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use cudarc::driver::{sys as drv, CudaEvent, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
-use loraplane_kernels::{decode_gemm_for_model, DECODE_GEMM_MAX_ROWS, DECODE_GEMM_TOKENS};
+use loraplane_kernels::{
+    decode_gemm_for_model, decode_gemm_silu_for_model, DECODE_GEMM_MAX_ROWS, DECODE_GEMM_TOKENS,
+};
 
 use super::graph::DecodeGraph;
 use super::lora::{group_dims, LoraSlots, GROUPS};
@@ -427,6 +429,9 @@ struct DecodeGemms {
     counters: CudaSlice<u32>,
 }
 
+/// Tensor maps per layer: q/k/v, o, gate/up, down, and gate/up again in 64-row boxes.
+const DECODE_GEMM_LAYER_MAPS: usize = 5;
+
 /// A projection's input buffer, for its decode GEMM tensor map.
 #[derive(Clone, Copy)]
 enum GemmInput {
@@ -438,7 +443,12 @@ enum GemmInput {
 impl DecodeGemms {
     /// Device address of layer `li`'s weight map of group `g` (0 q/k/v, 1 o, 2 gate/up, 3 down).
     fn weight(&self, li: usize, g: usize) -> u64 {
-        self.map(4 * li + g)
+        self.map(DECODE_GEMM_LAYER_MAPS * li + g)
+    }
+
+    /// Layer `li`'s gate/up weight map in 64-row boxes, for the gate/up GEMM with silu_mul.
+    fn gate_up_halves(&self, li: usize) -> u64 {
+        self.map(DECODE_GEMM_LAYER_MAPS * li + 4)
     }
 
     /// Device address of the map of `input` for boxes of `tokens` rows.
@@ -447,7 +457,7 @@ impl DecodeGemms {
             .iter()
             .position(|&v| v == tokens)
             .expect("a token count of the kernels");
-        self.map(4 * self.layers + DECODE_GEMM_TOKENS.len() * input as usize + t)
+        self.map(DECODE_GEMM_LAYER_MAPS * self.layers + DECODE_GEMM_TOKENS.len() * input as usize + t)
     }
 
     fn map(&self, i: usize) -> u64 {
@@ -769,6 +779,7 @@ impl<T: GpuFloat> CudaLlama<T> {
                 // A group cuBLAS runs keeps a map that is never read, so that indices stay fixed.
                 maps.extend(gpu.decode_gemm_map::<T>(w, (n, k), k, tile_n[g].max(64))?);
             }
+            maps.extend(gpu.decode_gemm_map::<T>(gpu.ptr(&blk.gate_up.w), (2 * inter, h), h, 64)?);
         }
         let b = &self.bufs;
         for (buf, width) in [(&b.normed, h), (&b.attn, qd), (&b.act, inter)] {
@@ -783,6 +794,36 @@ impl<T: GpuFloat> CudaLlama<T> {
             workspace: gpu.zeros::<f32>(workspace)?,
             counters: gpu.zeros::<u32>(tiles)?,
         }))
+    }
+
+    /// In graph steps without adapters whose gate/up runs in `decode_gemm.cu`: gate/up with
+    /// silu_mul in its epilogue, `act = silu(normed · Wgᵀ) · (normed · Wuᵀ)`, one kernel where
+    /// the step otherwise runs two (the LoRA delta, where there is one, is added before silu_mul, so
+    /// steps with adapters keep both). Returns whether it ran.
+    fn gate_up_silu(&self, li: usize, act: u64, s: &StepShape) -> Result<bool> {
+        let gpu = &self.gpu;
+        let c = &self.config;
+        let Some(d) = self
+            .decode_gemms
+            .as_ref()
+            .filter(|d| d.groups[2] && s.programmatic && !s.lora)
+        else {
+            return Ok(false);
+        };
+        let (inter, h) = (c.intermediate_size, c.hidden_size);
+        let Some(p) = decode_gemm_silu_for_model(T::SUFFIX, (s.rows, inter, h), gpu.sms) else {
+            return Ok(false);
+        };
+        gpu.decode_gemm(
+            &p,
+            (d.gate_up_halves(li), d.input(GemmInput::Normed, p.tokens)),
+            act,
+            inter,
+            (s.rows, 2 * inter, h),
+            0.0,
+            (gpu.ptr(&d.workspace), gpu.ptr(&d.counters)),
+        )?;
+        Ok(true)
     }
 
     /// `out[rows, n] = beta · out + x · Wᵀ` for layer `li`'s projection of group `g` (weight
@@ -1847,29 +1888,31 @@ impl<T: GpuFloat> CudaLlama<T> {
             self.bias(x, &blk.o.bias, rows, h)?;
             self.lora_join_or_apply(o_delta, li, 1, attn, x, h, s, false)?;
             self.rms_norm(normed, x, o_delta, &blk.post_norm, null, rows)?;
-            let gu_delta = self.lora_beside(li, 2, normed, s)?;
-            let gu_lora_first = self.lora_gemms_first(li, 2, normed, gu, 2 * inter, rows, s)?;
-            self.linear(
-                gu,
-                (GemmInput::Normed, normed),
-                (li, 2, gpu.ptr(&blk.gate_up.w)),
-                s,
-                2 * inter,
-                h,
-                if gu_lora_first { 1.0 } else { 0.0 },
-            )?;
-            self.lora_join_or_apply(gu_delta, li, 2, normed, gu, 2 * inter, s, gu_lora_first)?;
-            launch!(
-                gpu,
-                &self.k("silu_mul"),
-                silu_grid,
-                (256, 1, 1),
-                act,
-                gu,
-                gu_delta,
-                rows as i32,
-                inter as i32
-            )?;
+            if !self.gate_up_silu(li, act, s)? {
+                let gu_delta = self.lora_beside(li, 2, normed, s)?;
+                let gu_lora_first = self.lora_gemms_first(li, 2, normed, gu, 2 * inter, rows, s)?;
+                self.linear(
+                    gu,
+                    (GemmInput::Normed, normed),
+                    (li, 2, gpu.ptr(&blk.gate_up.w)),
+                    s,
+                    2 * inter,
+                    h,
+                    if gu_lora_first { 1.0 } else { 0.0 },
+                )?;
+                self.lora_join_or_apply(gu_delta, li, 2, normed, gu, 2 * inter, s, gu_lora_first)?;
+                launch!(
+                    gpu,
+                    &self.k("silu_mul"),
+                    silu_grid,
+                    (256, 1, 1),
+                    act,
+                    gu,
+                    gu_delta,
+                    rows as i32,
+                    inter as i32
+                )?;
+            }
             down_delta = self.lora_beside(li, 3, act, s)?;
             self.linear(
                 x,
