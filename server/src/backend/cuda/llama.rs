@@ -798,8 +798,8 @@ impl<T: GpuFloat> CudaLlama<T> {
 
     /// In graph steps without adapters whose gate/up runs in `decode_gemm.cu`: gate/up with
     /// silu_mul in its epilogue, `act = silu(normed · Wgᵀ) · (normed · Wuᵀ)`, one kernel where
-    /// the step otherwise runs two (the LoRA delta, where there is one, is added before silu_mul, so
-    /// steps with adapters keep both). Returns whether it ran.
+    /// the step otherwise runs two (a LoRA delta is added before silu_mul, so steps with
+    /// adapters keep both). Returns whether it ran.
     fn gate_up_silu(&self, li: usize, act: u64, s: &StepShape) -> Result<bool> {
         let gpu = &self.gpu;
         let c = &self.config;
