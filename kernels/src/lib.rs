@@ -278,7 +278,7 @@ pub fn decode_gemm_silu_for_model(
 /// boxes of 64 rows (gate rows past `inter` in the last tile are read but never stored). None
 /// for other plans.
 pub fn decode_gemm_silu_plan(p: DecodeGemmPlan) -> Option<DecodeGemmPlan> {
-    (p.tile_n == 128 && p.workspace == 0 && p.kernel.ends_with("_m2")).then(|| DecodeGemmPlan {
+    (p.tile_n == 128 && p.workspace == 0).then(|| DecodeGemmPlan {
         kernel: format!("{}_silu", p.kernel),
         ..p
     })

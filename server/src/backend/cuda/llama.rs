@@ -327,10 +327,10 @@ struct Buffers<T> {
     meta: CudaSlice<i32>,
     meta_stride: usize,
     /// The step's metadata on the host, page-locked so that its upload is an asynchronous copy
-    /// of only what the step uses; grown on demand. The event marks the end of its last upload,
-    /// before which it must not be rewritten.
+    /// of only what the step uses; grown on demand. The event, recorded after each upload, must
+    /// have fired before the buffer is rewritten.
     meta_host: Option<PinnedHostSlice<i32>>,
-    meta_uploaded: Option<CudaEvent>,
+    meta_uploaded: CudaEvent,
     x: CudaSlice<T>,
     normed: CudaSlice<T>,
     qkv: CudaSlice<T>,
@@ -877,7 +877,10 @@ impl<T: GpuFloat> CudaLlama<T> {
             meta: gpu.zeros::<i32>(8 * cap + cap * max_blocks)?,
             meta_stride: cap,
             meta_host: None,
-            meta_uploaded: None,
+            meta_uploaded: gpu
+                .ctx
+                .new_event(None)
+                .map_err(|e| Error::Model(format!("CUDA: creating an event: {e}")))?,
             x: gpu.zeros::<T>(cap * h)?,
             normed: gpu.zeros::<T>(cap * h)?,
             qkv: gpu.zeros::<T>(cap * (qd + 2 * kvd))?,
@@ -1054,10 +1057,11 @@ impl<T: GpuFloat> CudaLlama<T> {
         let stride = rows;
         let len = 8 * stride + table_rows * mb;
         let pad_slot = (self.kv_blocks * kv.block_size()) as i32;
-        if let Some(e) = self.bufs.meta_uploaded.take() {
-            e.synchronize()
-                .map_err(|e| Error::Model(format!("CUDA: waiting for the metadata upload: {e}")))?;
-        }
+        // Never recorded yet: returns at once.
+        self.bufs
+            .meta_uploaded
+            .synchronize()
+            .map_err(|e| Error::Model(format!("CUDA: waiting for the metadata upload: {e}")))?;
         if self.bufs.meta_host.as_ref().is_none_or(|h| h.len() < len) {
             self.bufs.meta_host = None;
             // SAFETY: every element the step uses is written below (the range is zeroed
@@ -1163,11 +1167,10 @@ impl<T: GpuFloat> CudaLlama<T> {
             )
         }
         .map_err(|e| Error::Model(format!("CUDA: uploading step metadata: {e}")))?;
-        self.bufs.meta_uploaded = Some(
-            stream
-                .record_event(None)
-                .map_err(|e| Error::Model(format!("CUDA: recording the metadata upload: {e}")))?,
-        );
+        self.bufs
+            .meta_uploaded
+            .record(stream)
+            .map_err(|e| Error::Model(format!("CUDA: recording the metadata upload: {e}")))?;
         self.bufs.meta_stride = stride;
         if wanted.len() > self.bufs.logit_rows {
             self.grow_logits(wanted.len())?;
@@ -1993,10 +1996,8 @@ impl<T: GpuFloat> CudaLlama<T> {
             && seqs
                 .iter()
                 .all(|s| s.tokens.len() == 1 && s.logits == LogitsWanted::Last);
-        let bucket = if decode_only && self.opts.cuda_graph_max_bs > 0 {
-            graph_buckets(self.opts.cuda_graph_max_bs)
-                .into_iter()
-                .find(|&b| b >= seqs.len())
+        let bucket = if decode_only {
+            self.graph_bucket(seqs.len())
         } else {
             None
         };
@@ -2011,6 +2012,14 @@ impl<T: GpuFloat> CudaLlama<T> {
             lora.issue_copies(&self.gpu)?;
         }
         Ok(out)
+    }
+
+    /// The decode graph bucket a step of `rows` decode rows pads to; None above
+    /// `--cuda-graph-max-bs` (or with graphs off).
+    fn graph_bucket(&self, rows: usize) -> Option<usize> {
+        graph_buckets(self.opts.cuda_graph_max_bs)
+            .into_iter()
+            .find(|&b| b >= rows)
     }
 
     fn replay(&mut self, bucket: usize, shape: &StepShape) -> Result<()> {
@@ -2041,15 +2050,10 @@ impl<T: GpuFloat> CudaLlama<T> {
     /// the host's part (building and uploading the metadata, the argmax and the copy of the ids
     /// back). Ms per replay.
     pub fn time_graph_replays(&mut self, rows: usize, n: usize) -> Result<f64> {
+        // An eager step clears `last_graph`, so the metadata is the graph step's.
         let key = self
             .last_graph
-            .filter(|&(b, _)| {
-                graph_buckets(self.opts.cuda_graph_max_bs)
-                    .into_iter()
-                    .find(|&g| g >= rows)
-                    == Some(b)
-            })
-            .filter(|(b, _)| self.bufs.meta_stride == *b)
+            .filter(|&(b, _)| self.graph_bucket(rows) == Some(b))
             .ok_or_else(|| Error::Model(format!("the last step did not replay a graph of {rows} rows")))?;
         self.gpu.sync()?;
         let t0 = std::time::Instant::now();
