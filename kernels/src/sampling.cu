@@ -114,42 +114,63 @@ __device__ Stats row_stats(const float* l, int vocab) {
     return s_all;
 }
 
-// A thread's pending histogram increment: consecutive hits on one bin become one atomic, which
+// BINS sums of u64 weights in shared memory, each kept as two 32-bit halves: 32-bit shared
+// atomics are native, while 64-bit ones are compare-and-swap loops that lanes hitting one bin
+// (most of a row, on the first pass) serialise. The sums stay exact: the low half's atomic
+// returns the value it added to, which tells whether that add carried into the high half.
+struct Hist {
+    unsigned lo[BINS];
+    unsigned hi[BINS];
+    __device__ __forceinline__ void clear() {
+        for (int i = threadIdx.x; i < BINS; i += blockDim.x) lo[i] = hi[i] = 0;
+    }
+    __device__ __forceinline__ void add(int bin, u64 v) {
+        const unsigned l = (unsigned)v;
+        unsigned h = (unsigned)(v >> 32);
+        if (l != 0) {
+            const unsigned old = atomicAdd(lo + bin, l);
+            h += (unsigned)(old + l < old);
+        }
+        if (h != 0) atomicAdd(hi + bin, h);
+    }
+    __device__ __forceinline__ u64 get(int bin) const { return ((u64)hi[bin] << 32) | lo[bin]; }
+};
+
+// A thread's pending histogram increment: consecutive hits on one bin become one add, which
 // matters on the first pass, where most logits share a few exponent bins.
-template <typename T>
 struct BinRun {
     int bin = -1;
-    T acc = 0;
-    __device__ __forceinline__ void add(T* hist, int b, T v) {
+    u64 acc = 0;
+    __device__ __forceinline__ void add(Hist& hist, int b, u64 v) {
         if (b != bin) {
             flush(hist);
             bin = b;
         }
         acc += v;
     }
-    __device__ __forceinline__ void flush(T* hist) {
-        if (bin >= 0 && acc != 0) atomicAdd(hist + bin, acc);
+    __device__ __forceinline__ void flush(Hist& hist) {
+        if (bin >= 0 && acc != 0) hist.add(bin, acc);
         acc = 0;
     }
 };
 
 // The largest key K such that the tokens with key >= K, among those with key >= floor, weigh at
-// least `need` (by `weight`, u32 counts or u64 masses), found 8 bits per pass. `need_of` turns
+// least `need` (by `weight`: counts or fixed-point masses), found 8 bits per pass. `need_of` turns
 // the candidates' total weight (known after the first pass) into `need`. Every thread gets K;
 // all tokens with key exactly K are included.
-template <typename T, typename Weight, typename Need>
+template <typename Weight, typename Need>
 __device__ unsigned radix_select(const float* l, int vocab, unsigned floor, Weight weight, Need need_of,
-                                 T* hist) {
+                                 Hist& hist) {
     __shared__ unsigned s_prefix;
-    __shared__ T s_need;
+    __shared__ u64 s_need;
     __shared__ bool s_done;
     const int lane = threadIdx.x & 31;
     unsigned prefix = 0, mask = 0;
-    T need = 0;
+    u64 need = 0;
     for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int i = threadIdx.x; i < BINS; i += blockDim.x) hist[i] = 0;
+        hist.clear();
         __syncthreads();
-        BinRun<T> run;
+        BinRun run;
         for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
             float v = l[j];
             unsigned k = key(v);
@@ -161,11 +182,11 @@ __device__ unsigned radix_select(const float* l, int vocab, unsigned floor, Weig
             // Warp 0: lane L owns bins [8L, 8L + 8); suffix sums over lanes find the bin where the
             // weight from the top first reaches `need`.
             constexpr int PER = BINS / 32;
-            T own = 0;
-            for (int i = 0; i < PER; i++) own += hist[lane * PER + i];
-            T suf = own;
+            u64 own = 0;
+            for (int i = 0; i < PER; i++) own += hist.get(lane * PER + i);
+            u64 suf = own;
             for (int o = 1; o < 32; o <<= 1) {
-                T x = __shfl_down_sync(FULL, suf, o);
+                u64 x = __shfl_down_sync(FULL, suf, o);
                 if (lane + o < 32) suf += x;
             }
             if (shift == 24) need = need_of(__shfl_sync(FULL, suf, 0));
@@ -173,11 +194,11 @@ __device__ unsigned radix_select(const float* l, int vocab, unsigned floor, Weig
             // NB: `ok` is never 0 (need <= the total); if it were, the threshold would keep all.
             int owner = ok ? 31 - __clz(ok) : 0;
             if (lane == owner) {
-                T above = suf - own, h = 0;
+                u64 above = suf - own, h = 0;
                 int d = 0;
                 if (ok) {
                     for (int i = PER - 1; i >= 0; i--) {
-                        h = hist[lane * PER + i];
+                        h = hist.get(lane * PER + i);
                         if (above + h >= need) {
                             d = lane * PER + i;
                             break;
@@ -315,25 +336,24 @@ extern "C" __global__ void __launch_bounds__(1024)
         const float t = p.temperature, mx = st.max, min_p = p.min_p;
         auto weight = [=](float v) { return expf((v - mx) / t); };
         auto fixed = [](float w) -> u64 { return __float2ull_rn(w * MASS_ONE); };
-        __shared__ unsigned counts[BINS];
-        __shared__ u64 masses[BINS];
+        __shared__ Hist hist;
         unsigned kth = 0, pth = 0;
         if (p.top_k > 1 && p.top_k < vocab) {
             unsigned k = (unsigned)p.top_k;
-            kth = radix_select<unsigned>(
-                l, vocab, 0u, [](float) { return 1u; }, [=](unsigned) { return k; }, counts);
+            kth = radix_select(
+                l, vocab, 0u, [](float) -> u64 { return 1; }, [=](u64) -> u64 { return k; }, hist);
         }
         if (p.top_p < 1.f) {
             // Over the top-k set, before min-p: both cut a tail of the same order, so the top-p
             // threshold found here, combined with min-p below, is the host's.
             const double top_p = p.top_p;
-            pth = radix_select<u64>(
+            pth = radix_select(
                 l, vocab, kth, [=](float v) { return fixed(weight(v)); },
                 [=](u64 total) {
                     u64 n = (u64)ceil(top_p * (double)total);
                     return n < 1 ? 1 : (n > total ? total : n);
                 },
-                masses);
+                hist);
         }
         const unsigned thr = max(kth, pth);
         int drawn = draw(vocab, p.seed, [=](int j) -> u64 {
