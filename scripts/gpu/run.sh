@@ -43,6 +43,10 @@
 #                              twice in turn
 #   scripts/gpu/run.sh pdl     the same decode rows with decode graphs of ordinary edges and with
 #                              programmatic ones (bench_gpu --compare-pdl), twice in turn
+#   scripts/gpu/run.sh timeline  kernel trace (CUPTI, trace/build-trace.sh) of decode graph replays
+#                              (LORAPLANE_PARTS, default batch 64 base, with one rank-16 or rank-64
+#                              adapter, with 64 rank-16): busy and idle time per step, mean kernel
+#                              durations (timeline.py)
 #   scripts/gpu/run.sh all     check, serve and bench
 # Logs go to $OUT (or ./gpu-logs); the last lines printed are the summary tables.
 set -uo pipefail
@@ -175,6 +179,16 @@ if [[ $what == parts ]]; then
       grep '^| bs' "$OUT/parts-$bin-$round.log"; tail -2 "$OUT/parts-$bin-$round.err"
     done
   done
+fi
+if [[ $what == timeline ]]; then
+  # Every kernel of bench_gpu --step-parts through a CUPTI injection library (graph nodes one by
+  # one; build it here with scripts/gpu/trace/build-trace.sh and carry scripts/gpu/trace/*.so*),
+  # then per-step main/side stream times and mean kernel durations per configuration.
+  parts=${LORAPLANE_PARTS:-64:0:16 64:1:16 64:1:64 64:64:16}
+  CUDA_INJECTION64_PATH=$PWD/scripts/gpu/trace/libkernel_trace.so LORAPLANE_TRACE_OUT=/tmp/kernel-trace.txt \
+    LORAPLANE_PARTS=$parts "$BIN/bench_gpu" --step-parts >"$OUT/timeline-run.log" 2>&1; rc=$((rc | $?))
+  grep '^| bs' "$OUT/timeline-run.log"; tail -3 "$OUT/timeline-run.log" | grep -v '^|'
+  python3 scripts/gpu/timeline.py /tmp/kernel-trace.txt $parts 2>&1 | tee "$OUT/timeline.txt"
 fi
 if [[ $what == pdl ]]; then
   LORAPLANE_BENCH_BATCHES=${LORAPLANE_BENCH_BATCHES:-1,8,64} "$BIN/bench_gpu" --compare-pdl 2>"$OUT/pdl.err" \
