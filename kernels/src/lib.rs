@@ -5,7 +5,8 @@
 //! functions by name. Kernels are templates over the activation type, exported with the suffixes
 //! in [`TYPE_SUFFIXES`]; see `llama.cu`, `flash_attention.cu`, `decode_attention.cu`, `lora_mma.cu`,
 //! `decode_gemm.cu` and `sampling.cu` for each kernel's contract. The files are compiled as one
-//! program ([`source`]).
+//! program ([`source`]); `LORAPLANE_NVRTC_OPTIONS` adds compiler options (a developer's knob for
+//! trying a kernel's tunables, which the sources guard with `#ifndef`).
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
@@ -444,6 +445,25 @@ impl Kernels {
         self.arch == "sm_90a"
     }
 
+    /// `name`'s resident blocks per SM at `threads` threads and `shared` bytes of dynamic shared
+    /// memory (0 where the driver cannot say).
+    pub fn blocks_per_sm(&self, name: &str, threads: u32, shared: usize) -> u32 {
+        self.get(name)
+            .occupancy_max_active_blocks_per_multiprocessor(threads, shared, None)
+            .unwrap_or(0)
+    }
+
+    /// `name`'s registers and local (spill) bytes per thread (-1 where the driver cannot say).
+    pub fn registers(&self, name: &str) -> (i32, i32) {
+        use cudarc::driver::sys::CUfunction_attribute as A;
+        let f = self.get(name);
+        let get = |a| f.get_attribute(a).unwrap_or(-1);
+        (
+            get(A::CU_FUNC_ATTRIBUTE_NUM_REGS),
+            get(A::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES),
+        )
+    }
+
     /// Whether `f` is one of these kernels (all open with `pdl_entry()`), as opposed to a
     /// library's (cuBLAS) kernel.
     pub fn owns(&self, f: cudarc::driver::sys::CUfunction) -> bool {
@@ -477,8 +497,13 @@ fn cuda_include_dir() -> String {
 /// compiled the same source, else compiled now (about a second) and written there.
 fn cached_ptx(arch: &'static str) -> Result<Ptx, String> {
     let src = source();
+    // For experiments without a rebuild (`scripts/gpu/run.sh variants`): extra NVRTC options,
+    // such as -DLMMA_SHRINK_MIN=3 for a tunable a source guards with #ifndef.
+    let extra: Vec<String> = std::env::var("LORAPLANE_NVRTC_OPTIONS")
+        .map(|v| v.split_whitespace().map(String::from).collect())
+        .unwrap_or_default();
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    (&src, arch).hash(&mut h);
+    (&src, arch, &extra).hash(&mut h);
     let key = format!("llama-{arch}-{:016x}.ptx", h.finish());
     let dir = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
@@ -492,7 +517,7 @@ fn cached_ptx(arch: &'static str) -> Result<Ptx, String> {
     let opts = CompileOptions {
         arch: Some(arch),
         include_paths: vec![cuda_include_dir()],
-        options: vec!["--std=c++17".into()],
+        options: std::iter::once("--std=c++17".to_string()).chain(extra).collect(),
         ..Default::default()
     };
     let ptx = compile_ptx_with_opts(&src, opts).map_err(|e| format!("NVRTC compile failed: {e}"))?;

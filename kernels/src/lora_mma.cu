@@ -22,11 +22,31 @@
 #define LMMA_SHRINK_WARPS 8   // each takes LMMA_CHUNKS of the slice's chunks of 32 k
 #define LMMA_CHUNKS 4
 #define LMMA_SLICE (LMMA_SHRINK_WARPS * LMMA_CHUNKS * 32)  // input elements per shrink block
+#ifndef LMMA_TILES
 #define LMMA_TILES 2          // rank tiles of 8 whose loads are in flight at once
+#endif
 #define LMMA_EXPAND_WARPS 8   // each takes 64 output columns
 #define LMMA_SHORT_ROWS 2     // items of at most this many rows walk short_groups in the expand
+#ifndef LMMA_EXPAND_KSTEPS
 #define LMMA_EXPAND_KSTEPS 2  // k-steps of 16 whose Bᵀ loads are in flight at once
+#endif
+#ifndef LMMA_STAGE_ELEMS
 #define LMMA_STAGE_ELEMS 4    // elements of y per thread whose split loads are in flight at once
+#endif
+// The shrink is compiled to fit two 256-thread blocks per SM (127 registers, no spills; gpu_check
+// checks it). Given a bound of one block, the compiler took 134 registers, and every batch-64
+// adapter step on the H100 got 0.07-0.39 ms slower (64 rank-16 adapters 9.80 -> 10.21 ms, same
+// call). Three blocks (80 registers) spill or serialise the loads: rank-64 rows up to 0.45 ms
+// slower. The expand keeps the compiler's choice (106 registers, two blocks) unless
+// LMMA_EXPAND_MIN is set; see BENCHMARKS.md (eighteenth session) for the variants tried.
+#ifndef LMMA_SHRINK_MIN
+#define LMMA_SHRINK_MIN 2
+#endif
+#ifdef LMMA_EXPAND_MIN
+#define LMMA_EXPAND_BOUNDS __launch_bounds__(LMMA_EXPAND_WARPS * 32, LMMA_EXPAND_MIN)
+#else
+#define LMMA_EXPAND_BOUNDS __launch_bounds__(LMMA_EXPAND_WARPS * 32)
+#endif
 
 __device__ __forceinline__ unsigned word_of(const uint4& v, int i) {
     return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
@@ -289,7 +309,7 @@ __device__ void lora_expand_mma(T* out, int out_stride, const float* yp, int spl
     INSTANTIATE_EXPAND_MMA(T, S, lora_expand, false)                                                      \
     INSTANTIATE_EXPAND_MMA(T, S, lora_expand_store, true)
 #define INSTANTIATE_SHRINK_MMA(T, S)                                                                       \
-    extern "C" __global__ void __launch_bounds__(LMMA_SHRINK_WARPS * 32)                                   \
+    extern "C" __global__ void __launch_bounds__(LMMA_SHRINK_WARPS * 32, LMMA_SHRINK_MIN)                  \
         lora_shrink_mma_##S(float* y, const T* x, const T* A, const int* items, const int* slot_rank,        \
                             int in_dim, int R, int nt, u64 plane) {                                        \
         pdl_trigger();                                                                                     \
@@ -297,7 +317,7 @@ __device__ void lora_expand_mma(T* out, int out_stride, const float* yp, int spl
     }
 // lora_expand_mma_{S} adds the delta to `out`; lora_expand_store_mma_{S} writes it.
 #define INSTANTIATE_EXPAND_MMA(T, S, KIND, STORE)                                                          \
-    extern "C" __global__ void __launch_bounds__(LMMA_EXPAND_WARPS * 32)                                   \
+    extern "C" __global__ void LMMA_EXPAND_BOUNDS                                                          \
         KIND##_mma_##S(T* out, int out_stride, const float* y, int splits, u64 plane, const T* Bt,          \
                        const int* items, const int* slot_rank, const float* slot_scale, int out_total, int R, \
                        int nt, int b1, int b2, int groups, int short_groups) {                             \

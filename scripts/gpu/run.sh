@@ -41,6 +41,10 @@
 #                              part of a step; bench_gpu --step-parts, configurations from
 #                              LORAPLANE_PARTS) for bench_gpu_base when built and this build,
 #                              twice in turn
+#   scripts/gpu/run.sh variants  bench_gpu --step-parts (LORAPLANE_PARTS) once per set of kernel
+#                              compiler options in LORAPLANE_VARIANTS (';'-separated, e.g.
+#                              "-DLMMA_SHRINK_MIN=1;" for the old shrink bound and today's
+#                              sources), twice in turn, with each set's kernel registers
 #   scripts/gpu/run.sh pdl     the same decode rows with decode graphs of ordinary edges and with
 #                              programmatic ones (bench_gpu --compare-pdl), twice in turn
 #   scripts/gpu/run.sh timeline  kernel trace (CUPTI, trace/build-trace.sh) of decode graph replays
@@ -177,6 +181,26 @@ if [[ $what == parts ]]; then
       echo "== $bin, round $round"
       "$BIN/$bin" --step-parts 2>"$OUT/parts-$bin-$round.err" >"$OUT/parts-$bin-$round.log"; rc=$((rc | $?))
       grep '^| bs' "$OUT/parts-$bin-$round.log"; tail -2 "$OUT/parts-$bin-$round.err"
+    done
+  done
+fi
+if [[ $what == variants ]]; then
+  # bench_gpu --step-parts once per set of NVRTC options in LORAPLANE_VARIANTS (';'-separated,
+  # an empty entry for the sources' defaults), e.g. "-DLMMA_SHRINK_MIN=1;" against today's
+  # shrink bound; then each set again in the same order. The kernels' registers and spills
+  # under each set first.
+  IFS=';' read -ra variants <<<"${LORAPLANE_VARIANTS:-}"
+  [[ ${LORAPLANE_VARIANTS:-} == *';' || ${#variants[@]} -eq 0 ]] && variants+=("")
+  for round in 1 2; do
+    for i in "${!variants[@]}"; do
+      opts=${variants[$i]}
+      echo "== options '$opts', round $round"
+      log="$OUT/variant-$i-$round"
+      [[ $round == 1 ]] && LORAPLANE_NVRTC_OPTIONS=$opts "$BIN/bench_gpu" --registers 2>&1 \
+        | grep -E '^kernel (lora_(shrink|expand|expand_store)_mma|decode_attention|decode_gemm)_bf16' | grep -v '_t[0-9]*_' \
+        | tee "$log.registers"
+      LORAPLANE_NVRTC_OPTIONS=$opts "$BIN/bench_gpu" --step-parts 2>"$log.err" >"$log.log"; rc=$((rc | $?))
+      grep '^| bs' "$log.log"; tail -1 "$log.err"
     done
   done
 fi

@@ -13,7 +13,9 @@
 //!
 //! `--step-parts` times the whole decode step of each configuration in LORAPLANE_PARTS
 //! (`BATCH:ADAPTERS:RANK ...`) and the same step's graph replayed alone: the difference is the
-//! host's part of a step (`scripts/gpu/run.sh parts`).
+//! host's part of a step (`scripts/gpu/run.sh parts`; `scripts/gpu/run.sh variants` runs it
+//! once per set of kernel compiler options). `--registers` prints every kernel's registers and
+//! spill bytes per thread.
 //!
 //! `--slot-loads` times adapter slot loads instead: a synchronous copy of a rank-16 adapter from
 //! host memory, staging it in pinned memory, an overlapped copy, and decode steps at batch 64
@@ -425,6 +427,15 @@ fn main() {
             }
         }
         print_rows(&rows);
+        return;
+    }
+    // --registers: every kernel's registers and spill bytes per thread, as the driver compiled
+    // them (with LORAPLANE_NVRTC_OPTIONS, for those options).
+    if std::env::args().any(|a| a == "--registers") {
+        for name in loraplane_kernels::kernel_names() {
+            let (regs, local) = gpu.kernels.registers(&name);
+            println!("kernel {name}: {regs} registers, {local} B local");
+        }
         return;
     }
     // --step-parts: for each BATCH:ADAPTERS:RANK in LORAPLANE_PARTS, the whole step as the grid

@@ -609,7 +609,9 @@ fn decode_logits(
 //    the bar: tensor cores may only add the rounding of `x·Aᵀ` to the element type, so their
 //    error must stay within MMA_ERR_FACTOR times the CUDA-core error plus MMA_ERR_SLACK. The
 //    adapters must move the reference's logits by several times that bound, so a wrong delta
-//    cannot pass.
+//    cannot pass. First, the kernels' resources: the shrink and the expand must fit two
+//    256-thread blocks per SM without spilling (the shrink's bound in lora_mma.cu; one block
+//    per SM cost batch-64 adapter steps up to 0.39 ms).
 // ---------------------------------------------------------------------------------------------
 
 const MMA_ERR_FACTOR: f64 = 1.5;
@@ -620,6 +622,26 @@ const MMA_ERR_SLACK: f64 = 2e-3;
 /// `quick` (under compute-sanitizer): the rank-64 pool in bf16, one prefill and three decode
 /// cases.
 fn lora_tensor_core_checks(gpu: &Arc<Gpu>, quick: bool) {
+    for t in ["bf16", "f16"] {
+        for kernel in ["lora_shrink", "lora_expand", "lora_expand_store"] {
+            let name = format!("{kernel}_mma_{t}");
+            // The expand's largest staged y: 16 rows of 3 targets at rank 256, padded.
+            let shared = if kernel == "lora_shrink" {
+                0
+            } else {
+                16 * (3 * 256 + 8) * 2
+            };
+            let blocks = gpu.kernels.blocks_per_sm(&name, 256, shared);
+            let (regs, local) = gpu.kernels.registers(&name);
+            if blocks < 2 || local != 0 {
+                fail(format!(
+                    "{name}: {blocks} blocks of 256 threads per SM ({regs} registers, {local} B spilled \
+                     per thread); the LoRA kernels need 2 and no spills"
+                ));
+            }
+            println!("ok   {name}: {regs} registers, {blocks} blocks of 256 threads per SM");
+        }
+    }
     let mut rng = Rng(0x7e45_0c02_e5ab_cd01);
     let c = ModelConfig::from_hf_json(
         r#"{"architectures":["LlamaForCausalLM"],"vocab_size":512,"hidden_size":256,"intermediate_size":2048,
