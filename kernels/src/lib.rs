@@ -543,7 +543,13 @@ mod tests {
         let mut seen = 0;
         for def in src.split("extern \"C\" __global__").skip(1) {
             let mut rest = def.trim_start().strip_prefix("void").unwrap_or(def).trim_start();
-            rest = rest.strip_prefix("DG_CLUSTER2").unwrap_or(rest).trim_start();
+            // Attribute macros; the name may follow on the macro's next line.
+            for attribute in ["DG_CLUSTER2", "LMMA_EXPAND_BOUNDS"] {
+                rest = rest
+                    .strip_prefix(attribute)
+                    .unwrap_or(rest)
+                    .trim_start_matches(|c: char| c.is_whitespace() || c == '\\');
+            }
             if let Some(after) = rest.strip_prefix("__launch_bounds__(") {
                 // The name may follow on the macro's next line.
                 rest = after
