@@ -197,8 +197,7 @@ if [[ $what == variants ]]; then
       echo "== options '$opts', round $round"
       log="$OUT/variant-$i-$round"
       [[ $round == 1 ]] && LORAPLANE_NVRTC_OPTIONS=$opts "$BIN/bench_gpu" --registers 2>&1 \
-        | grep -E '^kernel (lora_(shrink|expand|expand_store)_mma|decode_attention|decode_gemm)_bf16' | grep -v '_t[0-9]*_' \
-        | tee "$log.registers"
+        | grep -E '^kernel (lora_(shrink|expand|expand_store)_mma|decode_attention)_bf16' | tee "$log.registers"
       LORAPLANE_NVRTC_OPTIONS=$opts "$BIN/bench_gpu" --step-parts 2>"$log.err" >"$log.log"; rc=$((rc | $?))
       grep '^| bs' "$log.log"; tail -1 "$log.err"
     done
