@@ -39,8 +39,12 @@ static void flush_at_exit(void) {
 
 int InitializeInjection(void) {
     const char* path = getenv("LORAPLANE_TRACE_OUT");
-    out = fopen(path ? path : "/tmp/kernel-trace.txt", "w");
-    if (!out) return 0;
+    if (!path) path = "/tmp/kernel-trace.txt";
+    out = fopen(path, "w");
+    if (!out) {
+        fprintf(stderr, "kernel_trace: cannot write %s; no trace\n", path);
+        return 0;
+    }
     if (cuptiActivityRegisterCallbacks(buffer_requested, buffer_completed) != CUPTI_SUCCESS ||
         cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL) != CUPTI_SUCCESS) {
         fprintf(stderr, "kernel_trace: CUPTI activity setup failed\n");
