@@ -60,6 +60,13 @@ pub fn source() -> String {
 /// to three targets in shared memory.
 pub const LORA_MMA_MAX_RANK: usize = 256;
 
+/// Dynamic shared memory of the tensor-core expand (`lora_expand_mma`) for `targets` targets of
+/// a pool of rank `rank` in `elem`-byte elements: 16 rows (LMMA_ROWS) of `y`, each target's
+/// ranks rounded up to whole k-steps of 16, rows padded by 8 elements.
+pub fn lora_mma_expand_shared(targets: usize, rank: usize, elem: usize) -> usize {
+    16 * (targets * rank.next_multiple_of(16) + 8) * elem
+}
+
 /// The tensor-core LoRA kernels (`lora_mma.cu`) are built for these element types only.
 pub fn lora_mma_built_for(suffix: &str) -> bool {
     matches!(suffix, "bf16" | "f16")

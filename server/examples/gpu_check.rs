@@ -625,12 +625,11 @@ fn lora_tensor_core_checks(gpu: &Arc<Gpu>, quick: bool) {
     for t in ["bf16", "f16"] {
         for kernel in ["lora_shrink", "lora_expand", "lora_expand_store"] {
             let name = format!("{kernel}_mma_{t}");
-            // The expand's largest staged y: 16 rows (LMMA_ROWS) of 3 targets at the largest
-            // rank, padded by 8 elements.
+            // The expand's largest staged y: 3 targets at the largest rank.
             let shared = if kernel == "lora_shrink" {
                 0
             } else {
-                16 * (3 * loraplane_kernels::LORA_MMA_MAX_RANK + 8) * 2
+                loraplane_kernels::lora_mma_expand_shared(3, loraplane_kernels::LORA_MMA_MAX_RANK, 2)
             };
             let blocks = gpu.kernels.blocks_per_sm(&name, 256, shared);
             let (regs, local) = gpu.kernels.registers(&name);

@@ -259,9 +259,6 @@ fn lora_mma_shrink_rank_groups(pool_rank: usize, items: usize) -> usize {
     }
 }
 
-/// Rows of an item the tensor-core kernels take per pass (LMMA_ROWS).
-const LORA_MMA_ROWS: usize = 16;
-
 /// Blocks the tensor-core expand keeps at least, where it has that many: beyond them each block
 /// walks several column groups, which shares its item's setup and staged `y` (about 4 blocks per
 /// SM of an H100). Items of one or two rows (a decode row whose adapter has no other) walk
@@ -1451,14 +1448,11 @@ impl<T: GpuFloat> CudaLlama<T> {
         let (name, grid_x, threads, shared, groups) = if self.lora_mma[g] && out_stride.is_multiple_of(8) {
             let cols = out_total.div_ceil(LORA_MMA_EXPAND_THREADS as usize / 32 * 64);
             let (groups, short_groups) = lora_mma_expand_groups(cols, items);
-            // 16 rows of y as T, each target's ranks rounded up to whole k-steps of 16, rows
-            // padded by 8 elements (lora_expand_mma).
-            let row = outs.len() * lora.rank.next_multiple_of(16) + 8;
             (
                 format!("{kind}_mma_{}", T::SUFFIX),
                 cols.div_ceil(groups) as u32,
                 LORA_MMA_EXPAND_THREADS,
-                LORA_MMA_ROWS * row * elem,
+                loraplane_kernels::lora_mma_expand_shared(outs.len(), lora.rank, elem),
                 Some((groups as i32, short_groups as i32)),
             )
         } else {
