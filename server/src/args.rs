@@ -106,8 +106,9 @@ pub enum Dtype {
 pub enum LoadFormat {
     /// From the model path (HF safetensors directory or GGUF file).
     Auto,
-    /// Random weights of the shapes in the model directory's config.json, generated on the GPU
-    /// (benchmarks; needs --device cuda); the tokenizer is still read from the directory.
+    /// Random weights of a config's shapes (benchmarks): --model-path is an HF directory, a
+    /// config.json, or a preset name such as Llama-3.1-8B. The tokenizer is read when the
+    /// directory has one; without it the server takes token ids only.
     Dummy,
 }
 
@@ -226,6 +227,10 @@ pub struct ServeArgs {
     /// How to read the weights.
     #[arg(long, value_enum, default_value = "auto", help_heading = "Hardware")]
     pub load_format: LoadFormat,
+    /// Load no tokenizer: requests give `input_ids` and responses carry `output_ids` only
+    /// (SGLang's flag; implied by --load-format dummy without a tokenizer).
+    #[arg(long, help_heading = "Hardware")]
+    pub skip_tokenizer_init: bool,
 
     /// Require `Authorization: Bearer <KEY>` on every endpoint but /health and /metrics.
     #[arg(long, value_name = "KEY")]
@@ -338,6 +343,8 @@ pub struct ServerConfig {
     pub device: DeviceSettings,
     /// `--load-format dummy`.
     pub dummy_weights: bool,
+    /// `--skip-tokenizer-init`.
+    pub skip_tokenizer_init: bool,
 }
 
 impl ServeArgs {
@@ -370,11 +377,6 @@ impl ServeArgs {
             (true, Dtype::Float16) => DeviceDtype::Float16,
             (true, Dtype::Float32) => DeviceDtype::Float32,
         };
-        if self.load_format == LoadFormat::Dummy && !cuda {
-            return Err(bad(
-                "--load-format dummy generates random weights on the GPU and needs --device cuda",
-            ));
-        }
         if !cuda && (self.disable_cuda_graph || self.cuda_graph_max_bs.is_some()) {
             tracing::debug!("CUDA graph flags have no effect on the CPU");
         }
@@ -452,6 +454,7 @@ impl ServeArgs {
             log_level: self.log_level.clone(),
             device,
             dummy_weights: self.load_format == LoadFormat::Dummy,
+            skip_tokenizer_init: self.skip_tokenizer_init,
         })
     }
 
@@ -560,6 +563,11 @@ pub fn parse_lora_path(item: &str) -> Result<AdapterSpec, ArgError> {
     let item = item.trim();
     if item.starts_with('{') {
         return parse_lora_json(item);
+    }
+    if item.starts_with(crate::adapter::DUMMY_SCHEME) {
+        return Err(bad(format!(
+            "--lora-paths item {item:?}: a dummy adapter needs a name: NAME={item}"
+        )));
     }
     let (name, path) = match item.split_once('=') {
         Some((name, path)) => (name.trim().to_string(), path.trim()),
@@ -729,6 +737,7 @@ impl ServerConfig {
             "cuda_graph_max_bs": if self.device.cuda { self.device.cuda_graph_max_bs } else { 0 },
             "disable_cuda_graph": !self.device.cuda || self.device.cuda_graph_max_bs == 0,
             "load_format": if self.dummy_weights { "dummy" } else { "auto" },
+            "skip_tokenizer_init": self.skip_tokenizer_init,
             "api_key_set": self.api_key.is_some(),
             "log_level": self.log_level,
             "version": env!("CARGO_PKG_VERSION"),
@@ -775,6 +784,7 @@ mod tests {
             "/a/b/qv_r2/",
             "x=/p/x",
             r#"{"lora_name":"y","lora_path":"/p/y","pinned":true}"#,
+            "z=dummy://?rank=8&seed=2",
         ])
         .unwrap();
         assert!(c.lora.enabled);
@@ -789,7 +799,8 @@ mod tests {
             [
                 ("qv_r2", "/a/b/qv_r2/", false),
                 ("x", "/p/x", false),
-                ("y", "/p/y", true)
+                ("y", "/p/y", true),
+                ("z", "dummy://?rank=8&seed=2", false)
             ]
         );
     }
@@ -798,6 +809,7 @@ mod tests {
     fn bad_lora_items_are_refused_by_name() {
         assert!(err(&["--lora-paths", "a=/x", "a=/y"]).contains("twice"));
         assert!(err(&["--lora-paths", "=/x"]).contains("no adapter name"));
+        assert!(err(&["--lora-paths", "dummy://?rank=4"]).contains("NAME=dummy://?rank=4"));
         assert!(err(&["--lora-paths", r#"{"lora_name":"a"}"#]).contains("lora_path is required"));
         assert!(
             err(&["--lora-paths", r#"{"lora_name":"a","lora_path":"/x","pin":true}"#])
@@ -830,7 +842,6 @@ mod tests {
         assert!(err(&["--tp-size", "2"]).contains("not implemented"));
         assert!(err(&["--dtype", "bfloat16"]).contains("float32"));
         assert!(err(&["--dtype", "float16"]).contains("the CPU backend computes in float32"));
-        assert!(err(&["--load-format", "dummy"]).contains("needs --device cuda"));
         assert!(err(&["--enable-lora", "--enable-lora-overlap-loading"]).contains("needs --device cuda"));
         assert!(err(&["--enable-lora-overlap-loading"]).contains("needs LoRA serving"));
         assert!(err(&["--served-model-name", "a:b"]).contains("':'"));

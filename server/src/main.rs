@@ -22,7 +22,7 @@ use loraplane_server::engine;
 use loraplane_server::engine::generate::{generate_greedy, GenRequest};
 use loraplane_server::engine::KvCache;
 use loraplane_server::metrics::Metrics;
-use loraplane_server::model::loader::{load_config_and_tokenizer, load_model};
+use loraplane_server::model::loader::{load_dummy_config, load_model};
 use loraplane_server::model::tokenizer::ChatMessage;
 use loraplane_server::model::{Architecture, Model};
 
@@ -64,14 +64,31 @@ fn serve_command(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    for (flag, given) in [
-        ("--trust-remote-code", args.trust_remote_code),
-        ("--disable-cuda-graph", args.disable_cuda_graph),
-        ("--cuda-graph-max-bs", args.cuda_graph_max_bs.is_some()),
-        ("--mem-fraction-static", args.mem_fraction_static.is_some()),
+    let cpu = !config.device.cuda;
+    for (flag, ignored, why) in [
+        (
+            "--trust-remote-code",
+            args.trust_remote_code,
+            "there is no remote code",
+        ),
+        (
+            "--disable-cuda-graph",
+            cpu && args.disable_cuda_graph,
+            "on the CPU",
+        ),
+        (
+            "--cuda-graph-max-bs",
+            cpu && args.cuda_graph_max_bs.is_some(),
+            "on the CPU",
+        ),
+        (
+            "--mem-fraction-static",
+            args.mem_fraction_static.is_some(),
+            "the KV cache holds --max-total-tokens tokens",
+        ),
     ] {
-        if given {
-            tracing::warn!("{flag} is accepted for SGLang compatibility and ignored on the CPU");
+        if ignored {
+            tracing::warn!("{flag} is accepted for SGLang compatibility and ignored: {why}");
         }
     }
     match serve(config) {
@@ -100,7 +117,7 @@ impl From<anyhow::Error> for ServeError {
     }
 }
 
-fn serve(config: ServerConfig) -> Result<(), ServeError> {
+fn serve(mut config: ServerConfig) -> Result<(), ServeError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -112,15 +129,22 @@ fn serve(config: ServerConfig) -> Result<(), ServeError> {
         .with_context(|| format!("cannot listen on {addr} (--host/--port)"))?;
 
     let t0 = Instant::now();
-    // With --load-format dummy only the config and tokenizer are read; the GPU makes the weights.
+    // With --load-format dummy only a config (and a tokenizer, where there is one) is read; the
+    // weights are made where the model runs.
     let (name, model_config, tokenizer, host) = if config.dummy_weights {
-        let (name, c, tok) = load_config_and_tokenizer(&config.model_path).context("loading --model-path")?;
+        let (name, c, tok) = load_dummy_config(&config.model_path, config.skip_tokenizer_init)
+            .context("loading --model-path")?;
         (name, c, tok, None)
     } else {
         let loaded = load_model(&config.model_path).context("loading --model-path")?;
         let c = loaded.model.config().clone();
-        (loaded.name, c, loaded.tokenizer, Some(loaded.model))
+        let tok = (!config.skip_tokenizer_init).then_some(loaded.tokenizer);
+        (loaded.name, c, tok, Some(loaded.model))
     };
+    if tokenizer.is_none() && !config.skip_tokenizer_init {
+        tracing::warn!("no tokenizer (a preset, or a config without tokenizer.json): serving token ids only, as with --skip-tokenizer-init");
+        config.skip_tokenizer_init = true;
+    }
     tracing::info!(model = %name, secs = t0.elapsed().as_secs_f32(), dummy = config.dummy_weights, "model loaded");
     let engine_config = config.engine_config(&model_config).map_err(ServeError::Config)?;
     let served_model_name = config.served_model_name.clone().unwrap_or(name.clone());
@@ -144,7 +168,7 @@ fn serve(config: ServerConfig) -> Result<(), ServeError> {
     }
     let (model, engine_config) = place_model(host, &model_config, &config, engine_config)?;
     let metrics = Arc::new(Metrics::new());
-    let tokenizer = Arc::new(tokenizer);
+    let tokenizer = tokenizer.map(Arc::new);
     let engine = engine::start(
         model,
         engine_config.clone(),
@@ -202,7 +226,10 @@ fn place_model(
     mut engine_config: engine::EngineConfig,
 ) -> anyhow::Result<(Model, engine::EngineConfig)> {
     if !config.device.cuda {
-        let host = host.context("--load-format dummy needs --device cuda")?;
+        let host = match host {
+            Some(host) => host,
+            None => dummy_on_host(model_config)?,
+        };
         return Ok((Model::Cpu(Box::new(host)), engine_config));
     }
     let gpu = Gpu::open(0)?;
@@ -254,6 +281,35 @@ fn place_model(
         "model on the GPU"
     );
     Ok((Model::Cuda(model), engine_config))
+}
+
+/// Random weights of `c`'s shape in host memory (`--load-format dummy` on the CPU), refused
+/// with the sizes when they would not fit in the memory available now.
+fn dummy_on_host(
+    c: &loraplane_server::model::ModelConfig,
+) -> anyhow::Result<loraplane_server::model::LlamaModel> {
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let per_layer = h * (c.q_dim() + 2 * c.kv_dim()) + c.q_dim() * h + 3 * h * i;
+    let heads = if c.tie_word_embeddings { 1 } else { 2 };
+    let bytes = (per_layer * c.num_layers + heads * c.vocab_size * h) as u64 * 4;
+    if let Some(available) = available_memory_bytes() {
+        anyhow::ensure!(
+            bytes < available,
+            "--load-format dummy on the CPU: the model's float32 weights take {:.1} GB and {:.1} GB \
+             of memory is available; use --device cuda or a smaller config",
+            bytes as f64 / 1e9,
+            available as f64 / 1e9
+        );
+    }
+    Ok(loraplane_server::model::LlamaModel::dummy(c.clone(), 0)?)
+}
+
+/// `MemAvailable` from /proc/meminfo (Linux), in bytes.
+fn available_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {

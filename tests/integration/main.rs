@@ -7,6 +7,7 @@ mod default_model;
 mod engine;
 mod gguf;
 mod http;
+mod http_dummy;
 mod http_hostile;
 mod http_openai;
 mod numerics;

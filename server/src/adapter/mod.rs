@@ -124,9 +124,17 @@ fn next_adapter_id() -> u64 {
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
+/// The scheme of random adapters made from their source alone (benchmarks).
+pub const DUMMY_SCHEME: &str = "dummy://";
+
 impl LoraAdapter {
-    /// Loads the PEFT adapter in `dir` for a base model with `config`.
+    /// Loads the PEFT adapter in `dir` for a base model with `config`, or makes the random one
+    /// a `dummy://` source describes (see [`LoraAdapter::from_dummy_source`]).
     pub fn load(name: &str, dir: &Path, config: &ModelConfig) -> Result<Self> {
+        if let Some(query) = dir.to_str().and_then(|s| s.strip_prefix(DUMMY_SCHEME)) {
+            return Self::from_dummy_source(name, query, config)
+                .map_err(|reason| Error::adapter(dir, reason));
+        }
         if !dir.exists() {
             return Err(Error::adapter(dir, "directory does not exist"));
         }
@@ -235,6 +243,68 @@ impl LoraAdapter {
             targets: targets.into_iter().collect(),
             layers,
         })
+    }
+
+    /// The random adapter of `dummy://?rank=R&targets=T,...&seed=S` (the part after the
+    /// scheme is `query`; every key is optional): rank 16, every target and a seed taken from
+    /// `name` unless given, so adapters of different names differ and a reload is identical.
+    pub fn from_dummy_source(
+        name: &str,
+        source: &str,
+        config: &ModelConfig,
+    ) -> std::result::Result<Self, String> {
+        let query = match source.strip_prefix('?') {
+            Some(q) => q,
+            None if source.is_empty() => "",
+            None => return Err(format!("expected {DUMMY_SCHEME}?rank=R&targets=T,...&seed=S")),
+        };
+        let (mut rank, mut targets, mut seed) = (16, LoraTarget::ALL.to_vec(), None);
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("{pair:?} is not key=value"))?;
+            match key {
+                "rank" => {
+                    rank = value
+                        .parse()
+                        .ok()
+                        .filter(|r| (1..=1024).contains(r))
+                        .ok_or_else(|| format!("rank {value:?} is not a whole number from 1 to 1024"))?;
+                }
+                "targets" if value == "all" => targets = LoraTarget::ALL.to_vec(),
+                "targets" => {
+                    targets = value
+                        .split(',')
+                        .map(|t| {
+                            LoraTarget::from_name(t).ok_or_else(|| {
+                                let names: Vec<_> = LoraTarget::ALL.iter().map(|t| t.name()).collect();
+                                format!(
+                                    "unknown target {t:?} (expected all or some of {})",
+                                    names.join(",")
+                                )
+                            })
+                        })
+                        .collect::<std::result::Result<_, _>>()?;
+                }
+                "seed" => {
+                    seed = Some(
+                        value
+                            .parse()
+                            .map_err(|_| format!("seed {value:?} is not a whole number"))?,
+                    )
+                }
+                other => return Err(format!("unknown key {other:?} (expected rank, targets, seed)")),
+            }
+        }
+        // FNV-1a of the name.
+        let seed = seed.unwrap_or_else(|| {
+            name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+            })
+        });
+        let mut a = Self::dummy(name, config, rank, &targets, seed);
+        a.path = PathBuf::from(format!("{DUMMY_SCHEME}{source}"));
+        Ok(a)
     }
 
     /// A random adapter of rank `rank` on `targets` (for benchmarks and `--load-format dummy`).
@@ -364,6 +434,49 @@ fn parse_key(key: &str) -> std::result::Result<(usize, LoraTarget, bool), String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dummy_sources_make_seeded_adapters_and_name_their_problems() {
+        let config = ModelConfig::from_hf_json(
+            r#"{"architectures":["LlamaForCausalLM"],"vocab_size":16,"hidden_size":8,"intermediate_size":12,
+            "num_hidden_layers":2,"num_attention_heads":2,"num_key_value_heads":1}"#,
+        )
+        .unwrap();
+        let load = |name: &str, src: &str| LoraAdapter::load(name, Path::new(src), &config);
+        let a = load("a", "dummy://").unwrap();
+        assert_eq!(
+            (a.rank, a.targets.as_slice(), a.scaling),
+            (16, &LoraTarget::ALL[..], 1.0)
+        );
+        assert_eq!(a.path, Path::new("dummy://"));
+        // The name seeds the weights: the same name gives the same adapter, another name another.
+        let q = |x: &LoraAdapter| x.layers[1][0].as_ref().unwrap().a.data.clone();
+        assert_eq!(q(&a), q(&load("a", "dummy://?").unwrap()));
+        assert_ne!(q(&a), q(&load("b", "dummy://").unwrap()));
+        let b = load("b", "dummy://?rank=4&targets=q_proj,down_proj&seed=3").unwrap();
+        assert_eq!(
+            (b.rank, b.targets.as_slice()),
+            (4, &[LoraTarget::QProj, LoraTarget::DownProj][..])
+        );
+        let same = LoraAdapter::dummy("b", &config, 4, &[LoraTarget::QProj, LoraTarget::DownProj], 3);
+        assert_eq!(q(&b), q(&same));
+        assert!(b.layers[0][LoraTarget::VProj.index()].is_none());
+        for (src, why) in [
+            (
+                "dummy://?rank=0",
+                "rank \"0\" is not a whole number from 1 to 1024",
+            ),
+            ("dummy://?rank=x", "rank \"x\""),
+            ("dummy://?targets=q_proj,lm_head", "unknown target \"lm_head\""),
+            ("dummy://?seed=-1", "seed \"-1\""),
+            ("dummy://?ranks=4", "unknown key \"ranks\""),
+            ("dummy://?rank", "\"rank\" is not key=value"),
+            ("dummy://r16", "expected dummy://?rank=R"),
+        ] {
+            let e = load("x", src).unwrap_err().to_string();
+            assert!(e.contains(why) && e.contains(src), "{src}: {e}");
+        }
+    }
 
     #[test]
     fn dummy_adapters_round_trip_through_peft_files() {

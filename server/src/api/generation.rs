@@ -91,7 +91,8 @@ pub enum Progress {
 /// The state of one running request.
 pub struct Generation {
     events: Option<EventStream>,
-    decoder: IncrementalDecoder,
+    /// `None` on a server without a tokenizer: no text, only ids.
+    decoder: Option<IncrementalDecoder>,
     opts: TextOptions,
     longest_stop: usize,
     /// Tokens that may end the request (eos unless ignored, stop ids): decoded only once the next
@@ -120,17 +121,28 @@ pub struct Generation {
     pub finished_at: Option<Instant>,
 }
 
+/// The refusal of `what` on a server without a tokenizer, pointing to `instead`.
+pub fn no_tokenizer(what: &str, instead: &str) -> ApiError {
+    ApiError::bad_request(format!(
+        "{what} need a tokenizer, and this server runs without one (--skip-tokenizer-init, or \
+         --load-format dummy without tokenizer.json); use {instead}"
+    ))
+}
+
 /// Submits every job before awaiting any, so the engine sees them together; on the first
 /// refusal the ones already submitted are dropped (which cancels them).
 pub fn submit_all(
     engine: &EngineHandle,
-    tokenizer: &TextTokenizer,
+    tokenizer: Option<&TextTokenizer>,
     eos_token_ids: &[u32],
     jobs: Vec<Job>,
     arrived: Instant,
 ) -> Result<Vec<Generation>, ApiError> {
     let mut out = Vec::with_capacity(jobs.len());
     for job in jobs {
+        if tokenizer.is_none() && !job.text.stop.is_empty() {
+            return Err(no_tokenizer("`stop` strings", "`stop_token_ids`"));
+        }
         let prompt_ids = job.request.input_ids.clone();
         let logprob_start = job
             .request
@@ -160,14 +172,15 @@ impl Generation {
     /// Follows `events` for a request with prompt `prompt_ids`.
     pub fn new(
         events: EventStream,
-        tokenizer: &TextTokenizer,
+        tokenizer: Option<&TextTokenizer>,
         prompt_ids: Vec<u32>,
         logprob_start: Option<usize>,
         stop_ids: HashSet<u32>,
         opts: TextOptions,
         arrived: Instant,
     ) -> Self {
-        let decoder = IncrementalDecoder::with_prompt(tokenizer, &prompt_ids, opts.skip_special_tokens);
+        let decoder =
+            tokenizer.map(|t| IncrementalDecoder::with_prompt(t, &prompt_ids, opts.skip_special_tokens));
         let longest_stop = opts.stop.iter().map(String::len).max().unwrap_or(0);
         Generation {
             events: Some(events),
@@ -193,6 +206,11 @@ impl Generation {
     /// The text that is final so far (all of it once finished).
     pub fn text(&self) -> &str {
         &self.text[..self.released]
+    }
+
+    /// Whether the output has text: not on a server without a tokenizer.
+    pub fn has_text(&self) -> bool {
+        self.decoder.is_some()
     }
 
     /// Whether the request is done.
@@ -290,11 +308,8 @@ impl Generation {
                 self.decode(h)?;
             }
         }
-        if self.finish.is_none() {
-            let rest = self
-                .decoder
-                .finish()
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
+        if let (None, Some(decoder)) = (&self.finish, &mut self.decoder) {
+            let rest = decoder.finish().map_err(|e| ApiError::Internal(e.to_string()))?;
             if let Some(rest) = rest {
                 self.append(&rest);
             }
@@ -307,10 +322,10 @@ impl Generation {
     }
 
     fn decode(&mut self, id: u32) -> Result<(), ApiError> {
-        let piece = self
-            .decoder
-            .push(id)
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let Some(decoder) = &mut self.decoder else {
+            return Ok(());
+        };
+        let piece = decoder.push(id).map_err(|e| ApiError::Internal(e.to_string()))?;
         if let Some(piece) = piece {
             self.append(&piece);
         }
@@ -398,6 +413,14 @@ mod tests {
     /// Feeds `events` to a generation with `opts` and returns it finished, plus the texts seen
     /// after each event.
     fn run(tok: &TextTokenizer, opts: TextOptions, events: Vec<EngineEvent>) -> (Generation, Vec<String>) {
+        run_with(Some(tok), opts, events)
+    }
+
+    fn run_with(
+        tok: Option<&TextTokenizer>,
+        opts: TextOptions,
+        events: Vec<EngineEvent>,
+    ) -> (Generation, Vec<String>) {
         let (tx, rx) = mpsc::unbounded_channel();
         for e in events {
             tx.send(e).unwrap();
@@ -424,6 +447,22 @@ mod tests {
             cached_tokens: 3,
             input_logprobs: vec![],
         }
+    }
+
+    /// Without a tokenizer a generation keeps every id (the stop token too) and no text.
+    #[test]
+    fn without_a_tokenizer_only_ids_are_kept() {
+        let events = vec![
+            started(),
+            token(7),
+            token(2),
+            EngineEvent::Finished(FinishReason::Stop { token_id: 2 }),
+        ];
+        let (g, seen) = run_with(None, TextOptions::default(), events);
+        assert!(!g.has_text());
+        assert_eq!((g.output_ids.as_slice(), g.text()), (&[7, 2][..], ""));
+        assert_eq!(g.finish, Some(Finish::StopToken(2)));
+        assert!(seen.iter().all(String::is_empty));
     }
 
     #[test]

@@ -13,30 +13,21 @@ pub fn token_text(tok: &TextTokenizer, id: u32) -> String {
     tok.decode(&[id], false).unwrap_or_default()
 }
 
-fn triple(tok: &TextTokenizer, with_text: bool, logprob: Option<f32>, id: u32) -> Value {
-    let text = if with_text {
-        json!(token_text(tok, id))
-    } else {
-        Value::Null
-    };
+/// `[logprob, id, text]`; the text is `null` unless `tok` is given.
+fn triple(tok: Option<&TextTokenizer>, logprob: Option<f32>, id: u32) -> Value {
+    let text = tok.map_or(Value::Null, |tok| json!(token_text(tok, id)));
     json!([logprob, id, text])
 }
 
-fn top_list(tok: &TextTokenizer, with_text: bool, top: &[(u32, f32)]) -> Value {
-    top.iter()
-        .map(|&(id, lp)| triple(tok, with_text, Some(lp), id))
-        .collect()
+fn top_list(tok: Option<&TextTokenizer>, top: &[(u32, f32)]) -> Value {
+    top.iter().map(|&(id, lp)| triple(tok, Some(lp), id)).collect()
 }
 
 /// Adds SGLang's log-prob fields to `meta`: input/output token log-probs, and the top
-/// alternatives when `top_n > 0`. The first prompt position has no log-prob (`null`).
-pub fn native(
-    meta: &mut Map<String, Value>,
-    g: &Generation,
-    tok: &TextTokenizer,
-    top_n: usize,
-    with_text: bool,
-) {
+/// alternatives when `top_n > 0`. The first prompt position has no log-prob (`null`). Each
+/// entry carries its token's text when `text_of` is given (`return_text_in_logprobs`).
+pub fn native(meta: &mut Map<String, Value>, g: &Generation, text_of: Option<&TextTokenizer>, top_n: usize) {
+    let tok = text_of;
     let start = g.logprob_start.unwrap_or(g.prompt_ids.len());
     let input: Vec<Value> = g
         .input_logprobs
@@ -48,13 +39,13 @@ pub fn native(
                 .map(|t| t.token_id)
                 .or_else(|| g.prompt_ids.get(start + i).copied())
                 .unwrap_or_default();
-            triple(tok, with_text, lp.as_ref().map(|t| t.logprob), id)
+            triple(tok, lp.as_ref().map(|t| t.logprob), id)
         })
         .collect();
     let output: Vec<Value> = g
         .output_logprobs
         .iter()
-        .map(|t| triple(tok, with_text, Some(t.logprob), t.token_id))
+        .map(|t| triple(tok, Some(t.logprob), t.token_id))
         .collect();
     meta.insert("input_token_logprobs".into(), Value::Array(input));
     meta.insert("output_token_logprobs".into(), Value::Array(output));
@@ -63,15 +54,11 @@ pub fn native(
             .input_logprobs
             .iter()
             .map(|lp| match lp {
-                Some(t) => top_list(tok, with_text, &t.top),
+                Some(t) => top_list(tok, &t.top),
                 None => Value::Null,
             })
             .collect();
-        let output_top: Vec<Value> = g
-            .output_logprobs
-            .iter()
-            .map(|t| top_list(tok, with_text, &t.top))
-            .collect();
+        let output_top: Vec<Value> = g.output_logprobs.iter().map(|t| top_list(tok, &t.top)).collect();
         meta.insert("input_top_logprobs".into(), Value::Array(input_top));
         meta.insert("output_top_logprobs".into(), Value::Array(output_top));
     }

@@ -36,8 +36,8 @@ use params::Limits;
 pub struct AppState {
     /// The engine.
     pub engine: EngineHandle,
-    /// Tokenizer and chat template.
-    pub tokenizer: Arc<TextTokenizer>,
+    /// Tokenizer and chat template; `None` serves token ids only (`--skip-tokenizer-init`).
+    pub tokenizer: Option<Arc<TextTokenizer>>,
     /// Rendered at `/metrics`.
     pub metrics: Arc<Metrics>,
     /// The base model's name in the OpenAI API.

@@ -20,7 +20,7 @@ use crate::engine::request::{EngineEvent, EngineRequest, LogprobOptions, Samplin
 
 use super::body::{json_object, type_error, Fields, FromJson};
 use super::error::ApiError;
-use super::generation::{submit_all, Generation, Job, Progress, TextOptions};
+use super::generation::{no_tokenizer, submit_all, Generation, Job, Progress, TextOptions};
 use super::params::{read_sampling, Names, SamplingSpec, MAX_TOP_LOGPROBS};
 use super::{blocking, logprobs, request_id, SharedState};
 
@@ -52,7 +52,13 @@ pub async fn generate(State(s): State<SharedState>, body: Result<Bytes, BytesRej
         Ok(parsed) => parsed,
         Err(e) => return e.into_response(),
     };
-    let gens = match submit_all(&s.engine, &s.tokenizer, &s.limits.eos_token_ids, jobs, arrived) {
+    let gens = match submit_all(
+        &s.engine,
+        s.tokenizer.as_deref(),
+        &s.limits.eos_token_ids,
+        jobs,
+        arrived,
+    ) {
         Ok(g) => g,
         Err(e) => return e.into_response(),
     };
@@ -94,15 +100,15 @@ fn output_json(s: &SharedState, g: &Generation, shape: &Shape, i: usize) -> Valu
     meta.insert("e2e_latency".into(), json!(g.latency()));
     meta.insert("weight_version".into(), json!("default"));
     if shape.return_logprob {
-        logprobs::native(
-            &mut meta,
-            g,
-            &s.tokenizer,
-            shape.top_logprobs_num,
-            shape.return_text_in_logprobs,
-        );
+        let text_of = s.tokenizer.as_deref().filter(|_| shape.return_text_in_logprobs);
+        logprobs::native(&mut meta, g, text_of, shape.top_logprobs_num);
     }
-    json!({"text": g.text(), "output_ids": g.output_ids, "meta_info": meta})
+    // Without a tokenizer there is no text, as in SGLang with --skip-tokenizer-init.
+    if g.has_text() {
+        json!({"text": g.text(), "output_ids": g.output_ids, "meta_info": meta})
+    } else {
+        json!({"output_ids": g.output_ids, "meta_info": meta})
+    }
 }
 
 /// Streams `data: {output}` after each token of every generation (cumulative text, as SGLang),
@@ -232,6 +238,8 @@ fn read_prompts(s: &SharedState, f: &mut Fields) -> Result<(Vec<Vec<u32>>, bool)
 
 fn encode(s: &SharedState, text: &str, what: &str) -> Result<Vec<u32>, ApiError> {
     s.tokenizer
+        .as_ref()
+        .ok_or_else(|| no_tokenizer("text prompts", "`input_ids`"))?
         .encode(text, true)
         .map_err(|e| ApiError::invalid(what, format!("`{what}` could not be tokenized: {e}")))
 }
@@ -300,6 +308,12 @@ fn parse_generate(s: &SharedState, body: Map<String, Value>) -> Result<(Vec<Job>
     let logprob_start_len = f.get::<i64>("logprob_start_len")?.unwrap_or(-1);
     let top_logprobs_num = f.get::<usize>("top_logprobs_num")?.unwrap_or(0);
     let return_text_in_logprobs = f.get::<bool>("return_text_in_logprobs")?.unwrap_or(false);
+    if return_text_in_logprobs && s.tokenizer.is_none() {
+        return Err(no_tokenizer(
+            "`return_text_in_logprobs`",
+            "the token ids in the log-probs",
+        ));
+    }
     if top_logprobs_num > MAX_TOP_LOGPROBS {
         return Err(ApiError::invalid(
             "top_logprobs_num",
@@ -482,7 +496,9 @@ pub async fn health(State(s): State<SharedState>) -> StatusCode {
 pub async fn health_generate(State(s): State<SharedState>) -> Response {
     let token = s
         .tokenizer
-        .bos_token_id()
+        .as_ref()
+        .and_then(|t| t.bos_token_id())
+        .or(s.engine.model_config().bos_token_id)
         .unwrap_or(0)
         .min(s.limits.vocab_size as u32 - 1);
     let req = EngineRequest {
@@ -521,7 +537,7 @@ pub async fn model_info(State(s): State<SharedState>) -> Json<Value> {
     let c = s.engine.model_config();
     Json(json!({
         "model_path": s.model_path,
-        "tokenizer_path": s.model_path,
+        "tokenizer_path": s.tokenizer.as_ref().map(|_| &s.model_path),
         "served_model_name": s.served_model_name,
         "is_generation": true,
         "preferred_sampling_params": null,

@@ -16,11 +16,11 @@ use futures::stream::{self, StreamExt};
 use serde_json::{json, Value};
 
 use crate::engine::request::{EngineRequest, LogprobOptions};
-use crate::model::tokenizer::ChatMessage;
+use crate::model::tokenizer::{ChatMessage, TextTokenizer};
 
 use super::body::{json_object, type_error, Fields, FromJson};
 use super::error::{ApiError, OpenAiError};
-use super::generation::{submit_all, Generation, Job, Progress, TextOptions};
+use super::generation::{no_tokenizer, submit_all, Generation, Job, Progress, TextOptions};
 use super::native::{check_adapter, sse_json};
 use super::params::{read_sampling, DefaultMaxTokens, Names, SamplingSpec, MAX_TOP_LOGPROBS};
 use super::{blocking, logprobs, request_id, unix_now, SharedState};
@@ -275,7 +275,7 @@ impl StreamCtx {
 /// The SSE stream of a response: an opening chunk per choice (chat role, completion echo),
 /// the choices' deltas interleaved as they come, the usage chunk when asked, then `[DONE]`.
 fn stream_response(
-    s: SharedState,
+    tok: Arc<TextTokenizer>,
     ctx: Arc<StreamCtx>,
     gens: Vec<Generation>,
     openers: Vec<Option<Value>>,
@@ -286,10 +286,10 @@ fn stream_response(
         .map(|choice| sse_json(&ctx.chunk(choice)))
         .collect();
     let choices = gens.into_iter().enumerate().map(|(index, g)| {
-        let s = s.clone();
+        let tok = tok.clone();
         let ctx = ctx.clone();
         stream::unfold(Some((g, 0usize, 0usize)), move |state| {
-            let s = s.clone();
+            let tok = tok.clone();
             let ctx = ctx.clone();
             async move {
                 let (mut g, mut sent, mut sent_lp) = state?;
@@ -312,8 +312,8 @@ fn stream_response(
                         continue;
                     }
                     let lp = ctx.logprobs.map(|top| match ctx.kind {
-                        Kind::Chat => logprobs::chat(&s.tokenizer, new_lps, top),
-                        Kind::Completion => logprobs::completions(&s.tokenizer, new_lps, top, sent),
+                        Kind::Chat => logprobs::chat(&tok, new_lps, top),
+                        Kind::Completion => logprobs::completions(&tok, new_lps, top, sent),
                     });
                     let finish = g.finish.as_ref().filter(|_| finished);
                     let mut choice = match ctx.kind {
@@ -359,12 +359,12 @@ fn read_completion_prompts(
     s: &SharedState,
     f: &mut Fields,
 ) -> Result<(Vec<Vec<u32>>, Vec<String>), ApiError> {
+    let tok = tokenizer(s)?;
     let encode = |t: &str, what: &str| {
-        s.tokenizer
-            .encode(t, true)
+        tok.encode(t, true)
             .map_err(|e| ApiError::invalid(what, format!("`{what}` could not be tokenized: {e}")))
     };
-    let decode = |ids: &[u32]| s.tokenizer.decode(ids, false).unwrap_or_default();
+    let decode = |ids: &[u32]| tok.decode(ids, false).unwrap_or_default();
     let (prompts, texts): (Vec<Vec<u32>>, Vec<String>) = match f.take("prompt") {
         None => return Err(ApiError::invalid("prompt", "`prompt` is required")),
         Some(Value::String(t)) => (vec![encode(&t, "prompt")?], vec![t]),
@@ -416,6 +416,13 @@ fn read_completion_prompts(
         s.limits.check_prompt(p, &what)?;
     }
     Ok((prompts, texts))
+}
+
+/// The tokenizer: the OpenAI API takes and returns text, so a server without one refuses it.
+fn tokenizer(s: &SharedState) -> Result<&Arc<TextTokenizer>, ApiError> {
+    s.tokenizer
+        .as_ref()
+        .ok_or_else(|| no_tokenizer("OpenAI API requests", "/generate with `input_ids`"))
 }
 
 /// `POST /v1/completions`.
@@ -480,6 +487,7 @@ async fn completions_inner(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
+    let tok = tokenizer(&s)?.clone();
     let st = s.clone();
     let Completion {
         call,
@@ -488,7 +496,7 @@ async fn completions_inner(
         echo,
     } = blocking(move || parse_completions(&st, body)).await?;
     let n = call.spec.n;
-    let gens = submit_all(&s.engine, &s.tokenizer, &s.limits.eos_token_ids, jobs, arrived)?;
+    let gens = submit_all(&s.engine, Some(&tok), &s.limits.eos_token_ids, jobs, arrived)?;
     let id = format!("cmpl-{}", request_id());
     let echo_of = |i: usize| {
         if echo {
@@ -504,7 +512,7 @@ async fn completions_inner(
                 echo.then(|| json!({"index": i, "text": echo_of(i), "logprobs": null, "finish_reason": null}))
             })
             .collect();
-        return Ok(stream_response(s, ctx, gens, openers));
+        return Ok(stream_response(tok, ctx, gens, openers));
     }
     let done = futures::future::try_join_all(gens.into_iter().map(Generation::run)).await?;
     let choices: Vec<Value> = done
@@ -514,7 +522,7 @@ async fn completions_inner(
             let prefix = echo_of(i);
             let lp = call
                 .logprobs
-                .map(|top| logprobs::completions(&s.tokenizer, &g.output_logprobs, top, prefix.len()));
+                .map(|top| logprobs::completions(&tok, &g.output_logprobs, top, prefix.len()));
             json!({
                 "index": i,
                 "text": format!("{prefix}{}", g.text()),
@@ -658,12 +666,11 @@ fn parse_chat(s: &SharedState, body: Result<Bytes, BytesRejection>) -> Result<(C
     }
     f.reject_unknown()?;
 
-    let rendered = s
-        .tokenizer
+    let tok = tokenizer(s)?;
+    let rendered = tok
         .apply_chat_template(&messages, true)
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    let prompt = s
-        .tokenizer
+    let prompt = tok
         .encode(&rendered, false)
         .map_err(|e| ApiError::invalid("messages", format!("could not tokenize the conversation: {e}")))?;
     s.limits.check_prompt(&prompt, "messages")?;
@@ -682,10 +689,11 @@ fn parse_chat(s: &SharedState, body: Result<Bytes, BytesRejection>) -> Result<(C
 
 async fn chat_inner(s: SharedState, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let arrived = Instant::now();
+    let tok = tokenizer(&s)?.clone();
     let st = s.clone();
     let (call, jobs) = blocking(move || parse_chat(&st, body)).await?;
     let n = call.spec.n;
-    let gens = submit_all(&s.engine, &s.tokenizer, &s.limits.eos_token_ids, jobs, arrived)?;
+    let gens = submit_all(&s.engine, Some(&tok), &s.limits.eos_token_ids, jobs, arrived)?;
     let id = format!("chatcmpl-{}", request_id());
     if call.stream {
         let ctx = Arc::new(StreamCtx::new(Kind::Chat, id, &call, gens.len()));
@@ -699,14 +707,14 @@ async fn chat_inner(s: SharedState, body: Result<Bytes, BytesRejection>) -> Resu
                 }))
             })
             .collect();
-        return Ok(stream_response(s, ctx, gens, openers));
+        return Ok(stream_response(tok, ctx, gens, openers));
     }
     let done = futures::future::try_join_all(gens.into_iter().map(Generation::run)).await?;
     let choices: Vec<Value> = done
         .iter()
         .enumerate()
         .map(|(i, g)| {
-            let lp = call.logprobs.map(|top| logprobs::chat(&s.tokenizer, &g.output_logprobs, top));
+            let lp = call.logprobs.map(|top| logprobs::chat(&tok, &g.output_logprobs, top));
             json!({
                 "index": i,
                 "message": {"role": "assistant", "content": g.text(), "tool_calls": null, "reasoning_content": null},

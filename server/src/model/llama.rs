@@ -172,6 +172,52 @@ impl LlamaModel {
         })
     }
 
+    /// Random weights of `config`'s shape (`--load-format dummy` on the CPU): the same values
+    /// `CudaModel::dummy` makes on the GPU from the same seed (its `fill_uniform` streams, in
+    /// its order), so both devices serve the same dummy model. Biases are zero, norms one.
+    pub fn dummy(config: ModelConfig, seed: u64) -> Result<Self> {
+        let c = &config;
+        let (h, qd, kvd, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let mut stream = seed;
+        let mut rand = |rows: usize, cols: usize, fan_in: usize| {
+            stream = stream.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let data = uniform(rows * cols, stream, 1.0 / (fan_in as f32).sqrt());
+            Tensor::new(vec![rows, cols], data)
+        };
+        let mut tensors = HashMap::new();
+        let mut put = |name: String, t: Tensor| {
+            tensors.insert(name, t);
+        };
+        let ones = |n: usize| Tensor::new(vec![n], vec![1.0; n]);
+        let zeros = |n: usize| Tensor::new(vec![n], vec![0.0; n]);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}");
+            let [q, k, v] = split_rows(rand(qd + 2 * kvd, h, h), [qd, kvd, kvd]);
+            let o = rand(h, qd, qd);
+            let [gate, up] = split_rows(rand(2 * inter, h, h), [inter, inter]);
+            let down = rand(h, inter, inter);
+            for (name, t) in [("q_proj", q), ("k_proj", k), ("v_proj", v), ("o_proj", o)] {
+                put(format!("{p}.self_attn.{name}.weight"), t);
+            }
+            for (name, t) in [("gate_proj", gate), ("up_proj", up), ("down_proj", down)] {
+                put(format!("{p}.mlp.{name}.weight"), t);
+            }
+            if c.attention_bias {
+                for (name, n) in [("q_proj", qd), ("k_proj", kvd), ("v_proj", kvd), ("o_proj", h)] {
+                    put(format!("{p}.self_attn.{name}.bias"), zeros(n));
+                }
+            }
+            put(format!("{p}.input_layernorm.weight"), ones(h));
+            put(format!("{p}.post_attention_layernorm.weight"), ones(h));
+        }
+        put("model.embed_tokens.weight".into(), rand(c.vocab_size, h, 1));
+        if !c.tie_word_embeddings {
+            put("lm_head.weight".into(), rand(c.vocab_size, h, h));
+        }
+        put("model.norm.weight".into(), ones(h));
+        Self::from_tensors(config, tensors)
+    }
+
     /// The model's configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.config
@@ -465,6 +511,35 @@ fn stack_rows(parts: &[Tensor]) -> Tensor {
     Tensor::new(vec![rows, k], data)
 }
 
+/// Splits a `[sum(rows), k]` matrix into `N` consecutive row blocks.
+fn split_rows<const N: usize>(t: Tensor, rows: [usize; N]) -> [Tensor; N] {
+    let k = t.cols();
+    let mut rest = t.data.as_slice();
+    rows.map(|r| {
+        let (head, tail) = rest.split_at(r * k);
+        rest = tail;
+        Tensor::new(vec![r, k], head.to_vec())
+    })
+}
+
+/// `n` values uniform in `[-scale, scale)`, value `i` from a counter-based hash of `seed` and
+/// `i`: the bits of `fill_uniform` in `kernels/src/llama.cu`.
+fn uniform(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut out = vec![0.0f32; n];
+    out.par_chunks_mut(1 << 16).enumerate().for_each(|(c, chunk)| {
+        for (j, v) in chunk.iter_mut().enumerate() {
+            let i = ((c << 16) + j) as u64;
+            let mut z = seed.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let u = (z >> 40) as f32 * (1.0 / 16_777_216.0);
+            *v = (2.0 * u - 1.0) * scale;
+        }
+    });
+    out
+}
+
 /// `out = x · Wᵀ + bias` for `rows` rows.
 fn linear(out: &mut [f32], x: &[f32], l: &Linear, rows: usize) {
     let (n, k) = (l.weight.rows(), l.weight.cols());
@@ -618,5 +693,40 @@ mod tests {
         assert_eq!(segs, [(0, 3, "a"), (6, 1, "b")]);
         // A batch of one empty sequence with an adapter has no segment.
         assert!(lora_segments(&[seq(0, Some(&a))]).is_empty());
+    }
+
+    /// `uniform` gives `fill_uniform`'s bits: the values below come from the kernel's formula
+    /// evaluated independently (64-bit integers in Python), across a chunk boundary.
+    #[test]
+    fn dummy_weights_follow_the_gpu_generator() {
+        let v = uniform(65538, 7, 0.5);
+        assert_eq!(
+            [v[0], v[1], v[65536], v[65537]],
+            [-0.427_029_6, -0.110_170_305, -0.139_422_12, 0.254_336_36]
+        );
+        let c = ModelConfig::from_hf_json(
+            r#"{"architectures":["LlamaForCausalLM"],"vocab_size":16,"hidden_size":8,"intermediate_size":12,
+            "num_hidden_layers":2,"num_attention_heads":2,"num_key_value_heads":1}"#,
+        )
+        .unwrap();
+        let m = LlamaModel::dummy(c.clone(), 3).unwrap();
+        // Layer 0's q/k/v is the first stream, then o, gate/up, down; the embedding follows
+        // the layers, at scale 1.
+        let stream = |k: u64| 3u64.wrapping_add(k.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        assert_eq!(
+            m.blocks[0].qkv.weight.data,
+            uniform(16 * 8, stream(1), 1.0 / 8f32.sqrt())
+        );
+        assert_eq!(
+            m.blocks[1].down.weight.data,
+            uniform(8 * 12, stream(8), 1.0 / 12f32.sqrt())
+        );
+        assert_eq!(m.embed.data, uniform(16 * 8, stream(9), 1.0));
+        assert!(m.lm_head.is_some());
+        assert_ne!(m.blocks[0].qkv.weight.data, m.blocks[1].qkv.weight.data);
+        assert_eq!(
+            LlamaModel::dummy(c, 3).unwrap().blocks[1].o.weight.data,
+            m.blocks[1].o.weight.data
+        );
     }
 }
