@@ -5,6 +5,8 @@
 #                              pass of the quick check
 #   scripts/gpu/run.sh bench   the Llama-3.1-8B-shape benchmark, then the PEFT peer
 #   scripts/gpu/run.sh serve   the server binary on the GPU against the CPU (serve_check.py)
+#   scripts/gpu/run.sh serve-bench  the server binary under concurrent HTTP load: Llama-3.1-8B
+#                              from its preset name with 64 dummy rank-16 adapters (serve_bench.py)
 #   scripts/gpu/run.sh smollm2 the default model with the example adapters on the GPU against
 #                              PEFT (smollm2_check.py), after model-parts.sh stashed the model
 #   scripts/gpu/run.sh profile ncu per-kernel summary of eager decode steps
@@ -74,6 +76,9 @@ if [[ $what == check || $what == all ]]; then
 fi
 if [[ $what == serve || $what == all ]]; then
   python3 scripts/gpu/serve_check.py target/release/loraplane-server 2>&1 | tee "$OUT/serve.log"; rc=$((rc | PIPESTATUS[0]))
+fi
+if [[ $what == serve-bench ]]; then
+  python3 scripts/gpu/serve_bench.py target/release/loraplane-server 2>&1 | tee "$OUT/serve-bench.log"; rc=$((rc | PIPESTATUS[0]))
 fi
 if [[ $what == smollm2 ]]; then
   scripts/gpu/model-parts.sh join && python3 scripts/gpu/smollm2_check.py target/release/loraplane-server \
