@@ -42,17 +42,23 @@ def post(addr, path, body):
         return json.loads(r.read())
 
 
-def batch(addr):
-    texts, loras = [], []
-    for p in PROMPTS:
-        for a in [None] + ADAPTERS:
-            texts.append(p)
+def mixed(addr, key, prompts, names):
+    """Greedy output ids of every prompt (`key`: "text" or "input_ids") under the base model and
+    every adapter of `names`, in one /generate batch; and each sequence's adapter."""
+    items, loras = [], []
+    for p in prompts:
+        for a in [None] + names:
+            items.append(p)
             loras.append(a)
     out = post(addr, "/generate", {
-        "text": texts, "lora_path": loras,
+        key: items, "lora_path": loras,
         "sampling_params": {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True},
     })
     return [o["output_ids"] for o in out], loras
+
+
+def batch(addr):
+    return mixed(addr, "text", PROMPTS, ADAPTERS)
 
 
 def run(label, extra, pin_first=False):
@@ -135,16 +141,7 @@ def dummy_batch(args, names, prompts):
     /generate batch of token ids, from a server started with `args`."""
     proc, addr = server_proc.start([BIN] + args, timeout=900)
     try:
-        ids, loras = [], []
-        for p in prompts:
-            for a in [None] + names:
-                ids.append(p)
-                loras.append(a)
-        out = post(addr, "/generate", {
-            "input_ids": ids, "lora_path": loras,
-            "sampling_params": {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True},
-        })
-        return [o["output_ids"] for o in out]
+        return mixed(addr, "input_ids", prompts, names)[0]
     finally:
         proc.terminate()
         proc.wait(timeout=60)
