@@ -741,7 +741,6 @@ async fn startup_refuses_contradictions_with_exit_code_2() {
         (vec!["--max-lora-rank", "8"], "--enable-lora"),
         (vec!["--tp-size", "2"], "--tp-size"),
         (vec!["--dtype", "bfloat16"], "--dtype"),
-        (vec!["--load-format", "dummy"], "--load-format"),
         (
             vec!["--lora-paths", &qv, "--enable-lora-overlap-loading"],
             "--enable-lora-overlap-loading",
