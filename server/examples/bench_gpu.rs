@@ -53,11 +53,15 @@ fn llama31_8b() -> ModelConfig {
     .expect("preset config")
 }
 
-/// Parameters of the linear layers plus the lm_head (what a decode step reads in full).
+/// Parameters of the layers plus the lm_head (what a decode step reads in full): all of them
+/// but an untied embedding, of which a step reads only its rows.
 fn base_bytes(c: &ModelConfig) -> f64 {
-    let (h, qd, kvd, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
-    let per_layer = h * (qd + 2 * kvd) + qd * h + 3 * h * i + 2 * h;
-    ((per_layer * c.num_layers + c.vocab_size * h + h) * 2) as f64
+    let embedding = if c.tie_word_embeddings {
+        0
+    } else {
+        c.vocab_size * c.hidden_size
+    };
+    ((c.num_parameters() - embedding) * 2) as f64
 }
 
 fn adapter_bytes(c: &ModelConfig, rank: usize) -> f64 {

@@ -377,9 +377,6 @@ impl ServeArgs {
             (true, Dtype::Float16) => DeviceDtype::Float16,
             (true, Dtype::Float32) => DeviceDtype::Float32,
         };
-        if !cuda && (self.disable_cuda_graph || self.cuda_graph_max_bs.is_some()) {
-            tracing::debug!("CUDA graph flags have no effect on the CPU");
-        }
         let device = DeviceSettings {
             cuda,
             dtype,

@@ -288,10 +288,7 @@ fn place_model(
 fn dummy_on_host(
     c: &loraplane_server::model::ModelConfig,
 ) -> anyhow::Result<loraplane_server::model::LlamaModel> {
-    let (h, i) = (c.hidden_size, c.intermediate_size);
-    let per_layer = h * (c.q_dim() + 2 * c.kv_dim()) + c.q_dim() * h + 3 * h * i;
-    let heads = if c.tie_word_embeddings { 1 } else { 2 };
-    let bytes = (per_layer * c.num_layers + heads * c.vocab_size * h) as u64 * 4;
+    let bytes = c.num_parameters() as u64 * 4;
     if let Some(available) = available_memory_bytes() {
         anyhow::ensure!(
             bytes < available,

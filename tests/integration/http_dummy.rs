@@ -88,6 +88,19 @@ async fn a_config_alone_serves_token_ids_with_dummy_adapters() {
         assert!((x - y).abs() < 1e-4, "{alone:?} vs {out:?}");
     }
 
+    // Streaming without a tokenizer: cumulative ids, no text, then [DONE].
+    let (events, done) = s
+        .post_sse(
+            "/generate",
+            &json!({"input_ids": prompt, "lora_path": "a", "stream": true,
+                    "sampling_params": {"max_new_tokens": 4, "temperature": 0, "ignore_eos": true}}),
+        )
+        .await;
+    assert!(done && !events.is_empty());
+    assert!(events.iter().all(|e| e.get("text").is_none()), "{events:?}");
+    let last: Vec<u32> = serde_json::from_value(events.last().unwrap()["output_ids"].clone()).unwrap();
+    assert_eq!(last, out[1].0);
+
     // What needs a tokenizer is refused with a 400 that says what to send instead.
     let refusals = [
         ("/generate", json!({"text": "hi"}), "`input_ids`"),

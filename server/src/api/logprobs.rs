@@ -25,9 +25,8 @@ fn top_list(tok: Option<&TextTokenizer>, top: &[(u32, f32)]) -> Value {
 
 /// Adds SGLang's log-prob fields to `meta`: input/output token log-probs, and the top
 /// alternatives when `top_n > 0`. The first prompt position has no log-prob (`null`). Each
-/// entry carries its token's text when `text_of` is given (`return_text_in_logprobs`).
-pub fn native(meta: &mut Map<String, Value>, g: &Generation, text_of: Option<&TextTokenizer>, top_n: usize) {
-    let tok = text_of;
+/// entry carries its token's text when `tok` is given (`return_text_in_logprobs`).
+pub fn native(meta: &mut Map<String, Value>, g: &Generation, tok: Option<&TextTokenizer>, top_n: usize) {
     let start = g.logprob_start.unwrap_or(g.prompt_ids.len());
     let input: Vec<Value> = g
         .input_logprobs

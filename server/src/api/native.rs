@@ -310,7 +310,7 @@ fn parse_generate(s: &SharedState, body: Map<String, Value>) -> Result<(Vec<Job>
     let return_text_in_logprobs = f.get::<bool>("return_text_in_logprobs")?.unwrap_or(false);
     if return_text_in_logprobs && s.tokenizer.is_none() {
         return Err(no_tokenizer(
-            "`return_text_in_logprobs`",
+            "Texts in log-probs (`return_text_in_logprobs`)",
             "the token ids in the log-probs",
         ));
     }

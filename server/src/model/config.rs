@@ -80,6 +80,20 @@ impl ModelConfig {
         self.num_kv_heads * self.head_dim
     }
 
+    /// Weights of the model: every projection, norm and bias, the embedding and, when untied,
+    /// the lm_head.
+    pub fn num_parameters(&self) -> usize {
+        let (h, qd, kvd) = (self.hidden_size, self.q_dim(), self.kv_dim());
+        let biases = if self.attention_bias {
+            qd + 2 * kvd + if self.arch == Architecture::Qwen2 { 0 } else { h }
+        } else {
+            0
+        };
+        let per_layer = h * (qd + 2 * kvd) + qd * h + 3 * h * self.intermediate_size + 2 * h + biases;
+        let heads = if self.tie_word_embeddings { 1 } else { 2 };
+        per_layer * self.num_layers + heads * self.vocab_size * h + h
+    }
+
     /// Reads `config.json` from an HF model directory.
     pub fn from_hf_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;

@@ -100,14 +100,6 @@ fn normalize(name: &str) -> String {
 mod tests {
     use super::*;
 
-    /// Parameters of a Llama-family model of shape `c` (no biases).
-    fn parameters(c: &ModelConfig) -> usize {
-        let (h, i) = (c.hidden_size, c.intermediate_size);
-        let per_layer = h * (c.q_dim() + 2 * c.kv_dim()) + c.q_dim() * h + 3 * h * i + 2 * h;
-        let heads = if c.tie_word_embeddings { 1 } else { 2 };
-        per_layer * c.num_layers + heads * c.vocab_size * h + h
-    }
-
     /// Every preset has its model's published parameter count, to the parameter.
     #[test]
     fn every_preset_has_the_published_parameter_count() {
@@ -121,7 +113,7 @@ mod tests {
         assert_eq!(published.len(), PRESETS.len());
         for (name, count) in published {
             let c = find(name).unwrap().config();
-            assert_eq!(parameters(&c), count, "{name}");
+            assert_eq!(c.num_parameters(), count, "{name}");
             assert_eq!(c.num_heads % c.num_kv_heads, 0, "{name}");
             assert!(!c.eos_token_ids.is_empty(), "{name}");
         }
