@@ -171,10 +171,15 @@ def server_dashboard():
     ], unit="reqps")
     L.row("Engine")
     L.add("timeseries", "Forward step latency", "p50 and p99 duration of one forward pass (prefill and decode).",
-          quantiles("loraplane_forward_step_seconds"), w=12, unit="s")
+          quantiles("loraplane_forward_step_seconds"), w=8, unit="s")
     L.add("timeseries", "KV cache usage", "KV cache blocks in use / total, per pod.", [
         q(f"loraplane_kv_cache_usage_ratio{{{SEL}}}", "{{pod}}"),
-    ], w=12, unit="percentunit", defaults={"min": 0, "max": 1})
+    ], w=8, unit="percentunit", defaults={"min": 0, "max": 1})
+    L.add("timeseries", "Preemptions / s", "Running requests sent back to the queue for recompute "
+          "because the KV cache was full, per pod. Steady preemption wastes compute: raise "
+          "--mem-fraction-static or --max-total-tokens, or lower --max-running-requests.", [
+        q(f"sum by (pod) (rate(loraplane_requests_preempted_total{{{SEL}}}[{RATE}]))", "{{pod}}"),
+    ], w=8, unit="reqps")
     return dashboard("loraplane-server", "loraplane / Server and adapters",
                      "loraplane-server: adapter slot pool, loads and evictions, requests, engine.",
                      "loraplane_lora_slots_total", L)

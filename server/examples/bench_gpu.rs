@@ -94,6 +94,7 @@ fn opts(mode: LoraKernelMode, graphs: usize) -> CudaOptions {
         lora_mode: mode,
         cuda_graph_max_bs: graphs,
         max_tokens: 256 * (PROMPT + 64) + 4 * 2048 + 256,
+        kv_memory_fraction: None,
         block_size: 16,
         max_rows: 8192,
         max_seq_len: 4096,

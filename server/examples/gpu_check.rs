@@ -94,6 +94,7 @@ fn opts(dtype: DeviceDtype, mode: LoraKernelMode, graphs: usize, max_tokens: usi
         lora_mode: mode,
         cuda_graph_max_bs: graphs,
         max_tokens,
+        kv_memory_fraction: None,
         block_size: 16,
         max_rows: 16384,
         max_seq_len: 4096,

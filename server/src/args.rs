@@ -14,8 +14,12 @@ use crate::backend::cuda::DeviceDtype;
 use crate::engine::{AdapterSpec, EngineConfig, EvictionPolicy};
 use crate::model::ModelConfig;
 
-/// KV cache capacity when `--max-total-tokens` is not given (tokens; host memory on the CPU).
+/// KV cache capacity on the CPU when `--max-total-tokens` is not given (tokens of host memory).
 pub const DEFAULT_MAX_TOTAL_TOKENS: usize = 32768;
+/// Share of the GPU's memory for the weights, the adapter pool and the KV cache when
+/// `--mem-fraction-static` is not given: SGLang's choice on an 80 GB GPU. The rest is left to
+/// CUDA graphs, cuBLAS and activations that grow while serving.
+pub const DEFAULT_MEM_FRACTION_STATIC: f64 = 0.87;
 /// Tokens per KV cache block.
 pub const KV_BLOCK_SIZE: usize = 16;
 
@@ -189,12 +193,13 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 1024, value_name = "N", help_heading = "Scheduling")]
     pub max_queued_requests: usize,
     /// Longest prompt + output in tokens [default: the model's max_position_embeddings, capped by
-    /// --max-total-tokens].
+    /// the KV cache's capacity].
     #[arg(long, value_name = "TOKENS", help_heading = "Scheduling")]
     pub context_length: Option<usize>,
-    /// KV cache capacity in tokens, shared by all running requests.
-    #[arg(long, default_value_t = DEFAULT_MAX_TOTAL_TOKENS, value_name = "TOKENS", help_heading = "Scheduling")]
-    pub max_total_tokens: usize,
+    /// KV cache capacity in tokens, shared by all running requests [default: 32768 on the CPU;
+    /// on the GPU as many as --mem-fraction-static leaves room for, and at most this when given].
+    #[arg(long, value_name = "TOKENS", help_heading = "Scheduling")]
+    pub max_total_tokens: Option<usize>,
     /// Prompt tokens per forward pass at most (longer prompts are prefilled in chunks); -1 turns
     /// chunking off.
     #[arg(
@@ -248,9 +253,11 @@ pub struct ServeArgs {
     /// Largest decode batch replayed from a CUDA graph (--device cuda) [default: 256].
     #[arg(long, value_name = "N")]
     pub cuda_graph_max_bs: Option<usize>,
-    /// Accepted for SGLang compatibility; ignored (use --max-total-tokens for the KV budget).
-    #[arg(long, hide = true)]
-    pub mem_fraction_static: Option<f32>,
+    /// Share of the GPU's memory for the weights, the adapter pool and the KV cache, which gets
+    /// what the other two leave (--device cuda) [default: 0.87]. Lower it if serving runs out
+    /// of memory.
+    #[arg(long, value_name = "FRACTION", help_heading = "Hardware")]
+    pub mem_fraction_static: Option<f64>,
 }
 
 fn parse_eviction_policy(s: &str) -> Result<EvictionPolicy, String> {
@@ -329,8 +336,10 @@ pub struct ServerConfig {
     pub max_queued_requests: usize,
     /// `--context-length` (`None`: from the model).
     pub context_length: Option<usize>,
-    /// `--max-total-tokens`.
-    pub max_total_tokens: usize,
+    /// `--max-total-tokens` (`None`: 32768 on the CPU, sized from memory on the GPU).
+    pub max_total_tokens: Option<usize>,
+    /// `--mem-fraction-static` (the GPU's KV budget).
+    pub mem_fraction_static: f64,
     /// `--chunked-prefill-size` (`None`: no chunking).
     pub chunked_prefill_size: Option<usize>,
     /// Off with `--disable-radix-cache`.
@@ -409,8 +418,15 @@ impl ServeArgs {
         if self.max_queued_requests == 0 {
             return Err(bad("--max-queued-requests must be at least 1"));
         }
-        if self.max_total_tokens < 2 {
+        if self.max_total_tokens.is_some_and(|t| t < 2) {
             return Err(bad("--max-total-tokens must be at least 2"));
+        }
+        let mem_fraction_static = self.mem_fraction_static.unwrap_or(DEFAULT_MEM_FRACTION_STATIC);
+        if !(mem_fraction_static > 0.0 && mem_fraction_static < 1.0) {
+            return Err(bad(format!(
+                "--mem-fraction-static {mem_fraction_static}: use a share of the GPU's memory \
+                 between 0 and 1, such as 0.8"
+            )));
         }
         if let Some(c) = self.context_length {
             if c < 2 {
@@ -418,11 +434,13 @@ impl ServeArgs {
                     "--context-length must be at least 2 (one prompt token and one generated token)",
                 ));
             }
-            if c > self.max_total_tokens {
+            let kv_bound = self
+                .max_total_tokens
+                .or((!cuda).then_some(DEFAULT_MAX_TOTAL_TOKENS));
+            if let Some(t) = kv_bound.filter(|&t| c > t) {
                 return Err(bad(format!(
-                    "--context-length {c} exceeds --max-total-tokens {}: a request of full length \
-                     could never fit in the KV cache; raise --max-total-tokens or lower --context-length",
-                    self.max_total_tokens
+                    "--context-length {c} exceeds --max-total-tokens {t}: a request of full length \
+                     could never fit in the KV cache; raise --max-total-tokens or lower --context-length"
                 )));
             }
         }
@@ -445,6 +463,7 @@ impl ServeArgs {
             max_queued_requests: self.max_queued_requests,
             context_length: self.context_length,
             max_total_tokens: self.max_total_tokens,
+            mem_fraction_static,
             chunked_prefill_size,
             prefix_cache: !self.disable_radix_cache,
             api_key: self.api_key.clone(),
@@ -667,9 +686,20 @@ pub fn parse_target_modules(items: &[String]) -> Result<Option<Vec<LoraTarget>>,
 }
 
 impl ServerConfig {
-    /// The engine's limits for `model`: the context length defaults to the model's
-    /// `max_position_embeddings`, capped by the KV budget.
-    pub fn engine_config(&self, model: &ModelConfig) -> Result<EngineConfig, ArgError> {
+    /// The KV cache's capacity as far as the flags say: `--max-total-tokens`, else 32768 on the
+    /// CPU; on the GPU without the flag, unbounded until the device sizes the cache from its
+    /// memory ([`Self::engine_config`] is then called again with the tokens that fit).
+    pub fn kv_tokens_bound(&self) -> usize {
+        match (self.max_total_tokens, self.device.cuda) {
+            (Some(t), _) => t,
+            (None, false) => DEFAULT_MAX_TOTAL_TOKENS,
+            (None, true) => usize::MAX,
+        }
+    }
+
+    /// The engine's limits for `model` with a KV cache of `kv_tokens`: the context length
+    /// defaults to the model's `max_position_embeddings`, capped by the cache.
+    pub fn engine_config(&self, model: &ModelConfig, kv_tokens: usize) -> Result<EngineConfig, ArgError> {
         let model_max = model.max_position_embeddings;
         let context_length = match self.context_length {
             Some(c) if c > model_max => {
@@ -677,8 +707,24 @@ impl ServerConfig {
                     "--context-length {c} exceeds the model's max_position_embeddings {model_max}"
                 )))
             }
+            Some(c) if c > kv_tokens => {
+                let why = if self.max_total_tokens.is_none() && self.device.cuda {
+                    format!(
+                        "what --mem-fraction-static {} leaves on the GPU after the weights and the \
+                         adapter pool; lower --max-loras-per-batch or --max-lora-rank, or raise \
+                         --mem-fraction-static",
+                        self.mem_fraction_static
+                    )
+                } else {
+                    "--max-total-tokens".to_string()
+                };
+                return Err(bad(format!(
+                    "--context-length {c} exceeds the KV cache's {kv_tokens} tokens ({why}): a \
+                     request of full length could never fit"
+                )));
+            }
             Some(c) => c,
-            None => model_max.min(self.max_total_tokens),
+            None => model_max.min(kv_tokens),
         };
         Ok(EngineConfig {
             max_loras_per_batch: self.lora.max_loras_per_batch,
@@ -689,7 +735,7 @@ impl ServerConfig {
             lora_overlap_loading: self.lora.overlap_loading,
             max_running_requests: self.max_running_requests,
             max_queued_requests: self.max_queued_requests,
-            max_total_tokens: self.max_total_tokens,
+            max_total_tokens: kv_tokens,
             chunked_prefill_size: self.chunked_prefill_size.unwrap_or(context_length),
             context_length,
             prefix_cache: self.prefix_cache,
@@ -725,6 +771,7 @@ impl ServerConfig {
             "max_queued_requests": engine.max_queued_requests,
             "context_length": engine.context_length,
             "max_total_tokens": engine.max_total_tokens,
+            "mem_fraction_static": if self.device.cuda { Some(self.mem_fraction_static) } else { None },
             "chunked_prefill_size": engine.chunked_prefill_size,
             "disable_radix_cache": !engine.prefix_cache,
             "page_size": engine.kv_block_size,
@@ -926,16 +973,60 @@ mod tests {
                 "max_position_embeddings":256}"#,
         )
         .unwrap();
-        let e = serve(&[]).unwrap().engine_config(&m).unwrap();
+        let cpu = serve(&[]).unwrap();
+        assert_eq!(cpu.kv_tokens_bound(), DEFAULT_MAX_TOTAL_TOKENS);
+        let e = cpu.engine_config(&m, cpu.kv_tokens_bound()).unwrap();
         assert_eq!((e.context_length, e.chunked_prefill_size), (256, 512));
         m.max_position_embeddings = 131072;
-        let e = serve(&[]).unwrap().engine_config(&m).unwrap();
+        let e = cpu.engine_config(&m, cpu.kv_tokens_bound()).unwrap();
         assert_eq!(e.context_length, DEFAULT_MAX_TOTAL_TOKENS);
+        assert_eq!(e.max_total_tokens, DEFAULT_MAX_TOTAL_TOKENS);
         m.max_position_embeddings = 256;
         let e = serve(&["--context-length", "512"])
             .unwrap()
-            .engine_config(&m)
+            .engine_config(&m, 4096)
             .unwrap_err();
         assert!(e.0.contains("max_position_embeddings 256"), "{e}");
+    }
+
+    #[test]
+    fn the_gpu_sizes_the_kv_cache_from_memory_unless_told() {
+        let mut m = crate::model::ModelConfig::from_hf_json(
+            r#"{"architectures":["LlamaForCausalLM"],"vocab_size":10,"hidden_size":8,
+                "intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2,
+                "max_position_embeddings":131072}"#,
+        )
+        .unwrap();
+        let gpu = serve(&["--device", "cuda"]).unwrap();
+        assert_eq!(gpu.kv_tokens_bound(), usize::MAX);
+        assert_eq!(gpu.mem_fraction_static, DEFAULT_MEM_FRACTION_STATIC);
+        // Placed with no bound, then again with what fit: the context follows the cache.
+        assert_eq!(gpu.engine_config(&m, usize::MAX).unwrap().context_length, 131072);
+        let e = gpu.engine_config(&m, 50_000).unwrap();
+        assert_eq!((e.context_length, e.max_total_tokens), (50_000, 50_000));
+        let told = serve(&["--device", "cuda", "--max-total-tokens", "9000"]).unwrap();
+        assert_eq!(told.kv_tokens_bound(), 9000);
+        let long = serve(&[
+            "--device",
+            "cuda",
+            "--context-length",
+            "100000",
+            "--mem-fraction-static",
+            "0.5",
+        ])
+        .unwrap();
+        assert_eq!(long.mem_fraction_static, 0.5);
+        let e = long.engine_config(&m, 60_000).unwrap_err();
+        assert!(
+            e.0.contains("KV cache's 60000 tokens") && e.0.contains("--mem-fraction-static 0.5"),
+            "{e}"
+        );
+        m.max_position_embeddings = 4096;
+        let e = serve(&["--max-total-tokens", "100", "--context-length", "200"]).unwrap_err();
+        assert!(e.0.contains("exceeds --max-total-tokens 100"), "{e}");
+        for bad_fraction in ["0", "1", "1.5", "NaN"] {
+            let e = serve(&["--device", "cuda", "--mem-fraction-static", bad_fraction]).unwrap_err();
+            assert!(e.0.contains("--mem-fraction-static"), "{bad_fraction}: {e}");
+        }
     }
 }

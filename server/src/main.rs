@@ -83,8 +83,8 @@ fn serve_command(args: ServeArgs) -> ExitCode {
         ),
         (
             "--mem-fraction-static",
-            args.mem_fraction_static.is_some(),
-            "the KV cache holds --max-total-tokens tokens",
+            cpu && args.mem_fraction_static.is_some(),
+            "on the CPU the KV cache holds --max-total-tokens tokens",
         ),
     ] {
         if ignored {
@@ -117,6 +117,12 @@ impl From<anyhow::Error> for ServeError {
     }
 }
 
+impl From<loraplane_server::Error> for ServeError {
+    fn from(e: loraplane_server::Error) -> Self {
+        ServeError::Other(e.into())
+    }
+}
+
 fn serve(mut config: ServerConfig) -> Result<(), ServeError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -146,7 +152,9 @@ fn serve(mut config: ServerConfig) -> Result<(), ServeError> {
         config.skip_tokenizer_init = true;
     }
     tracing::info!(model = %name, secs = t0.elapsed().as_secs_f32(), dummy = config.dummy_weights, "model loaded");
-    let engine_config = config.engine_config(&model_config).map_err(ServeError::Config)?;
+    let engine_config = config
+        .engine_config(&model_config, config.kv_tokens_bound())
+        .map_err(ServeError::Config)?;
     let served_model_name = config.served_model_name.clone().unwrap_or(name.clone());
     if served_model_name.contains(':') {
         return Err(ServeError::Config(loraplane_server::args::ArgError(format!(
@@ -224,7 +232,7 @@ fn place_model(
     model_config: &loraplane_server::model::ModelConfig,
     config: &ServerConfig,
     mut engine_config: engine::EngineConfig,
-) -> anyhow::Result<(Model, engine::EngineConfig)> {
+) -> Result<(Model, engine::EngineConfig), ServeError> {
     if !config.device.cuda {
         let host = match host {
             Some(host) => host,
@@ -251,7 +259,14 @@ fn place_model(
             .device
             .cuda_graph_max_bs
             .min(engine_config.max_running_requests),
-        max_tokens: engine_config.max_total_tokens,
+        // Without --max-total-tokens, no more than the running batch can use at full length: a
+        // small model would otherwise take tens of GB of cache (and the host its block tables).
+        max_tokens: config.max_total_tokens.unwrap_or(
+            engine_config
+                .max_running_requests
+                .saturating_mul(engine_config.context_length),
+        ),
+        kv_memory_fraction: Some(config.mem_fraction_static),
         block_size: engine_config.kv_block_size,
         max_rows: engine_config.chunked_prefill_size + engine_config.max_running_requests,
         max_seq_len: engine_config.context_length,
@@ -272,10 +287,26 @@ fn place_model(
         Some(host) => CudaModel::from_host(gpu.clone(), host, opts)?,
         None => CudaModel::dummy(gpu.clone(), model_config.clone(), opts, 0)?,
     };
+    if let Some(told) = config.max_total_tokens.filter(|&t| t > model.kv_tokens()) {
+        tracing::warn!(
+            max_total_tokens = told,
+            fit = model.kv_tokens(),
+            "--max-total-tokens is more than --mem-fraction-static leaves room for; the KV cache holds what fits"
+        );
+    }
+    // The cache was sized from free memory: the context length follows it.
+    let engine_config = engine::EngineConfig {
+        max_lora_rank: Some(rank),
+        ..config
+            .engine_config(model_config, model.kv_tokens())
+            .map_err(ServeError::Config)?
+    };
     tracing::info!(
         gpu = %gpu.name,
         dtype = config.device.dtype.name(),
         lora_pool_gb = model.lora_pool_bytes() as f64 / 1e9,
+        kv_tokens = model.kv_tokens(),
+        kv_cache_gb = model.kv_cache_bytes() as f64 / 1e9,
         decode_gemms = %model.decode_gemm_groups().join(", "),
         secs = t0.elapsed().as_secs_f32(),
         "model on the GPU"

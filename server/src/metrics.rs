@@ -51,6 +51,11 @@ pub struct Metrics {
     pub step_seconds: Histogram,
     /// KV cache blocks in use / total.
     pub kv_usage: Gauge,
+    /// KV cache capacity in tokens (on the GPU, sized from `--mem-fraction-static`).
+    pub kv_capacity_tokens: IntGauge,
+    /// Running requests sent back to the queue because the KV cache was full; each is
+    /// recomputed from its prompt and the tokens it had generated.
+    pub requests_preempted: IntCounter,
     /// `vllm:lora_requests_info`: one series whose labels list the running and waiting adapters.
     pub lora_requests_info: GaugeVec,
 }
@@ -169,6 +174,14 @@ impl Metrics {
             kv_usage: reg!(Gauge::new(
                 "loraplane_kv_cache_usage_ratio",
                 "KV cache blocks in use / total"
+            )),
+            kv_capacity_tokens: reg!(IntGauge::new(
+                "loraplane_kv_cache_capacity_tokens",
+                "KV cache capacity in tokens"
+            )),
+            requests_preempted: reg!(IntCounter::new(
+                "loraplane_requests_preempted_total",
+                "Running requests preempted for recompute because the KV cache was full"
             )),
             lora_requests_info: reg!(GaugeVec::new(
                 Opts::new(

@@ -172,6 +172,49 @@ async fn continuous_batching_with_two_slots_matches_peft_for_every_adapter() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_kv_cache_preempts_and_recomputes_without_changing_outputs() {
+    // 64 tokens of cache: each request (prompt + 24 new tokens) fits alone, four at once do not.
+    let small = EngineConfig {
+        max_total_tokens: 64,
+        context_length: 64,
+        prefix_cache: false,
+        ..config(2, None)
+    };
+    let (h, m) = start(small, vec![spec("a", "all_r16", false)]);
+    assert_eq!(metric(&m, "loraplane_kv_cache_capacity_tokens"), 64.0);
+    let cases: Vec<(usize, Option<&str>)> = vec![(0, None), (1, Some("a")), (2, None), (3, Some("a"))];
+    let prompts: Vec<Vec<u32>> = cases
+        .iter()
+        .map(|&(p, _)| reference_greedy("llama", p).0)
+        .collect();
+    assert!(
+        prompts.iter().all(|p| p.len() + 24 <= 64),
+        "each request must fit alone"
+    );
+    let pending: Vec<_> = cases
+        .iter()
+        .zip(&prompts)
+        .map(|(&(_, lora), prompt)| h.submit(greedy(prompt.clone(), lora, 24)).unwrap())
+        .collect();
+    let mut together = Vec::new();
+    for rx in pending {
+        let out = collect(rx).await;
+        assert_eq!(out.reason, FinishReason::Length);
+        together.push(out.tokens);
+    }
+    assert!(
+        metric(&m, "loraplane_requests_preempted_total") > 0.0,
+        "four requests of about 34 tokens in 64 must preempt:\n{}",
+        m.render()
+    );
+    // A preempted request resumes from its prompt and the tokens it had: same greedy tokens.
+    for ((&(_, lora), prompt), got) in cases.iter().zip(&prompts).zip(&together) {
+        let alone = collect(h.submit(greedy(prompt.clone(), lora, 24)).unwrap()).await;
+        assert_eq!(&alone.tokens, got, "adapter {lora:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pinned_adapter_keeps_its_slot_and_host_evicted_adapters_reload() {
     let adapters = vec![
         spec("pinned", "qv_r2", true),

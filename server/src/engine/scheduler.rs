@@ -108,6 +108,7 @@ pub(crate) fn spawn<M: Forward + Send + 'static>(
     };
     let alive = handle.alive.clone();
     let kv = model.new_kv_cache(config.max_total_tokens, config.kv_block_size);
+    metrics.kv_capacity_tokens.set(kv.capacity_tokens() as i64);
     let mut s = Scheduler {
         model,
         config,
@@ -474,6 +475,7 @@ impl<M: Forward> Scheduler<M> {
                 tokens = victim.tokens.len(),
                 "KV cache full: preempting a request for recompute"
             );
+            self.metrics.requests_preempted.inc();
             victim.adapter = None;
             self.waiting.push_front(victim);
         }

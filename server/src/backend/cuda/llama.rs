@@ -18,7 +18,7 @@ use loraplane_kernels::{
 use super::graph::DecodeGraph;
 use super::lora::{group_dims, LoraSlots, GROUPS};
 use super::sampling::{check_sampling, split_outputs};
-use super::{launch, Gpu, GpuFloat};
+use super::{cuda_err, launch, Gpu, GpuFloat};
 use crate::adapter::{LoraAdapter, LoraTarget};
 use crate::engine::KvCache;
 use crate::error::{Error, Result};
@@ -71,8 +71,12 @@ pub struct CudaOptions {
     pub lora_mode: LoraKernelMode,
     /// Largest decode batch replayed from a CUDA graph; 0 disables graphs.
     pub cuda_graph_max_bs: usize,
-    /// KV cache capacity in tokens.
+    /// KV cache capacity in tokens; with [`Self::kv_memory_fraction`], the most it may hold.
     pub max_tokens: usize,
+    /// Size the KV cache, allocated after everything else the model holds, so that the
+    /// GPU's memory in use reaches this share of its total (SGLang's `--mem-fraction-static`),
+    /// up to `max_tokens`. None: exactly `max_tokens`.
+    pub kv_memory_fraction: Option<f64>,
     /// Tokens per KV block.
     pub block_size: usize,
     /// Rows (new tokens) one forward pass may carry.
@@ -549,6 +553,43 @@ fn attention_splits(rows: usize, kv_heads: usize) -> usize {
     }
 }
 
+/// A 2D host-to-device copy of the first `width` bytes of `rows` rows, `pitch` bytes apart on
+/// both sides.
+fn rows_copy(src: *const i32, dst: u64, pitch: usize, width: usize, rows: usize) -> drv::CUDA_MEMCPY2D {
+    drv::CUDA_MEMCPY2D {
+        srcXInBytes: 0,
+        srcY: 0,
+        srcMemoryType: drv::CUmemorytype::CU_MEMORYTYPE_HOST,
+        srcHost: src.cast(),
+        srcDevice: 0,
+        srcArray: std::ptr::null_mut(),
+        srcPitch: pitch,
+        dstXInBytes: 0,
+        dstY: 0,
+        dstMemoryType: drv::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+        dstHost: std::ptr::null_mut(),
+        dstDevice: dst,
+        dstArray: std::ptr::null_mut(),
+        dstPitch: pitch,
+        WidthInBytes: width,
+        Height: rows,
+    }
+}
+
+/// Most tokens the device KV cache holds: slot indices (token x block) stay well inside i32.
+const MAX_KV_TOKENS: usize = 1 << 30;
+
+/// KV blocks of `block_bytes` (all layers, keys and values) that bring the GPU's memory in
+/// use, `total - free` bytes now, up to `fraction` of `total`, less the spare block the graphs'
+/// padding rows write to; 0 when none fit.
+fn kv_blocks_that_fit(free: usize, total: usize, fraction: f64, block_bytes: usize) -> usize {
+    let budget = total as f64 * fraction - (total - free.min(total)) as f64;
+    if budget <= 0.0 {
+        return 0;
+    }
+    ((budget / block_bytes.max(1) as f64) as usize).saturating_sub(1)
+}
+
 /// Graph bucket sizes: a decode batch is padded up to the next one.
 fn graph_buckets(max_bs: usize) -> Vec<usize> {
     let mut v = vec![1, 2, 4, 8];
@@ -674,14 +715,6 @@ impl<T: GpuFloat> CudaLlama<T> {
             )));
         }
         let bs = opts.block_size.max(1);
-        let kv_blocks = opts.max_tokens.div_ceil(bs).max(1);
-        let slots_total = (kv_blocks + 1) * bs * c.kv_dim();
-        let mut k_cache = Vec::with_capacity(c.num_layers);
-        let mut v_cache = Vec::with_capacity(c.num_layers);
-        for _ in 0..c.num_layers {
-            k_cache.push(gpu.zeros::<T>(slots_total)?);
-            v_cache.push(gpu.zeros::<T>(slots_total)?);
-        }
         let lora = if opts.lora_slots > 0 {
             Some(LoraSlots::new(&gpu, c, opts.lora_slots, opts.lora_rank.max(1))?)
         } else {
@@ -721,9 +754,9 @@ impl<T: GpuFloat> CudaLlama<T> {
             norm,
             blocks,
             inv_freq,
-            k_cache,
-            v_cache,
-            kv_blocks,
+            k_cache: Vec::new(),
+            v_cache: Vec::new(),
+            kv_blocks: 0,
             lora,
             lora_mma,
             bufs,
@@ -737,7 +770,67 @@ impl<T: GpuFloat> CudaLlama<T> {
             decode_gemms: None,
         };
         model.decode_gemms = model.build_decode_gemms()?;
+        model.allocate_kv_cache()?;
         Ok(model)
+    }
+
+    /// Allocates the paged KV cache (one spare block beyond the capacity, for graph padding
+    /// rows): [`CudaOptions::max_tokens`], or with [`CudaOptions::kv_memory_fraction`] what that
+    /// share of the GPU leaves after everything allocated so far, capped there.
+    fn allocate_kv_cache(&mut self) -> Result<()> {
+        let c = &self.config;
+        let bs = self.opts.block_size.max(1);
+        let block_bytes = bs * c.kv_dim() * std::mem::size_of::<T>() * 2 * c.num_layers;
+        // Slots are i32 in the step metadata and int in some kernels' index arithmetic.
+        let wanted = self.opts.max_tokens.min(MAX_KV_TOKENS).div_ceil(bs).max(1);
+        let kv_blocks = match self.opts.kv_memory_fraction {
+            None => wanted,
+            Some(fraction) => {
+                let (free, total) = self
+                    .gpu
+                    .ctx
+                    .mem_get_info()
+                    .map_err(|e| cuda_err("reading the GPU's free memory", e))?;
+                let fit = kv_blocks_that_fit(free, total, fraction, block_bytes);
+                if fit == 0 {
+                    let gb = |b: usize| b as f64 / 1e9;
+                    return Err(Error::Model(format!(
+                        "--mem-fraction-static {fraction}: no room for the KV cache. The GPU has \
+                         {:.1} GB, {:.1} GB of it in use after the weights and the adapter pool \
+                         ({:.2} GB), and {fraction} of it is {:.1} GB; raise --mem-fraction-static, \
+                         or lower --max-loras-per-batch or --max-lora-rank",
+                        gb(total),
+                        gb(total - free),
+                        self.lora_pool_bytes() as f64 / 1e9,
+                        gb(total) * fraction
+                    )));
+                }
+                wanted.min(fit)
+            }
+        };
+        let slots_total = (kv_blocks + 1) * bs * c.kv_dim();
+        let mut k_cache = Vec::with_capacity(c.num_layers);
+        let mut v_cache = Vec::with_capacity(c.num_layers);
+        for _ in 0..c.num_layers {
+            k_cache.push(self.gpu.zeros::<T>(slots_total)?);
+            v_cache.push(self.gpu.zeros::<T>(slots_total)?);
+        }
+        (self.k_cache, self.v_cache, self.kv_blocks) = (k_cache, v_cache, kv_blocks);
+        Ok(())
+    }
+
+    /// KV cache capacity in tokens.
+    pub fn kv_tokens(&self) -> usize {
+        self.kv_blocks * self.opts.block_size.max(1)
+    }
+
+    /// Device bytes held by the KV cache (its spare block included).
+    pub fn kv_cache_bytes(&self) -> usize {
+        self.k_cache
+            .iter()
+            .chain(&self.v_cache)
+            .map(|b| b.len() * std::mem::size_of::<T>())
+            .sum()
     }
 
     /// The decode GEMMs' maps and scratch, when [`CudaOptions::decode_gemms`] is on, the GPU
@@ -1071,11 +1164,23 @@ impl<T: GpuFloat> CudaLlama<T> {
             .map_err(|e| Error::Model(format!("CUDA: allocating pinned memory for step metadata: {e}")))?;
             self.bufs.meta_host = Some(host);
         }
+        // Only the table's used columns are cleared and uploaded (a 2D copy): kernels read a
+        // row's entries below its sequence's length only, and a full row of a long context
+        // (--context-length 131072: 8,192 entries) made a batch-64 step's upload 2 MB.
+        let table_cols = seqs
+            .iter()
+            .map(|s| s.cache.blocks.len())
+            .max()
+            .unwrap_or(0)
+            .clamp(1, mb);
         let host = self.bufs.meta_host.as_mut().expect("allocated above");
         let meta = &mut host
             .as_mut_slice()
             .map_err(|e| Error::Model(format!("CUDA: step metadata: {e}")))?[..len];
-        meta.fill(0);
+        meta[..8 * stride].fill(0);
+        for r in 0..table_rows {
+            meta[8 * stride + r * mb..][..table_cols].fill(0);
+        }
         let mut row = 0usize;
         let mut items: Vec<[i32; 3]> = Vec::new();
         let merge_rows = decode_merge_rows(rows, self.lora_mma.iter().all(|&m| m));
@@ -1154,16 +1259,24 @@ impl<T: GpuFloat> CudaLlama<T> {
         }
         meta[7 * stride..7 * stride + wanted.len()].copy_from_slice(&wanted);
         let stream = &self.gpu.stream;
-        // SAFETY: the device buffer holds the capacity's sections, at least `len`; the pinned
-        // source is not rewritten before `meta_uploaded` fires (waited for above).
+        let dev = self.gpu.ptr(&self.bufs.meta);
+        let table = rows_copy(
+            meta[8 * stride..].as_ptr(),
+            dev + (8 * stride * std::mem::size_of::<i32>()) as u64,
+            mb * std::mem::size_of::<i32>(),
+            table_cols * std::mem::size_of::<i32>(),
+            table_rows,
+        );
+        // SAFETY: the device buffer holds the capacity's sections and table, at least `len`
+        // elements, as the host range does; the pinned source is not rewritten before
+        // `meta_uploaded` fires (waited for above).
         unsafe {
-            cudarc::driver::result::memcpy_htod_async(
-                self.gpu.ptr(&self.bufs.meta),
-                &meta[..],
-                stream.cu_stream(),
-            )
+            cudarc::driver::result::memcpy_htod_async(dev, &meta[..8 * stride], stream.cu_stream())
+                .map_err(|e| Error::Model(format!("CUDA: uploading step metadata: {e}")))?;
+            drv::cuMemcpy2DAsync_v2(&table, stream.cu_stream())
+                .result()
+                .map_err(|e| Error::Model(format!("CUDA: uploading the block tables: {e}")))?;
         }
-        .map_err(|e| Error::Model(format!("CUDA: uploading step metadata: {e}")))?;
         self.bufs
             .meta_uploaded
             .record(stream)
@@ -2236,6 +2349,16 @@ impl CudaModel {
         each_dtype!(self, m => m.lora_pool_bytes())
     }
 
+    /// See [`CudaLlama::kv_tokens`].
+    pub fn kv_tokens(&self) -> usize {
+        each_dtype!(self, m => m.kv_tokens())
+    }
+
+    /// See [`CudaLlama::kv_cache_bytes`].
+    pub fn kv_cache_bytes(&self) -> usize {
+        each_dtype!(self, m => m.kv_cache_bytes())
+    }
+
     /// Programmatic edges over the decode graphs captured so far (0 without programmatic launch).
     pub fn programmatic_edges(&self) -> usize {
         each_dtype!(self, m => m.programmatic_edges())
@@ -2260,6 +2383,36 @@ impl CudaModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_block_table_copy_takes_the_used_columns_of_each_row() {
+        let host = [0i32; 40];
+        let c = rows_copy(host[8..].as_ptr(), 0x1000, 16, 8, 2);
+        assert_eq!((c.srcPitch, c.dstPitch, c.WidthInBytes, c.Height), (16, 16, 8, 2));
+        assert_eq!(
+            (c.srcHost as usize, c.dstDevice),
+            (host[8..].as_ptr() as usize, 0x1000)
+        );
+        assert_eq!((c.srcXInBytes, c.srcY, c.dstXInBytes, c.dstY), (0, 0, 0, 0));
+    }
+
+    #[test]
+    fn the_kv_cache_gets_what_the_memory_fraction_leaves() {
+        const GB: usize = 1_000_000_000;
+        // Llama-3.1-8B in bf16: 16 tokens a block, 128 KB a token over 32 layers.
+        let block = 16 * 1024 * 2 * 2 * 32;
+        // 80 GB, 30 GB in use after weights and pool: 0.875 leaves 40 GB, less the spare block.
+        assert_eq!(
+            kv_blocks_that_fit(50 * GB, 80 * GB, 0.875, block),
+            40 * GB / block - 1
+        );
+        // Already past the fraction (another process, a large pool): nothing.
+        assert_eq!(kv_blocks_that_fit(5 * GB, 80 * GB, 0.9, block), 0);
+        assert_eq!(kv_blocks_that_fit(8 * GB, 80 * GB, 0.9, block), 0);
+        // Room for the spare block alone is no room.
+        assert_eq!(kv_blocks_that_fit(block, 2 * block, 1.0, block), 0);
+        assert_eq!(kv_blocks_that_fit(2 * block, 3 * block, 1.0, block), 1);
+    }
 
     #[test]
     fn tensor_core_lora_takes_the_llama_and_smollm2_widths_and_not_the_others() {
