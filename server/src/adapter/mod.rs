@@ -311,21 +311,29 @@ impl LoraAdapter {
     ///
     /// Values come from a fixed-seed generator, scaled so the delta is small but not zero.
     pub fn dummy(name: &str, config: &ModelConfig, rank: usize, targets: &[LoraTarget], seed: u64) -> Self {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
-        let mut next = move || {
-            // xorshift64*: cheap, deterministic, good enough for benchmark weights.
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            let v = state.wrapping_mul(0x2545_F491_4F6C_DD1D);
-            (v >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        };
-        let mut rand = |shape: Vec<usize>, scale: f32| {
-            let n = shape.iter().product();
-            Tensor::new(shape, (0..n).map(|_| next() * scale).collect())
-        };
+        use rayon::prelude::*;
+        // A stream per layer, so that layers generate in parallel (an 8B-shaped rank-16 adapter
+        // is 42 M values) and the values do not depend on the thread count.
         let layers = (0..config.num_layers)
-            .map(|_| {
+            .into_par_iter()
+            .map(|li| {
+                // Layers' streams differ by a large odd multiple, so small seeds (1, 2, ...) never
+                // share a layer's stream.
+                let mut state = (seed ^ (li as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03))
+                    .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    .wrapping_add(1);
+                let mut next = move || {
+                    // xorshift64*: cheap, deterministic, good enough for benchmark weights.
+                    state ^= state >> 12;
+                    state ^= state << 25;
+                    state ^= state >> 27;
+                    let v = state.wrapping_mul(0x2545_F491_4F6C_DD1D);
+                    (v >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+                };
+                let mut rand = |shape: Vec<usize>, scale: f32| {
+                    let n = shape.iter().product();
+                    Tensor::new(shape, (0..n).map(|_| next() * scale).collect())
+                };
                 let mut l: [Option<LoraWeights>; 7] = Default::default();
                 for &t in targets {
                     let (in_f, out_f) = t.shape(config);
