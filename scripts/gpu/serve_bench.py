@@ -7,8 +7,9 @@ Each configuration sends CLIENTS requests at once (one /generate each: a 128-tok
 random ids, greedy, ignore_eos, NEW output tokens) and times them to the last answer. Output
 tok/s is every generated token over that wall time, so it includes the prefill of all prompts,
 the scheduler, sampling and HTTP; compare it with bench_gpu's decode steps (engine only).
-The KV cache holds every request whole (no preemption) up to NEW = 1024. The number of
-requests and tokens is fixed, so the run is bounded. Standard library only.
+The KV cache is sized from the GPU's memory (--mem-fraction-static's default); the run prints
+its capacity and, at the end, how many requests were preempted. The number of requests and
+tokens is fixed, so the run is bounded. Standard library only.
 
 usage: scripts/gpu/serve_bench.py [path/to/loraplane-server]
 """
@@ -75,9 +76,6 @@ def main():
     names = [f"a{i}" for i in range(ADAPTERS)]
     args = [BIN, "--model-path", "Llama-3.1-8B", "--load-format", "dummy", "--device", "cuda",
             "--max-lora-rank", "16", "--max-loras-per-batch", str(ADAPTERS), "--max-running-requests", "64",
-            # 64 requests of up to 128 + 1024 tokens fit without preemption (the default 32,768
-            # tokens would preempt from 512-token contexts on).
-            "--max-total-tokens", "81920",
             "--lora-paths"] + [f"{n}=dummy://?rank=16" for n in names]
     t0 = time.time()
     proc, addr = server_proc.start(args, timeout=900)
@@ -85,7 +83,9 @@ def main():
         info = json.loads(urllib.request.urlopen(f"http://{addr}/get_server_info", timeout=10).read())
         print(f"server up in {time.time() - t0:.0f} s: {info.get('device')} {info.get('dtype')}, "
               f"lora backend {info.get('lora_backend')}, {ADAPTERS} dummy rank-16 adapters, "
-              f"cuda graphs up to batch {info.get('cuda_graph_max_bs')}")
+              f"cuda graphs up to batch {info.get('cuda_graph_max_bs')}; KV cache {info.get('max_total_tokens')} "
+              f"tokens (--mem-fraction-static {info.get('mem_fraction_static')}), context length "
+              f"{info.get('context_length')}")
         # Warm-up: every adapter into its slot, graphs captured.
         burst(addr, 64, lambda i: names[i], 8, 0)
         configs = [
@@ -107,6 +107,10 @@ def main():
               f"| wall s | ms per output token of one request |\n|---|---|---|---|---|")
         for label, r, clients, wall, tokens, latency in rows:
             print(f"| {label} | {r} | {tokens / wall:.0f} | {wall:.2f} | {latency / NEW * 1e3:.2f} |")
+        metrics = urllib.request.urlopen(f"http://{addr}/metrics", timeout=10).read().decode()
+        for line in metrics.splitlines():
+            if line.startswith(("loraplane_requests_preempted_total", "loraplane_kv_cache_capacity_tokens")):
+                print(line)
     finally:
         proc.terminate()
         proc.wait(timeout=60)

@@ -9,13 +9,15 @@ requests with temperature 0.8 and seed 7 must return identical text, and a batch
 sampled and repetition-penalised requests (all sampled on the device) must complete, and
 greedy requests' top-5 log-probs (returned by the device) must match the CPU's. Last,
 --load-format dummy: the same random model from a config alone on the CPU and on the GPU
-(f32 continuations identical, with dummy:// adapters), and Llama-3.1-8B from its preset name.
-Standard library only (runs on the GPU machine as is).
+(f32 continuations identical, with dummy:// adapters), and Llama-3.1-8B from its preset name;
+and the KV cache sized from --mem-fraction-static (a prompt longer than 32,768 tokens, the
+capacity's change with the fraction, a refusal when nothing is left). Standard library only (runs on the GPU machine as is).
 
 usage: scripts/gpu/serve_check.py [path/to/loraplane-server]
 """
 import json
 import os
+import subprocess
 import sys
 import urllib.request
 
@@ -175,6 +177,57 @@ def dummy_models():
     return ok and big_ok
 
 
+def info_of(addr):
+    return json.loads(urllib.request.urlopen(f"http://{addr}/get_server_info", timeout=10).read())
+
+
+def kv_sizing():
+    """The KV cache takes what --mem-fraction-static leaves: Llama-3.1-8B's shape gets far more
+    than the CPU's 32,768-token default, serves one request longer than that, and the
+    capacity moves with the fraction by the bytes it frees; a fraction with no room left is
+    refused at start-up with a message."""
+    print("KV cache sized from --mem-fraction-static (Llama-3.1-8B preset, 8 rank-16 slots)")
+    base = ["--model-path", "Llama-3.1-8B", "--load-format", "dummy", "--device", "cuda",
+            "--enable-lora", "--max-lora-rank", "16", "--max-loras-per-batch", "8"]
+    tokens, ok = {}, True
+    for fraction in ["0.87", "0.6"]:
+        args = base if fraction == "0.87" else base + ["--mem-fraction-static", fraction]
+        proc, addr = server_proc.start([BIN] + args, timeout=900)
+        try:
+            info = info_of(addr)
+            tokens[fraction] = info["max_total_tokens"]
+            line = f"--mem-fraction-static {info.get('mem_fraction_static')}: {tokens[fraction]} tokens, " \
+                   f"context length {info['context_length']}"
+            if fraction == "0.87":
+                # 40,000 prompt ids and 4 new tokens: more than the old fixed cache allowed.
+                out = post(addr, "/generate", {
+                    "input_ids": [(7 * i) % 128000 + 1 for i in range(40000)],
+                    "sampling_params": {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True}})
+                long_ok = len(out.get("output_ids", [])) == 4 and out["meta_info"]["prompt_tokens"] == 40000
+                good = tokens[fraction] > 100000 and info["context_length"] == 131072 and long_ok
+                line += f"; a 40,000-token prompt served: {long_ok}"
+            else:
+                # 0.27 of the GPU at 128 KB a token (32 layers, keys and values of 1,024 bf16).
+                total = int(os.popen("nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits")
+                            .read().split()[0]) * 2**20
+                want = 0.27 * total / (32 * 2 * 1024 * 2)
+                moved = tokens["0.87"] - tokens[fraction]
+                good = abs(moved - want) <= 0.02 * want
+                line += f"; {moved} fewer than at 0.87, expected {want:.0f} (+-2%)"
+            ok &= good
+            print(f"  {'ok ' if good else 'FAIL'} {line}")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    refused = subprocess.run([BIN] + base + ["--mem-fraction-static", "0.15", "--port", "0"],
+                             capture_output=True, text=True, timeout=240)
+    good = refused.returncode != 0 and "no room for the KV cache" in refused.stderr
+    ok &= good
+    print(f"  {'ok ' if good else 'FAIL'} --mem-fraction-static 0.15 (less than the weights): exit "
+          f"{refused.returncode}, {refused.stderr.strip().splitlines()[-1] if refused.stderr.strip() else ''}")
+    return ok
+
+
 def main():
     cpu, loras = run("cpu float32", ["--device", "cpu"])
     failed = False
@@ -204,6 +257,7 @@ def main():
                 if a != b:
                     print(f"    {l or 'base'}: gpu {a} cpu {b}")
     failed |= not dummy_models()
+    failed |= not kv_sizing()
     print("top log-probs (returned by the device on the GPU)")
     want = top_logprobs(["--device", "cpu"])
     got = top_logprobs(f32)
