@@ -37,6 +37,17 @@ def post(addr, body):
         return json.loads(r.read())
 
 
+def step_totals(addr):
+    """(forward steps so far, seconds inside them) from the server's step histogram."""
+    text = urllib.request.urlopen(f"http://{addr}/metrics", timeout=10).read().decode()
+    got = {}
+    for line in text.splitlines():
+        for key in ("loraplane_forward_step_seconds_sum", "loraplane_forward_step_seconds_count"):
+            if line.startswith(key + " "):
+                got[key] = float(line.split()[-1])
+    return got["loraplane_forward_step_seconds_count"], got["loraplane_forward_step_seconds_sum"]
+
+
 def burst(addr, clients, adapter_of, new, seed):
     """`clients` requests at once; returns (wall seconds, generated tokens, mean e2e latency)."""
     rng = random.Random(seed)
@@ -99,10 +110,17 @@ def main():
         rows = []
         for label, clients, adapter_of in configs:
             for r in range(2):
+                steps0, inside0 = step_totals(addr)
                 wall, tokens, latency = burst(addr, clients, adapter_of, NEW, 1 + r)
+                steps1, inside1 = step_totals(addr)
+                steps, inside = steps1 - steps0, inside1 - inside0
                 rows.append((label, r + 1, clients, wall, tokens, latency))
+                # The engine thread's time between forward passes (scheduling, token events) is
+                # the wall time per step that the forward passes do not account for.
                 print(f"{label} (round {r + 1}): {tokens} tokens in {wall:.2f} s = {tokens / wall:.0f} tok/s, "
-                      f"mean request latency {latency:.2f} s", flush=True)
+                      f"mean request latency {latency:.2f} s; {steps:.0f} forward passes, "
+                      f"{inside / steps * 1e3:.2f} ms each, {(wall - inside) / steps * 1e3:.2f} ms between",
+                      flush=True)
         print(f"\n| configuration ({PROMPT}-token prompts, {NEW} new tokens each) | round | output tok/s "
               f"| wall s | ms per output token of one request |\n|---|---|---|---|---|")
         for label, r, clients, wall, tokens, latency in rows:
