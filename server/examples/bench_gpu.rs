@@ -443,7 +443,7 @@ fn main() {
         }
         return;
     }
-    // --step-parts: for each BATCH:ADAPTERS:RANK in LORAPLANE_PARTS, the whole step as the grid
+    // --step-parts: for each BATCH:ADAPTERS:RANK[:PROMPT] in LORAPLANE_PARTS, the whole step as the grid
     // times it, and its graph replayed alone back to back (its device time); the difference is
     // the host's part of a step (metadata, launch, argmax, the ids' copy back).
     if std::env::args().any(|a| a == "--step-parts") {
@@ -462,8 +462,11 @@ fn main() {
                         .unwrap_or_else(|_| panic!("LORAPLANE_PARTS: {p:?} is not BATCH:ADAPTERS:RANK"))
                 })
                 .collect();
-            let [bs, n, rank] = f[..] else {
-                panic!("LORAPLANE_PARTS: {p:?} is not BATCH:ADAPTERS:RANK")
+            // An optional fourth field sets the prompt length (the context the steps read).
+            let (bs, n, rank, prompt) = match f[..] {
+                [bs, n, rank] => (bs, n, rank, PROMPT),
+                [bs, n, rank, prompt] => (bs, n, rank, prompt),
+                _ => panic!("LORAPLANE_PARTS: {p:?} is not BATCH:ADAPTERS:RANK[:PROMPT]"),
             };
             for s in 0..64 {
                 m.dummy_adapter_in_slot(s, rank, &LoraTarget::ALL, 1000 + s as u64)
@@ -472,13 +475,16 @@ fn main() {
             let slots: Vec<i32> = (0..bs)
                 .map(|i| if n == 0 { -1 } else { (i % n) as i32 })
                 .collect();
-            let ms = decode(&mut m, &mut kv, bs, &slots, 20, false, |_| {});
+            let ms = decode_with_prompt(&mut m, &mut kv, bs, prompt, &slots, 20, false, |_| {});
             let replay = m.time_graph_replays(bs, 50).expect("replay");
-            let what = if n == 0 {
+            let mut what = if n == 0 {
                 format!("bs={bs} base")
             } else {
                 format!("bs={bs} {n}x r{rank}")
             };
+            if prompt != PROMPT {
+                what += &format!(", {prompt}-token prompts");
+            }
             println!("| {what} | {ms:.3} | {replay:.3} | {:.3} |", ms - replay);
         }
         return;
