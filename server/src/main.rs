@@ -238,6 +238,19 @@ fn place_model(
             Some(host) => host,
             None => dummy_on_host(model_config)?,
         };
+        // The host cache is allocated whole at start: refuse one that cannot fit, by name,
+        // rather than abort on the allocation.
+        let kv_bytes = (engine_config.max_total_tokens as u64)
+            .saturating_mul(model_config.kv_dim() as u64 * 2 * 4 * model_config.num_layers as u64);
+        if let Some(available) = available_memory_bytes().filter(|&a| kv_bytes >= a) {
+            return Err(ServeError::Config(loraplane_server::args::ArgError(format!(
+                "--max-total-tokens {}: the KV cache would take {:.1} GB of host memory and {:.1} GB \
+                 is available; lower --max-total-tokens",
+                engine_config.max_total_tokens,
+                kv_bytes as f64 / 1e9,
+                available as f64 / 1e9
+            ))));
+        }
         return Ok((Model::Cpu(Box::new(host)), engine_config));
     }
     let gpu = Gpu::open(0)?;

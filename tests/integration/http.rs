@@ -753,6 +753,9 @@ async fn startup_refuses_contradictions_with_exit_code_2() {
         (vec!["--lora-backend", "flashinfer"], "--lora-backend"),
         (vec!["--context-length", "512"], "max_position_embeddings"),
         (vec!["--lora-paths", &qv, &qv], "twice"),
+        // A host KV cache larger than the machine's memory, named instead of an aborted allocation.
+        (vec!["--max-total-tokens", "100000000000"], "--max-total-tokens"),
+        (vec!["--mem-fraction-static", "1.5"], "--mem-fraction-static"),
     ];
     for (flags, needle) in cases {
         let mut args = vec!["--model-path", model.as_str()];
