@@ -965,14 +965,20 @@ mod tests {
         assert_eq!(c.chunked_prefill_size, None);
     }
 
-    #[test]
-    fn engine_config_takes_the_context_from_the_model() {
+    /// A one-layer model config whose context is `max_positions` tokens.
+    fn small_model(max_positions: usize) -> crate::model::ModelConfig {
         let mut m = crate::model::ModelConfig::from_hf_json(
             r#"{"architectures":["LlamaForCausalLM"],"vocab_size":10,"hidden_size":8,
-                "intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2,
-                "max_position_embeddings":256}"#,
+                "intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2}"#,
         )
         .unwrap();
+        m.max_position_embeddings = max_positions;
+        m
+    }
+
+    #[test]
+    fn engine_config_takes_the_context_from_the_model() {
+        let mut m = small_model(256);
         let cpu = serve(&[]).unwrap();
         assert_eq!(cpu.kv_tokens_bound(), DEFAULT_MAX_TOTAL_TOKENS);
         let e = cpu.engine_config(&m, cpu.kv_tokens_bound()).unwrap();
@@ -991,12 +997,7 @@ mod tests {
 
     #[test]
     fn the_gpu_sizes_the_kv_cache_from_memory_unless_told() {
-        let mut m = crate::model::ModelConfig::from_hf_json(
-            r#"{"architectures":["LlamaForCausalLM"],"vocab_size":10,"hidden_size":8,
-                "intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2,
-                "max_position_embeddings":131072}"#,
-        )
-        .unwrap();
+        let mut m = small_model(131072);
         let gpu = serve(&["--device", "cuda"]).unwrap();
         assert_eq!(gpu.kv_tokens_bound(), usize::MAX);
         assert_eq!(gpu.mem_fraction_static, DEFAULT_MEM_FRACTION_STATIC);
