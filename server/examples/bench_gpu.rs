@@ -36,21 +36,14 @@ use loraplane_server::backend::cuda::{
 };
 use loraplane_server::engine::{KvCache, SeqCache};
 use loraplane_server::model::llama::{LogitsWanted, SeqInput};
-use loraplane_server::model::ModelConfig;
+use loraplane_server::model::{presets, ModelConfig};
 
 const HBM_BYTES_PER_S: f64 = 3.0e12;
 const BF16_FLOPS: f64 = 790e12;
 const PROMPT: usize = 128;
 
 fn llama31_8b() -> ModelConfig {
-    ModelConfig::from_hf_json(
-        r#"{"architectures":["LlamaForCausalLM"],"vocab_size":128256,"hidden_size":4096,
-        "intermediate_size":14336,"num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":8,
-        "max_position_embeddings":131072,"rope_theta":500000.0,"rms_norm_eps":1e-5,"tie_word_embeddings":false,
-        "rope_scaling":{"factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,
-        "original_max_position_embeddings":8192,"rope_type":"llama3"},"bos_token_id":128000,"eos_token_id":128001}"#,
-    )
-    .expect("preset config")
+    presets::find("Llama-3.1-8B").expect("a preset").config()
 }
 
 /// Parameters of the layers plus the lm_head (what a decode step reads in full): all of them

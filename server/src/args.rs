@@ -965,13 +965,9 @@ mod tests {
         assert_eq!(c.chunked_prefill_size, None);
     }
 
-    /// A one-layer model config whose context is `max_positions` tokens.
+    /// A small model config whose context is `max_positions` tokens.
     fn small_model(max_positions: usize) -> crate::model::ModelConfig {
-        let mut m = crate::model::ModelConfig::from_hf_json(
-            r#"{"architectures":["LlamaForCausalLM"],"vocab_size":10,"hidden_size":8,
-                "intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2}"#,
-        )
-        .unwrap();
+        let mut m = crate::model::ModelConfig::tiny_for_tests();
         m.max_position_embeddings = max_positions;
         m
     }

@@ -240,8 +240,8 @@ fn place_model(
         };
         // The host cache is allocated whole at start: refuse one that cannot fit, by name,
         // rather than abort on the allocation.
-        let kv_bytes = (engine_config.max_total_tokens as u64)
-            .saturating_mul(model_config.kv_dim() as u64 * 2 * 4 * model_config.num_layers as u64);
+        let kv_bytes =
+            (engine_config.max_total_tokens as u64).saturating_mul(model_config.kv_bytes_per_token(4) as u64);
         if let Some(available) = available_memory_bytes().filter(|&a| kv_bytes >= a) {
             return Err(ServeError::Config(loraplane_server::args::ArgError(format!(
                 "--max-total-tokens {}: the KV cache would take {:.1} GB of host memory and {:.1} GB \

@@ -443,18 +443,9 @@ fn parse_key(key: &str) -> std::result::Result<(usize, LoraTarget, bool), String
 mod tests {
     use super::*;
 
-    /// A two-layer model of width 8.
-    fn tiny_config() -> ModelConfig {
-        ModelConfig::from_hf_json(
-            r#"{"architectures":["LlamaForCausalLM"],"vocab_size":16,"hidden_size":8,"intermediate_size":12,
-            "num_hidden_layers":2,"num_attention_heads":2,"num_key_value_heads":1}"#,
-        )
-        .unwrap()
-    }
-
     #[test]
     fn dummy_sources_make_seeded_adapters_and_name_their_problems() {
-        let config = tiny_config();
+        let config = ModelConfig::tiny_for_tests();
         let load = |name: &str, src: &str| LoraAdapter::load(name, Path::new(src), &config);
         let a = load("a", "dummy://").unwrap();
         assert_eq!(
@@ -493,7 +484,7 @@ mod tests {
 
     #[test]
     fn dummy_adapters_round_trip_through_peft_files() {
-        let config = tiny_config();
+        let config = ModelConfig::tiny_for_tests();
         let a = LoraAdapter::dummy("d", &config, 4, &[LoraTarget::QProj, LoraTarget::DownProj], 3);
         let dir = std::env::temp_dir().join(format!("loraplane-dummy-{}", std::process::id()));
         a.save_peft(&dir).unwrap();

@@ -94,6 +94,23 @@ impl ModelConfig {
         per_layer * self.num_layers + heads * self.vocab_size * h + h
     }
 
+    /// Bytes of keys and values one token takes in the KV cache, over every layer, in
+    /// `elem_bytes`-byte elements.
+    pub fn kv_bytes_per_token(&self, elem_bytes: usize) -> usize {
+        2 * self.num_layers * self.kv_dim() * elem_bytes
+    }
+
+    /// A two-layer Llama of width 8 (vocab 16, intermediate 12, two heads, one kv head), for
+    /// unit tests.
+    #[cfg(test)]
+    pub(crate) fn tiny_for_tests() -> Self {
+        Self::from_hf_json(
+            r#"{"architectures":["LlamaForCausalLM"],"vocab_size":16,"hidden_size":8,"intermediate_size":12,
+            "num_hidden_layers":2,"num_attention_heads":2,"num_key_value_heads":1}"#,
+        )
+        .expect("valid test config")
+    }
+
     /// Reads `config.json` from an HF model directory.
     pub fn from_hf_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;

@@ -704,11 +704,7 @@ mod tests {
             [v[0], v[1], v[65536], v[65537]],
             [-0.427_029_6, -0.110_170_305, -0.139_422_12, 0.254_336_36]
         );
-        let c = ModelConfig::from_hf_json(
-            r#"{"architectures":["LlamaForCausalLM"],"vocab_size":16,"hidden_size":8,"intermediate_size":12,
-            "num_hidden_layers":2,"num_attention_heads":2,"num_key_value_heads":1}"#,
-        )
-        .unwrap();
+        let c = ModelConfig::tiny_for_tests();
         let m = LlamaModel::dummy(c.clone(), 3).unwrap();
         // Layer 0's q/k/v is the first stream, then o, gate/up, down; the embedding follows
         // the layers, at scale 1.

@@ -780,7 +780,7 @@ impl<T: GpuFloat> CudaLlama<T> {
     fn allocate_kv_cache(&mut self) -> Result<()> {
         let c = &self.config;
         let bs = self.opts.block_size.max(1);
-        let block_bytes = bs * c.kv_dim() * std::mem::size_of::<T>() * 2 * c.num_layers;
+        let block_bytes = bs * c.kv_bytes_per_token(std::mem::size_of::<T>());
         // Slots are i32 in the step metadata and int in some kernels' index arithmetic.
         let wanted = self.opts.max_tokens.min(MAX_KV_TOKENS).div_ceil(bs).max(1);
         let kv_blocks = match self.opts.kv_memory_fraction {
