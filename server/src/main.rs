@@ -22,7 +22,7 @@ use loraplane_server::engine;
 use loraplane_server::engine::generate::{generate_greedy, GenRequest};
 use loraplane_server::engine::KvCache;
 use loraplane_server::metrics::Metrics;
-use loraplane_server::model::loader::{load_dummy_config, load_model};
+use loraplane_server::model::loader::{load_dummy_config, load_model, load_model_with};
 use loraplane_server::model::tokenizer::ChatMessage;
 use loraplane_server::model::{Architecture, Model};
 
@@ -142,10 +142,9 @@ fn serve(mut config: ServerConfig) -> Result<(), ServeError> {
             .context("loading --model-path")?;
         (name, c, tok, None)
     } else {
-        let loaded = load_model(&config.model_path).context("loading --model-path")?;
-        let c = loaded.model.config().clone();
-        let tok = (!config.skip_tokenizer_init).then_some(loaded.tokenizer);
-        (loaded.name, c, tok, Some(loaded.model))
+        let (name, model, tok) = load_model_with(&config.model_path, config.skip_tokenizer_init)
+            .context("loading --model-path")?;
+        (name, model.config().clone(), tok, Some(model))
     };
     if tokenizer.is_none() && !config.skip_tokenizer_init {
         tracing::warn!("no tokenizer (a preset, or a config without tokenizer.json): serving token ids only, as with --skip-tokenizer-init");

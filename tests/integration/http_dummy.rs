@@ -226,3 +226,21 @@ async fn a_preset_name_serves_that_shape() {
     assert!(!status.success());
     assert!(err.contains("no such file or directory"), "{err}");
 }
+
+/// `--skip-tokenizer-init` on a real model does not read its tokenizer: a model directory whose
+/// tokenizer.json is broken still serves token ids (and without the flag stops start-up).
+#[tokio::test]
+async fn skip_tokenizer_init_never_reads_the_tokenizer_of_a_real_model() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "generation_config.json", "model.safetensors"] {
+        std::fs::copy(fixture(&format!("tiny/llama/{f}")), dir.path().join(f)).unwrap();
+    }
+    std::fs::write(dir.path().join("tokenizer.json"), "not json").unwrap();
+    let model = dir.path().to_str().unwrap();
+    let (status, stderr) = run_to_exit(&["--model-path", model]);
+    assert_ne!(status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("tokenizer"), "{stderr}");
+    let s = Server::start(&["--model-path", model, "--skip-tokenizer-init"]).await;
+    let out = batch(&s, &[5, 17, 42], &[None]).await;
+    assert_eq!(out[0].0.len(), 4);
+}

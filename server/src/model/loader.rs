@@ -17,26 +17,40 @@ pub struct LoadedModel {
     pub tokenizer: TextTokenizer,
 }
 
-/// The configuration and tokenizer of the HF directory at `path`, without its weights.
-fn load_hf_config_and_tokenizer(path: &Path) -> Result<(ModelConfig, TextTokenizer)> {
-    if !path.join("config.json").is_file() {
-        return Err(Error::Model(format!(
-            "{}: not an HF model directory (no config.json)",
-            path.display()
-        )));
-    }
-    let mut config = ModelConfig::from_hf_file(&path.join("config.json"))?;
-    let tokenizer = TextTokenizer::from_hf_dir(path)?;
-    add_tokenizer_eos(&mut config, &tokenizer);
-    Ok((config, tokenizer))
+/// What a load does with the tokenizer of an HF directory.
+#[derive(Clone, Copy, PartialEq)]
+enum TokenizerUse {
+    /// Read it; a directory without `tokenizer.json` is an error.
+    Required,
+    /// Read it where `tokenizer.json` exists.
+    IfPresent,
+    /// Do not read it (`--skip-tokenizer-init`).
+    Skip,
 }
 
-fn add_tokenizer_eos(config: &mut ModelConfig, tokenizer: &TextTokenizer) {
+/// The config at `config_file` and, as `use_` says, the tokenizer of its directory, whose eos
+/// ids join the config's.
+fn hf_config_and_tokenizer(
+    config_file: &Path,
+    use_: TokenizerUse,
+) -> Result<(ModelConfig, Option<TextTokenizer>)> {
+    let mut config = ModelConfig::from_hf_file(config_file)?;
+    let dir = config_file.parent().unwrap_or(Path::new("."));
+    let read = match use_ {
+        TokenizerUse::Required => true,
+        TokenizerUse::IfPresent => dir.join("tokenizer.json").is_file(),
+        TokenizerUse::Skip => false,
+    };
+    if !read {
+        return Ok((config, None));
+    }
+    let tokenizer = TextTokenizer::from_hf_dir(dir)?;
     for &id in tokenizer.eos_token_ids() {
         if !config.eos_token_ids.contains(&id) {
             config.eos_token_ids.push(id);
         }
     }
+    Ok((config, Some(tokenizer)))
 }
 
 /// A model's shape without weights (`--load-format dummy`: the weights are random, made where
@@ -88,20 +102,33 @@ pub fn load_dummy_config(
             path.display()
         )));
     }
-    let mut config = ModelConfig::from_hf_file(&config_file)?;
-    let dir = config_file.parent().unwrap_or(Path::new("."));
-    let tokenizer = if skip_tokenizer || !dir.join("tokenizer.json").is_file() {
-        None
+    let use_ = if skip_tokenizer {
+        TokenizerUse::Skip
     } else {
-        let tokenizer = TextTokenizer::from_hf_dir(dir)?;
-        add_tokenizer_eos(&mut config, &tokenizer);
-        Some(tokenizer)
+        TokenizerUse::IfPresent
     };
+    let (config, tokenizer) = hf_config_and_tokenizer(&config_file, use_)?;
     Ok((name.unwrap_or_else(|| "model".to_string()), config, tokenizer))
 }
 
-/// Loads the model at `path` (an HF directory or a `.gguf` file).
+/// Loads the model at `path` (an HF directory or a `.gguf` file) with its tokenizer.
 pub fn load_model(path: &Path) -> Result<LoadedModel> {
+    let (name, model, tokenizer) = load_model_with(path, false)?;
+    Ok(LoadedModel {
+        name,
+        model,
+        tokenizer: tokenizer.expect("a required tokenizer is read"),
+    })
+}
+
+/// [`load_model`], without reading the tokenizer when `skip_tokenizer`
+/// (`--skip-tokenizer-init`: then an unsupported tokenizer does not stop start-up, and the
+/// eos ids are the config's alone). Returns the default served name, the model and the
+/// tokenizer.
+pub fn load_model_with(
+    path: &Path,
+    skip_tokenizer: bool,
+) -> Result<(String, LlamaModel, Option<TextTokenizer>)> {
     if !path.exists() {
         return Err(Error::Model(format!(
             "{}: no such file or directory",
@@ -113,25 +140,35 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".to_string());
     if path.is_dir() {
-        let (config, tokenizer) = load_hf_config_and_tokenizer(path)?;
+        if !path.join("config.json").is_file() {
+            return Err(Error::Model(format!(
+                "{}: not an HF model directory (no config.json)",
+                path.display()
+            )));
+        }
+        let use_ = if skip_tokenizer {
+            TokenizerUse::Skip
+        } else {
+            TokenizerUse::Required
+        };
+        let (config, tokenizer) = hf_config_and_tokenizer(&path.join("config.json"), use_)?;
         let tensors = weights::load_hf_weights(path)?;
-        let model = LlamaModel::from_tensors(config, tensors)?;
-        Ok(LoadedModel {
-            name,
-            model,
-            tokenizer,
-        })
+        Ok((name, LlamaModel::from_tensors(config, tensors)?, tokenizer))
     } else if path.extension().is_some_and(|e| e == "gguf") {
         let g = gguf::load_gguf(path)?;
-        let eos: Vec<u32> = g.config.eos_token_ids.clone();
-        let tokenizer =
-            TextTokenizer::from_parts(g.tokenizer, g.chat_template, g.bos_token_id, eos, g.add_bos_token)?;
-        let model = LlamaModel::from_tensors(g.config, g.tensors)?;
-        Ok(LoadedModel {
-            name,
-            model,
-            tokenizer,
-        })
+        let tokenizer = if skip_tokenizer {
+            None
+        } else {
+            let eos = g.config.eos_token_ids.clone();
+            Some(TextTokenizer::from_parts(
+                g.tokenizer,
+                g.chat_template,
+                g.bos_token_id,
+                eos,
+                g.add_bos_token,
+            )?)
+        };
+        Ok((name, LlamaModel::from_tensors(g.config, g.tensors)?, tokenizer))
     } else {
         Err(Error::Model(format!(
             "{}: expected an HF model directory or a .gguf file",
