@@ -30,6 +30,10 @@ pub enum Error {
     /// A request the engine cannot run (bad token ids, over the context, ...).
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// A command-line setting this machine cannot honour (the message names the flag); the
+    /// server exits 2 on it, as on any other bad flag.
+    #[error("{0}")]
+    Flag(String),
 }
 
 impl Error {

@@ -119,7 +119,10 @@ impl From<anyhow::Error> for ServeError {
 
 impl From<loraplane_server::Error> for ServeError {
     fn from(e: loraplane_server::Error) -> Self {
-        ServeError::Other(e.into())
+        match e {
+            loraplane_server::Error::Flag(m) => ServeError::Config(loraplane_server::args::ArgError(m)),
+            other => ServeError::Other(other.into()),
+        }
     }
 }
 
@@ -418,4 +421,18 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     }
     tracing::info!(generated, secs, tok_per_s = generated as f32 / secs, "batch done");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ServeError;
+
+    #[test]
+    fn a_flag_the_machine_cannot_honour_exits_like_any_bad_flag() {
+        let flag: ServeError =
+            loraplane_server::Error::Flag("--mem-fraction-static 0.1: no room".into()).into();
+        assert!(matches!(flag, ServeError::Config(ref e) if e.0.contains("--mem-fraction-static")));
+        let model: ServeError = loraplane_server::Error::Model("bad weights".into()).into();
+        assert!(matches!(model, ServeError::Other(_)));
+    }
 }

@@ -794,7 +794,7 @@ impl<T: GpuFloat> CudaLlama<T> {
                 let fit = kv_blocks_that_fit(free, total, fraction, block_bytes);
                 if fit == 0 {
                     let gb = |b: usize| b as f64 / 1e9;
-                    return Err(Error::Model(format!(
+                    return Err(Error::Flag(format!(
                         "--mem-fraction-static {fraction}: no room for the KV cache. The GPU has \
                          {:.1} GB, {:.1} GB of it in use after the weights and the adapter pool \
                          ({:.2} GB), and {fraction} of it is {:.1} GB; raise --mem-fraction-static, \
