@@ -321,7 +321,7 @@ pub const TYPED_KERNELS: &[&str] = &[
 ];
 
 /// Kernels that exist in one version only.
-pub const UNTYPED_KERNELS: &[&str] = &["argmax_f32", "rope_table_f32"];
+pub const UNTYPED_KERNELS: &[&str] = &["argmax_f32", "rope_table_f32", "lora_prefetch_l2"];
 
 /// The kernels `sampling.cu` exports (f32 logits only).
 pub const SAMPLING_KERNELS: &[&str] = &[

@@ -327,3 +327,48 @@ __device__ void lora_expand_mma(T* out, int out_stride, const float* yp, int spl
     }
 INSTANTIATE_LORA_MMA(__nv_bfloat16, bf16)
 INSTANTIATE_LORA_MMA(__half, f16)
+
+// Asks L2 for one fused group's factors of the step's slots (each target's A rows up to the
+// slot's rank, then Bᵀ's rank rows; the layouts of lora_shrink_mma and lora_expand_mma), so that
+// the group's LoRA chain, issued later on the side stream, finds them there. Launched beside a
+// kernel that leaves memory bandwidth unused (decode attention). Grid (x, items); each thread
+// asks for LPF_CHUNK bytes at a time. Past max_bytes for the whole step the factors would not
+// stay in L2 until their chain and would only take bandwidth from the kernel beside: it asks
+// for nothing.
+#define LPF_CHUNK 8192
+extern "C" __global__ void lora_prefetch_l2(const char* A, const char* Bt, const int* items, const int* slot_rank,
+                                            int in_dim, int R, int nt, int out_total, int elem,
+                                            long long max_bytes) {
+    // Reads only the step's metadata and slot ranks, which host copies write before the step.
+    pdl_trigger();
+    long long ranks = 0;
+    for (int i = 0; i < gridDim.y; i++) {
+        int len = items[i * 3 + 1], slot = items[i * 3 + 2];
+        if (slot >= 0 && len > 0) ranks += slot_rank[slot];
+    }
+    if (ranks * elem * ((long long)nt * in_dim + out_total) > max_bytes) return;
+    int len = items[blockIdx.y * 3 + 1], slot = items[blockIdx.y * 3 + 2];
+    if (slot < 0 || len <= 0) return;
+    const long long rank = slot_rank[slot];
+    const long long a_bytes = rank * in_dim * elem, b_bytes = rank * out_total * elem;
+    const long long a_chunks = (a_bytes + LPF_CHUNK - 1) / LPF_CHUNK, b_chunks = (b_bytes + LPF_CHUNK - 1) / LPF_CHUNK;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < nt * a_chunks + b_chunks;
+         i += (long long)gridDim.x * blockDim.x) {
+        const char* p;
+        long long bytes;
+        if (i < nt * a_chunks) {
+            long long t = i / a_chunks, c = i % a_chunks;
+            p = A + ((long long)slot * nt + t) * R * in_dim * elem + c * LPF_CHUNK;
+            bytes = min((long long)LPF_CHUNK, a_bytes - c * LPF_CHUNK);
+        } else {
+            long long c = i - nt * a_chunks;
+            p = Bt + (long long)slot * R * out_total * elem + c * LPF_CHUNK;
+            bytes = min((long long)LPF_CHUNK, b_bytes - c * LPF_CHUNK);
+        }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"((unsigned)bytes) : "memory");
+#else
+        for (long long o = 0; o < bytes; o += 128) asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p + o));
+#endif
+    }
+}
