@@ -131,10 +131,15 @@ pub const DECODE_ATTENTION_TENSOR_CORES_MIN_PAIRS: usize = 32;
 
 /// The most bytes of o-group factors a decode step with adapters asks L2 for while decode
 /// attention runs, so that o's LoRA chain reads them from L2 (`lora_prefetch_l2`). On the H100
-/// (Llama-3.1-8B shape, graph replays, twenty-second session) the adapter rows up to batch 64
-/// gained 0.02-0.07 ms a step; 8 rank-64 adapters (8.4 MB a layer) lost 0.17 ms and 64 rank-64
-/// adapters (67 MB, more than L2 holds) 1.1 ms, so larger sets are not fetched.
+/// (Llama-3.1-8B shape, graph replays, twenty-second session) adapter rows at batches 1 to 64
+/// moved by -0.08 to +0.01 ms a step, most of them gaining 0.02-0.07; 8 rank-64 adapters (8.4 MB a layer) lost 0.17 ms and 64
+/// rank-64 adapters (67 MB, more than L2 holds) 1.1 ms, so larger sets are not fetched.
 pub const LORA_L2_PREFETCH_MAX_BYTES: usize = 4 << 20;
+
+/// Steps of more rows do not fetch ahead ([`LORA_L2_PREFETCH_MAX_BYTES`]): at batch 256 the
+/// extra side-stream branch made the adapter rows 0.4-0.6 ms slower (fetching or not), and at
+/// batch 128 it gained nothing.
+const LORA_L2_PREFETCH_MAX_ROWS: usize = 64;
 
 /// Default for [`CudaOptions::prefill_attention_min_rows`].
 pub const PREFILL_ATTENTION_MIN_ROWS: usize = 64;
@@ -1990,7 +1995,7 @@ impl<T: GpuFloat> CudaLlama<T> {
                 c.head_dim as i32
             )?;
             // o's factors go to L2 while decode attention leaves memory bandwidth unused.
-            if s.lora_delta {
+            if s.lora_delta && rows <= LORA_L2_PREFETCH_MAX_ROWS {
                 gpu.fork_side()?;
                 self.lora_prefetch_l2(li, 1, s)?;
             }
