@@ -336,11 +336,10 @@ INSTANTIATE_LORA_MMA(__half, f16)
 // stay in L2 until their chain and would only take bandwidth from the kernel beside: it asks
 // for nothing.
 #define LPF_CHUNK 8192
-extern "C" __global__ void lora_prefetch_l2(const char* A, const char* Bt, const int* items, const int* slot_rank,
-                                            int in_dim, int R, int nt, int out_total, int elem,
-                                            long long max_bytes) {
-    // Reads only the step's metadata and slot ranks, which host copies write before the step.
-    pdl_trigger();
+__device__ void lora_prefetch_l2_items(const char* A, const char* Bt, const int* items, const int* slot_rank,
+                                       int in_dim, int R, int nt, int out_total, int elem, long long max_bytes) {
+    // Reads only the step's metadata and slot ranks, which host copies write before the step,
+    // and asks for slot factors, which no kernel writes: nothing here waits for the kernel before.
     long long ranks = 0;
     for (int i = 0; i < gridDim.y; i++) {
         int len = items[i * 3 + 1], slot = items[i * 3 + 2];
@@ -371,4 +370,19 @@ extern "C" __global__ void lora_prefetch_l2(const char* A, const char* Bt, const
         for (long long o = 0; o < bytes; o += 128) asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p + o));
 #endif
     }
+}
+
+__device__ void lora_prefetch_l2_then_wait(const char* A, const char* Bt, const int* items, const int* slot_rank,
+                                           int in_dim, int R, int nt, int out_total, int elem, long long max_bytes) {
+    lora_prefetch_l2_items(A, Bt, items, slot_rank, in_dim, R, nt, out_total, elem, max_bytes);
+    // Finishes no earlier than the kernel before it, as every kernel of a step does, so that
+    // whatever waits on this one has waited on that one too.
+    pdl_wait();
+}
+
+extern "C" __global__ void lora_prefetch_l2(const char* A, const char* Bt, const int* items, const int* slot_rank,
+                                            int in_dim, int R, int nt, int out_total, int elem,
+                                            long long max_bytes) {
+    pdl_trigger();
+    lora_prefetch_l2_then_wait(A, Bt, items, slot_rank, in_dim, R, nt, out_total, elem, max_bytes);
 }
