@@ -132,8 +132,10 @@ pub const DECODE_ATTENTION_TENSOR_CORES_MIN_PAIRS: usize = 32;
 /// The most bytes of o-group factors a decode step with adapters asks L2 for while decode
 /// attention runs, so that o's LoRA chain reads them from L2 (`lora_prefetch_l2`). On the H100
 /// (Llama-3.1-8B shape, graph replays, twenty-second session) adapter rows at batches 1 to 64
-/// moved by -0.08 to +0.01 ms a step, most of them gaining 0.02-0.07; 8 rank-64 adapters (8.4 MB a layer) lost 0.17 ms and 64
-/// rank-64 adapters (67 MB, more than L2 holds) 1.1 ms, so larger sets are not fetched.
+/// moved by -0.08 to +0.01 ms a step, most of them gaining 0.02-0.07; 8 rank-64 adapters (8.4
+/// MB a layer) lost 0.17 ms and 64 rank-64 adapters (67 MB, more than L2 holds) 1.1 ms, so
+/// larger sets are not fetched. The kernel counts every work item's rank, so an adapter whose
+/// rows span several items counts several times.
 pub const LORA_L2_PREFETCH_MAX_BYTES: usize = 4 << 20;
 
 /// Steps of more rows do not fetch ahead ([`LORA_L2_PREFETCH_MAX_BYTES`]): at batch 256 the
