@@ -28,6 +28,17 @@ enum TokenizerUse {
     Skip,
 }
 
+impl TokenizerUse {
+    /// `self`, or [`TokenizerUse::Skip`] under `--skip-tokenizer-init`.
+    fn unless_skipped(self, skip_tokenizer: bool) -> Self {
+        if skip_tokenizer {
+            TokenizerUse::Skip
+        } else {
+            self
+        }
+    }
+}
+
 /// The config at `config_file` and, as `use_` says, the tokenizer of its directory, whose eos
 /// ids join the config's.
 fn hf_config_and_tokenizer(
@@ -102,11 +113,7 @@ pub fn load_dummy_config(
             path.display()
         )));
     }
-    let use_ = if skip_tokenizer {
-        TokenizerUse::Skip
-    } else {
-        TokenizerUse::IfPresent
-    };
+    let use_ = TokenizerUse::IfPresent.unless_skipped(skip_tokenizer);
     let (config, tokenizer) = hf_config_and_tokenizer(&config_file, use_)?;
     Ok((name.unwrap_or_else(|| "model".to_string()), config, tokenizer))
 }
@@ -146,11 +153,7 @@ pub fn load_model_with(
                 path.display()
             )));
         }
-        let use_ = if skip_tokenizer {
-            TokenizerUse::Skip
-        } else {
-            TokenizerUse::Required
-        };
+        let use_ = TokenizerUse::Required.unless_skipped(skip_tokenizer);
         let (config, tokenizer) = hf_config_and_tokenizer(&path.join("config.json"), use_)?;
         let tensors = weights::load_hf_weights(path)?;
         Ok((name, LlamaModel::from_tensors(config, tensors)?, tokenizer))
