@@ -787,7 +787,7 @@ fn slot_image_len(c: &ModelConfig, a: &LoraAdapter) -> usize {
 /// Writes `a`'s factors in the device dtype into `out` (`slot_image_len` elements), in the
 /// order of [`LoraSlots::pieces`] for its rank: per layer and group, each target's `A` rows
 /// (zeros for targets it does not adapt), then `Bᵀ`. Layers convert in parallel, each writing
-/// its part front to back (the pinned buffer is write-combined).
+/// its part in whole-line runs (the pinned buffer is write-combined).
 fn fill_slot_image<T: GpuFloat>(c: &ModelConfig, a: &LoraAdapter, out: &mut [T]) {
     use rayon::prelude::*;
     out.par_chunks_mut(image_layer_len(c, a.rank))
@@ -795,9 +795,17 @@ fn fill_slot_image<T: GpuFloat>(c: &ModelConfig, a: &LoraAdapter, out: &mut [T])
         .for_each(|(dst, layer)| fill_layer_image(c, a.rank, layer, dst));
 }
 
-/// One layer's part of [`fill_slot_image`], front to back.
+/// Output rows of `B` per transposed block in [`fill_layer_image`]: a block's row of `Bᵀ` is
+/// 128 bytes in bf16, two whole lines of the write-combined pinned buffer.
+const BT_BLOCK: usize = 64;
+
+/// One layer's part of [`fill_slot_image`]. `A` converts front to back; `Bᵀ` goes through a
+/// small transposed block, so that `B` is read in order and `Bᵀ` written in whole-line runs.
+/// Reading `B` a column at a time, as before, cost rank 64 6.6x rank 16's time, not 4x (one
+/// core, a Llama-3.1-8B adapter: 42 and 277 ms into ordinary memory, now 30 and 112).
 fn fill_layer_image<T: GpuFloat>(c: &ModelConfig, r: usize, layer: &[Option<LoraWeights>; 7], dst: &mut [T]) {
     let zero = T::from_f32(0.0);
+    let mut block = vec![zero; r * BT_BLOCK];
     let mut at = 0;
     for (g, targets) in GROUPS.iter().enumerate() {
         let (in_dim, outs) = group_dims(c, g);
@@ -813,19 +821,32 @@ fn fill_layer_image<T: GpuFloat>(c: &ModelConfig, r: usize, layer: &[Option<Lora
             at += r * in_dim;
         }
         // Bᵀ: row k holds column k of every target's B, side by side.
-        for k in 0..r {
-            for (t, target) in targets.iter().enumerate() {
-                let part = &mut dst[at..at + outs[t]];
-                match layer[target.index()].as_ref() {
-                    Some(w) => part
-                        .iter_mut()
-                        .zip(w.b.data.iter().skip(k).step_by(r))
-                        .for_each(|(d, &v)| *d = T::from_f32(v)),
-                    None => part.fill(zero),
+        let total: usize = outs.iter().sum();
+        let bt = &mut dst[at..at + r * total];
+        let mut col = 0;
+        for (t, target) in targets.iter().enumerate() {
+            // Where row k of Bᵀ holds this target's columns.
+            let row = |k: usize| k * total + col;
+            match layer[target.index()].as_ref() {
+                Some(w) => {
+                    for o0 in (0..outs[t]).step_by(BT_BLOCK) {
+                        let n = BT_BLOCK.min(outs[t] - o0);
+                        for (i, row) in w.b.data[o0 * r..(o0 + n) * r].chunks_exact(r).enumerate() {
+                            for (k, &v) in row.iter().enumerate() {
+                                block[k * BT_BLOCK + i] = T::from_f32(v);
+                            }
+                        }
+                        for k in 0..r {
+                            let run = row(k) + o0;
+                            bt[run..run + n].copy_from_slice(&block[k * BT_BLOCK..k * BT_BLOCK + n]);
+                        }
+                    }
                 }
-                at += outs[t];
+                None => (0..r).for_each(|k| bt[row(k)..row(k) + outs[t]].fill(zero)),
             }
+            col += outs[t];
         }
+        at += r * total;
     }
 }
 
