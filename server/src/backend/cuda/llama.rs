@@ -217,6 +217,24 @@ fn decode_merge_rows(step_rows: usize, tensor_cores: bool) -> usize {
     }
 }
 
+/// SMs cuBLAS plans its GEMMs for in a decode step of `rows` rows (its graph bucket when
+/// padded) whose LoRA kernels run beside them on the side stream, on a GPU of `sms`; None: all.
+/// Left the whole GPU, cuBLAS's kernels at these batches fill every SM and the LoRA chains wait
+/// for their tails (at batch 256 with one rank-16 adapter, q/k/v's and o's chains ended 9.4 and
+/// 8.8 us a layer after their GEMMs). On the H100 (132 SMs, graph replays, twenty-third
+/// session): planned for 96 at 65-128 rows, batch 128 with one rank-16, one rank-64 and 64
+/// rank-16 adapters took 9.22 -> 8.66, 10.02 -> 9.02 and 11.14 -> 10.90 ms; for 120 above 128
+/// rows, batch 256 with 1, 8 and 64 rank-16 adapters and one rank-64 took 12.10 -> 11.44,
+/// 12.25 -> 11.66, 14.10 -> 13.88 and 13.81 -> 13.16 ms. Up to 64 rows the decode GEMMs take
+/// q/k/v and gate/up, and 96 SMs helped 64 adapters (9.71 -> 9.55) but cost 8 (7.50 -> 7.66).
+fn lora_decode_blas_sms(rows: usize, sms: usize) -> Option<usize> {
+    match rows {
+        0..=64 => None,
+        65..=128 => Some(sms * 96 / 132),
+        _ => Some(sms * 120 / 132),
+    }
+}
+
 /// Rows per pass of the expand kernel (EXPAND_ROWS in llama.cu), which stages those rows' `y`
 /// in shared memory.
 const EXPAND_ROWS: usize = 4;
@@ -2157,10 +2175,21 @@ impl<T: GpuFloat> CudaLlama<T> {
         };
         let (shape, out) = self.prepare(kv, seqs, seq_slots, bucket)?;
         self.last_graph = None;
-        match bucket {
-            Some(b) => self.replay(b, &shape)?,
-            None => self.run(&shape)?,
+        // Decode steps whose LoRA kernels run beside cuBLAS's GEMMs leave them some SMs.
+        let blas_sms = (decode_only && shape.lora_delta)
+            .then(|| lora_decode_blas_sms(bucket.unwrap_or(seqs.len()), self.gpu.sms))
+            .flatten();
+        if blas_sms.is_some() {
+            self.gpu.set_blas_sm_target(blas_sms)?;
         }
+        let ran = match bucket {
+            Some(b) => self.replay(b, &shape),
+            None => self.run(&shape),
+        };
+        if blas_sms.is_some() {
+            self.gpu.set_blas_sm_target(None)?;
+        }
+        ran?;
         // Queued overlapped slot copies start now, behind this pass's uploads.
         if let Some(lora) = &mut self.lora {
             lora.issue_copies(&self.gpu)?;
@@ -2575,5 +2604,16 @@ mod tests {
         assert_eq!(decode_merge_rows(64, true), 16);
         assert_eq!(decode_merge_rows(256, true), DECODE_MERGE_ROWS_MMA);
         assert_eq!(decode_merge_rows(256, false), DECODE_MERGE_ROWS);
+    }
+
+    #[test]
+    fn lora_decode_steps_leave_cublas_fewer_sms_above_64_rows() {
+        assert_eq!(lora_decode_blas_sms(64, 132), None);
+        assert_eq!(lora_decode_blas_sms(96, 132), Some(96));
+        assert_eq!(lora_decode_blas_sms(128, 132), Some(96));
+        assert_eq!(lora_decode_blas_sms(160, 132), Some(120));
+        assert_eq!(lora_decode_blas_sms(256, 132), Some(120));
+        // Other GPUs keep the same shares.
+        assert_eq!(lora_decode_blas_sms(256, 114), Some(103));
     }
 }

@@ -146,6 +146,17 @@ impl Gpu {
         }))
     }
 
+    /// Has cuBLAS choose its GEMM kernels (from the next call on) for `sms` multiprocessors
+    /// instead of all of them, as when another stream's kernels run beside; `None` restores the
+    /// whole GPU. Only the choice of kernel changes, so a graph captured meanwhile keeps it.
+    pub fn set_blas_sm_target(&self, sms: Option<usize>) -> Result<()> {
+        let n = sms.map_or(0, |n| n.min(i32::MAX as usize) as i32);
+        // SAFETY: the handle is live for `self`'s lifetime; the call only sets a field of it.
+        unsafe { blas_sys::cublasSetSmCountTarget(*self.blas.handle(), n) }
+            .result()
+            .map_err(|e| cuda_err("setting cuBLAS's SM count target", e))
+    }
+
     /// Waits for every queued operation.
     pub fn sync(&self) -> Result<()> {
         self.stream.synchronize().map_err(|e| cuda_err("synchronize", e))
