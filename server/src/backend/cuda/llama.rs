@@ -2175,7 +2175,8 @@ impl<T: GpuFloat> CudaLlama<T> {
         };
         let (shape, out) = self.prepare(kv, seqs, seq_slots, bucket)?;
         self.last_graph = None;
-        // Decode steps whose LoRA kernels run beside cuBLAS's GEMMs leave them some SMs.
+        // In decode steps whose LoRA kernels run beside the GEMMs, cuBLAS plans for fewer SMs
+        // and leaves the rest to them (`lora_decode_blas_sms`).
         let blas_sms = (decode_only && shape.lora_delta)
             .then(|| lora_decode_blas_sms(bucket.unwrap_or(seqs.len()), self.gpu.sms))
             .flatten();
@@ -2186,10 +2187,13 @@ impl<T: GpuFloat> CudaLlama<T> {
             Some(b) => self.replay(b, &shape),
             None => self.run(&shape),
         };
-        if blas_sms.is_some() {
-            self.gpu.set_blas_sm_target(None)?;
-        }
+        // The step's own error, if any, before the reset's.
+        let reset = match blas_sms {
+            Some(_) => self.gpu.set_blas_sm_target(None),
+            None => Ok(()),
+        };
         ran?;
+        reset?;
         // Queued overlapped slot copies start now, behind this pass's uploads.
         if let Some(lora) = &mut self.lora {
             lora.issue_copies(&self.gpu)?;
