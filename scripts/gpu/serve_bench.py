@@ -3,7 +3,7 @@
 (--load-format dummy, no files) with 64 dummy rank-16 adapters on all seven targets
 (dummy://), driven over HTTP by concurrent clients on 127.0.0.1.
 
-Each configuration sends CLIENTS requests at once (one /generate each: a 128-token prompt of
+Each configuration (1 to 256 clients) sends CLIENTS requests at once (one /generate each: a 128-token prompt of
 random ids, greedy, ignore_eos, NEW output tokens) and times them to the last answer. Output
 tok/s is every generated token over that wall time, so it includes the prefill of all prompts,
 the scheduler, sampling and HTTP; compare it with bench_gpu's decode steps (engine only).
@@ -86,7 +86,7 @@ def burst(addr, clients, adapter_of, new, seed):
 def main():
     names = [f"a{i}" for i in range(ADAPTERS)]
     args = [BIN, "--model-path", "Llama-3.1-8B", "--load-format", "dummy", "--device", "cuda",
-            "--max-lora-rank", "16", "--max-loras-per-batch", str(ADAPTERS), "--max-running-requests", "64",
+            "--max-lora-rank", "16", "--max-loras-per-batch", str(ADAPTERS), "--max-running-requests", "256",
             "--lora-paths"] + [f"{n}=dummy://?rank=16" for n in names]
     t0 = time.time()
     proc, addr = server_proc.start(args, timeout=900)
@@ -106,6 +106,9 @@ def main():
             ("64 clients, 64 distinct adapters", 64, lambda i: names[i]),
             ("8 clients, 8 distinct adapters", 8, lambda i: names[i]),
             ("1 client, 1 adapter", 1, lambda i: names[0]),
+            ("256 clients, base model", 256, lambda i: None),
+            ("256 clients, 1 adapter", 256, lambda i: names[0]),
+            ("256 clients, 64 distinct adapters", 256, lambda i: names[i % ADAPTERS]),
         ]
         rows = []
         for label, clients, adapter_of in configs:
