@@ -831,8 +831,8 @@ fn fill_layer_image<T: GpuFloat>(c: &ModelConfig, r: usize, layer: &[Option<Lora
                 Some(w) => {
                     for o0 in (0..outs[t]).step_by(BT_BLOCK) {
                         let n = BT_BLOCK.min(outs[t] - o0);
-                        for (i, row) in w.b.data[o0 * r..(o0 + n) * r].chunks_exact(r).enumerate() {
-                            for (k, &v) in row.iter().enumerate() {
+                        for (i, b_row) in w.b.data[o0 * r..(o0 + n) * r].chunks_exact(r).enumerate() {
+                            for (k, &v) in b_row.iter().enumerate() {
                                 block[k * BT_BLOCK + i] = T::from_f32(v);
                             }
                         }
