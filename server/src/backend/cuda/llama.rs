@@ -225,8 +225,10 @@ fn decode_merge_rows(step_rows: usize, tensor_cores: bool) -> usize {
 /// session): planned for 96 at 65-128 rows, batch 128 with one rank-16, one rank-64 and 64
 /// rank-16 adapters took 9.22 -> 8.66, 10.02 -> 9.02 and 11.14 -> 10.90 ms; for 120 above 128
 /// rows, batch 256 with 1, 8 and 64 rank-16 adapters and one rank-64 took 12.10 -> 11.44,
-/// 12.25 -> 11.66, 14.10 -> 13.88 and 13.81 -> 13.16 ms. Up to 64 rows the decode GEMMs take
-/// q/k/v and gate/up, and 96 SMs helped 64 adapters (9.71 -> 9.55) but cost 8 (7.50 -> 7.66).
+/// 12.25 -> 11.66, 14.10 -> 13.88 and 13.81 -> 13.16 ms. Between them, 192 and 224 rows gained
+/// 0.14-0.40 ms; 96 and 160 gained with rank 64 and lost up to 0.1 ms with one rank-16 adapter,
+/// and no other target did better there. Up to 64 rows the decode GEMMs take q/k/v and gate/up,
+/// and 96 SMs helped 64 adapters (9.71 -> 9.55) but cost 8 (7.50 -> 7.66).
 fn lora_decode_blas_sms(rows: usize, sms: usize) -> Option<usize> {
     match rows {
         0..=64 => None,
