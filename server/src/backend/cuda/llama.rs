@@ -404,6 +404,8 @@ struct StepShape {
     /// A graph replays the step with programmatic edges, so the decode GEMMs' first weight
     /// loads overlap the kernel before them; without that they are slower than cuBLAS.
     programmatic: bool,
+    /// SMs cuBLAS plans the step's GEMMs for ([`lora_decode_blas_sms`]); None: all.
+    blas_sms: Option<usize>,
 }
 
 /// What a prepared step returns to its caller, per sequence in the caller's order.
@@ -1337,6 +1339,7 @@ impl<T: GpuFloat> CudaLlama<T> {
                 && self.bufs.lora_delta.is_some()
                 && rows <= LORA_DELTA_ROWS,
             programmatic: bucket.is_some() && self.opts.programmatic_launch,
+            blas_sms: None,
         };
         self.gemm_lora = gemm_lora;
         Ok((shape, StepOut { per_seq }))
@@ -1879,7 +1882,21 @@ impl<T: GpuFloat> CudaLlama<T> {
 
     /// Every kernel of one forward pass, from the uploaded metadata to the logits. Launches
     /// only (no allocation, no synchronisation), so it can be captured as a graph.
+    /// Issues the step's kernels and GEMMs, eagerly or into a graph being captured, with cuBLAS
+    /// planning for `s.blas_sms` (a captured graph keeps the kernels it chose).
     fn run(&self, s: &StepShape) -> Result<()> {
+        if s.blas_sms.is_none() {
+            return self.issue(s);
+        }
+        self.gpu.set_blas_sm_target(s.blas_sms)?;
+        let issued = self.issue(s);
+        // The step's own error, if any, before the reset's.
+        let reset = self.gpu.set_blas_sm_target(None);
+        issued.and(reset)
+    }
+
+    /// [`CudaLlama::run`]'s work, with cuBLAS as it is set.
+    fn issue(&self, s: &StepShape) -> Result<()> {
         let c = &self.config;
         let gpu = &self.gpu;
         let (h, qd, kvd, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
@@ -2175,27 +2192,17 @@ impl<T: GpuFloat> CudaLlama<T> {
         } else {
             None
         };
-        let (shape, out) = self.prepare(kv, seqs, seq_slots, bucket)?;
-        self.last_graph = None;
+        let (mut shape, out) = self.prepare(kv, seqs, seq_slots, bucket)?;
         // In decode steps whose LoRA kernels run beside the GEMMs, cuBLAS plans for fewer SMs
-        // and leaves the rest to them (`lora_decode_blas_sms`).
-        let blas_sms = (decode_only && shape.lora_delta)
-            .then(|| lora_decode_blas_sms(bucket.unwrap_or(seqs.len()), self.gpu.sms))
-            .flatten();
-        if blas_sms.is_some() {
-            self.gpu.set_blas_sm_target(blas_sms)?;
+        // and leaves the rest to them.
+        if decode_only && shape.lora_delta {
+            shape.blas_sms = lora_decode_blas_sms(shape.rows, self.gpu.sms);
         }
-        let ran = match bucket {
-            Some(b) => self.replay(b, &shape),
-            None => self.run(&shape),
-        };
-        // The step's own error, if any, before the reset's.
-        let reset = match blas_sms {
-            Some(_) => self.gpu.set_blas_sm_target(None),
-            None => Ok(()),
-        };
-        ran?;
-        reset?;
+        self.last_graph = None;
+        match bucket {
+            Some(b) => self.replay(b, &shape)?,
+            None => self.run(&shape)?,
+        }
         // Queued overlapped slot copies start now, behind this pass's uploads.
         if let Some(lora) = &mut self.lora {
             lora.issue_copies(&self.gpu)?;
