@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use cudarc::driver::{sys as drv, CudaEvent, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
 use loraplane_kernels::{
-    decode_gemm_for_model, decode_gemm_silu_for_model, DECODE_GEMM_MAX_ROWS, DECODE_GEMM_TOKENS,
+    decode_gemm_for_model, decode_gemm_silu_for_model, DECODE_GEMM_MAX_ROWS, DECODE_GEMM_SPLIT_MAX_ROWS,
+    DECODE_GEMM_TOKENS,
 };
 
 use super::graph::DecodeGraph;
@@ -228,13 +229,28 @@ fn decode_merge_rows(step_rows: usize, tensor_cores: bool) -> usize {
 /// 12.25 -> 11.66, 14.10 -> 13.88 and 13.81 -> 13.16 ms. Between them, 192 and 224 rows gained
 /// 0.14-0.40 ms; 96 and 160 gained with rank 64 and lost up to 0.1 ms with one rank-16 adapter,
 /// and no other target did better there. Up to 64 rows the decode GEMMs take q/k/v and gate/up,
-/// and 96 SMs helped 64 adapters (9.71 -> 9.55) but cost 8 (7.50 -> 7.66).
+/// and 96 SMs for every cuBLAS GEMM helped 64 adapters (9.71 -> 9.55) but cost 8 (7.50 -> 7.66);
+/// there o's GEMM alone is planned for fewer SMs ([`lora_decode_o_blas_sms`]).
 fn lora_decode_blas_sms(rows: usize, sms: usize) -> Option<usize> {
     match rows {
         0..=64 => None,
         65..=128 => Some(sms * 96 / 132),
         _ => Some(sms * 120 / 132),
     }
+}
+
+/// SMs cuBLAS plans o's GEMM for in a decode step of `rows` rows whose LoRA kernels run beside
+/// the GEMMs, where that is fewer than [`lora_decode_blas_sms`] gives every GEMM; None: as the
+/// step's others. From 17 to 64 rows cuBLAS runs o (the decode GEMMs take it only in split
+/// tiles, up to 16 rows): left the whole GPU, it holds every SM while o's LoRA chain waits.
+/// On the H100 (graph replays, twenty-fourth session, against all SMs), planned for 96: batch
+/// 64 with 64 rank-16 adapters 9.71 -> 9.52 ms, one rank-16 7.42 -> 7.36, 8 and 64 rank-64
+/// 8.52 -> 8.45 and 15.10 -> 15.04; batch 32 with one rank-64 adapter 6.87 -> 6.81, batch 48
+/// with one rank-16 7.20 -> 7.15; no measured row slower (batch 24, 64 with 8 rank-16 or one
+/// rank-64 adapter: within 0.01 ms). 64-96 SMs planned alike; 104 and 112 lost the gain at
+/// batch 64. The same for down's GEMM cost up to 0.16 ms (batch 64, 8 rank-16 adapters).
+fn lora_decode_o_blas_sms(rows: usize, sms: usize) -> Option<usize> {
+    (DECODE_GEMM_SPLIT_MAX_ROWS < rows && rows <= DECODE_GEMM_MAX_ROWS).then_some(sms * 96 / 132)
 }
 
 /// Rows per pass of the expand kernel (EXPAND_ROWS in llama.cu), which stages those rows' `y`
@@ -406,6 +422,8 @@ struct StepShape {
     programmatic: bool,
     /// SMs cuBLAS plans the step's GEMMs for ([`lora_decode_blas_sms`]); None: all.
     blas_sms: Option<usize>,
+    /// SMs cuBLAS plans o's GEMM for, where fewer than `blas_sms` ([`lora_decode_o_blas_sms`]).
+    o_blas_sms: Option<usize>,
 }
 
 /// What a prepared step returns to its caller, per sequence in the caller's order.
@@ -984,7 +1002,15 @@ impl<T: GpuFloat> CudaLlama<T> {
                 );
             }
         }
-        gpu.gemm_nt::<T>(out, n, false, x, k, w, rows, n, k, beta)
+        // o's GEMM may be planned for fewer SMs than the step's others; the step's target is
+        // set again after it.
+        let o_sms = s.o_blas_sms.filter(|_| g == 1);
+        if o_sms.is_none() {
+            return gpu.gemm_nt::<T>(out, n, false, x, k, w, rows, n, k, beta);
+        }
+        gpu.set_blas_sm_target(o_sms)?;
+        let done = gpu.gemm_nt::<T>(out, n, false, x, k, w, rows, n, k, beta);
+        done.and(gpu.set_blas_sm_target(s.blas_sms))
     }
 
     fn buffers(
@@ -1340,6 +1366,7 @@ impl<T: GpuFloat> CudaLlama<T> {
                 && rows <= LORA_DELTA_ROWS,
             programmatic: bucket.is_some() && self.opts.programmatic_launch,
             blas_sms: None,
+            o_blas_sms: None,
         };
         self.gemm_lora = gemm_lora;
         Ok((shape, StepOut { per_seq }))
@@ -2197,6 +2224,7 @@ impl<T: GpuFloat> CudaLlama<T> {
         // and leaves the rest to them.
         if decode_only && shape.lora_delta {
             shape.blas_sms = lora_decode_blas_sms(shape.rows, self.gpu.sms);
+            shape.o_blas_sms = lora_decode_o_blas_sms(shape.rows, self.gpu.sms);
         }
         self.last_graph = None;
         match bucket {
@@ -2628,5 +2656,15 @@ mod tests {
         assert_eq!(lora_decode_blas_sms(256, 132), Some(120));
         // Other GPUs keep the same shares.
         assert_eq!(lora_decode_blas_sms(256, 114), Some(103));
+    }
+
+    #[test]
+    fn lora_decode_steps_plan_o_for_fewer_sms_from_17_to_64_rows() {
+        // Up to 16 rows the decode GEMMs take o; above 64 every GEMM has the step's target.
+        assert_eq!(lora_decode_o_blas_sms(16, 132), None);
+        assert_eq!(lora_decode_o_blas_sms(17, 132), Some(96));
+        assert_eq!(lora_decode_o_blas_sms(64, 132), Some(96));
+        assert_eq!(lora_decode_o_blas_sms(65, 132), None);
+        assert_eq!(lora_decode_o_blas_sms(32, 114), Some(82));
     }
 }
