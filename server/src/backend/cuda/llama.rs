@@ -420,10 +420,27 @@ struct StepShape {
     /// A graph replays the step with programmatic edges, so the decode GEMMs' first weight
     /// loads overlap the kernel before them; without that they are slower than cuBLAS.
     programmatic: bool,
-    /// SMs cuBLAS plans the step's GEMMs for ([`lora_decode_blas_sms`]); None: all.
-    blas_sms: Option<usize>,
-    /// SMs cuBLAS plans o's GEMM for, where fewer than `blas_sms` ([`lora_decode_o_blas_sms`]).
-    o_blas_sms: Option<usize>,
+    /// A decode step (every row one token) on the delta path: cuBLAS plans its GEMMs for fewer
+    /// SMs and leaves the rest to the LoRA kernels ([`StepShape::blas_sms`]).
+    lora_decode: bool,
+}
+
+impl StepShape {
+    /// SMs cuBLAS plans the step's GEMMs for on a GPU of `sms` ([`lora_decode_blas_sms`]);
+    /// None: all.
+    fn blas_sms(&self, sms: usize) -> Option<usize> {
+        self.lora_decode
+            .then(|| lora_decode_blas_sms(self.rows, sms))
+            .flatten()
+    }
+
+    /// SMs cuBLAS plans o's GEMM for where that differs from the step's
+    /// ([`lora_decode_o_blas_sms`]).
+    fn o_blas_sms(&self, sms: usize) -> Option<usize> {
+        self.lora_decode
+            .then(|| lora_decode_o_blas_sms(self.rows, sms))
+            .flatten()
+    }
 }
 
 /// What a prepared step returns to its caller, per sequence in the caller's order.
@@ -1004,13 +1021,13 @@ impl<T: GpuFloat> CudaLlama<T> {
         }
         // o's GEMM may be planned for fewer SMs than the step's others; the step's target is
         // set again after it.
-        let o_sms = s.o_blas_sms.filter(|_| g == 1);
+        let o_sms = if g == 1 { s.o_blas_sms(gpu.sms) } else { None };
         if o_sms.is_none() {
             return gpu.gemm_nt::<T>(out, n, false, x, k, w, rows, n, k, beta);
         }
         gpu.set_blas_sm_target(o_sms)?;
         let done = gpu.gemm_nt::<T>(out, n, false, x, k, w, rows, n, k, beta);
-        done.and(gpu.set_blas_sm_target(s.blas_sms))
+        done.and(gpu.set_blas_sm_target(s.blas_sms(gpu.sms)))
     }
 
     fn buffers(
@@ -1365,8 +1382,7 @@ impl<T: GpuFloat> CudaLlama<T> {
                 && self.bufs.lora_delta.is_some()
                 && rows <= LORA_DELTA_ROWS,
             programmatic: bucket.is_some() && self.opts.programmatic_launch,
-            blas_sms: None,
-            o_blas_sms: None,
+            lora_decode: false,
         };
         self.gemm_lora = gemm_lora;
         Ok((shape, StepOut { per_seq }))
@@ -1907,15 +1923,16 @@ impl<T: GpuFloat> CudaLlama<T> {
         )
     }
 
-    /// Every kernel of one forward pass, from the uploaded metadata to the logits. Launches
-    /// only (no allocation, no synchronisation), so it can be captured as a graph.
-    /// Issues the step's kernels and GEMMs, eagerly or into a graph being captured, with cuBLAS
-    /// planning for `s.blas_sms` (a captured graph keeps the kernels it chose).
+    /// Every kernel of one forward pass, from the uploaded metadata to the logits, issued
+    /// eagerly or into a graph being captured, with cuBLAS planning for
+    /// [`StepShape::blas_sms`] (a captured graph keeps the kernels it chose). Launches only (no
+    /// allocation, no synchronisation), so it can be captured as a graph.
     fn run(&self, s: &StepShape) -> Result<()> {
-        if s.blas_sms.is_none() {
+        let sms = s.blas_sms(self.gpu.sms);
+        if sms.is_none() {
             return self.issue(s);
         }
-        self.gpu.set_blas_sm_target(s.blas_sms)?;
+        self.gpu.set_blas_sm_target(sms)?;
         let issued = self.issue(s);
         // The step's own error, if any, before the reset's.
         let reset = self.gpu.set_blas_sm_target(None);
@@ -2220,12 +2237,7 @@ impl<T: GpuFloat> CudaLlama<T> {
             None
         };
         let (mut shape, out) = self.prepare(kv, seqs, seq_slots, bucket)?;
-        // In decode steps whose LoRA kernels run beside the GEMMs, cuBLAS plans for fewer SMs
-        // and leaves the rest to them.
-        if decode_only && shape.lora_delta {
-            shape.blas_sms = lora_decode_blas_sms(shape.rows, self.gpu.sms);
-            shape.o_blas_sms = lora_decode_o_blas_sms(shape.rows, self.gpu.sms);
-        }
+        shape.lora_decode = decode_only && shape.lora_delta;
         self.last_graph = None;
         match bucket {
             Some(b) => self.replay(b, &shape)?,
@@ -2666,5 +2678,27 @@ mod tests {
         assert_eq!(lora_decode_o_blas_sms(64, 132), Some(96));
         assert_eq!(lora_decode_o_blas_sms(65, 132), None);
         assert_eq!(lora_decode_o_blas_sms(32, 114), Some(82));
+    }
+
+    #[test]
+    fn only_lora_decode_steps_take_sm_targets() {
+        let shape = |rows, lora_decode| StepShape {
+            rows,
+            items: rows,
+            wanted: rows,
+            lora: true,
+            paged: true,
+            lora_delta: true,
+            programmatic: true,
+            lora_decode,
+        };
+        for rows in [32, 64, 128] {
+            let s = shape(rows, false);
+            assert_eq!((s.blas_sms(132), s.o_blas_sms(132)), (None, None), "{rows} rows");
+        }
+        let s = shape(64, true);
+        assert_eq!((s.blas_sms(132), s.o_blas_sms(132)), (None, Some(96)));
+        let s = shape(128, true);
+        assert_eq!((s.blas_sms(132), s.o_blas_sms(132)), (Some(96), None));
     }
 }
