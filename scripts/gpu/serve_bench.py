@@ -7,9 +7,9 @@ Each configuration (1 to 256 clients) sends CLIENTS requests at once (one /gener
 128-token prompt of random ids, greedy, ignore_eos, NEW output tokens) and times them to the
 last answer. Output tok/s is every generated token over that wall time, so it includes the
 prefill of all prompts, the scheduler, sampling and HTTP; compare it with bench_gpu's decode
-steps (engine only). The KV cache is sized from the GPU's memory (--mem-fraction-static's default); the run prints
-its capacity and, at the end, how many requests were preempted. The number of requests and
-tokens is fixed, so the run is bounded. Standard library only.
+steps (engine only). The KV cache is sized from the GPU's memory (--mem-fraction-static's
+default); the run prints its capacity and, at the end, how many requests were preempted. The
+number of requests and tokens is fixed, so the run is bounded. Standard library only.
 
 usage: scripts/gpu/serve_bench.py [path/to/loraplane-server]
 """

@@ -897,8 +897,12 @@ fn slot_loads(gpu: &std::sync::Arc<Gpu>, c: &ModelConfig) {
         m.dummy_adapter_in_slot(s, 16, &LoraTarget::ALL, 1000 + s as u64)
             .unwrap();
     }
-    let dummy = |name: String, seed: u64| Arc::new(LoraAdapter::dummy(&name, c, 16, &LoraTarget::ALL, seed));
-    let adapters: Vec<Arc<LoraAdapter>> = (0..4).map(|i| dummy(format!("host{i}"), 7 + i as u64)).collect();
+    let dummy = |name: String, rank: usize, seed: u64| {
+        Arc::new(LoraAdapter::dummy(&name, c, rank, &LoraTarget::ALL, seed))
+    };
+    let adapters: Vec<Arc<LoraAdapter>> = (0..4)
+        .map(|i| dummy(format!("host{i}"), 16, 7 + i as u64))
+        .collect();
     let mb = adapter_bytes(c, 16) / 1e6;
     let ms = |t0: Instant| t0.elapsed().as_secs_f64() * 1e3;
     let (mut sync_ms, mut call_ms, mut first_ms, mut copy_ms) = (vec![], vec![], vec![], vec![]);
@@ -959,7 +963,7 @@ fn slot_loads(gpu: &std::sync::Arc<Gpu>, c: &ModelConfig) {
     let mut never_staged = [0.0; 2];
     for (w, wait) in [false, true].into_iter().enumerate() {
         let fresh: Vec<Arc<LoraAdapter>> = (0..steps)
-            .map(|i| dummy(format!("fresh{w}-{i}"), 100 * (w as u64 + 1) + i as u64))
+            .map(|i| dummy(format!("fresh{w}-{i}"), 16, 100 * (w as u64 + 1) + i as u64))
             .collect();
         let mut next = fresh.iter();
         never_staged[w] = decode(&mut m, &mut kv, 64, &slots, steps, false, |m| {
@@ -1004,15 +1008,7 @@ fn slot_loads(gpu: &std::sync::Arc<Gpu>, c: &ModelConfig) {
         // Rank 64: 12 adapters (8 GB of f32 host copies), so 4 of them reuse buffers.
         let count = if r == 16 { 16 } else { 12 };
         let cycle: Vec<Arc<LoraAdapter>> = (0..count)
-            .map(|i| {
-                Arc::new(LoraAdapter::dummy(
-                    &format!("cycle{r}-{i}"),
-                    c,
-                    r,
-                    &LoraTarget::ALL,
-                    seed + i as u64,
-                ))
-            })
+            .map(|i| dummy(format!("cycle{r}-{i}"), r, seed + i as u64))
             .collect();
         let (mut fresh_ms, mut reused_ms) = (vec![], vec![]);
         for (i, a) in cycle.iter().enumerate() {

@@ -5,18 +5,17 @@
 //! without an engine let [`LoraSlots::assign`] pick LRU victims.
 //!
 //! With overlap loading, the copy reads a pinned host image of the adapter in the device dtype
-//! (kept for the `2 · slots` most recently staged adapters, as SGLang limits
-//! `--max-loaded-loras`, and dropped when the engine drops the adapter's host copy) on a side
-//! stream, and records an event that the compute stream waits on before its first use of the
-//! slot. Images are converted on a worker thread ([`Staging`]),
-//! so that registering or reloading an adapter does not stall the engine thread's forward
-//! passes (a rank-16 Llama-3.1-8B adapter's first overlapped load, conversion and copy, took
-//! 60-90 ms on the H100 machine's host with reused pinned buffers and 110-150 ms with fresh
-//! ones, twenty-third session). The copy is
-//! queued, then issued right after the first forward pass that follows its image's conversion
-//! has issued its own uploads and kernels ([`LoraSlots::issue_copies`]): issued earlier, it would
-//! hold the copy engine while that pass's small uploads waited behind it. An image that cannot be
-//! made (pinned memory ran out) falls back to a synchronous copy ([`LoraSlots::ready`]).
+//! (kept for the `2 · slots` most recently staged adapters, as SGLang limits `--max-loaded-loras`,
+//! and dropped when the engine drops the adapter's host copy) on a side stream, and records an
+//! event that the compute stream waits on before its first use of the slot. Images are converted on
+//! a worker thread ([`Staging`]), so that registering or reloading an adapter does not stall the
+//! engine thread's forward passes (a rank-16 Llama-3.1-8B adapter's first overlapped load,
+//! conversion and copy, took 60-90 ms on the H100 machine's host with reused pinned buffers and
+//! 110-150 ms with fresh ones, twenty-third session). The copy is queued, then issued right after
+//! the first forward pass that follows its image's conversion has issued its own uploads and
+//! kernels ([`LoraSlots::issue_copies`]): issued earlier, it would hold the copy engine while that
+//! pass's small uploads waited behind it. An image that cannot be made (pinned memory ran out)
+//! falls back to a synchronous copy ([`LoraSlots::ready`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
