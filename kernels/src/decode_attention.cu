@@ -63,9 +63,21 @@ __device__ void decode_attention(T* out, const T* qkv, const T* k_cache, const T
     // Both loads before the branch: one round trip, not two.
     int seq = row_seq[r], pos = positions[r];
     if (seq < 0) return;
+    int used, lo, hi;
+    if (!split_key_range(pos, window, DA_SPLIT_MIN_KEYS, used, lo, hi)) return;
+    int kend = hi + 1;  // this block's keys [lo, kend)
+    int tiles = (kend - lo + DA_KEYS - 1) / DA_KEYS;
+    const int* table = block_tables + (size_t)seq * max_blocks;
+    auto find_slots = [&](int buf, int k0) {
+        find_key_slots<DA_KEYS>(key_slot[buf], table, k0, kend, block_size);
+    };
+    int kvd = n_kv_heads * D;
+    // The step's metadata is written by no kernel of the step: the first tile's cache slots
+    // are looked up while the kernels before this one drain (programmatic launch).
+    find_slots(0, lo);
+    pdl_entry();
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
     int group = n_heads / n_kv_heads;
-    int kvd = n_kv_heads * D;
     float scale_log2 = scale * 1.4426950408889634f;  // the softmax runs in base 2
 
     // The group's query heads as the A fragments' rows g (rows g + 8 are zero).
@@ -80,26 +92,16 @@ __device__ void decode_attention(T* out, const T* qkv, const T* k_cache, const T
             qf[kk][1] = va ? *reinterpret_cast<const unsigned*>(q + g * D + c + 8) : 0u;
         }
     }
-    int used, lo, hi;
-    if (!split_key_range(pos, window, DA_SPLIT_MIN_KEYS, used, lo, hi)) return;
-    int kend = hi + 1;  // this block's keys [lo, kend)
-    int tiles = (kend - lo + DA_KEYS - 1) / DA_KEYS;
-    const int* table = block_tables + (size_t)seq * max_blocks;
-
     float o[DN][2];  // row g of P·V: dims n*8 + 2*t4, +1
 #pragma unroll
     for (int n = 0; n < DN; n++) o[n][0] = o[n][1] = 0.f;
     float m = -INFINITY, l = 0.f;  // the thread's row g: running max (scaled) and sum
 
-    auto find_slots = [&](int buf, int k0) {
-        find_key_slots<DA_KEYS>(key_slot[buf], table, k0, kend, block_size);
-    };
     auto load_tile = [&](T* dst, const T* cache, int buf) {
         load_kv_tile<T, D, DA_KEYS, DA_WARPS * 32, LD>(dst, cache, key_slot[buf], kvd, kvh);
     };
     // flash_attention's pipeline: K of the next tile loads during this tile's P·V, V of the
     // next tile during the next tile's Q·Kᵀ; every thread commits the same groups.
-    find_slots(0, lo);
     __syncthreads();
     load_tile(ks, k_cache, 0);
     load_tile(vs, v_cache, 0);
@@ -204,7 +206,6 @@ __device__ void decode_attention(T* out, const T* qkv, const T* k_cache, const T
         T* out, const T* qkv, const T* kc, const T* vc, const int* positions, const int* row_seq,           \
         const int* tables, int max_blocks, int block_size, int nh, int nkv, int d, float scale, int window,   \
         float* part, int* counters) {                                                                        \
-        pdl_entry();                                                                                         \
         decode_attention<T, D>(out, qkv, kc, vc, positions, row_seq, tables, max_blocks, block_size, nh, \
                                    nkv, scale, window, part, counters);                                     \
     }

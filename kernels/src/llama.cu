@@ -15,9 +15,9 @@ typedef unsigned long long u64;
 // the kernels it depends on have finished and their writes are visible, then lets the kernels
 // that depend on it be scheduled. Decode graphs (`server/src/backend/cuda/graph.rs`) mark the
 // edges into these kernels programmatic, so a kernel's launch overlaps the drain of the one
-// before it. A kernel may instead open with pdl_trigger() and read memory that no kernel of a
-// step writes (slot weights, step metadata) before its pdl_wait(). Launched without the
-// attribute, these instructions do nothing.
+// before it. A kernel may read memory that no kernel of a step writes (slot weights, step
+// metadata) before its wait, in a function it calls first; opening with pdl_trigger() it also
+// lets its dependents launch early. Launched without the attribute, these instructions do nothing.
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
