@@ -110,11 +110,15 @@ __device__ __forceinline__ void copy_row(T* dst, const T* src, const T* delta, i
     }
 }
 
-// out[r, :] = table[ids[r], :]
+// out[r, :] = table[ids[r], :]. A negative id -(k + 1) is a token the host has not seen yet:
+// the k-th token the previous step sampled, prev[k].x (sampling.cu's SampleOut rows), so that a
+// step can be queued before the host has read the one before it.
 template <typename T>
-__device__ void embed(T* out, const T* table, const int* ids, int h) {
+__device__ void embed(T* out, const T* table, const int* ids, const int2* prev, int h) {
     int r = blockIdx.x;
-    copy_row(out + (size_t)r * h, table + (size_t)ids[r] * h, (const T*)nullptr, h, threadIdx.x, blockDim.x);
+    int id = ids[r];
+    if (id < 0) id = prev[-(id + 1)].x;
+    copy_row(out + (size_t)r * h, table + (size_t)id * h, (const T*)nullptr, h, threadIdx.x, blockDim.x);
 }
 
 // Rows of up to RMS_PACKS_PER_THREAD 16-byte packs per thread stay in registers between the
@@ -748,9 +752,9 @@ __device__ void fill_uniform(T* p, u64 n, u64 seed, float scale) {
         lora_shrink<T, KW>(y, x, A, items, slot_rank, in_dim, R, nt, plane);                               \
     }
 #define INSTANTIATE(T, S)                                                                                  \
-    extern "C" __global__ void embed_##S(T* out, const T* table, const int* ids, int h) {                   \
+    extern "C" __global__ void embed_##S(T* out, const T* table, const int* ids, const int2* prev, int h) { \
         pdl_entry();                                                                                        \
-        embed<T>(out, table, ids, h);                                                                      \
+        embed<T>(out, table, ids, prev, h);                                                                \
     }                                                                                                      \
     extern "C" __global__ void rms_norm_##S(T* out, T* x, const T* delta, const T* w, const int* rows_map,  \
                                             int h, float eps) {                                            \

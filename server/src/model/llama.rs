@@ -236,7 +236,7 @@ impl LlamaModel {
         let mut slots = Vec::with_capacity(total);
         let mut seq_rows = Vec::with_capacity(seqs.len());
         for s in seqs {
-            check_seq_input(c, kv, s)?;
+            check_seq_input(c, kv, s, 0)?;
             seq_rows.push(positions.len());
             for i in 0..s.tokens.len() {
                 positions.push(s.cache.len + i);
@@ -466,7 +466,10 @@ impl LlamaModel {
 /// Refuses a sequence whose cache blocks are not reserved for its new tokens, that runs past
 /// the model's context, or that holds a token outside the vocabulary (every backend checks the
 /// same things before a forward pass).
-pub(crate) fn check_seq_input(c: &ModelConfig, kv: &KvCache, s: &SeqInput<'_>) -> Result<()> {
+/// Checks a sequence's input against the model and its reserved cache. `pending` is how many
+/// tokens the model's last launched step samples: a [`pending_token`](super::pending_token)
+/// must stand for one of them.
+pub(crate) fn check_seq_input(c: &ModelConfig, kv: &KvCache, s: &SeqInput<'_>, pending: usize) -> Result<()> {
     let end = s.cache.len + s.tokens.len();
     if s.cache.blocks.len() * kv.block_size() < end {
         return Err(Error::InvalidRequest(
@@ -479,11 +482,22 @@ pub(crate) fn check_seq_input(c: &ModelConfig, kv: &KvCache, s: &SeqInput<'_>) -
             c.max_position_embeddings
         )));
     }
-    if let Some(t) = s.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-        return Err(Error::InvalidRequest(format!(
-            "token id {t} is outside the vocabulary (size {})",
-            c.vocab_size
-        )));
+    for &t in s.tokens {
+        match super::pending_index(t) {
+            Some(k) if k < pending => {}
+            Some(k) => {
+                return Err(Error::Model(format!(
+                    "pending token {k} of a launched step that sampled {pending}"
+                )))
+            }
+            None if t as usize >= c.vocab_size => {
+                return Err(Error::InvalidRequest(format!(
+                    "token id {t} is outside the vocabulary (size {})",
+                    c.vocab_size
+                )))
+            }
+            None => {}
+        }
     }
     Ok(())
 }

@@ -17,7 +17,7 @@ use crate::adapter::LoraAdapter;
 use crate::backend::cuda::CudaModel;
 use crate::engine::request::TokenLogprob;
 use crate::engine::KvCache;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use llama::SeqInput;
 
 /// How a model that samples on its device picks a sequence's next token in
@@ -99,6 +99,19 @@ pub enum SeqOutput {
     Sampled(TokenLogprob),
 }
 
+/// A token the host does not know yet: the `k`-th token sampled by the model's last step
+/// started with [`Forward::launch_sampled`], still in flight. The model reads it on its device,
+/// so the next step can start before the host has seen the previous one's results.
+pub fn pending_token(k: usize) -> u32 {
+    u32::MAX - k as u32
+}
+
+/// Which sampled token of the last launched step `t` stands for, when it is a
+/// [`pending_token`]. Vocabularies stay far below 2^31, so no real token id is in this range.
+pub fn pending_index(t: u32) -> Option<usize> {
+    (t >= 1 << 31).then(|| (u32::MAX - t) as usize)
+}
+
 /// A model that runs mixed prefill/decode forward passes over a paged KV cache.
 pub trait Forward {
     /// The model's configuration.
@@ -127,6 +140,31 @@ pub trait Forward {
             .into_iter()
             .map(SeqOutput::Logits)
             .collect())
+    }
+    /// Whether the model runs [`Forward::launch_sampled`] steps: a step may start while the one
+    /// before it is still computing, with that step's sampled tokens as [`pending_token`]s.
+    fn overlaps_steps(&self) -> bool {
+        false
+    }
+    /// Starts a forward pass as [`Forward::forward_sampled`] would and returns before its
+    /// results exist; [`Forward::collect_sampled`] returns them, oldest launch first. At most
+    /// two launches are uncollected at once. Every sequence is either sampled on the device
+    /// without penalties or top log-probs, or wants no logits. Its tokens may include
+    /// [`pending_token`]s of the last launch, when that one is uncollected.
+    fn launch_sampled(
+        &mut self,
+        kv: &mut KvCache,
+        seqs: &[SeqInput<'_>],
+        sampling: &[Option<DeviceSample>],
+    ) -> Result<()> {
+        let _ = (kv, seqs, sampling);
+        Err(Error::Model("this model does not overlap steps".into()))
+    }
+    /// The results of the oldest uncollected [`Forward::launch_sampled`] step, one per
+    /// sequence: its sampled token, or empty logits for a sequence that wanted none. Waits for
+    /// them.
+    fn collect_sampled(&mut self) -> Result<Vec<SeqOutput>> {
+        Err(Error::Model("this model does not overlap steps".into()))
     }
     /// Copies `adapter` into LoRA slot `slot` of the model's device pool; the engine's adapter
     /// pool chose the slot, and no running sequence uses it. With `overlap` the copy may still
@@ -207,6 +245,26 @@ impl Forward for Model {
         match self {
             Model::Cpu(m) => m.forward_sampled(kv, seqs, sampling),
             Model::Cuda(m) => m.forward_sampled(kv, seqs, sampling),
+        }
+    }
+    fn overlaps_steps(&self) -> bool {
+        matches!(self, Model::Cuda(_))
+    }
+    fn launch_sampled(
+        &mut self,
+        kv: &mut KvCache,
+        seqs: &[SeqInput<'_>],
+        sampling: &[Option<DeviceSample>],
+    ) -> Result<()> {
+        match self {
+            Model::Cpu(m) => m.launch_sampled(kv, seqs, sampling),
+            Model::Cuda(m) => m.launch_sampled(kv, seqs, sampling),
+        }
+    }
+    fn collect_sampled(&mut self) -> Result<Vec<SeqOutput>> {
+        match self {
+            Model::Cpu(m) => m.collect_sampled(),
+            Model::Cuda(m) => m.collect_sampled(),
         }
     }
     fn load_slot(&mut self, slot: usize, adapter: &Arc<LoraAdapter>, overlap: bool) -> Result<()> {

@@ -18,7 +18,7 @@ use loraplane_kernels::{
 
 use super::graph::DecodeGraph;
 use super::lora::{group_dims, LoraSlots, GROUPS};
-use super::sampling::{check_sampling, split_outputs};
+use super::sampling::{check_sampling, split_outputs, SamplePipe};
 use super::{cuda_err, launch, Gpu, GpuFloat};
 use crate::adapter::{LoraAdapter, LoraTarget};
 use crate::engine::KvCache;
@@ -468,6 +468,8 @@ pub struct CudaLlama<T: GpuFloat> {
     /// the element type, the group's widths and the pool's rank.
     lora_mma: [bool; GROUPS.len()],
     bufs: Buffers<T>,
+    /// Sampling of overlapped steps; its last draws are what pending tokens stand for.
+    pipe: SamplePipe,
     /// Decode graphs by (bucket, whether some row has an adapter): a step of base rows only
     /// replays one without the LoRA kernels, which cost it 0.07-0.17 ms as no-ops (H100).
     graphs: HashMap<(usize, bool), DecodeGraph>,
@@ -808,6 +810,7 @@ impl<T: GpuFloat> CudaLlama<T> {
             .max(1);
         let cap = opts.max_rows.max(opts.cuda_graph_max_bs).max(1);
         let bufs = Self::buffers(&gpu, c, &opts, cap, max_blocks, cap.min(512))?;
+        let pipe = SamplePipe::new(&gpu, cap)?;
         let flash_kernel = opts
             .flash_prefill
             .then(|| loraplane_kernels::flash_attention_kernel(T::SUFFIX, c.head_dim))
@@ -831,6 +834,7 @@ impl<T: GpuFloat> CudaLlama<T> {
             lora,
             lora_mma,
             bufs,
+            pipe,
             graphs: HashMap::new(),
             last_graph: None,
             prefill_chunks: Vec::new(),
@@ -1218,6 +1222,7 @@ impl<T: GpuFloat> CudaLlama<T> {
             order.sort_by_key(|&i| seq_slots[i]);
         }
         let mb = self.bufs.max_blocks;
+        let pending = self.pipe.pending_rows();
         // Sections of `rows` entries, then only the used block-table rows: at batch 64 about
         // 67 KB where sections of the buffers' capacity made 330 KB (H100: the host part of a
         // step, `bench_gpu --step-parts`, was 0.11-0.16 ms with those copied from pageable
@@ -1269,7 +1274,7 @@ impl<T: GpuFloat> CudaLlama<T> {
         let mut gemm_lora = Vec::new();
         for (oi, &si) in order.iter().enumerate() {
             let s = &seqs[si];
-            check_seq_input(c, kv, s)?;
+            check_seq_input(c, kv, s, pending)?;
             if s.cache.blocks.len() > mb {
                 return Err(Error::InvalidRequest(format!(
                     "sequence needs {} KV blocks, above the device table's {mb}",
@@ -1972,6 +1977,7 @@ impl<T: GpuFloat> CudaLlama<T> {
             x,
             gpu.ptr(&self.embed),
             ids,
+            self.pipe.prev_tokens(gpu),
             h as i32
         )?;
         let null: u64 = 0;
@@ -2332,6 +2338,41 @@ impl<T: GpuFloat> CudaLlama<T> {
         )
     }
 
+    /// Starts a forward pass whose device-sampled tokens [`CudaLlama::collect_sampled`]
+    /// returns; see [`Forward::launch_sampled`](crate::model::Forward::launch_sampled). Nothing
+    /// here waits for the device, so the host can prepare the next step (whose inputs may be
+    /// this one's [`pending_token`](crate::model::pending_token)s) while this one runs.
+    pub fn launch_sampled(
+        &mut self,
+        kv: &KvCache,
+        seqs: &[SeqInput<'_>],
+        sampling: &[Option<DeviceSample>],
+    ) -> Result<()> {
+        let seq_slots = self.assign_slots(seqs)?;
+        self.launch_sampled_in_slots(kv, seqs, &seq_slots, sampling)
+    }
+
+    /// [`CudaLlama::launch_sampled`] with each sequence's LoRA slot given, as
+    /// [`CudaLlama::forward_greedy_in_slots`] takes them.
+    pub fn launch_sampled_in_slots(
+        &mut self,
+        kv: &KvCache,
+        seqs: &[SeqInput<'_>],
+        seq_slots: &[i32],
+        sampling: &[Option<DeviceSample>],
+    ) -> Result<()> {
+        SamplePipe::check(seqs, sampling)?;
+        let out = self.step_with_slots(kv, seqs, seq_slots)?;
+        let logits = self.gpu.ptr(&self.bufs.logits);
+        self.pipe
+            .launch(&self.gpu, logits, self.config.vocab_size, &out.per_seq, sampling)
+    }
+
+    /// The tokens of the oldest uncollected [`CudaLlama::launch_sampled`] step; waits for them.
+    pub fn collect_sampled(&mut self) -> Result<Vec<SeqOutput>> {
+        self.pipe.collect()
+    }
+
     /// One forward pass returning each sequence's greedy next token, chosen on the device (only
     /// the ids cross to the host). Every sequence must want its last logits.
     pub fn forward_greedy(&mut self, kv: &KvCache, seqs: &[SeqInput<'_>]) -> Result<Vec<u32>> {
@@ -2414,6 +2455,32 @@ impl CudaModel {
         sampling: &[Option<DeviceSample>],
     ) -> Result<Vec<SeqOutput>> {
         each_dtype!(self, m => m.forward_sampled(kv, seqs, sampling))
+    }
+
+    /// See [`CudaLlama::launch_sampled`].
+    pub fn launch_sampled(
+        &mut self,
+        kv: &KvCache,
+        seqs: &[SeqInput<'_>],
+        sampling: &[Option<DeviceSample>],
+    ) -> Result<()> {
+        each_dtype!(self, m => m.launch_sampled(kv, seqs, sampling))
+    }
+
+    /// See [`CudaLlama::launch_sampled_in_slots`].
+    pub fn launch_sampled_in_slots(
+        &mut self,
+        kv: &KvCache,
+        seqs: &[SeqInput<'_>],
+        slots: &[i32],
+        sampling: &[Option<DeviceSample>],
+    ) -> Result<()> {
+        each_dtype!(self, m => m.launch_sampled_in_slots(kv, seqs, slots, sampling))
+    }
+
+    /// See [`CudaLlama::collect_sampled`].
+    pub fn collect_sampled(&mut self) -> Result<Vec<SeqOutput>> {
+        each_dtype!(self, m => m.collect_sampled())
     }
 
     /// See [`CudaLlama::forward_greedy`].

@@ -4,7 +4,9 @@
 //! those logits rows the host still needs, and the split of one forward pass's results into sampled tokens and host logits
 //! ([`split_outputs`], behind `CudaLlama::forward_sampled`).
 
-use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+use std::collections::VecDeque;
+
+use cudarc::driver::{CudaEvent, CudaSlice, DeviceRepr, PinnedHostSlice, ValidAsZeroBits};
 
 use super::{cuda_err, launch, Gpu};
 use crate::engine::request::TokenLogprob;
@@ -38,8 +40,10 @@ pub struct SampleRow {
     pub seed: u64,
 }
 
-// SAFETY: plain `repr(C)` data with the kernel's layout (checked by the size assertion below).
+// SAFETY: plain `repr(C)` data with the kernel's layout (checked by the size assertion below);
+// all-zero bits are a valid value.
 unsafe impl DeviceRepr for SampleRow {}
+unsafe impl ValidAsZeroBits for SampleRow {}
 const _: () = assert!(std::mem::size_of::<SampleRow>() == 32);
 
 impl SampleRow {
@@ -328,6 +332,208 @@ pub fn split_outputs(
             }
         })
         .collect()
+}
+
+/// Device sampling for steps the engine overlaps ([`Forward::launch_sampled`]): each launch
+/// samples into one device buffer, which the next step's embedding reads for its
+/// [`pending_token`]s, and copies the tokens into page-locked host memory without waiting; the
+/// host reads them at [`SamplePipe::collect`]. Two launches may be uncollected at once, so the
+/// host buffers alternate.
+///
+/// [`Forward::launch_sampled`]: crate::model::Forward::launch_sampled
+/// [`pending_token`]: crate::model::pending_token
+pub struct SamplePipe {
+    /// The last launched step's draws, `[cap]`: what pending tokens resolve to.
+    out: CudaSlice<SampleOut>,
+    params: CudaSlice<SampleRow>,
+    host_out: [PinnedHostSlice<SampleOut>; 2],
+    host_params: [PinnedHostSlice<SampleRow>; 2],
+    /// Recorded after each launch's copy to `host_out`; also guards `host_params`.
+    done: [CudaEvent; 2],
+    /// The buffers the next launch uses.
+    turn: usize,
+    /// Uncollected launches, oldest first.
+    in_flight: VecDeque<Launched>,
+}
+
+/// Page-locked host memory for `n` values of `T`.
+fn pinned<T: DeviceRepr>(gpu: &Gpu, n: usize) -> Result<PinnedHostSlice<T>> {
+    // SAFETY: the pipe writes a row before uploading it and reads a row only after the device
+    // wrote it (`collect` waits for the launch's copy).
+    unsafe { gpu.ctx.alloc_pinned_with_flags::<T>(n, 0) }
+        .map_err(|e| cuda_err("allocating pinned memory for sampled steps", e))
+}
+
+/// One uncollected launch: its host buffers and, per sequence, whether it was sampled.
+struct Launched {
+    turn: usize,
+    sampled: Vec<bool>,
+}
+
+impl SamplePipe {
+    /// Buffers for steps of up to `cap` sampled rows.
+    pub fn new(gpu: &Gpu, cap: usize) -> Result<Self> {
+        let cap = cap.max(1);
+        let event = || {
+            gpu.ctx
+                .new_event(None)
+                .map_err(|e| cuda_err("creating an event", e))
+        };
+        Ok(Self {
+            out: gpu.zeros(cap)?,
+            params: gpu.zeros(cap)?,
+            host_out: [pinned(gpu, cap)?, pinned(gpu, cap)?],
+            host_params: [pinned(gpu, cap)?, pinned(gpu, cap)?],
+            done: [event()?, event()?],
+            turn: 0,
+            in_flight: VecDeque::new(),
+        })
+    }
+
+    /// Device address of the last launch's draws (`SampleOut` rows, token first), for the
+    /// embedding of the next step.
+    pub fn prev_tokens(&self, gpu: &Gpu) -> u64 {
+        gpu.ptr(&self.out)
+    }
+
+    /// How many tokens the last launch samples when it is still uncollected (the pending
+    /// tokens a step may use), else 0.
+    pub fn pending_rows(&self) -> usize {
+        self.in_flight
+            .back()
+            .map_or(0, |l| l.sampled.iter().filter(|&&s| s).count())
+    }
+
+    /// Whether `seqs` with `sampling` may be launched: sampled without penalties or top
+    /// log-probs, or wanting no logits.
+    pub fn check(seqs: &[SeqInput<'_>], sampling: &[Option<DeviceSample>]) -> Result<()> {
+        check_sampling(seqs, sampling)?;
+        for (s, p) in seqs.iter().zip(sampling) {
+            let ok = match p {
+                Some(p) => p.penalties.is_none() && p.top_logprobs == 0,
+                None => s.logits == LogitsWanted::None,
+            };
+            if !ok {
+                return Err(Error::Model(
+                    "an overlapped step samples every sequence on the device, without penalties or top \
+                     log-probs, or wants no logits"
+                        .into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Samples the step whose wanted logits are in `logits` (sequence `i` owning row
+    /// `per_seq[i].0` when sampled) and starts copying the tokens to the host.
+    pub fn launch(
+        &mut self,
+        gpu: &Gpu,
+        logits: u64,
+        vocab: usize,
+        per_seq: &[(usize, usize)],
+        sampling: &[Option<DeviceSample>],
+    ) -> Result<()> {
+        if self.in_flight.len() >= 2 {
+            return Err(Error::Model("two launched steps are still uncollected".into()));
+        }
+        if vocab == 0 || vocab > MAX_SAMPLE_VOCAB {
+            return Err(Error::Model(format!(
+                "device sampling supports vocabularies of 1 to {MAX_SAMPLE_VOCAB} tokens, not {vocab}"
+            )));
+        }
+        let t = self.turn;
+        let rows: Vec<SampleRow> = per_seq
+            .iter()
+            .zip(sampling)
+            .filter_map(|(&(first, _), s)| s.as_ref().map(|s| SampleRow::new(first, s)))
+            .collect();
+        if rows.len() > self.params.len() {
+            return Err(Error::Model(format!(
+                "{} sampled rows, above the pipe's {}",
+                rows.len(),
+                self.params.len()
+            )));
+        }
+        // The launch that last used these buffers has been collected or at least copied.
+        self.done[t]
+            .synchronize()
+            .map_err(|e| cuda_err("waiting for a sampled step", e))?;
+        let n = rows.len();
+        if n > 0 {
+            let host = self.host_params[t]
+                .as_mut_slice()
+                .map_err(|e| cuda_err("sampling rows", e))?;
+            host[..n].copy_from_slice(&rows);
+            let stream = gpu.stream.cu_stream();
+            // SAFETY: both buffers hold at least `n` rows; the pinned source is not rewritten
+            // before `done[t]` fires, which follows this copy on the stream.
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(gpu.ptr(&self.params), &host[..n], stream)
+                    .map_err(|e| cuda_err("uploading sampling rows", e))?;
+            }
+            launch!(
+                gpu,
+                "sample_f32",
+                (n as u32, 1, 1),
+                (SAMPLE_THREADS, 1, 1),
+                gpu.ptr(&self.out),
+                logits,
+                gpu.ptr(&self.params),
+                vocab as i32,
+                0u64
+            )?;
+            let dst = self.host_out[t]
+                .as_mut_slice()
+                .map_err(|e| cuda_err("sampled tokens", e))?;
+            // SAFETY: as above; the host reads `dst` only after `done[t]` fired.
+            unsafe {
+                cudarc::driver::result::memcpy_dtoh_async(&mut dst[..n], gpu.ptr(&self.out), stream)
+                    .map_err(|e| cuda_err("copying sampled tokens", e))?;
+            }
+        }
+        self.done[t]
+            .record(&gpu.stream)
+            .map_err(|e| cuda_err("recording a sampled step", e))?;
+        self.in_flight.push_back(Launched {
+            turn: t,
+            sampled: sampling.iter().map(Option::is_some).collect(),
+        });
+        self.turn ^= 1;
+        Ok(())
+    }
+
+    /// The oldest uncollected launch's tokens, one output per sequence (empty logits for the
+    /// ones not sampled). Waits for them.
+    pub fn collect(&mut self) -> Result<Vec<SeqOutput>> {
+        let l = self
+            .in_flight
+            .pop_front()
+            .ok_or_else(|| Error::Model("no launched step to collect".into()))?;
+        self.done[l.turn]
+            .synchronize()
+            .map_err(|e| cuda_err("waiting for a sampled step", e))?;
+        let host = self.host_out[l.turn]
+            .as_slice()
+            .map_err(|e| cuda_err("sampled tokens", e))?;
+        let mut next = host.iter();
+        l.sampled
+            .iter()
+            .map(|&sampled| {
+                if !sampled {
+                    return Ok(SeqOutput::Logits(Vec::new()));
+                }
+                let o = next
+                    .next()
+                    .ok_or_else(|| Error::Model("device sampling returned too few tokens".into()))?;
+                Ok(SeqOutput::Sampled(TokenLogprob {
+                    token_id: o.token as u32,
+                    logprob: o.logprob,
+                    top: Vec::new(),
+                }))
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
