@@ -213,6 +213,10 @@ pub struct ServeArgs {
     /// Do not reuse cached prompt prefixes.
     #[arg(long, help_heading = "Scheduling")]
     pub disable_radix_cache: bool,
+    /// Run each GPU step only after the host has read the one before it (by default the next
+    /// step is launched first, hiding the host's share of each step).
+    #[arg(long, help_heading = "Scheduling")]
+    pub disable_overlap_schedule: bool,
 
     /// Tensor parallel degree (only 1 is implemented).
     #[arg(
@@ -344,6 +348,8 @@ pub struct ServerConfig {
     pub chunked_prefill_size: Option<usize>,
     /// Off with `--disable-radix-cache`.
     pub prefix_cache: bool,
+    /// Off with `--disable-overlap-schedule`.
+    pub overlap_schedule: bool,
     /// `--api-key`.
     pub api_key: Option<String>,
     /// `--log-level`.
@@ -466,6 +472,7 @@ impl ServeArgs {
             mem_fraction_static,
             chunked_prefill_size,
             prefix_cache: !self.disable_radix_cache,
+            overlap_schedule: !self.disable_overlap_schedule,
             api_key: self.api_key.clone(),
             log_level: self.log_level.clone(),
             device,
@@ -740,6 +747,7 @@ impl ServerConfig {
             context_length,
             prefix_cache: self.prefix_cache,
             kv_block_size: KV_BLOCK_SIZE,
+            overlap_schedule: self.overlap_schedule,
         })
     }
 
@@ -774,6 +782,7 @@ impl ServerConfig {
             "mem_fraction_static": if self.device.cuda { Some(self.mem_fraction_static) } else { None },
             "chunked_prefill_size": engine.chunked_prefill_size,
             "disable_radix_cache": !engine.prefix_cache,
+            "disable_overlap_schedule": !engine.overlap_schedule,
             "page_size": engine.kv_block_size,
             "tp_size": 1,
             "device": if self.device.cuda { "cuda" } else { "cpu" },
@@ -970,6 +979,19 @@ mod tests {
         let mut m = crate::model::ModelConfig::tiny_for_tests();
         m.max_position_embeddings = max_positions;
         m
+    }
+
+    #[test]
+    fn overlap_scheduling_is_on_unless_disabled_and_reported() {
+        let m = small_model(256);
+        let on = serve(&[]).unwrap();
+        let e = on.engine_config(&m, 4096).unwrap();
+        assert!(e.overlap_schedule);
+        assert_eq!(on.to_json(&e, "m")["disable_overlap_schedule"], false);
+        let off = serve(&["--disable-overlap-schedule"]).unwrap();
+        let e = off.engine_config(&m, 4096).unwrap();
+        assert!(!e.overlap_schedule);
+        assert_eq!(off.to_json(&e, "m")["disable_overlap_schedule"], true);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! reference, the adapter lifecycle (eviction, pinning, host reload, unload in flight, reload
 //! under the same name), the prefix cache and cancellation; and, through a model whose slot
 //! copies stay in flight for a few polls, the scheduler's side of `--enable-lora-overlap-loading`;
-//! through one that samples greedily itself, the scheduler's device-sampling branch.
+//! through one that samples greedily itself, the scheduler's device-sampling branch; through
+//! one that also overlaps steps, the overlap scheduler against steps run one at a time.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,7 +15,7 @@ use loraplane_server::engine::generate::argmax;
 use loraplane_server::engine::sampling::top_logprobs;
 use loraplane_server::engine::KvCache;
 use loraplane_server::error::{Error, Result as ModelResult};
-use loraplane_server::model::llama::SeqInput;
+use loraplane_server::model::llama::{LogitsWanted, SeqInput};
 
 use loraplane_server::engine::request::{
     EngineError, EngineEvent, EngineRequest, FinishReason, LogprobOptions, SamplingParams, TokenLogprob,
@@ -22,7 +23,7 @@ use loraplane_server::engine::request::{
 use loraplane_server::engine::{self, AdapterSpec, EngineConfig, EngineHandle, EvictionPolicy};
 use loraplane_server::metrics::Metrics;
 use loraplane_server::model::weights::load_hf_weights;
-use loraplane_server::model::{DeviceSample, Forward, LlamaModel, ModelConfig, SeqOutput};
+use loraplane_server::model::{pending_index, DeviceSample, Forward, LlamaModel, ModelConfig, SeqOutput};
 
 use crate::common::{fixture, read_safetensors};
 
@@ -49,6 +50,7 @@ fn config(slots: usize, host: Option<usize>) -> EngineConfig {
         context_length: 256,
         prefix_cache: true,
         kv_block_size: 4,
+        overlap_schedule: true,
     }
 }
 
@@ -738,4 +740,346 @@ async fn a_device_sampling_model_samples_eligible_requests_and_returns_logits_fo
     assert_eq!(log.penalised, 6, "with its penalties on each of its 6 steps");
     assert_eq!(log.with_top, 6, "with 3 alternatives on each of its 6 steps");
     assert_eq!(log.logits, 0, "no logits crossed to the engine");
+}
+
+/// What [`Pipelined`] saw.
+#[derive(Default)]
+struct PipeLog {
+    /// Steps launched ahead of reading the step before.
+    launches: usize,
+    /// Launches whose inputs held pending tokens.
+    with_pending: usize,
+    /// Most launches uncollected at once.
+    most_in_flight: usize,
+    /// Steps run through `forward_sampled` (one at a time).
+    sync_steps: usize,
+}
+
+/// The CPU model posing as one that overlaps steps, as the CUDA model does: a launch resolves
+/// the pending tokens of its inputs from the last launch's greedy draws (failing, as the GPU
+/// contract says, when that launch was already collected or there is none), computes at once
+/// and queues its results for `collect_sampled`.
+struct Pipelined {
+    inner: LlamaModel,
+    log: Arc<Mutex<PipeLog>>,
+    queue: std::collections::VecDeque<Vec<SeqOutput>>,
+    /// The last launch's draws, while it is uncollected.
+    last_draws: Option<Vec<u32>>,
+}
+
+impl Pipelined {
+    fn new(log: Arc<Mutex<PipeLog>>) -> Self {
+        Self {
+            inner: tiny_model(),
+            log,
+            queue: Default::default(),
+            last_draws: None,
+        }
+    }
+
+    fn greedy(
+        &mut self,
+        kv: &mut KvCache,
+        seqs: &[SeqInput<'_>],
+        sampling: &[Option<DeviceSample>],
+    ) -> ModelResult<Vec<SeqOutput>> {
+        let logits = self.inner.forward(kv, seqs)?;
+        logits
+            .into_iter()
+            .zip(sampling)
+            .map(|(l, s)| match s {
+                Some(s) if s.temperature <= 0.0 => {
+                    let raw = log_softmax(&l);
+                    let mut l = l;
+                    if let Some(p) = &s.penalties {
+                        p.apply(&mut l);
+                    }
+                    let token_id = argmax(&l);
+                    Ok(SeqOutput::Sampled(TokenLogprob {
+                        token_id,
+                        logprob: raw[token_id as usize],
+                        top: top_logprobs(&raw, s.top_logprobs),
+                    }))
+                }
+                Some(_) => Err(Error::Model("this test model samples greedily only".into())),
+                None => Ok(SeqOutput::Logits(l)),
+            })
+            .collect()
+    }
+}
+
+impl Forward for Pipelined {
+    fn config(&self) -> &ModelConfig {
+        self.inner.config()
+    }
+    fn forward(&mut self, kv: &mut KvCache, seqs: &[SeqInput<'_>]) -> ModelResult<Vec<Vec<f32>>> {
+        self.inner.forward(kv, seqs)
+    }
+    fn new_kv_cache(&self, max_tokens: usize, block_size: usize) -> KvCache {
+        KvCache::new(self.inner.config(), max_tokens, block_size)
+    }
+    fn samples_on_device(&self) -> bool {
+        true
+    }
+    fn overlaps_steps(&self) -> bool {
+        true
+    }
+    fn forward_sampled(
+        &mut self,
+        kv: &mut KvCache,
+        seqs: &[SeqInput<'_>],
+        sampling: &[Option<DeviceSample>],
+    ) -> ModelResult<Vec<SeqOutput>> {
+        if !self.queue.is_empty()
+            || seqs
+                .iter()
+                .any(|s| s.tokens.iter().any(|&t| pending_index(t).is_some()))
+        {
+            return Err(Error::Model("a step ran while another was uncollected".into()));
+        }
+        self.log.lock().unwrap().sync_steps += 1;
+        self.greedy(kv, seqs, sampling)
+    }
+    fn launch_sampled(
+        &mut self,
+        kv: &mut KvCache,
+        seqs: &[SeqInput<'_>],
+        sampling: &[Option<DeviceSample>],
+    ) -> ModelResult<()> {
+        if self.queue.len() >= 2 {
+            return Err(Error::Model("three launches uncollected".into()));
+        }
+        for (s, p) in seqs.iter().zip(sampling) {
+            let ok = match p {
+                Some(p) => p.penalties.is_none() && p.top_logprobs == 0,
+                None => s.logits == LogitsWanted::None,
+            };
+            if !ok {
+                return Err(Error::Model("launched a step that needs the host".into()));
+            }
+        }
+        let mut any_pending = false;
+        let resolved: Vec<Vec<u32>> = seqs
+            .iter()
+            .map(|s| {
+                s.tokens
+                    .iter()
+                    .map(|&t| match pending_index(t) {
+                        None => Ok(t),
+                        Some(k) => {
+                            any_pending = true;
+                            self.last_draws
+                                .as_ref()
+                                .and_then(|d| d.get(k).copied())
+                                .ok_or_else(|| {
+                                    Error::Model(format!("pending token {k} of no uncollected launch"))
+                                })
+                        }
+                    })
+                    .collect::<ModelResult<Vec<u32>>>()
+            })
+            .collect::<ModelResult<_>>()?;
+        let inputs: Vec<SeqInput<'_>> = seqs
+            .iter()
+            .zip(&resolved)
+            .map(|(s, t)| SeqInput {
+                tokens: t,
+                cache: s.cache,
+                adapter: s.adapter,
+                logits: s.logits,
+            })
+            .collect();
+        let out = self.greedy(kv, &inputs, sampling)?;
+        self.last_draws = Some(
+            out.iter()
+                .filter_map(|o| match o {
+                    SeqOutput::Sampled(t) => Some(t.token_id),
+                    SeqOutput::Logits(_) => None,
+                })
+                .collect(),
+        );
+        self.queue.push_back(out);
+        let mut log = self.log.lock().unwrap();
+        log.launches += 1;
+        log.with_pending += usize::from(any_pending);
+        log.most_in_flight = log.most_in_flight.max(self.queue.len());
+        Ok(())
+    }
+    fn collect_sampled(&mut self) -> ModelResult<Vec<SeqOutput>> {
+        let out = self
+            .queue
+            .pop_front()
+            .ok_or_else(|| Error::Model("nothing to collect".into()))?;
+        if self.queue.is_empty() {
+            self.last_draws = None;
+        }
+        Ok(out)
+    }
+}
+
+fn start_pipelined(
+    cfg: EngineConfig,
+    adapters: Vec<AdapterSpec>,
+) -> (EngineHandle, Arc<Metrics>, Arc<Mutex<PipeLog>>) {
+    let log = Arc::new(Mutex::new(PipeLog::default()));
+    let metrics = Arc::new(Metrics::new());
+    let h = engine::start(Pipelined::new(log.clone()), cfg, adapters, metrics.clone()).unwrap();
+    (h, metrics, log)
+}
+
+/// Runs `reqs` at once on `h` and returns each one's tokens and finish reason.
+async fn run_all(h: &EngineHandle, reqs: &[EngineRequest]) -> Vec<(Vec<u32>, FinishReason)> {
+    let pending: Vec<_> = reqs.iter().map(|r| h.submit(r.clone()).unwrap()).collect();
+    let mut out = Vec::new();
+    for rx in pending {
+        let o = collect(rx).await;
+        out.push((o.tokens, o.reason));
+    }
+    out
+}
+
+/// A mix of greedy requests over two adapters and the base model: lengths from 1 to 16 new
+/// tokens, some ending at a stop token the greedy continuation reaches.
+fn mixed_requests() -> Vec<EngineRequest> {
+    let mut reqs = Vec::new();
+    for p in 0..6 {
+        for (i, lora) in [None, Some("all_r16"), Some("qv_r2")].into_iter().enumerate() {
+            let (prompt, want, _) = reference_greedy("llama", p);
+            let mut r = greedy(prompt, lora, [1, 2, 5, 16][(p + i) % 4]);
+            if (p + i) % 3 == 0 {
+                r.sampling.max_new_tokens = 16;
+                r.sampling.stop_token_ids = vec![want[3]];
+            }
+            reqs.push(r);
+        }
+    }
+    reqs
+}
+
+/// With a model that overlaps steps, the engine launches each step before reading the one
+/// before it, and every request gets exactly the tokens and finish reason it gets from steps
+/// run one at a time: stops and lengths end requests at the same token although a step more
+/// was launched for them, and the dropped rows are neither streamed nor counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapped_steps_give_the_tokens_of_steps_run_one_at_a_time() {
+    let adapters = || vec![spec("all_r16", "all_r16", false), spec("qv_r2", "qv_r2", false)];
+    let reqs = mixed_requests();
+    let (sync, _) = start(config(4, None), adapters());
+    let want = run_all(&sync, &reqs).await;
+    let (h, m, log) = start_pipelined(config(4, None), adapters());
+    let got = run_all(&h, &reqs).await;
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g, w, "request {i}");
+    }
+    assert!(want.iter().any(|(_, r)| matches!(r, FinishReason::Stop { .. })));
+    let streamed: usize = got.iter().map(|(t, _)| t.len()).sum();
+    assert_eq!(metric(&m, "loraplane_generated_tokens_total"), streamed as f64);
+    {
+        let log = log.lock().unwrap();
+        assert!(
+            log.with_pending > 10,
+            "steps fed pending tokens: {}",
+            log.with_pending
+        );
+        assert_eq!(log.most_in_flight, 2);
+        assert_eq!(log.sync_steps, 0);
+    }
+    // Greedy outputs still match PEFT.
+    let out = collect(
+        h.submit(greedy(reference_greedy("llama", 2).0, Some("all_r16"), 16))
+            .unwrap(),
+    )
+    .await;
+    assert_greedy("llama+all_r16", 2, &out.tokens);
+}
+
+/// Requests whose sampling needs the host between steps (penalties, top log-probs) run their
+/// steps one at a time beside overlapped ones, with the tokens a host-only engine gives them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_that_need_the_host_wait_for_the_step_in_flight() {
+    let (prompt, _, _) = reference_greedy("llama", 1);
+    let mut penalised = greedy(prompt.clone(), None, 8);
+    penalised.sampling.repetition_penalty = 0.5;
+    penalised.sampling.frequency_penalty = -1.0;
+    let mut top = greedy(prompt.clone(), Some("all_r16"), 6);
+    top.logprobs = LogprobOptions {
+        return_logprob: true,
+        top_logprobs_num: 3,
+        ..Default::default()
+    };
+    let mut reqs = mixed_requests();
+    reqs.insert(4, penalised);
+    reqs.push(top);
+    let adapters = || vec![spec("all_r16", "all_r16", false), spec("qv_r2", "qv_r2", false)];
+    let (sync, _) = start(config(4, None), adapters());
+    let want = run_all(&sync, &reqs).await;
+    let (h, _, log) = start_pipelined(config(4, None), adapters());
+    let got = run_all(&h, &reqs).await;
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g, w, "request {i}");
+    }
+    let log = log.lock().unwrap();
+    assert!(
+        log.sync_steps > 0 && log.with_pending > 0,
+        "{} sync, {} pending",
+        log.sync_steps,
+        log.with_pending
+    );
+}
+
+/// A full KV cache preempts sequences that have a step in flight: the step's row is dropped,
+/// the request recomputes from the tokens the host knows, and outputs do not change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapped_steps_survive_preemption() {
+    let small = EngineConfig {
+        max_total_tokens: 64,
+        context_length: 64,
+        prefix_cache: false,
+        ..config(2, None)
+    };
+    let reqs: Vec<EngineRequest> = [(0, None), (1, Some("a")), (2, None), (3, Some("a"))]
+        .into_iter()
+        .map(|(p, lora)| greedy(reference_greedy("llama", p).0, lora, 24))
+        .collect();
+    let (sync, _) = start(small.clone(), vec![spec("a", "all_r16", false)]);
+    let mut want = Vec::new();
+    for r in &reqs {
+        want.extend(run_all(&sync, std::slice::from_ref(r)).await);
+    }
+    let (h, m, log) = start_pipelined(small, vec![spec("a", "all_r16", false)]);
+    let got = run_all(&h, &reqs).await;
+    assert_eq!(got, want);
+    assert!(metric(&m, "loraplane_requests_preempted_total") > 0.0);
+    assert!(log.lock().unwrap().with_pending > 0);
+}
+
+/// A request cancelled while a step for it is in flight frees its cache; the engine keeps
+/// serving and the dropped row is not counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_cancelled_mid_flight_leaves_the_engine_serving() {
+    let (h, m, _) = start_pipelined(config(2, None), vec![]);
+    let (prompt, _, _) = reference_greedy("llama", 2);
+    let mut rx = h.submit(greedy(prompt.clone(), None, 200)).unwrap();
+    let mut seen = 0;
+    while seen < 3 {
+        if let Some(EngineEvent::Token(_)) = rx.recv().await {
+            seen += 1;
+        }
+    }
+    drop(rx);
+    for _ in 0..100 {
+        if h.load() == (0, 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(h.load(), (0, 0));
+    let out = collect(h.submit(greedy(prompt, None, 16)).unwrap()).await;
+    assert_greedy("llama", 2, &out.tokens);
+    assert_eq!(out.reason, FinishReason::Length);
+    assert!(metric(&m, "loraplane_generated_tokens_total") < 200.0 + 16.0);
+    assert_eq!(
+        metric(&m, "loraplane_requests_finished_total{reason=\"cancelled\"}"),
+        1.0
+    );
 }

@@ -481,6 +481,7 @@ mod tests {
             context_length: 64,
             prefix_cache: false,
             kv_block_size: 4,
+            overlap_schedule: true,
         };
         AdapterPool::new(model, &config, Arc::new(Metrics::new()))
     }

@@ -75,6 +75,9 @@ pub struct EngineConfig {
     pub prefix_cache: bool,
     /// Tokens per KV block.
     pub kv_block_size: usize,
+    /// Launch each step before reading the one before it, where the model samples on its
+    /// device (off with `--disable-overlap-schedule`).
+    pub overlap_schedule: bool,
 }
 
 /// An adapter to load at start-up.

@@ -58,6 +58,12 @@ pub fn top_logprobs_wanted(req: &EngineRequest) -> usize {
     }
 }
 
+/// Whether any of repetition, frequency and presence penalties is set: sampling then reads the
+/// sequence's token history.
+pub fn has_penalties(p: &SamplingParams) -> bool {
+    p.repetition_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0
+}
+
 /// The device's share of `p` for a sequence with `prompt` and `output` so far, with this step's
 /// seed and the `top_logprobs` alternatives it wants: the penalties travel as the token history
 /// they need.
@@ -68,14 +74,13 @@ pub fn device_sample(
     output: &[u32],
     seed: u64,
 ) -> DeviceSample {
-    let neutral = p.repetition_penalty == 1.0 && p.frequency_penalty == 0.0 && p.presence_penalty == 0.0;
     DeviceSample {
         temperature: p.temperature,
         top_k: p.top_k,
         top_p: p.top_p,
         min_p: p.min_p,
         seed,
-        penalties: (!neutral).then(|| device_penalties(p, prompt, output)),
+        penalties: has_penalties(p).then(|| device_penalties(p, prompt, output)),
         top_logprobs,
     }
 }

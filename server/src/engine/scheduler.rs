@@ -7,12 +7,19 @@
 //! Requests join and leave between steps. A request whose stream is dropped is cancelled.
 //! When the KV cache runs out, the newest request is preempted and recomputed later.
 //!
+//! With a model that samples on its device, steps overlap (unless `--disable-overlap-schedule`):
+//! step N+1 is launched before the host reads step N's tokens, feeding each sequence the token
+//! N samples for it as a [`pending_token`], and the host then reads N, streams its tokens and
+//! checks stops while N+1 runs. A sequence that N finishes has one more token computed and
+//! dropped. Steps that need the host between them (penalties, top log-probs, prompt log-probs,
+//! host sampling) run one at a time.
+//!
 //! An adapter placed in a slot is copied there by the model before its request joins the batch.
 //! With `--enable-lora-overlap-loading` the copy runs on the device's copy stream while the
 //! running batch keeps stepping; the request waits in the queue until the copy is done (or
 //! waits for it directly when nothing else runs).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
@@ -22,23 +29,29 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::adapter_pool::{Acquire, AdapterPool};
 use super::handle::{Command, Published};
 use super::request::{EngineError, EngineEvent, EngineRequest, FinishReason, TokenLogprob};
-use super::sampling::{device_eligible, device_sample, sample, top_logprobs, top_logprobs_wanted, Rng};
+use super::sampling::{
+    device_eligible, device_sample, has_penalties, sample, top_logprobs, top_logprobs_wanted, Rng,
+};
 use super::{AdapterSpec, EngineConfig, EngineHandle, KvCache, SeqCache};
 use crate::adapter::LoraAdapter;
 use crate::backend::cpu::log_softmax;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::model::llama::{LogitsWanted, SeqInput};
-use crate::model::{DeviceSample, Forward, SeqOutput};
+use crate::model::{pending_token, DeviceSample, Forward, SeqOutput};
 
 /// Steps the head of the queue may be passed over before admission stops for everyone else.
 const STARVATION_STEPS: u32 = 32;
 
 struct Sequence {
+    /// Matches a step's results to the sequence, which may have left the batch meanwhile.
+    id: u64,
     req: EngineRequest,
     events: UnboundedSender<EngineEvent>,
-    /// Prompt followed by the generated tokens.
+    /// Prompt followed by the generated tokens; the last `pending` are [`pending_token`]s of
+    /// steps not read yet.
     tokens: Vec<u32>,
+    pending: usize,
     prompt_len: usize,
     adapter: Option<Arc<LoraAdapter>>,
     /// Prefix-cache key: 0 for the base model, else the adapter's load id.
@@ -55,14 +68,49 @@ struct Sequence {
 }
 
 impl Sequence {
-    fn generated(&self) -> usize {
-        self.tokens.len() - self.prompt_len
+    /// The tokens the host knows: prompt and output, without pending ones.
+    fn known(&self) -> &[u32] {
+        &self.tokens[..self.tokens.len() - self.pending]
+    }
+
+    /// Drops pending tokens (the steps that sample them are discarded for this sequence).
+    fn forget_pending(&mut self) {
+        self.tokens.truncate(self.tokens.len() - self.pending);
+        self.pending = 0;
+    }
+
+    /// Whether every token it may generate is already generated or pending.
+    fn out_of_tokens(&self, context_length: usize) -> bool {
+        self.tokens.len() - self.prompt_len >= self.req.sampling.max_new_tokens
+            || self.tokens.len() >= context_length
     }
 
     fn wants_input_logprobs(&self) -> bool {
         !self.started && self.req.logprobs.return_logprob && self.req.logprobs.logprob_start_len.is_some()
     }
 }
+
+/// One sequence's share of a step.
+#[derive(Clone, Copy)]
+struct Entry {
+    id: u64,
+    from: usize,
+    to: usize,
+    logits: LogitsWanted,
+    /// The step ends the sequence's prompt (or its pending input).
+    last: bool,
+    /// Where the token the step gives it goes in its `tokens` (a pending token until then).
+    token_at: Option<usize>,
+}
+
+/// A launched step whose results the host has not read.
+struct InFlight {
+    entries: Vec<Entry>,
+    launched: Instant,
+}
+
+/// One planned sequence: its index in `running`, its chunk `from..to`, the logits it wants.
+type Planned = (usize, usize, usize, LogitsWanted);
 
 /// An overlapped copy into a slot, not yet known to be done.
 struct Loading {
@@ -82,6 +130,10 @@ struct Scheduler<M> {
     published: Arc<RwLock<Published>>,
     metrics: Arc<Metrics>,
     loading: Vec<Loading>,
+    in_flight: Option<InFlight>,
+    next_id: u64,
+    /// When the host last read a step's results (for the step-time metric).
+    last_read: Instant,
 }
 
 pub(crate) fn spawn<M: Forward + Send + 'static>(
@@ -120,6 +172,9 @@ pub(crate) fn spawn<M: Forward + Send + 'static>(
         published,
         metrics,
         loading: Vec::new(),
+        in_flight: None,
+        next_id: 0,
+        last_read: Instant::now(),
     };
     for a in &adapters {
         s.register(&a.name, &a.path, a.pinned, None)
@@ -184,6 +239,10 @@ impl<M: Forward> Scheduler<M> {
             };
             if let Some(e) = failure {
                 tracing::error!(error = %e, "forward step failed; aborting the running batch");
+                if self.in_flight.take().is_some() {
+                    // Its results are lost with the batch; the model must not keep it queued.
+                    let _ = self.model.collect_sampled();
+                }
                 for mut s in std::mem::take(&mut self.running) {
                     self.finish(&mut s, FinishReason::Abort(format!("engine error: {e}")));
                 }
@@ -197,7 +256,10 @@ impl<M: Forward> Scheduler<M> {
             Command::Submit { req, events } => {
                 let rng = Rng::new(req.sampling.seed);
                 self.metrics.prompt_tokens.inc_by(req.input_ids.len() as u64);
+                self.next_id += 1;
                 self.waiting.push_back(Sequence {
+                    id: self.next_id,
+                    pending: 0,
                     tokens: req.input_ids.clone(),
                     prompt_len: req.input_ids.len(),
                     req,
@@ -456,12 +518,81 @@ impl<M: Forward> Scheduler<M> {
         }
     }
 
-    /// One forward pass over every running sequence's next chunk.
+    /// One forward pass over every running sequence's next chunk: launched while the previous
+    /// one is still being computed when both can overlap, else run and read at once.
     fn step(&mut self) -> Result<()> {
         if self.running.is_empty() {
-            return Ok(());
+            return self.read_in_flight();
         }
-        // Make room for one more token per sequence, preempting the newest when the cache is full.
+        let overlap =
+            self.config.overlap_schedule && self.model.overlaps_steps() && self.model.samples_on_device();
+        let mut plan = self.plan();
+        let overlapped = overlap && self.overlappable(&plan);
+        if !overlapped && self.in_flight.is_some() {
+            // This step needs the host to know every token first.
+            self.read_in_flight()?;
+            plan = self.plan();
+        }
+        if plan.is_empty() {
+            return self.read_in_flight();
+        }
+        // Sequences the model samples itself: only their token crosses to the host.
+        let on_device = self.model.samples_on_device();
+        let sampling: Vec<Option<DeviceSample>> = plan
+            .iter()
+            .map(|&(idx, _, to, logits)| {
+                let s = &mut self.running[idx];
+                (on_device && device_eligible(&s.req, logits, to == s.tokens.len())).then(|| {
+                    let (prompt, output) = s.tokens.split_at(s.prompt_len);
+                    let top = top_logprobs_wanted(&s.req);
+                    device_sample(&s.req.sampling, top, prompt, output, s.rng.next_u64())
+                })
+            })
+            .collect();
+        let t0 = Instant::now();
+        let inputs: Vec<SeqInput<'_>> = plan
+            .iter()
+            .map(|&(idx, from, to, logits)| {
+                let s = &self.running[idx];
+                SeqInput {
+                    tokens: &s.tokens[from..to],
+                    cache: &s.cache,
+                    adapter: s.adapter.as_deref(),
+                    logits,
+                }
+            })
+            .collect();
+        if overlapped {
+            self.model.launch_sampled(&mut self.kv, &inputs, &sampling)?;
+            drop(inputs);
+            let entries = self.advance(&plan, &sampling);
+            let previous = self.in_flight.replace(InFlight {
+                entries,
+                launched: t0,
+            });
+            if let Some(previous) = previous {
+                self.read(previous)?;
+            }
+        } else {
+            let outputs = self.model.forward_sampled(&mut self.kv, &inputs, &sampling)?;
+            drop(inputs);
+            self.last_read = Instant::now();
+            self.metrics.step_seconds.observe(t0.elapsed().as_secs_f64());
+            let entries = self.advance(&plan, &sampling);
+            self.process(&entries, outputs);
+        }
+        if self.running.is_empty() {
+            // Only dropped rows are left in flight.
+            self.read_in_flight()?;
+        }
+        Ok(())
+    }
+
+    /// Reserves cache for every running sequence's pending tokens (preempting the newest when
+    /// the cache is full) and picks each one's chunk: its pending tokens, prefill capped by the
+    /// token budget; ordered by adapter. A sequence whose every token is already in flight
+    /// sits the step out.
+    fn plan(&mut self) -> Vec<Planned> {
         let mut i = 0;
         while i < self.running.len() {
             let need = self.running[i].tokens.len();
@@ -476,16 +607,17 @@ impl<M: Forward> Scheduler<M> {
                 "KV cache full: preempting a request for recompute"
             );
             self.metrics.requests_preempted.inc();
+            // A step in flight for it is dropped when read; it recomputes from what is known.
+            victim.forget_pending();
             victim.adapter = None;
             self.waiting.push_front(victim);
         }
-        if self.running.is_empty() {
-            return Ok(());
-        }
-        // Pick each sequence's chunk: its pending tokens, prefill capped by the token budget.
         let mut budget = self.config.chunked_prefill_size;
-        let mut plan: Vec<(usize, usize, usize, LogitsWanted)> = Vec::new(); // (seq, from, to, logits)
+        let mut plan: Vec<Planned> = Vec::new();
         for (idx, s) in self.running.iter().enumerate() {
+            if s.pending > 0 && s.out_of_tokens(self.config.context_length) {
+                continue;
+            }
             let from = s.cache.len;
             let pending = s.tokens.len() - from;
             let take = if pending <= 1 {
@@ -514,51 +646,91 @@ impl<M: Forward> Scheduler<M> {
             plan.push((idx, from, to, logits));
         }
         plan.sort_by_key(|p| self.running[p.0].key);
-        // Sequences the model samples itself: only their token crosses to the host.
-        let on_device = self.model.samples_on_device();
-        let sampling: Vec<Option<DeviceSample>> = plan
-            .iter()
-            .map(|&(idx, _, to, logits)| {
+        plan
+    }
+
+    /// Whether `plan` can run before the host reads the step in flight: every sequence is
+    /// sampled on the device without penalties or top log-probs, or wants no logits.
+    fn overlappable(&self, plan: &[Planned]) -> bool {
+        plan.iter().all(|&(idx, _, to, logits)| {
+            let s = &self.running[idx];
+            logits == LogitsWanted::None
+                || (device_eligible(&s.req, logits, to == s.tokens.len())
+                    && top_logprobs_wanted(&s.req) == 0
+                    && !has_penalties(&s.req.sampling))
+        })
+    }
+
+    /// Moves each planned sequence past its chunk and gives each that will get a token a
+    /// pending one, to be replaced when the step is read.
+    fn advance(&mut self, plan: &[Planned], sampling: &[Option<DeviceSample>]) -> Vec<Entry> {
+        let mut sampled = 0;
+        plan.iter()
+            .zip(sampling)
+            .map(|(&(idx, from, to, logits), smp)| {
                 let s = &mut self.running[idx];
-                (on_device && device_eligible(&s.req, logits, to == s.tokens.len())).then(|| {
-                    let (prompt, output) = s.tokens.split_at(s.prompt_len);
-                    let top = top_logprobs_wanted(&s.req);
-                    device_sample(&s.req.sampling, top, prompt, output, s.rng.next_u64())
-                })
-            })
-            .collect();
-        let t0 = Instant::now();
-        let inputs: Vec<SeqInput<'_>> = plan
-            .iter()
-            .map(|&(idx, from, to, logits)| {
-                let s = &self.running[idx];
-                SeqInput {
-                    tokens: &s.tokens[from..to],
-                    cache: &s.cache,
-                    adapter: s.adapter.as_deref(),
+                let last = to == s.tokens.len();
+                s.cache.len = to;
+                let token_at = (last && s.req.sampling.max_new_tokens > 0).then(|| {
+                    s.tokens.push(pending_token(sampled));
+                    s.pending += 1;
+                    s.tokens.len() - 1
+                });
+                sampled += usize::from(smp.is_some());
+                Entry {
+                    id: s.id,
+                    from,
+                    to,
                     logits,
+                    last,
+                    token_at,
                 }
             })
-            .collect();
-        let outputs = self.model.forward_sampled(&mut self.kv, &inputs, &sampling)?;
-        drop(inputs);
-        self.metrics.step_seconds.observe(t0.elapsed().as_secs_f64());
-        let vocab = self.model.config().vocab_size;
+            .collect()
+    }
 
+    /// Reads the step in flight, if any.
+    fn read_in_flight(&mut self) -> Result<()> {
+        match self.in_flight.take() {
+            Some(f) => self.read(f),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for a launched step's results and hands them to their sequences.
+    fn read(&mut self, f: InFlight) -> Result<()> {
+        let outputs = self.model.collect_sampled()?;
+        let now = Instant::now();
+        // Back to back, a step's time is the gap between reads; else since its launch.
+        let since = f.launched.max(self.last_read);
+        self.metrics.step_seconds.observe((now - since).as_secs_f64());
+        self.last_read = now;
+        self.process(&f.entries, outputs);
+        Ok(())
+    }
+
+    /// Hands a step's outputs to the sequences still running: prompt log-probs, the end of a
+    /// prompt, the sampled token (streamed), and whether it finished them.
+    fn process(&mut self, entries: &[Entry], outputs: Vec<SeqOutput>) {
+        let vocab = self.model.config().vocab_size;
+        let index: HashMap<u64, usize> = self.running.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
         let mut finished: Vec<(usize, Option<FinishReason>)> = Vec::new();
-        for (&(idx, from, to, logits), out) in plan.iter().zip(outputs) {
+        for (e, out) in entries.iter().zip(outputs) {
+            // Gone meanwhile (finished, cancelled or preempted): its row is dropped.
+            let Some(&idx) = index.get(&e.id) else {
+                continue;
+            };
             let s = &mut self.running[idx];
-            s.cache.len = to;
-            if let (LogitsWanted::All, SeqOutput::Logits(l)) = (logits, &out) {
-                collect_input_logprobs(s, from, to, l, vocab);
+            if let (LogitsWanted::All, SeqOutput::Logits(l)) = (e.logits, &out) {
+                collect_input_logprobs(s, e.from, e.to, l, vocab);
             }
-            if to < s.tokens.len() {
+            if !e.last {
                 continue;
             }
             if !s.started {
                 s.started = true;
                 if self.config.prefix_cache {
-                    self.kv.publish_prefix(&s.cache, s.key, &s.tokens);
+                    self.kv.publish_prefix(&s.cache, s.key, &s.tokens[..s.prompt_len]);
                 }
                 let input_logprobs = std::mem::take(&mut s.input_logprobs);
                 let _ = s.events.send(EngineEvent::Started {
@@ -566,10 +738,13 @@ impl<M: Forward> Scheduler<M> {
                     input_logprobs,
                 });
             }
-            if s.req.sampling.max_new_tokens == 0 {
+            let Some(at) = e.token_at else {
                 // Prefill only: the prompt is scored, nothing is generated.
                 finished.push((idx, Some(FinishReason::Length)));
                 continue;
+            };
+            if at != s.tokens.len() - s.pending {
+                continue; // not the oldest pending token: never, as pending tokens are forgotten whole
             }
             let tok = match out {
                 SeqOutput::Sampled(tok) => tok,
@@ -577,13 +752,14 @@ impl<M: Forward> Scheduler<M> {
                     &l[l.len() - vocab..],
                     &s.req.sampling,
                     &s.tokens[..s.prompt_len],
-                    &s.tokens[s.prompt_len..],
+                    &s.tokens[s.prompt_len..at],
                     top_logprobs_wanted(&s.req),
                     &mut s.rng,
                 ),
             };
             let id = tok.token_id;
-            s.tokens.push(id);
+            s.tokens[at] = id;
+            s.pending -= 1;
             let now = Instant::now();
             match s.last_token {
                 None => self.metrics.ttft_seconds.observe((now - s.arrival).as_secs_f64()),
@@ -599,11 +775,12 @@ impl<M: Forward> Scheduler<M> {
                 finished.push((idx, None));
                 continue;
             }
+            let known = at + 1;
             let eos = !s.req.sampling.ignore_eos && self.model.config().eos_token_ids.contains(&id);
             if eos || s.req.sampling.stop_token_ids.contains(&id) {
                 finished.push((idx, Some(FinishReason::Stop { token_id: id })));
-            } else if s.generated() >= s.req.sampling.max_new_tokens
-                || s.tokens.len() >= self.config.context_length
+            } else if known - s.prompt_len >= s.req.sampling.max_new_tokens
+                || known >= self.config.context_length
             {
                 finished.push((idx, Some(FinishReason::Length)));
             }
@@ -616,7 +793,6 @@ impl<M: Forward> Scheduler<M> {
                 None => self.cancel(&mut s),
             }
         }
-        Ok(())
     }
 
     fn cancel(&mut self, s: &mut Sequence) {
@@ -629,7 +805,7 @@ impl<M: Forward> Scheduler<M> {
 
     fn finish(&mut self, s: &mut Sequence, reason: FinishReason) {
         if self.config.prefix_cache && s.started {
-            self.kv.publish_prefix(&s.cache, s.key, &s.tokens);
+            self.kv.publish_prefix(&s.cache, s.key, s.known());
         }
         self.kv.release(&mut s.cache);
         let label = match &reason {
