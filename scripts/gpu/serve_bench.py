@@ -28,6 +28,8 @@ BIN = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "target/release/l
 ADAPTERS = 64
 PROMPT = 128
 NEW = int(os.environ.get("LORAPLANE_SERVE_BENCH_NEW", "256"))
+# Extra server flags, e.g. "--disable-overlap-schedule" to time steps run one at a time.
+EXTRA = os.environ.get("LORAPLANE_SERVE_EXTRA", "").split()
 
 
 def post(addr, body):
@@ -87,14 +89,15 @@ def main():
     names = [f"a{i}" for i in range(ADAPTERS)]
     args = [BIN, "--model-path", "Llama-3.1-8B", "--load-format", "dummy", "--device", "cuda",
             "--max-lora-rank", "16", "--max-loras-per-batch", str(ADAPTERS), "--max-running-requests", "256",
-            "--lora-paths"] + [f"{n}=dummy://?rank=16" for n in names]
+            "--lora-paths"] + [f"{n}=dummy://?rank=16" for n in names] + EXTRA
     t0 = time.time()
     proc, addr = server_proc.start(args, timeout=900)
     try:
         info = json.loads(urllib.request.urlopen(f"http://{addr}/get_server_info", timeout=10).read())
         print(f"server up in {time.time() - t0:.0f} s: {info.get('device')} {info.get('dtype')}, "
               f"lora backend {info.get('lora_backend')}, {ADAPTERS} dummy rank-16 adapters, "
-              f"cuda graphs up to batch {info.get('cuda_graph_max_bs')}; KV cache {info.get('max_total_tokens')} "
+              f"cuda graphs up to batch {info.get('cuda_graph_max_bs')}, overlap schedule "
+              f"{'off' if info.get('disable_overlap_schedule') else 'on'}; KV cache {info.get('max_total_tokens')} "
               f"tokens (--mem-fraction-static {info.get('mem_fraction_static')}), context length "
               f"{info.get('context_length')}")
         # Warm-up: every adapter into its slot, graphs captured.

@@ -13,7 +13,8 @@
 //!
 //! `--step-parts` times the whole decode step of each configuration in LORAPLANE_PARTS
 //! (`BATCH:ADAPTERS:RANK ...`) and the same step's graph replayed alone: the difference is the
-//! host's part of a step (`scripts/gpu/run.sh parts`; `scripts/gpu/run.sh variants` runs it
+//! host's part of a step, and the step overlapped as the server runs it (launched before the
+//! host reads the one before; `scripts/gpu/run.sh parts`; `scripts/gpu/run.sh variants` runs it
 //! once per set of kernel compiler options). `--registers` prints every kernel's registers and
 //! spill bytes per thread.
 //!
@@ -36,7 +37,7 @@ use loraplane_server::backend::cuda::{
 };
 use loraplane_server::engine::{KvCache, SeqCache};
 use loraplane_server::model::llama::{LogitsWanted, SeqInput};
-use loraplane_server::model::{presets, ModelConfig};
+use loraplane_server::model::{pending_token, presets, DeviceSample, ModelConfig, SeqOutput};
 
 const HBM_BYTES_PER_S: f64 = 3.0e12;
 const BF16_FLOPS: f64 = 790e12;
@@ -128,37 +129,7 @@ fn decode_with_prompt(
     profile: bool,
     mut before_step: impl FnMut(&mut CudaModel),
 ) -> f64 {
-    let vocab = m.config().vocab_size as u32;
-    let mut caches = vec![SeqCache::default(); bs];
-    let mut toks: Vec<Vec<u32>> = (0..bs)
-        .map(|i| {
-            (0..prompt)
-                .map(|j| ((i * 7919 + j * 104729) as u32) % vocab)
-                .collect()
-        })
-        .collect();
-    // Prefill in groups that fit the row budget.
-    for group in (0..bs).collect::<Vec<_>>().chunks((8192 / prompt).max(1)) {
-        for &i in group {
-            kv.reserve(&mut caches[i], prompt).expect("kv");
-        }
-        let inputs: Vec<SeqInput<'_>> = group
-            .iter()
-            .map(|&i| SeqInput {
-                tokens: &toks[i],
-                cache: &caches[i],
-                adapter: None,
-                logits: LogitsWanted::Last,
-            })
-            .collect();
-        let gslots: Vec<i32> = group.iter().map(|&i| slots[i]).collect();
-        let next = m.forward_greedy_in_slots(kv, &inputs, &gslots).expect("prefill");
-        drop(inputs);
-        for (&i, t) in group.iter().zip(next) {
-            caches[i].len = prompt;
-            toks[i].push(t);
-        }
-    }
+    let (mut caches, mut toks) = prefill_prompts(m, kv, bs, prompt, slots);
     let step = |m: &mut CudaModel, caches: &mut Vec<SeqCache>, toks: &mut Vec<Vec<u32>>, kv: &mut KvCache| {
         for (c, t) in caches.iter_mut().zip(toks.iter()) {
             kv.reserve(c, t.len()).expect("kv");
@@ -199,6 +170,134 @@ fn decode_with_prompt(
         kv.release(c);
     }
     ms
+}
+
+/// Prefills `bs` random prompts of `prompt` tokens (sequence i in LoRA slot `slots[i]`) and
+/// returns their caches and tokens, each ending with its first generated token.
+fn prefill_prompts(
+    m: &mut CudaModel,
+    kv: &mut KvCache,
+    bs: usize,
+    prompt: usize,
+    slots: &[i32],
+) -> (Vec<SeqCache>, Vec<Vec<u32>>) {
+    let vocab = m.config().vocab_size as u32;
+    let mut caches = vec![SeqCache::default(); bs];
+    let mut toks: Vec<Vec<u32>> = (0..bs)
+        .map(|i| {
+            (0..prompt)
+                .map(|j| ((i * 7919 + j * 104729) as u32) % vocab)
+                .collect()
+        })
+        .collect();
+    // Prefill in groups that fit the row budget.
+    for group in (0..bs).collect::<Vec<_>>().chunks((8192 / prompt).max(1)) {
+        for &i in group {
+            kv.reserve(&mut caches[i], prompt).expect("kv");
+        }
+        let inputs: Vec<SeqInput<'_>> = group
+            .iter()
+            .map(|&i| SeqInput {
+                tokens: &toks[i],
+                cache: &caches[i],
+                adapter: None,
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        let gslots: Vec<i32> = group.iter().map(|&i| slots[i]).collect();
+        let next = m.forward_greedy_in_slots(kv, &inputs, &gslots).expect("prefill");
+        drop(inputs);
+        for (&i, t) in group.iter().zip(next) {
+            caches[i].len = prompt;
+            toks[i].push(t);
+        }
+    }
+    (caches, toks)
+}
+
+/// [`decode_with_prompt`] with overlapped steps, as the server runs them: each step is launched
+/// (greedy, on the device) before the host reads the one before it, and takes that step's
+/// tokens as pending ones. Returns ms per step and every sequence's generated tokens.
+fn decode_overlapped(
+    m: &mut CudaModel,
+    kv: &mut KvCache,
+    bs: usize,
+    prompt: usize,
+    slots: &[i32],
+    steps: usize,
+) -> (f64, Vec<Vec<u32>>) {
+    let (mut caches, mut toks) = prefill_prompts(m, kv, bs, prompt, slots);
+    let greedy = DeviceSample {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        min_p: 0.0,
+        seed: 0,
+        penalties: None,
+        top_logprobs: 0,
+    };
+    let sampling = vec![Some(greedy); bs];
+    // Whether the last launch's token for each sequence is still on the device only.
+    let mut in_flight = false;
+    let mut launch = |m: &mut CudaModel, caches: &mut Vec<SeqCache>, toks: &Vec<Vec<u32>>, pending: bool| {
+        let ids: Vec<[u32; 1]> = (0..bs)
+            .map(|i| {
+                [if pending {
+                    pending_token(i)
+                } else {
+                    *toks[i].last().expect("a token")
+                }]
+            })
+            .collect();
+        for c in caches.iter_mut() {
+            let len = c.len + 1;
+            kv.reserve(c, len).expect("kv");
+        }
+        let inputs: Vec<SeqInput<'_>> = caches
+            .iter()
+            .zip(&ids)
+            .map(|(c, t)| SeqInput {
+                tokens: t,
+                cache: c,
+                adapter: None,
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        m.launch_sampled_in_slots(kv, &inputs, slots, &sampling)
+            .expect("launch");
+        drop(inputs);
+        for c in caches.iter_mut() {
+            c.len += 1;
+        }
+    };
+    let read = |m: &mut CudaModel, toks: &mut Vec<Vec<u32>>| {
+        for (t, o) in toks.iter_mut().zip(m.collect_sampled().expect("collect")) {
+            match o {
+                SeqOutput::Sampled(s) => t.push(s.token_id),
+                SeqOutput::Logits(_) => panic!("every row is sampled"),
+            }
+        }
+    };
+    // Timed from one read to the read `steps` steps later, after warm-up (and graph capture):
+    // with a step always queued behind the one running, that interval is `steps` steps.
+    let mut t0 = Instant::now();
+    for i in 0..4 + steps {
+        launch(m, &mut caches, &toks, in_flight);
+        if in_flight {
+            read(m, &mut toks);
+        }
+        if i == 3 {
+            t0 = Instant::now();
+        }
+        in_flight = true;
+    }
+    let ms = t0.elapsed().as_secs_f64() * 1e3 / steps as f64;
+    read(m, &mut toks);
+    for c in &mut caches {
+        kv.release(c);
+    }
+    let generated = toks.into_iter().map(|t| t[prompt..].to_vec()).collect();
+    (ms, generated)
 }
 
 fn main() {
@@ -445,8 +544,8 @@ fn main() {
         let mut m = CudaModel::dummy(gpu.clone(), c.clone(), opts(LoraKernelMode::Chunked(16), 256), 42)
             .expect("model");
         let mut kv = m.new_kv_cache();
-        println!("| configuration | whole step ms | graph replay ms | host part ms |");
-        println!("|---|---|---|---|");
+        println!("| configuration | whole step ms | overlapped step ms | graph replay ms | host part ms |");
+        println!("|---|---|---|---|---|");
         for p in parts.split_whitespace() {
             let f: Vec<usize> = p
                 .split(':')
@@ -470,6 +569,7 @@ fn main() {
                 .collect();
             let ms = decode_with_prompt(&mut m, &mut kv, bs, prompt, &slots, 20, false, |_| {});
             let replay = m.time_graph_replays(bs, 50).expect("replay");
+            let (overlapped, _) = decode_overlapped(&mut m, &mut kv, bs, prompt, &slots, 20);
             let mut what = if n == 0 {
                 format!("bs={bs} base")
             } else {
@@ -478,7 +578,10 @@ fn main() {
             if prompt != PROMPT {
                 what += &format!(", {prompt}-token prompts");
             }
-            println!("| {what} | {ms:.3} | {replay:.3} | {:.3} |", ms - replay);
+            println!(
+                "| {what} | {ms:.3} | {overlapped:.3} | {replay:.3} | {:.3} |",
+                ms - replay
+            );
         }
         return;
     }

@@ -28,6 +28,8 @@
 //! 8. Decode GEMMs (`decode_gemm.cu`) in bf16 and f16 against an f64 host product of the same
 //!    rounded inputs, then inside a model of Llama-3.1-8B's widths (the models above are too
 //!    narrow to take them) against the same model in cuBLAS (see `decode_gemm_checks` below).
+//! 9. Overlapped steps (`launch_sampled`, pending tokens) against steps run one at a time (see
+//!    `overlap_checks` below).
 //!
 //! Prints one line per case and exits non-zero on the first failure.
 
@@ -51,7 +53,9 @@ use loraplane_server::engine::sampling::{apply_penalties, device_sample, kept_to
 use loraplane_server::engine::{KvCache, SeqCache};
 use loraplane_server::model::llama::{LogitsWanted, SeqInput};
 use loraplane_server::model::weights::load_hf_weights;
-use loraplane_server::model::{DeviceSample, LlamaModel, ModelConfig, SeqOutput, MAX_DEVICE_TOP_LOGPROBS};
+use loraplane_server::model::{
+    pending_token, DeviceSample, LlamaModel, ModelConfig, SeqOutput, MAX_DEVICE_TOP_LOGPROBS,
+};
 use loraplane_server::tensor::Tensor;
 
 fn repo() -> PathBuf {
@@ -797,7 +801,8 @@ fn main() {
     // --quick: the PEFT check of one model and a few sampling draws (for compute-sanitizer,
     // which is slow). `--only sampling` runs the sampling checks alone, `--only lora-mma` the
     // tensor-core LoRA checks, `--only decode-attention` the tensor-core decode attention checks,
-    // `--only slots` the slot load checks, `--only decode-gemm` the decode GEMM checks.
+    // `--only slots` the slot load checks, `--only decode-gemm` the decode GEMM checks, `--only
+    // overlap` the overlapped-step checks.
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     let only = args
@@ -816,6 +821,11 @@ fn main() {
     }
     if only.is_some_and(|o| o == "decode-gemm") {
         decode_gemm_checks(&gpu, quick);
+        println!("all GPU checks passed");
+        return;
+    }
+    if only.is_some_and(|o| o == "overlap") {
+        overlap_checks(&gpu);
         println!("all GPU checks passed");
         return;
     }
@@ -838,6 +848,7 @@ fn main() {
         lora_tensor_core_checks(&gpu, quick);
         decode_attention_checks(&gpu, quick);
         decode_gemm_checks(&gpu, quick);
+        overlap_checks(&gpu);
     }
     println!("all GPU checks passed");
 }
@@ -2258,4 +2269,200 @@ fn decode_gemm_case<T: GpuFloat + Into<f32> + Default>(
         }
     }
     (worst, p.blocks)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. Overlapped steps (`launch_sampled` / `collect_sampled`, as the engine's overlap scheduler
+//    issues them): each step is launched before the host reads the one before it and feeds
+//    every continuing sequence that step's token as a pending token, resolved on the device.
+//    Greedy and seeded draws over adapters, with sequences leaving the batch (so a pending
+//    token's index moves), in f32 and bf16, eager and graph steps: every token equals the one
+//    `forward_sampled` gives when steps run one at a time. A pending token with no uncollected
+//    launch and a third uncollected launch are refused.
+// ---------------------------------------------------------------------------------------------
+
+/// Steps of [`overlap_checks`]: each sequence's generated tokens.
+fn overlap_run(
+    m: &mut CudaModel,
+    prompts: &[Vec<u32>],
+    held: &[Option<Arc<LoraAdapter>>],
+    steps: usize,
+    overlapped: bool,
+) -> Vec<Vec<u32>> {
+    let n = prompts.len();
+    let mut kv = m.new_kv_cache();
+    let mut toks = prompts.to_vec();
+    let mut caches = vec![SeqCache::default(); n];
+    // Each sequence's row among the uncollected launch's draws, and that launch's sequences.
+    let mut pending: Vec<Option<usize>> = vec![None; n];
+    let mut uncollected: Option<Vec<usize>> = None;
+    let token = |o: SeqOutput| match o {
+        SeqOutput::Sampled(t) => t.token_id,
+        SeqOutput::Logits(_) => fail("overlap: a sampled sequence got logits".into()),
+    };
+    for step in 0..steps {
+        // Every fourth sequence leaves after a few steps.
+        let seqs: Vec<usize> = (0..n).filter(|&i| i % 4 != 3 || step < 3 + i % 3).collect();
+        let ids: Vec<Vec<u32>> = seqs
+            .iter()
+            .map(|&i| {
+                let mut t = toks[i][caches[i].len..].to_vec();
+                t.extend(pending[i].map(pending_token));
+                t
+            })
+            .collect();
+        for (&i, t) in seqs.iter().zip(&ids) {
+            let len = caches[i].len + t.len();
+            kv.reserve(&mut caches[i], len).unwrap();
+        }
+        let inputs: Vec<SeqInput<'_>> = seqs
+            .iter()
+            .zip(&ids)
+            .map(|(&i, t)| SeqInput {
+                tokens: t,
+                cache: &caches[i],
+                adapter: held[i].as_deref(),
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        let sampling: Vec<Option<DeviceSample>> = seqs
+            .iter()
+            .map(|&i| {
+                let t = if i % 2 == 0 { 0.0 } else { 0.9 };
+                Some(device_sample(
+                    &params(t, 0, 0.95, 0.0),
+                    0,
+                    &[],
+                    &[],
+                    (step * 100 + i) as u64,
+                ))
+            })
+            .collect();
+        if overlapped {
+            m.launch_sampled(&kv, &inputs, &sampling)
+                .unwrap_or_else(|e| fail(format!("overlap: launch {step}: {e}")));
+            drop(inputs);
+            pending = vec![None; n];
+            for (k, (&i, t)) in seqs.iter().zip(&ids).enumerate() {
+                caches[i].len += t.len();
+                pending[i] = Some(k);
+            }
+            if let Some(prev) = uncollected.replace(seqs) {
+                for (&i, o) in prev.iter().zip(m.collect_sampled().unwrap()) {
+                    toks[i].push(token(o));
+                }
+            }
+        } else {
+            let out = m.forward_sampled(&kv, &inputs, &sampling).unwrap();
+            drop(inputs);
+            for ((&i, t), o) in seqs.iter().zip(&ids).zip(out) {
+                caches[i].len += t.len();
+                toks[i].push(token(o));
+            }
+        }
+    }
+    if let Some(prev) = uncollected {
+        for (&i, o) in prev.iter().zip(m.collect_sampled().unwrap()) {
+            toks[i].push(token(o));
+        }
+    }
+    for c in &mut caches {
+        kv.release(c);
+    }
+    toks.iter()
+        .zip(prompts)
+        .map(|(t, p)| t[p.len()..].to_vec())
+        .collect()
+}
+
+fn overlap_checks(gpu: &Arc<Gpu>) {
+    let mut rng = Rng(0x0e71_a95c_4ed0_1e77);
+    let c = config(256, 4, 2, 64);
+    let host = random_model(&c, &mut rng);
+    let adapters: Vec<Arc<LoraAdapter>> = (0..2)
+        .map(|i| {
+            Arc::new(LoraAdapter::dummy(
+                &format!("o{i}"),
+                &c,
+                8,
+                &LoraTarget::ALL,
+                400 + i,
+            ))
+        })
+        .collect();
+    let n = 12;
+    let prompts: Vec<Vec<u32>> = (0..n)
+        .map(|_| {
+            (0..1 + rng.below(30))
+                .map(|_| rng.below(c.vocab_size) as u32)
+                .collect()
+        })
+        .collect();
+    let held: Vec<Option<Arc<LoraAdapter>>> = (0..n)
+        .map(|i| match i % 3 {
+            0 => None,
+            k => Some(adapters[k - 1].clone()),
+        })
+        .collect();
+    let steps = 10;
+    for dtype in [DeviceDtype::Float32, DeviceDtype::Bfloat16] {
+        for graphs in [0usize, 16] {
+            let o = opts(dtype, LoraKernelMode::Chunked(16), graphs, 16 * 1024);
+            let mut m = CudaModel::from_host(gpu.clone(), &host, o).unwrap();
+            let want = overlap_run(&mut m, &prompts, &held, steps, false);
+            let got = overlap_run(&mut m, &prompts, &held, steps, true);
+            for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+                if w != g {
+                    fail(format!(
+                        "overlap {} graphs={graphs} seq {i}: {g:?}, one step at a time {w:?}",
+                        dtype.name()
+                    ));
+                }
+            }
+            let tokens: usize = got.iter().map(Vec::len).sum();
+            println!(
+                "ok  overlap {} graphs={graphs:2}: {n} sequences × {steps} steps ({tokens} tokens, greedy and seeded draws, adapters, sequences leaving), identical to steps one at a time",
+                dtype.name()
+            );
+        }
+    }
+    // The contract's refusals.
+    let mut m = CudaModel::from_host(
+        gpu.clone(),
+        &host,
+        opts(DeviceDtype::Float32, LoraKernelMode::Chunked(16), 0, 4096),
+    )
+    .unwrap();
+    let mut kv = m.new_kv_cache();
+    let mut cache = SeqCache::default();
+    kv.reserve(&mut cache, 8).unwrap();
+    let greedy = [Some(device_sample(&params(0.0, 0, 1.0, 0.0), 0, &[], &[], 0))];
+    fn input<'a>(tokens: &'a [u32], cache: &'a SeqCache) -> [SeqInput<'a>; 1] {
+        [SeqInput {
+            tokens,
+            cache,
+            adapter: None,
+            logits: LogitsWanted::Last,
+        }]
+    }
+    let cache = &cache;
+    if m.launch_sampled(&kv, &input(&[pending_token(0)], cache), &greedy)
+        .is_ok()
+    {
+        fail("overlap: a pending token with no launch in flight was accepted".into());
+    }
+    for _ in 0..2 {
+        m.launch_sampled(&kv, &input(&[1, 2, 3], cache), &greedy).unwrap();
+    }
+    if m.launch_sampled(&kv, &input(&[1, 2, 3], cache), &greedy).is_ok() {
+        fail("overlap: a third uncollected launch was accepted".into());
+    }
+    m.collect_sampled().unwrap();
+    m.collect_sampled().unwrap();
+    if m.collect_sampled().is_ok() {
+        fail("overlap: a collect with nothing launched returned".into());
+    }
+    println!(
+        "ok  overlap refusals: a pending token with nothing in flight, a third launch, an empty collect"
+    );
 }
