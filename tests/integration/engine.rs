@@ -758,9 +758,9 @@ struct PipeLog {
 /// The CPU model posing as one that overlaps steps, as the CUDA model does: a launch resolves
 /// the pending tokens of its inputs from the last launch's greedy draws (failing, as the GPU
 /// contract says, when that launch was already collected or there is none), computes at once
-/// and queues its results for `collect_sampled`.
+/// through [`DeviceGreedy`] and queues its results for `collect_sampled`.
 struct Pipelined {
-    inner: LlamaModel,
+    inner: DeviceGreedy,
     log: Arc<Mutex<PipeLog>>,
     queue: std::collections::VecDeque<Vec<SeqOutput>>,
     /// The last launch's draws, while it is uncollected.
@@ -770,41 +770,14 @@ struct Pipelined {
 impl Pipelined {
     fn new(log: Arc<Mutex<PipeLog>>) -> Self {
         Self {
-            inner: tiny_model(),
+            inner: DeviceGreedy {
+                inner: tiny_model(),
+                log: Default::default(),
+            },
             log,
             queue: Default::default(),
             last_draws: None,
         }
-    }
-
-    fn greedy(
-        &mut self,
-        kv: &mut KvCache,
-        seqs: &[SeqInput<'_>],
-        sampling: &[Option<DeviceSample>],
-    ) -> ModelResult<Vec<SeqOutput>> {
-        let logits = self.inner.forward(kv, seqs)?;
-        logits
-            .into_iter()
-            .zip(sampling)
-            .map(|(l, s)| match s {
-                Some(s) if s.temperature <= 0.0 => {
-                    let raw = log_softmax(&l);
-                    let mut l = l;
-                    if let Some(p) = &s.penalties {
-                        p.apply(&mut l);
-                    }
-                    let token_id = argmax(&l);
-                    Ok(SeqOutput::Sampled(TokenLogprob {
-                        token_id,
-                        logprob: raw[token_id as usize],
-                        top: top_logprobs(&raw, s.top_logprobs),
-                    }))
-                }
-                Some(_) => Err(Error::Model("this test model samples greedily only".into())),
-                None => Ok(SeqOutput::Logits(l)),
-            })
-            .collect()
     }
 }
 
@@ -816,7 +789,7 @@ impl Forward for Pipelined {
         self.inner.forward(kv, seqs)
     }
     fn new_kv_cache(&self, max_tokens: usize, block_size: usize) -> KvCache {
-        KvCache::new(self.inner.config(), max_tokens, block_size)
+        self.inner.new_kv_cache(max_tokens, block_size)
     }
     fn samples_on_device(&self) -> bool {
         true
@@ -838,7 +811,7 @@ impl Forward for Pipelined {
             return Err(Error::Model("a step ran while another was uncollected".into()));
         }
         self.log.lock().unwrap().sync_steps += 1;
-        self.greedy(kv, seqs, sampling)
+        self.inner.forward_sampled(kv, seqs, sampling)
     }
     fn launch_sampled(
         &mut self,
@@ -889,7 +862,7 @@ impl Forward for Pipelined {
                 logits: s.logits,
             })
             .collect();
-        let out = self.greedy(kv, &inputs, sampling)?;
+        let out = self.inner.forward_sampled(kv, &inputs, sampling)?;
         self.last_draws = Some(
             out.iter()
                 .filter_map(|o| match o {
