@@ -465,10 +465,8 @@ impl LlamaModel {
 
 /// Refuses a sequence whose cache blocks are not reserved for its new tokens, that runs past
 /// the model's context, or that holds a token outside the vocabulary (every backend checks the
-/// same things before a forward pass).
-/// Checks a sequence's input against the model and its reserved cache. `pending` is how many
-/// tokens the model's last launched step samples: a [`pending_token`](super::pending_token)
-/// must stand for one of them.
+/// same things before a forward pass). `pending` is how many tokens the model's last launched
+/// step samples: a [`pending_token`](super::pending_token) standing for one of them is taken.
 pub(crate) fn check_seq_input(c: &ModelConfig, kv: &KvCache, s: &SeqInput<'_>, pending: usize) -> Result<()> {
     let end = s.cache.len + s.tokens.len();
     if s.cache.blocks.len() * kv.block_size() < end {
@@ -482,22 +480,12 @@ pub(crate) fn check_seq_input(c: &ModelConfig, kv: &KvCache, s: &SeqInput<'_>, p
             c.max_position_embeddings
         )));
     }
-    for &t in s.tokens {
-        match super::pending_index(t) {
-            Some(k) if k < pending => {}
-            Some(k) => {
-                return Err(Error::Model(format!(
-                    "pending token {k} of a launched step that sampled {pending}"
-                )))
-            }
-            None if t as usize >= c.vocab_size => {
-                return Err(Error::InvalidRequest(format!(
-                    "token id {t} is outside the vocabulary (size {})",
-                    c.vocab_size
-                )))
-            }
-            None => {}
-        }
+    let known = |t: u32| (t as usize) < c.vocab_size || super::pending_index(t).is_some_and(|k| k < pending);
+    if let Some(t) = s.tokens.iter().find(|&&t| !known(t)) {
+        return Err(Error::InvalidRequest(format!(
+            "token id {t} is outside the vocabulary (size {})",
+            c.vocab_size
+        )));
     }
     Ok(())
 }

@@ -112,6 +112,24 @@ pub fn pending_index(t: u32) -> Option<usize> {
     (t >= 1 << 31).then(|| (u32::MAX - t) as usize)
 }
 
+/// Refuses a step that [`Forward::launch_sampled`] cannot run before the host has read the one
+/// before it: a sequence neither sampled on the device without penalties or top log-probs
+/// (whose tokens or alternatives the host must see between steps) nor wanting no logits.
+pub fn check_launchable(seqs: &[SeqInput<'_>], sampling: &[Option<DeviceSample>]) -> Result<()> {
+    let launchable = |(s, p): (&SeqInput<'_>, &Option<DeviceSample>)| match p {
+        Some(p) => p.penalties.is_none() && p.top_logprobs == 0,
+        None => s.logits == llama::LogitsWanted::None,
+    };
+    if sampling.len() != seqs.len() || !seqs.iter().zip(sampling).all(launchable) {
+        return Err(Error::Model(
+            "an overlapped step samples every sequence on the device, without penalties or top \
+             log-probs, or wants no logits"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 /// A model that runs mixed prefill/decode forward passes over a paged KV cache.
 pub trait Forward {
     /// The model's configuration.
@@ -143,14 +161,14 @@ pub trait Forward {
     }
     /// Whether the model runs [`Forward::launch_sampled`] steps: a step may start while the one
     /// before it is still computing, with that step's sampled tokens as [`pending_token`]s.
+    /// Such a model also [samples on its device](Forward::samples_on_device).
     fn overlaps_steps(&self) -> bool {
         false
     }
     /// Starts a forward pass as [`Forward::forward_sampled`] would and returns before its
     /// results exist; [`Forward::collect_sampled`] returns them, oldest launch first. At most
-    /// two launches are uncollected at once. Every sequence is either sampled on the device
-    /// without penalties or top log-probs, or wants no logits. Its tokens may include
-    /// [`pending_token`]s of the last launch, when that one is uncollected.
+    /// two launches are uncollected at once. The step passes [`check_launchable`]; its tokens
+    /// may include [`pending_token`]s of the last launch, when that one is uncollected.
     fn launch_sampled(
         &mut self,
         kv: &mut KvCache,

@@ -24,7 +24,7 @@ use crate::adapter::{LoraAdapter, LoraTarget};
 use crate::engine::KvCache;
 use crate::error::{Error, Result};
 use crate::model::llama::{check_seq_input, rope_inv_freq, LogitsWanted, SeqInput};
-use crate::model::{DeviceSample, LlamaModel, ModelConfig, SeqOutput};
+use crate::model::{check_launchable, DeviceSample, LlamaModel, ModelConfig, SeqOutput};
 
 /// How LoRA rows are cut into kernel work items.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -2361,7 +2361,8 @@ impl<T: GpuFloat> CudaLlama<T> {
         seq_slots: &[i32],
         sampling: &[Option<DeviceSample>],
     ) -> Result<()> {
-        SamplePipe::check(seqs, sampling)?;
+        check_sampling(seqs, sampling)?;
+        check_launchable(seqs, sampling)?;
         let out = self.step_with_slots(kv, seqs, seq_slots)?;
         let logits = self.gpu.ptr(&self.bufs.logits);
         self.pipe

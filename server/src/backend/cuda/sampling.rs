@@ -91,6 +91,26 @@ struct SampleOut {
 unsafe impl DeviceRepr for SampleOut {}
 unsafe impl ValidAsZeroBits for SampleOut {}
 
+impl From<&SampleOut> for TokenLogprob {
+    fn from(o: &SampleOut) -> Self {
+        TokenLogprob {
+            token_id: o.token as u32,
+            logprob: o.logprob,
+            top: Vec::new(),
+        }
+    }
+}
+
+/// Refuses a vocabulary the sampling kernel cannot draw from.
+fn check_vocab(vocab: usize) -> Result<()> {
+    if vocab == 0 || vocab > MAX_SAMPLE_VOCAB {
+        return Err(Error::Model(format!(
+            "device sampling supports vocabularies of 1 to {MAX_SAMPLE_VOCAB} tokens, not {vocab}"
+        )));
+    }
+    Ok(())
+}
+
 /// Samples one token per entry of `rows` from the f32 logits at device address `logits`
 /// (`[_, vocab]`, row-major) and returns each with its log-probability under the unmodified
 /// distribution. Waits for the result.
@@ -111,11 +131,7 @@ pub fn sample_rows_penalized(
     if rows.is_empty() {
         return Ok(Vec::new());
     }
-    if vocab == 0 || vocab > MAX_SAMPLE_VOCAB {
-        return Err(Error::Model(format!(
-            "device sampling supports vocabularies of 1 to {MAX_SAMPLE_VOCAB} tokens, not {vocab}"
-        )));
-    }
+    check_vocab(vocab)?;
     let mut rows = rows.to_vec();
     let (mut pen_rows, mut tokens, mut counts) = (Vec::new(), Vec::new(), Vec::new());
     for (r, p) in rows.iter_mut().zip(penalties) {
@@ -169,12 +185,8 @@ pub fn sample_rows_penalized(
     )?;
     Ok(gpu
         .download(&out, rows.len())?
-        .into_iter()
-        .map(|o| TokenLogprob {
-            token_id: o.token as u32,
-            logprob: o.logprob,
-            top: Vec::new(),
-        })
+        .iter()
+        .map(TokenLogprob::from)
         .collect())
 }
 
@@ -404,26 +416,6 @@ impl SamplePipe {
             .map_or(0, |l| l.sampled.iter().filter(|&&s| s).count())
     }
 
-    /// Whether `seqs` with `sampling` may be launched: sampled without penalties or top
-    /// log-probs, or wanting no logits.
-    pub fn check(seqs: &[SeqInput<'_>], sampling: &[Option<DeviceSample>]) -> Result<()> {
-        check_sampling(seqs, sampling)?;
-        for (s, p) in seqs.iter().zip(sampling) {
-            let ok = match p {
-                Some(p) => p.penalties.is_none() && p.top_logprobs == 0,
-                None => s.logits == LogitsWanted::None,
-            };
-            if !ok {
-                return Err(Error::Model(
-                    "an overlapped step samples every sequence on the device, without penalties or top \
-                     log-probs, or wants no logits"
-                        .into(),
-                ));
-            }
-        }
-        Ok(())
-    }
-
     /// Samples the step whose wanted logits are in `logits` (sequence `i` owning row
     /// `per_seq[i].0` when sampled) and starts copying the tokens to the host.
     pub fn launch(
@@ -437,11 +429,7 @@ impl SamplePipe {
         if self.in_flight.len() >= 2 {
             return Err(Error::Model("two launched steps are still uncollected".into()));
         }
-        if vocab == 0 || vocab > MAX_SAMPLE_VOCAB {
-            return Err(Error::Model(format!(
-                "device sampling supports vocabularies of 1 to {MAX_SAMPLE_VOCAB} tokens, not {vocab}"
-            )));
-        }
+        check_vocab(vocab)?;
         let t = self.turn;
         let rows: Vec<SampleRow> = per_seq
             .iter()
@@ -523,14 +511,9 @@ impl SamplePipe {
                 if !sampled {
                     return Ok(SeqOutput::Logits(Vec::new()));
                 }
-                let o = next
-                    .next()
-                    .ok_or_else(|| Error::Model("device sampling returned too few tokens".into()))?;
-                Ok(SeqOutput::Sampled(TokenLogprob {
-                    token_id: o.token as u32,
-                    logprob: o.logprob,
-                    top: Vec::new(),
-                }))
+                next.next()
+                    .map(|o| SeqOutput::Sampled(o.into()))
+                    .ok_or_else(|| Error::Model("device sampling returned too few tokens".into()))
             })
             .collect()
     }
