@@ -1200,6 +1200,30 @@ fn sampling_kernel_checks(gpu: &Arc<Gpu>, quick: bool) {
     }
 }
 
+/// `n` random prompts of 1 to 30 tokens, every third on the base model and the others on the
+/// two `adapters` in turn.
+fn mixed_batch(
+    c: &ModelConfig,
+    rng: &mut Rng,
+    n: usize,
+    adapters: &[Arc<LoraAdapter>],
+) -> (Vec<Vec<u32>>, Vec<Option<Arc<LoraAdapter>>>) {
+    let prompts = (0..n)
+        .map(|_| {
+            (0..1 + rng.below(30))
+                .map(|_| rng.below(c.vocab_size) as u32)
+                .collect()
+        })
+        .collect();
+    let held = (0..n)
+        .map(|i| match i % 3 {
+            0 => None,
+            k => Some(adapters[k - 1].clone()),
+        })
+        .collect();
+    (prompts, held)
+}
+
 /// `forward_sampled` against `forward` on the same inputs (re-running a step rewrites the same
 /// KV entries, so both see identical logits).
 fn sampling_forward_checks(gpu: &Arc<Gpu>) {
@@ -1231,19 +1255,7 @@ fn sampling_forward_checks(gpu: &Arc<Gpu>) {
         .unwrap();
         let mut kv = m.new_kv_cache();
         let n = 9;
-        let mut toks: Vec<Vec<u32>> = (0..n)
-            .map(|_| {
-                (0..1 + rng.below(30))
-                    .map(|_| rng.below(c.vocab_size) as u32)
-                    .collect()
-            })
-            .collect();
-        let held: Vec<Option<Arc<LoraAdapter>>> = (0..n)
-            .map(|i| match i % 3 {
-                0 => None,
-                k => Some(adapters[k - 1].clone()),
-            })
-            .collect();
+        let (mut toks, held) = mixed_batch(&c, &mut rng, n, &adapters);
         let mut caches = vec![SeqCache::default(); n];
         for step in 0..4 {
             let mut inputs = Vec::new();
@@ -2391,19 +2403,7 @@ fn overlap_checks(gpu: &Arc<Gpu>) {
         })
         .collect();
     let n = 12;
-    let prompts: Vec<Vec<u32>> = (0..n)
-        .map(|_| {
-            (0..1 + rng.below(30))
-                .map(|_| rng.below(c.vocab_size) as u32)
-                .collect()
-        })
-        .collect();
-    let held: Vec<Option<Arc<LoraAdapter>>> = (0..n)
-        .map(|i| match i % 3 {
-            0 => None,
-            k => Some(adapters[k - 1].clone()),
-        })
-        .collect();
+    let (prompts, held) = mixed_batch(&c, &mut rng, n, &adapters);
     let steps = 10;
     for dtype in [DeviceDtype::Float32, DeviceDtype::Bfloat16] {
         for graphs in [0usize, 16] {

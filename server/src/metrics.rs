@@ -168,8 +168,11 @@ impl Metrics {
                 .buckets(latency.clone())
             )),
             step_seconds: reg!(Histogram::with_opts(
-                HistogramOpts::new("loraplane_forward_step_seconds", "Forward pass duration")
-                    .buckets(latency)
+                HistogramOpts::new(
+                    "loraplane_forward_step_seconds",
+                    "Forward pass duration (overlapped passes: the time between reads of consecutive passes)"
+                )
+                .buckets(latency)
             )),
             kv_usage: reg!(Gauge::new(
                 "loraplane_kv_cache_usage_ratio",

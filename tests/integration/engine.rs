@@ -15,7 +15,7 @@ use loraplane_server::engine::generate::argmax;
 use loraplane_server::engine::sampling::top_logprobs;
 use loraplane_server::engine::KvCache;
 use loraplane_server::error::{Error, Result as ModelResult};
-use loraplane_server::model::llama::{LogitsWanted, SeqInput};
+use loraplane_server::model::llama::SeqInput;
 
 use loraplane_server::engine::request::{
     EngineError, EngineEvent, EngineRequest, FinishReason, LogprobOptions, SamplingParams, TokenLogprob,
@@ -23,7 +23,9 @@ use loraplane_server::engine::request::{
 use loraplane_server::engine::{self, AdapterSpec, EngineConfig, EngineHandle, EvictionPolicy};
 use loraplane_server::metrics::Metrics;
 use loraplane_server::model::weights::load_hf_weights;
-use loraplane_server::model::{pending_index, DeviceSample, Forward, LlamaModel, ModelConfig, SeqOutput};
+use loraplane_server::model::{
+    check_launchable, pending_index, pending_token, DeviceSample, Forward, LlamaModel, ModelConfig, SeqOutput,
+};
 
 use crate::common::{fixture, read_safetensors};
 
@@ -319,10 +321,22 @@ async fn failed_loads_leave_no_state_and_pins_are_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_stream_cancels_its_request() {
     let (h, m) = start(config(2, None), vec![]);
+    cancel_after_tokens_then_serve(&h, &m, 1).await;
+}
+
+/// Drops a long request's stream after its first `tokens` tokens (it is surely running then),
+/// waits for the engine to cancel it, and checks that the next request is served as before.
+async fn cancel_after_tokens_then_serve(h: &EngineHandle, m: &Metrics, tokens: usize) {
     let (prompt, _, _) = reference_greedy("llama", 2);
     let mut rx = h.submit(greedy(prompt.clone(), None, 200)).unwrap();
-    // Cancel once the request is surely running: after its first token.
-    while !matches!(rx.recv().await, Some(EngineEvent::Token(_)) | None) {}
+    let mut seen = 0;
+    while seen < tokens {
+        match rx.recv().await {
+            Some(EngineEvent::Token(_)) => seen += 1,
+            Some(_) => {}
+            None => break,
+        }
+    }
     drop(rx);
     for _ in 0..100 {
         if h.load() == (0, 0) {
@@ -333,9 +347,10 @@ async fn a_dropped_stream_cancels_its_request() {
     assert_eq!(h.load(), (0, 0));
     let out = collect(h.submit(greedy(prompt, None, 16)).unwrap()).await;
     assert_greedy("llama", 2, &out.tokens);
-    assert!(metric(&m, "loraplane_generated_tokens_total") < 200.0 + 16.0);
+    assert_eq!(out.reason, FinishReason::Length);
+    assert!(metric(m, "loraplane_generated_tokens_total") < 200.0 + 16.0);
     assert_eq!(
-        metric(&m, "loraplane_requests_finished_total{reason=\"cancelled\"}"),
+        metric(m, "loraplane_requests_finished_total{reason=\"cancelled\"}"),
         1.0
     );
 }
@@ -822,15 +837,7 @@ impl Forward for Pipelined {
         if self.queue.len() >= 2 {
             return Err(Error::Model("three launches uncollected".into()));
         }
-        for (s, p) in seqs.iter().zip(sampling) {
-            let ok = match p {
-                Some(p) => p.penalties.is_none() && p.top_logprobs == 0,
-                None => s.logits == LogitsWanted::None,
-            };
-            if !ok {
-                return Err(Error::Model("launched a step that needs the host".into()));
-            }
-        }
+        check_launchable(seqs, sampling)?;
         let mut any_pending = false;
         let resolved: Vec<Vec<u32>> = seqs
             .iter()
@@ -1026,33 +1033,15 @@ async fn overlapped_steps_survive_preemption() {
     assert!(log.lock().unwrap().with_pending > 0);
 }
 
-/// A request cancelled while a step for it is in flight frees its cache; the engine keeps
-/// serving and the dropped row is not counted.
+/// A request cancelled while a step for it is in flight frees its cache and the engine keeps
+/// serving. Token ids in the pending range are refused at submission like any id outside the
+/// vocabulary, so no request can name another's pending token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_cancelled_mid_flight_leaves_the_engine_serving() {
     let (h, m, _) = start_pipelined(config(2, None), vec![]);
-    let (prompt, _, _) = reference_greedy("llama", 2);
-    let mut rx = h.submit(greedy(prompt.clone(), None, 200)).unwrap();
-    let mut seen = 0;
-    while seen < 3 {
-        if let Some(EngineEvent::Token(_)) = rx.recv().await {
-            seen += 1;
-        }
-    }
-    drop(rx);
-    for _ in 0..100 {
-        if h.load() == (0, 0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(h.load(), (0, 0));
-    let out = collect(h.submit(greedy(prompt, None, 16)).unwrap()).await;
-    assert_greedy("llama", 2, &out.tokens);
-    assert_eq!(out.reason, FinishReason::Length);
-    assert!(metric(&m, "loraplane_generated_tokens_total") < 200.0 + 16.0);
-    assert_eq!(
-        metric(&m, "loraplane_requests_finished_total{reason=\"cancelled\"}"),
-        1.0
+    cancel_after_tokens_then_serve(&h, &m, 3).await;
+    let forged = greedy(vec![1, pending_token(0)], None, 4);
+    assert!(
+        matches!(h.submit(forged), Err(EngineError::InvalidRequest(m)) if m.contains("outside the vocabulary"))
     );
 }

@@ -524,8 +524,7 @@ impl<M: Forward> Scheduler<M> {
         if self.running.is_empty() {
             return self.read_in_flight();
         }
-        let overlap =
-            self.config.overlap_schedule && self.model.overlaps_steps() && self.model.samples_on_device();
+        let overlap = self.config.overlap_schedule && self.model.overlaps_steps();
         let mut plan = self.plan();
         let overlapped = overlap && self.overlappable(&plan);
         if !overlapped && self.in_flight.is_some() {
@@ -743,9 +742,8 @@ impl<M: Forward> Scheduler<M> {
                 finished.push((idx, Some(FinishReason::Length)));
                 continue;
             };
-            if at != s.tokens.len() - s.pending {
-                continue; // not the oldest pending token: never, as pending tokens are forgotten whole
-            }
+            // Steps are read in launch order, and pending tokens are only ever forgotten whole.
+            debug_assert_eq!(at, s.tokens.len() - s.pending, "the oldest pending token");
             let tok = match out {
                 SeqOutput::Sampled(tok) => tok,
                 SeqOutput::Logits(l) => sample(
