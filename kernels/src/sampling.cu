@@ -82,21 +82,47 @@ __device__ __forceinline__ Stats merge(Stats a, Stats b) {
     return {m, sa + sb, arg};
 }
 
+// Adds logit v of token j to a thread's running stats (a thread visits its tokens in ascending
+// order, so a tie keeps the lower id).
+__device__ __forceinline__ void take(Stats& st, float v, int j) {
+    if (v > st.max) {
+        st.sum = st.sum * expf(st.max - v) + 1.f;
+        st.max = v;
+        st.arg = j;
+    } else if (v > neg_inf()) {
+        st.sum += expf(v - st.max);
+    }
+}
+
 // One pass: max, argmax (lowest index on ties) and the softmax normaliser. Every thread gets it.
 __device__ Stats row_stats(const float* l, int vocab) {
     __shared__ Stats s_warp[32];
     __shared__ Stats s_all;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     Stats st = {neg_inf(), 0.f, NO_TOKEN};
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
-        float v = l[j];
-        if (v > st.max) {
-            st.sum = st.sum * expf(st.max - v) + 1.f;
-            st.max = v;
-            st.arg = j;
-        } else if (v > neg_inf()) {
-            st.sum += expf(v - st.max);
+    if (vocab % 4 == 0 && (size_t)l % 16 == 0) {
+        // Four float4 loads per thread in flight, as argmax_f32 loads: one float at a time left
+        // a block waiting on memory latency (on the H100, 64 greedy rows of 128256 logits took
+        // 61 us here against 11-14 us in argmax_f32).
+        const float4* l4 = reinterpret_cast<const float4*>(l);
+        const int n4 = vocab / 4, step = (int)blockDim.x;
+        for (int j0 = threadIdx.x; j0 < n4; j0 += 4 * step) {
+            float4 v[4];
+#pragma unroll
+            for (int u = 0; u < 4; u++)
+                if (j0 + u * step < n4) v[u] = l4[j0 + u * step];
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const int j = 4 * (j0 + u * step);
+                if (j >= vocab) break;
+                take(st, v[u].x, j);
+                take(st, v[u].y, j + 1);
+                take(st, v[u].z, j + 2);
+                take(st, v[u].w, j + 3);
+            }
         }
+    } else {
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x) take(st, l[j], j);
     }
     for (int o = 16; o > 0; o >>= 1) {
         Stats x = {__shfl_xor_sync(FULL, st.max, o), __shfl_xor_sync(FULL, st.sum, o),
