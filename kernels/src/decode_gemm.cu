@@ -116,12 +116,13 @@ __device__ __forceinline__ int dg_owner(long long u, long long U, long long G) {
     return (int)(((u + 1) * G + U - 1) / U - 1);
 }
 
+// O is the output type: T, or float for the LM head's logits (the sampling kernels read f32).
 // SILU (whole 128-row tiles, MH = 2, beta 0): the weight is gate/up, [gate; up] of n / 2 rows
 // each, and the weight map's boxes are 64 rows. Tile t takes gate rows 64t.. in its first half
 // and up rows n / 2 + 64t.. in its second, so each thread holds matching gate and up sums, and
 // the tile stores silu(gate) * up (silu_mul's roundings) into out [rows, n / 2] instead.
-template <typename T, int TOK, int MH, int SPLIT, bool SILU = false>
-__device__ void decode_gemm(const void* wmap, const void* xmap, T* out, int ld_out, int rows, int n, int k,
+template <typename T, int TOK, int MH, int SPLIT, bool SILU = false, typename O = T>
+__device__ void decode_gemm(const void* wmap, const void* xmap, O* out, int ld_out, int rows, int n, int k,
                             float beta, int stages, int ku, int evict, float* ws, unsigned* counters) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int DG_BN = DG_HALF * MH, W_BYTES = DG_BN * DG_BK * 2, X_BYTES = TOK * DG_BK * 2, ACC = TOK / 2;
@@ -192,7 +193,8 @@ __device__ void decode_gemm(const void* wmap, const void* xmap, T* out, int ld_o
             for (int j = 0; j < ACC; j++) {
                 int col = t * DG_HALF + col_of(0, j), r = tok_of(j);
                 if (r < rows && col < n / 2)
-                    out[(size_t)r * ld_out + col] = silu_mul_one<T>(from_f<T>(v[0][j]), from_f<T>(v[MH - 1][j]));
+                    out[(size_t)r * ld_out + col] =
+                        from_f<O>(to_f(silu_mul_one<T>(from_f<T>(v[0][j]), from_f<T>(v[MH - 1][j]))));
             }
             return;
         }
@@ -202,8 +204,8 @@ __device__ void decode_gemm(const void* wmap, const void* xmap, T* out, int ld_o
             for (int j = 0; j < ACC; j++) {
                 int col = t * DG_BN + col_of(h, j), r = tok_of(j);
                 if (r < rows && col < n) {
-                    T* o = out + (size_t)r * ld_out + col;
-                    *o = from_f<T>(beta == 0.f ? v[h][j] : beta * to_f(*o) + v[h][j]);
+                    O* o = out + (size_t)r * ld_out + col;
+                    *o = from_f<O>(beta == 0.f ? v[h][j] : beta * to_f(*o) + v[h][j]);
                 }
             }
     };
@@ -307,8 +309,8 @@ __device__ void decode_gemm(const void* wmap, const void* xmap, T* out, int ld_o
 #endif
 }
 
-#define DECODE_GEMM_ARGS(T)                                                                                         \
-    const void *wmap, const void *xmap, T *out, int ld_out, int rows, int n, int k, float beta, int stages, int ku, \
+#define DECODE_GEMM_ARGS(O)                                                                                         \
+    const void *wmap, const void *xmap, O *out, int ld_out, int rows, int n, int k, float beta, int stages, int ku, \
         int evict, float *ws, unsigned *counters
 #define DECODE_GEMM(T, S, TOK, MH)                                                                                  \
     extern "C" __global__ void __launch_bounds__(DG_THREADS)                                                        \
@@ -334,6 +336,19 @@ __device__ void decode_gemm(const void* wmap, const void* xmap, T* out, int ld_o
     DECODE_GEMM(T, S, 16, MH)    \
     DECODE_GEMM(T, S, 32, MH)    \
     DECODE_GEMM(T, S, 64, MH)
+// f32 output (the LM head's logits).
+#define DECODE_GEMM_F32(T, S, TOK, MH)                                                                            \
+    extern "C" __global__ void __launch_bounds__(DG_THREADS)                                                      \
+        decode_gemm_##S##_t##TOK##_m##MH##_of32(DECODE_GEMM_ARGS(float)) {                                        \
+        pdl_trigger();                                                                                            \
+        decode_gemm<T, TOK, MH, 1, false, float>(wmap, xmap, out, ld_out, rows, n, k, beta, stages, ku, evict, ws, \
+                                                 counters);                                                       \
+    }
+// Up to 32 tokens (DECODE_GEMM_LOGITS_MAX_ROWS in lib.rs).
+#define DECODE_GEMMS_F32_M(T, S, MH) \
+    DECODE_GEMM_F32(T, S, 8, MH)     \
+    DECODE_GEMM_F32(T, S, 16, MH)    \
+    DECODE_GEMM_F32(T, S, 32, MH)
 // gate/up with silu_mul in the epilogue: 128-row tiles of 64 gate and 64 up rows.
 #define DECODE_GEMM_SILU(T, S, TOK)                                                                                 \
     extern "C" __global__ void __launch_bounds__(DG_THREADS) decode_gemm_##S##_t##TOK##_m2_silu(                     \
@@ -344,6 +359,8 @@ __device__ void decode_gemm(const void* wmap, const void* xmap, T* out, int ld_o
 #define DECODE_GEMMS(T, S)     \
     DECODE_GEMMS_M(T, S, 1)    \
     DECODE_GEMMS_M(T, S, 2)    \
+    DECODE_GEMMS_F32_M(T, S, 1) \
+    DECODE_GEMMS_F32_M(T, S, 2) \
     DECODE_GEMM_SILU(T, S, 8)  \
     DECODE_GEMM_SILU(T, S, 16) \
     DECODE_GEMM_SILU(T, S, 32) \

@@ -292,6 +292,30 @@ pub fn decode_gemm_silu_plan(p: DecodeGemmPlan) -> Option<DecodeGemmPlan> {
     })
 }
 
+/// Most rows the LM head's decode GEMM takes ([`decode_gemm_logits_for_model`]).
+pub const DECODE_GEMM_LOGITS_MAX_ROWS: usize = 32;
+
+/// The LM head's decode GEMM (`decode_gemm_*_of32`: f32 logits from a bf16/f16 weight and x) for
+/// `rows` x `k` times the `vocab` x `k` head, where [`decode_gemm_for_model`] takes that shape in
+/// whole tiles, up to [`DECODE_GEMM_LOGITS_MAX_ROWS`] rows. On the H100 (`bench_gpu --gemms`,
+/// twenty-seventh session) Llama-3.1-8B's head took 349, 357 and 367 us at 1, 8 and 32 rows in
+/// 128-row tiles against cuBLAS's 373, 377 and 390; at 64 rows 388 against 396, but whole
+/// batch-64 base steps replayed 0.03 ms slower with it, so cuBLAS keeps those.
+pub fn decode_gemm_logits_for_model(
+    suffix: &str,
+    (rows, vocab, k): (usize, usize, usize),
+    sms: usize,
+) -> Option<DecodeGemmPlan> {
+    if rows > DECODE_GEMM_LOGITS_MAX_ROWS {
+        return None;
+    }
+    let p = decode_gemm_for_model(suffix, (rows, vocab, k), sms)?;
+    (p.workspace == 0 && !p.kernel.ends_with("_s2")).then(|| DecodeGemmPlan {
+        kernel: format!("{}_of32", p.kernel),
+        ..p
+    })
+}
+
 /// Most rows that [`decode_gemm_for_model`] runs in split tiles (the 8- and 16-token tiles).
 /// Against cuBLAS in whole decode steps on the H100 (`run.sh ab`, fifteenth session), o and
 /// down in split tiles saved 0.13-0.29 ms a step at batches 1, 8 and 16, except beside 8
@@ -305,7 +329,18 @@ fn decode_gemm_kernels() -> impl Iterator<Item = String> {
     ["bf16", "f16"]
         .into_iter()
         .flat_map(|t| DECODE_GEMM_TOKENS.iter().map(move |n| (t, n)))
-        .flat_map(|(t, n)| ["m1", "m2", "m1_s2", "m2_silu"].map(|m| format!("decode_gemm_{t}_t{n}_{m}")))
+        .flat_map(|(t, &n)| {
+            let logits: &[&str] = if n <= DECODE_GEMM_LOGITS_MAX_ROWS {
+                &["m1_of32", "m2_of32"]
+            } else {
+                &[]
+            };
+            ["m1", "m2", "m1_s2", "m2_silu"]
+                .iter()
+                .chain(logits)
+                .map(move |m| format!("decode_gemm_{t}_t{n}_{m}"))
+                .collect::<Vec<_>>()
+        })
 }
 
 /// Every kernel name `llama.cu` exports, without the type suffix.
@@ -833,5 +868,33 @@ mod tests {
         );
         assert_eq!(kernel(17, 4096, 4096), None);
         assert_eq!(kernel(8, 2048, 4096), None);
+    }
+
+    #[test]
+    fn the_lm_head_takes_whole_tile_plans_with_f32_output() {
+        let head = |rows, vocab, k| {
+            decode_gemm_logits_for_model("bf16", (rows, vocab, k), 132).map(|p| (p.kernel, p.blocks))
+        };
+        // Llama-3.1-8B's 128256 x 4096 head in 1002 tiles of 128 rows; SmolLM2's 49152 x 576 too.
+        assert_eq!(
+            head(32, 128256, 4096),
+            Some(("decode_gemm_bf16_t32_m2_of32".into(), 1002))
+        );
+        assert_eq!(
+            head(3, 49152, 576),
+            Some(("decode_gemm_bf16_t8_m2_of32".into(), 384))
+        );
+        assert_eq!(
+            head(1, 16384, 4096),
+            Some(("decode_gemm_bf16_t8_m1_of32".into(), 256))
+        );
+        // Split tiles stay with the projections; past 32 rows, cuBLAS.
+        assert_eq!(head(8, 4096, 4096), None);
+        assert_eq!(head(33, 128256, 4096), None);
+        let kernels: Vec<String> = decode_gemm_kernels().collect();
+        assert!(kernels.iter().any(|k| k == "decode_gemm_f16_t32_m1_of32"));
+        assert!(!kernels
+            .iter()
+            .any(|k| k.starts_with("decode_gemm_bf16_t64") && k.ends_with("of32")));
     }
 }

@@ -924,6 +924,62 @@ fn decode_gemms(gpu: &std::sync::Arc<Gpu>, variants: bool) {
                     },
                 );
             }
+            // The LM head as a model step runs it: f32 logits, in cuBLAS and in the f32-output
+            // decode GEMM (`decode_gemm_logits_for_model`).
+            if name == "lm_head" {
+                let logits = gpu.zeros::<f32>(m * n).unwrap();
+                time_row(", f32 out", m, &|w| {
+                    gpu.gemm_nt::<half::bf16>(
+                        gpu.ptr(&logits),
+                        n,
+                        true,
+                        gpu.ptr(&x),
+                        k,
+                        gpu.ptr(w),
+                        m,
+                        n,
+                        k,
+                        0.0,
+                    )
+                    .unwrap()
+                });
+                if let Some(p) = loraplane_kernels::decode_gemm_logits_for_model("bf16", (m, n, k), gpu.sms)
+                    .filter(|_| gpu.kernels.has_decode_gemm())
+                {
+                    let mut maps: Vec<u64> = Vec::new();
+                    for w in ws.iter() {
+                        maps.extend(
+                            gpu.decode_gemm_map::<half::bf16>(gpu.ptr(w), (n, k), k, p.tile_n)
+                                .unwrap(),
+                        );
+                    }
+                    maps.extend(
+                        gpu.decode_gemm_map::<half::bf16>(gpu.ptr(&x), (m, k), k, p.tokens)
+                            .unwrap(),
+                    );
+                    let maps = gpu.upload(&maps).unwrap();
+                    let counters = gpu.zeros::<u32>(p.tiles).unwrap();
+                    let workspace = gpu.zeros::<f32>(p.workspace.max(1)).unwrap();
+                    let map_at = |i: usize| gpu.ptr(&maps) + 128 * i as u64;
+                    time_row(
+                        &format!(", f32 out, {} ({} blocks)", p.kernel, p.blocks),
+                        m,
+                        &|w| {
+                            let i = ws.iter().position(|c| gpu.ptr(c) == gpu.ptr(w)).unwrap();
+                            gpu.decode_gemm(
+                                &p,
+                                (map_at(i), map_at(copies)),
+                                gpu.ptr(&logits),
+                                n,
+                                (m, n, k),
+                                0.0,
+                                (gpu.ptr(&workspace), gpu.ptr(&counters)),
+                            )
+                            .unwrap()
+                        },
+                    );
+                }
+            }
             if !variants {
                 continue;
             }

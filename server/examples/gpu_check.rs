@@ -2067,7 +2067,8 @@ fn decode_gemm_silu_case<T: GpuFloat + Into<f32> + Default>(
 }
 
 /// The decode GEMMs inside a model: Llama-3.1-8B's widths (hidden 4096, 32/8 heads of 128,
-/// intermediate 14336) in 2 layers (1 with `quick`) and a 1024-token vocabulary, bf16, decode
+/// intermediate 14336) in 2 layers (1 with `quick`) and a 17000-token vocabulary (an LM head of
+/// more 128-row tiles than the H100 has SMs, so it takes the f32-output kernel), bf16, decode
 /// steps replayed from CUDA graphs, with rank-16 and rank-64 adapters on every target beside
 /// base rows. Its decode GEMMs with programmatic edges and the same model in cuBLAS with
 /// ordinary edges are both compared with the f32 model: the decode GEMMs only add the f32 sums
@@ -2077,7 +2078,7 @@ fn decode_gemm_silu_case<T: GpuFloat + Into<f32> + Default>(
 fn decode_gemm_model_checks(gpu: &Arc<Gpu>, quick: bool) {
     let layers = if quick { 1 } else { 2 };
     let c = ModelConfig::from_hf_json(&format!(
-        r#"{{"architectures":["LlamaForCausalLM"],"vocab_size":1024,"hidden_size":4096,"intermediate_size":14336,
+        r#"{{"architectures":["LlamaForCausalLM"],"vocab_size":17000,"hidden_size":4096,"intermediate_size":14336,
         "num_hidden_layers":{layers},"num_attention_heads":32,"num_key_value_heads":8,"head_dim":128,
         "max_position_embeddings":4096,"tie_word_embeddings":false}}"#
     ))
@@ -2166,13 +2167,17 @@ fn decode_gemm_model_checks(gpu: &Arc<Gpu>, quick: bool) {
         let (bucket, launches) = graphs.range(bs..).next().map_or((0, 0), |(&b, &n)| (b, n));
         let (h, qd, kvd, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let shapes = [(qd + 2 * kvd, h), (h, qd), (2 * inter, h), (h, inter)];
+        // The LM head (17000 rows: whole 128-row tiles on an H100, the last one ragged) too.
+        let head =
+            loraplane_kernels::decode_gemm_logits_for_model("bf16", (bucket, c.vocab_size, h), gpu.sms);
         let want_launches = layers
             * shapes
                 .iter()
                 .filter(|&&(n, k)| {
                     loraplane_kernels::decode_gemm_for_model("bf16", (bucket, n, k), gpu.sms).is_some()
                 })
-                .count();
+                .count()
+            + usize::from(head.is_some());
         if launches != want_launches || launches == 0 {
             fail(format!(
                 "{what}: the decode graph of {bucket} rows launches {launches} decode GEMMs, not {want_launches}"

@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use cudarc::driver::{sys as drv, CudaEvent, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
 use loraplane_kernels::{
-    decode_gemm_for_model, decode_gemm_silu_for_model, DECODE_GEMM_MAX_ROWS, DECODE_GEMM_SPLIT_MAX_ROWS,
-    DECODE_GEMM_TOKENS,
+    decode_gemm_for_model, decode_gemm_logits_for_model, decode_gemm_silu_for_model, DECODE_GEMM_MAX_ROWS,
+    DECODE_GEMM_SPLIT_MAX_ROWS, DECODE_GEMM_TOKENS,
 };
 
 use super::graph::DecodeGraph;
@@ -492,13 +492,16 @@ pub struct CudaLlama<T: GpuFloat> {
 
 /// The tensor maps, workspace and counters of the decode GEMMs ([`CudaOptions::decode_gemms`]).
 /// Maps, 128 bytes each in one device buffer: per layer q/k/v, o, gate/up, down weights
-/// ([`DecodeGemms::weight`]), then each GEMM input buffer (`normed`, `attn`, `act`) once per
-/// token count of [`DECODE_GEMM_TOKENS`] ([`DecodeGemms::input`]).
+/// ([`DecodeGemms::weight`]), then each GEMM input buffer (`normed`, `attn`, `act`, `final_in`)
+/// once per token count of [`DECODE_GEMM_TOKENS`] ([`DecodeGemms::input`]), then the LM head's
+/// weight ([`DecodeGemms::head`]).
 struct DecodeGemms {
     maps: CudaSlice<u64>,
     layers: usize,
     /// Per group (q/k/v, o, gate/up, down): whether its GEMMs run here (else in cuBLAS).
     groups: [bool; 4],
+    /// Whether the LM head runs here (f32 logits, `decode_gemm_logits_for_model`).
+    head: bool,
     workspace: CudaSlice<f32>,
     counters: CudaSlice<u32>,
 }
@@ -512,6 +515,21 @@ enum GemmInput {
     Normed = 0,
     Attn = 1,
     Act = 2,
+    /// `final_in`, the LM head's input.
+    Final = 3,
+}
+
+/// Input buffers with decode GEMM tensor maps.
+const GEMM_INPUTS: usize = 4;
+
+/// Tensor maps of a decode GEMM input buffer (`rows` x `width`), one per token count of
+/// [`DECODE_GEMM_TOKENS`].
+fn input_maps<T: GpuFloat>(gpu: &Gpu, ptr: u64, rows: usize, width: usize) -> Result<Vec<u64>> {
+    let mut maps = Vec::new();
+    for tokens in DECODE_GEMM_TOKENS {
+        maps.extend(gpu.decode_gemm_map::<T>(ptr, (rows, width), width, tokens)?);
+    }
+    Ok(maps)
 }
 
 impl DecodeGemms {
@@ -531,7 +549,17 @@ impl DecodeGemms {
             .iter()
             .position(|&v| v == tokens)
             .expect("a token count of the kernels");
-        self.map(DECODE_GEMM_LAYER_MAPS * self.layers + DECODE_GEMM_TOKENS.len() * input as usize + t)
+        self.map(self.input_index(input) + t)
+    }
+
+    /// Index of `input`'s first map (boxes of the fewest tokens).
+    fn input_index(&self, input: GemmInput) -> usize {
+        DECODE_GEMM_LAYER_MAPS * self.layers + DECODE_GEMM_TOKENS.len() * input as usize
+    }
+
+    /// Device address of the LM head's weight map.
+    fn head(&self) -> u64 {
+        self.map(DECODE_GEMM_LAYER_MAPS * self.layers + DECODE_GEMM_TOKENS.len() * GEMM_INPUTS)
     }
 
     fn map(&self, i: usize) -> u64 {
@@ -948,17 +976,39 @@ impl<T: GpuFloat> CudaLlama<T> {
         }
         let b = &self.bufs;
         for (buf, width) in [(&b.normed, h), (&b.attn, qd), (&b.act, inter)] {
-            for tokens in DECODE_GEMM_TOKENS {
-                maps.extend(gpu.decode_gemm_map::<T>(gpu.ptr(buf), (b.cap, width), width, tokens)?);
-            }
+            maps.extend(input_maps::<T>(gpu, gpu.ptr(buf), b.cap, width)?);
+        }
+        maps.extend(input_maps::<T>(gpu, gpu.ptr(&b.final_in), b.logit_rows, h)?);
+        // The LM head's plan depends on its rows through the token tile only.
+        let head_plan = decode_gemm_logits_for_model(T::SUFFIX, (1, c.vocab_size, h), gpu.sms);
+        let head_weight = gpu.ptr(self.lm_head.as_ref().unwrap_or(&self.embed));
+        let head_rows = head_plan.as_ref().map_or(64, |p| p.tile_n);
+        maps.extend(gpu.decode_gemm_map::<T>(head_weight, (c.vocab_size, h), h, head_rows)?);
+        if let Some(p) = &head_plan {
+            tiles = tiles.max(p.tiles);
         }
         Ok(Some(DecodeGemms {
             maps: gpu.upload(&maps)?,
             layers: self.blocks.len(),
             groups: tile_n.map(|t| t > 0),
+            head: head_plan.is_some(),
             workspace: gpu.zeros::<f32>(workspace)?,
             counters: gpu.zeros::<u32>(tiles)?,
         }))
+    }
+
+    /// Points the LM head's input maps at `final_in` again after it was reallocated.
+    fn remap_final_in(&mut self) -> Result<()> {
+        let (gpu, b, h) = (&self.gpu, &self.bufs, self.config.hidden_size);
+        let Some(d) = &mut self.decode_gemms else {
+            return Ok(());
+        };
+        let maps = input_maps::<T>(gpu, gpu.ptr(&b.final_in), b.logit_rows, h)?;
+        let at = d.input_index(GemmInput::Final);
+        let mut dst = d.maps.slice_mut(at * 16..(at + DECODE_GEMM_TOKENS.len()) * 16);
+        gpu.stream
+            .memcpy_htod(&maps, &mut dst)
+            .map_err(|e| Error::Model(format!("CUDA: uploading the LM head's input maps: {e}")))
     }
 
     /// In graph steps without adapters whose gate/up runs in `decode_gemm.cu`: gate/up with
@@ -1128,7 +1178,7 @@ impl<T: GpuFloat> CudaLlama<T> {
             .collect()
     }
 
-    /// The projection groups whose decode steps run in `decode_gemm.cu` (see
+    /// The projection groups (and the LM head) whose decode steps run in `decode_gemm.cu` (see
     /// [`CudaOptions::decode_gemms`]), by name; empty where every GEMM runs in cuBLAS.
     pub fn decode_gemm_groups(&self) -> Vec<&'static str> {
         const NAMES: [&str; 4] = ["q/k/v", "o", "gate/up", "down"];
@@ -1136,6 +1186,7 @@ impl<T: GpuFloat> CudaLlama<T> {
             NAMES
                 .iter()
                 .zip(d.groups)
+                .chain([(&"LM head", d.head)])
                 .filter(|(_, on)| *on)
                 .map(|(n, _)| *n)
                 .collect()
@@ -1541,7 +1592,7 @@ impl<T: GpuFloat> CudaLlama<T> {
         self.bufs.logit_rows = rows;
         // Captured graphs point at the old buffers.
         self.graphs.clear();
-        Ok(())
+        self.remap_final_in()
     }
 
     fn k(&self, name: &str) -> String {
@@ -2173,6 +2224,20 @@ impl<T: GpuFloat> CudaLlama<T> {
             let fin = gpu.ptr(&b.final_in);
             self.rms_norm(fin, x, down_delta, &self.norm, wanted, s.wanted)?;
             let head = gpu.ptr(self.lm_head.as_ref().unwrap_or(&self.embed));
+            if let Some(d) = self.decode_gemms.as_ref().filter(|d| d.head && s.programmatic) {
+                if let Some(p) = decode_gemm_logits_for_model(T::SUFFIX, (s.wanted, c.vocab_size, h), gpu.sms)
+                {
+                    return gpu.decode_gemm(
+                        &p,
+                        (d.head(), d.input(GemmInput::Final, p.tokens)),
+                        gpu.ptr(&b.logits),
+                        c.vocab_size,
+                        (s.wanted, c.vocab_size, h),
+                        0.0,
+                        (gpu.ptr(&d.workspace), gpu.ptr(&d.counters)),
+                    );
+                }
+            }
             gpu.gemm_nt::<T>(
                 gpu.ptr(&b.logits),
                 c.vocab_size,
