@@ -17,11 +17,17 @@ that order in every layer; a split-k reduce belongs to the GEMM before it) with 
 (the group's shrink and expand, the side stream's kernels in the same order): the GEMM's time,
 the chain's time from the shrink's start to the expand's end, and by how much the expand ended
 after the GEMM, which is how long the join held the main stream.
+
+Then, for every run of at least BETWEEN steps (whole steps, overlapped steps and graph replays
+alike), what the stream does between the end of one step's last GEMM (the LM head) and the next
+step's embedding: each kernel and memory copy there with its mean start after the one before and
+its mean duration, and the step's period (embedding to embedding).
 """
 import collections
 import sys
 
 LAST = 40
+BETWEEN = 20
 
 
 def main(trace_path, labels):
@@ -45,6 +51,7 @@ def main(trace_path, labels):
         else:
             runs.append([st])
     groups = [r for r in runs if len(r) >= LAST]
+    between_steps(steps, runs)
     print(f"{len(steps)} steps, {len(groups)} runs of {LAST} or more (labels: {' '.join(labels)})")
     for gi, g in enumerate(groups):
         label = labels[gi] if gi < len(labels) else f"run {gi + 1}"
@@ -81,6 +88,38 @@ def main(trace_path, labels):
 
 
 GROUPS = ("q/k/v", "o", "gate/up", "down")
+
+
+def between_steps(steps, runs):
+    """Prints, per run of BETWEEN or more steps, the records from the LM head's end to the next
+    step's embedding (the last 16 steps that have a next one)."""
+    print(f"\nBetween steps (runs of {BETWEEN} or more; gap: start after the previous record's end, us)")
+    first = 0
+    for r in runs:
+        idx = list(range(first, first + len(r)))
+        first += len(r)
+        if len(r) < BETWEEN:
+            continue
+        idx = [i for i in idx if i + 1 < len(steps)][-16:]
+        period, tail_rows, lead = 0.0, None, 0.0
+        for i in idx:
+            st, nxt = steps[i], steps[i + 1]
+            period += nxt[0][0] - st[0][0]
+            head = max(j for j, k in enumerate(st) if is_gemm(k[2]))
+            tail = st[head + 1:] + [nxt[0]]
+            if tail_rows is None:
+                tail_rows = [[name, 0.0, 0.0] for _, _, name in tail]
+            edge = st[head][1]
+            lead += st[head][1] - st[0][0]
+            for row, (s, e, name) in zip(tail_rows, tail):
+                row[1] += s - edge
+                row[2] += e - s
+                edge = max(edge, e)
+        n = len(idx)
+        print(f"-- {len(r)} steps of {len(r[0])} records: period {period / n / 1e3:.1f} us, "
+              f"embedding to the LM head's end {lead / n / 1e3:.1f} us")
+        for name, gap, dur in tail_rows:
+            print(f"   gap {gap / n / 1e3:6.1f}  dur {dur / n / 1e3:6.1f}  {name[:70]}")
 
 
 def is_gemm(name):

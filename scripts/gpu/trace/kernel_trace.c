@@ -1,5 +1,6 @@
 // A CUDA injection library (CUDA_INJECTION64_PATH) that writes every kernel the process runs,
-// graph nodes included, as "start_ns end_ns stream name" lines to $LORAPLANE_TRACE_OUT
+// graph nodes included, and every memory copy (named "memcpy_HtoD_<bytes>B" and so on) as
+// "start_ns end_ns stream name" lines to $LORAPLANE_TRACE_OUT
 // (default /tmp/kernel-trace.txt), through CUPTI's activity API. The GPU machine has ncu but
 // no nsys; scripts/gpu/timeline.py reads the file. Built here by build-trace.sh.
 #include <cupti.h>
@@ -27,6 +28,12 @@ static void CUPTIAPI buffer_completed(CUcontext ctx, uint32_t stream, uint8_t* b
             const CUpti_ActivityKernel10* k = (const CUpti_ActivityKernel10*)rec;
             fprintf(out, "%llu %llu %u %s\n", (unsigned long long)k->start, (unsigned long long)k->end,
                     k->streamId, k->name);
+        } else if (rec->kind == CUPTI_ACTIVITY_KIND_MEMCPY) {
+            const CUpti_ActivityMemcpy6* m = (const CUpti_ActivityMemcpy6*)rec;
+            static const char* kinds[] = {"unknown", "HtoD", "DtoH", "HtoA", "AtoH", "AtoA", "AtoD", "DtoA", "DtoD", "HtoH", "PtoP"};
+            const char* kind = m->copyKind < sizeof kinds / sizeof *kinds ? kinds[m->copyKind] : "other";
+            fprintf(out, "%llu %llu %u memcpy_%s_%lluB\n", (unsigned long long)m->start, (unsigned long long)m->end,
+                    m->streamId, kind, (unsigned long long)m->bytes);
         }
     }
     free(buffer);
@@ -46,7 +53,8 @@ int InitializeInjection(void) {
         return 0;
     }
     if (cuptiActivityRegisterCallbacks(buffer_requested, buffer_completed) != CUPTI_SUCCESS ||
-        cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL) != CUPTI_SUCCESS) {
+        cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL) != CUPTI_SUCCESS ||
+        cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMCPY) != CUPTI_SUCCESS) {
         fprintf(stderr, "kernel_trace: CUPTI activity setup failed\n");
         return 0;
     }
