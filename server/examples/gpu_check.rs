@@ -2074,7 +2074,8 @@ fn decode_gemm_silu_case<T: GpuFloat + Into<f32> + Default>(
 /// ordinary edges are both compared with the f32 model: the decode GEMMs only add the f32 sums
 /// in another order, so their error must stay within MMA_ERR_FACTOR times cuBLAS's plus
 /// MMA_ERR_SLACK. A wrong map (another layer's weight, another input buffer or token count,
-/// rows past the step) moves the logits by far more than that.
+/// rows past the step, an LM head input left at a buffer since reallocated) moves the logits by
+/// far more than that.
 fn decode_gemm_model_checks(gpu: &Arc<Gpu>, quick: bool) {
     let layers = if quick { 1 } else { 2 };
     let c = ModelConfig::from_hf_json(&format!(
@@ -2108,6 +2109,25 @@ fn decode_gemm_model_checks(gpu: &Arc<Gpu>, quick: bool) {
     let groups = fast.decode_gemm_groups();
     if groups.is_empty() {
         fail("decode GEMM model check: no projection of the 8B widths takes decode_gemm.cu".into());
+    }
+    // Logits of more rows than the model's logits buffer holds (prompt log-probs) reallocate
+    // the LM head's input: its tensor maps must follow, and every check below runs after that.
+    {
+        let mut kv = fast.new_kv_cache();
+        let mut cache = SeqCache::default();
+        let toks: Vec<u32> = (0..600).map(|i| (i * 13 % c.vocab_size) as u32).collect();
+        kv.reserve(&mut cache, toks.len()).unwrap();
+        let input = SeqInput {
+            tokens: &toks,
+            cache: &cache,
+            adapter: None,
+            logits: LogitsWanted::All,
+        };
+        let rows = fast.forward(&kv, &[input]).unwrap();
+        if rows.len() != 1 || rows[0].len() != toks.len() * c.vocab_size {
+            fail("decode GEMM model check: a 600-row logits pass returned the wrong shape".into());
+        }
+        kv.release(&mut cache);
     }
     // (batch, with adapters): steps of base rows only replay graphs without LoRA kernels, whose
     // gate/up runs with silu_mul in its epilogue.
