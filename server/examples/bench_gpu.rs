@@ -863,13 +863,9 @@ fn decode_gemms(gpu: &std::sync::Arc<Gpu>, variants: bool) {
                     },
                 ]);
             }
-            for t in tunings {
-                if !gpu.kernels.has_decode_gemm() || (sweep && !(m == 1 || m == 64)) {
-                    break;
-                }
-                let Some(p) = loraplane_kernels::decode_gemm_plan("bf16", (m, n, k), gpu.sms, t) else {
-                    continue;
-                };
+            // One decode_gemm.cu plan over the weight copies, writing `out` (bf16, or f32 for
+            // the `_of32` kernels).
+            let time_plan = |label: &str, p: &loraplane_kernels::DecodeGemmPlan, out: u64| {
                 // The weight copies' maps, then x's.
                 let mut maps: Vec<u64> = Vec::new();
                 for w in ws.iter() {
@@ -889,40 +885,46 @@ fn decode_gemms(gpu: &std::sync::Arc<Gpu>, variants: bool) {
                         .position(|c| c.len() == w.len() && gpu.ptr(c) == gpu.ptr(w))
                         .unwrap()
                 };
-                time_row(
-                    &format!(
-                        ", decode_gemm {} ({} blocks{}, {}-row tiles, {} stages of {} k-blocks)",
-                        if t.split > 1 {
-                            "tiles split over clusters of 2"
-                        } else if t.whole_tiles {
-                            "whole tiles"
-                        } else {
-                            "equal shares"
-                        },
-                        p.blocks,
-                        if t.whole_tiles {
-                            String::new()
-                        } else {
-                            format!(" {}/SM", t.blocks_per_sm)
-                        },
-                        p.tile_n,
-                        p.stages,
-                        p.k_blocks,
-                    ),
-                    m,
-                    &|w| {
-                        gpu.decode_gemm(
-                            &p,
-                            (map_at(index(w)), map_at(copies)),
-                            gpu.ptr(&out),
-                            n,
-                            (m, n, k),
-                            0.0,
-                            (gpu.ptr(&workspace), gpu.ptr(&counters)),
-                        )
-                        .unwrap()
+                time_row(label, m, &|w| {
+                    gpu.decode_gemm(
+                        p,
+                        (map_at(index(w)), map_at(copies)),
+                        out,
+                        n,
+                        (m, n, k),
+                        0.0,
+                        (gpu.ptr(&workspace), gpu.ptr(&counters)),
+                    )
+                    .unwrap()
+                });
+            };
+            for t in tunings {
+                if !gpu.kernels.has_decode_gemm() || (sweep && !(m == 1 || m == 64)) {
+                    break;
+                }
+                let Some(p) = loraplane_kernels::decode_gemm_plan("bf16", (m, n, k), gpu.sms, t) else {
+                    continue;
+                };
+                let label = format!(
+                    ", decode_gemm {} ({} blocks{}, {}-row tiles, {} stages of {} k-blocks)",
+                    if t.split > 1 {
+                        "tiles split over clusters of 2"
+                    } else if t.whole_tiles {
+                        "whole tiles"
+                    } else {
+                        "equal shares"
                     },
+                    p.blocks,
+                    if t.whole_tiles {
+                        String::new()
+                    } else {
+                        format!(" {}/SM", t.blocks_per_sm)
+                    },
+                    p.tile_n,
+                    p.stages,
+                    p.k_blocks,
                 );
+                time_plan(&label, &p, gpu.ptr(&out));
             }
             // The LM head as a model step runs it: f32 logits, in cuBLAS and in the f32-output
             // decode GEMM (`decode_gemm_logits_for_model`).
@@ -946,38 +948,8 @@ fn decode_gemms(gpu: &std::sync::Arc<Gpu>, variants: bool) {
                 if let Some(p) = loraplane_kernels::decode_gemm_logits_for_model("bf16", (m, n, k), gpu.sms)
                     .filter(|_| gpu.kernels.has_decode_gemm())
                 {
-                    let mut maps: Vec<u64> = Vec::new();
-                    for w in ws.iter() {
-                        maps.extend(
-                            gpu.decode_gemm_map::<half::bf16>(gpu.ptr(w), (n, k), k, p.tile_n)
-                                .unwrap(),
-                        );
-                    }
-                    maps.extend(
-                        gpu.decode_gemm_map::<half::bf16>(gpu.ptr(&x), (m, k), k, p.tokens)
-                            .unwrap(),
-                    );
-                    let maps = gpu.upload(&maps).unwrap();
-                    let counters = gpu.zeros::<u32>(p.tiles).unwrap();
-                    let workspace = gpu.zeros::<f32>(p.workspace.max(1)).unwrap();
-                    let map_at = |i: usize| gpu.ptr(&maps) + 128 * i as u64;
-                    time_row(
-                        &format!(", f32 out, {} ({} blocks)", p.kernel, p.blocks),
-                        m,
-                        &|w| {
-                            let i = ws.iter().position(|c| gpu.ptr(c) == gpu.ptr(w)).unwrap();
-                            gpu.decode_gemm(
-                                &p,
-                                (map_at(i), map_at(copies)),
-                                gpu.ptr(&logits),
-                                n,
-                                (m, n, k),
-                                0.0,
-                                (gpu.ptr(&workspace), gpu.ptr(&counters)),
-                            )
-                            .unwrap()
-                        },
-                    );
+                    let label = format!(", f32 out, {} ({} blocks)", p.kernel, p.blocks);
+                    time_plan(&label, &p, gpu.ptr(&logits));
                 }
             }
             if !variants {
