@@ -494,7 +494,7 @@ pub struct CudaLlama<T: GpuFloat> {
 /// Maps, 128 bytes each in one device buffer: per layer q/k/v, o, gate/up, down weights
 /// ([`DecodeGemms::weight`]), then each GEMM input buffer (`normed`, `attn`, `act`, `final_in`)
 /// once per token count of [`DECODE_GEMM_TOKENS`] ([`DecodeGemms::input`]), then the LM head's
-/// weight ([`DecodeGemms::head`]).
+/// weight where it runs here ([`DecodeGemms::head`]).
 struct DecodeGemms {
     maps: CudaSlice<u64>,
     layers: usize,
@@ -557,7 +557,7 @@ impl DecodeGemms {
         DECODE_GEMM_LAYER_MAPS * self.layers + DECODE_GEMM_TOKENS.len() * input as usize
     }
 
-    /// Device address of the LM head's weight map.
+    /// Device address of the LM head's weight map (encoded only where `head`).
     fn head(&self) -> u64 {
         self.map(DECODE_GEMM_LAYER_MAPS * self.layers + DECODE_GEMM_TOKENS.len() * GEMM_INPUTS)
     }
@@ -981,10 +981,9 @@ impl<T: GpuFloat> CudaLlama<T> {
         maps.extend(input_maps::<T>(gpu, gpu.ptr(&b.final_in), b.logit_rows, h)?);
         // The LM head's plan depends on its rows through the token tile only.
         let head_plan = decode_gemm_logits_for_model(T::SUFFIX, (1, c.vocab_size, h), gpu.sms);
-        let head_weight = gpu.ptr(self.lm_head.as_ref().unwrap_or(&self.embed));
-        let head_rows = head_plan.as_ref().map_or(64, |p| p.tile_n);
-        maps.extend(gpu.decode_gemm_map::<T>(head_weight, (c.vocab_size, h), h, head_rows)?);
         if let Some(p) = &head_plan {
+            let head_weight = gpu.ptr(self.lm_head.as_ref().unwrap_or(&self.embed));
+            maps.extend(gpu.decode_gemm_map::<T>(head_weight, (c.vocab_size, h), h, p.tile_n)?);
             tiles = tiles.max(p.tiles);
         }
         Ok(Some(DecodeGemms {
