@@ -80,8 +80,11 @@ def main(trace_path, labels):
         if c:
             print("   group     GEMM us  LoRA chain us  expand ends after the GEMM, us (per layer)")
             for name in GROUPS:
-                gm, ch, wait = c[name]
+                gm, ch, wait = c[name][:3]
                 print(f"   {name:8} {gm:8.2f} {ch:14.2f} {wait:10.2f}")
+            print("   from the GEMM's start, us: shrink start / end, expand start / end, GEMM end")
+            for name in GROUPS:
+                print(f"   {name:8} " + " ".join(f"{v:7.2f}" for v in c[name][3:]))
         print("   per step us  mean us  count  kernel")
         for name, d in sorted(per.items(), key=lambda kv: -sum(kv[1])):
             print(f"   {sum(d) / n / 1e3:11.1f}  {sum(d) / len(d) / 1e3:7.2f}  {len(d) / n:5.0f}  {name[:80]}")
@@ -127,8 +130,10 @@ def is_gemm(name):
 
 
 def chains(steps):
-    """Per group: mean GEMM us, LoRA chain us, expand end after GEMM end us (0 if before)."""
-    acc = collections.defaultdict(lambda: [0.0, 0.0, 0.0, 0])
+    """Per group: mean GEMM us, LoRA chain us, expand end after GEMM end us (0 if before), then
+    the shrink's start and end, the expand's start and end and the GEMM's end, each from the
+    GEMM's start (us)."""
+    acc = collections.defaultdict(lambda: [0.0] * 8 + [0])
     for st in steps:
         shrinks = [k for k in st if k[2].startswith("lora_shrink")]
         expands = [k for k in st if k[2].startswith("lora_expand")]
@@ -147,8 +152,10 @@ def chains(steps):
             a[0] += g[1] - g[0]
             a[1] += ex[1] - sh[0]
             a[2] += max(0, ex[1] - g[1])
-            a[3] += 1
-    return {k: (v[0] / v[3] / 1e3, v[1] / v[3] / 1e3, v[2] / v[3] / 1e3) for k, v in acc.items()}
+            for j, t in enumerate((sh[0], sh[1], ex[0], ex[1], g[1])):
+                a[3 + j] += t - g[0]
+            a[8] += 1
+    return {k: tuple(x / v[8] / 1e3 for x in v[:8]) for k, v in acc.items()}
 
 
 if __name__ == "__main__":
