@@ -2067,8 +2067,9 @@ fn decode_gemm_silu_case<T: GpuFloat + Into<f32> + Default>(
 }
 
 /// The decode GEMMs inside a model: Llama-3.1-8B's widths (hidden 4096, 32/8 heads of 128,
-/// intermediate 14336) in 2 layers (1 with `quick`) and a 17000-token vocabulary (an LM head of
-/// more 128-row tiles than the H100 has SMs, so it takes the f32-output kernel), bf16, decode
+/// intermediate 14336) in 2 layers (1 with `quick`) and a 28600-token vocabulary (an LM head of
+/// 224 128-row tiles, the last one ragged: more than the H100 has SMs, so it takes the
+/// f32-output kernel, 2 tiles a block as gate/up), bf16, decode
 /// steps replayed from CUDA graphs, with rank-16 and rank-64 adapters on every target beside
 /// base rows. Its decode GEMMs with programmatic edges and the same model in cuBLAS with
 /// ordinary edges are both compared with the f32 model: the decode GEMMs only add the f32 sums
@@ -2079,7 +2080,7 @@ fn decode_gemm_silu_case<T: GpuFloat + Into<f32> + Default>(
 fn decode_gemm_model_checks(gpu: &Arc<Gpu>, quick: bool) {
     let layers = if quick { 1 } else { 2 };
     let c = ModelConfig::from_hf_json(&format!(
-        r#"{{"architectures":["LlamaForCausalLM"],"vocab_size":17000,"hidden_size":4096,"intermediate_size":14336,
+        r#"{{"architectures":["LlamaForCausalLM"],"vocab_size":28600,"hidden_size":4096,"intermediate_size":14336,
         "num_hidden_layers":{layers},"num_attention_heads":32,"num_key_value_heads":8,"head_dim":128,
         "max_position_embeddings":4096,"tie_word_embeddings":false}}"#
     ))
@@ -2095,10 +2096,26 @@ fn decode_gemm_model_checks(gpu: &Arc<Gpu>, quick: bool) {
             91 + r as u64,
         ))
     });
+    // Every row of a batch of distinct adapters has its own (ranks 16, 8 and 4: one k-step of
+    // the tensor-core expand, which then walks several column groups per block).
+    let distinct: Vec<Arc<LoraAdapter>> = (0..64)
+        .map(|i| {
+            let r = [16usize, 8, 16, 4][i % 4];
+            Arc::new(LoraAdapter::dummy(
+                &format!("d{i}"),
+                &c,
+                r,
+                &LoraTarget::ALL,
+                500 + i as u64,
+            ))
+        })
+        .collect();
     let model = |dtype, fast: bool| {
         let o = CudaOptions {
             decode_gemms: fast,
             programmatic_launch: fast,
+            lora_slots: distinct.len(),
+            lora_rank: 64,
             ..opts(dtype, LoraKernelMode::Chunked(16), 64, 16 * 1024)
         };
         CudaModel::from_host(gpu.clone(), &host, o).unwrap()
@@ -2129,30 +2146,43 @@ fn decode_gemm_model_checks(gpu: &Arc<Gpu>, quick: bool) {
         }
         kv.release(&mut cache);
     }
-    // (batch, with adapters): steps of base rows only replay graphs without LoRA kernels, whose
+    // (batch, adapters): steps of base rows only replay graphs without LoRA kernels, whose
     // gate/up runs with silu_mul in its epilogue.
-    let batches: &[(usize, bool)] = if quick {
-        &[(8, true), (64, true), (64, false)]
+    use Rows::*;
+    #[derive(Clone, Copy, PartialEq)]
+    enum Rows {
+        Base,
+        TwoAdapters,
+        Distinct,
+    }
+    let batches: &[(usize, Rows)] = if quick {
+        &[(8, TwoAdapters), (64, TwoAdapters), (64, Distinct), (64, Base)]
     } else {
         &[
-            (1, true),
-            (8, true),
-            (16, true),
-            (32, true),
-            (33, true),
-            (64, true),
-            (1, false),
-            (33, false),
-            (64, false),
+            (1, TwoAdapters),
+            (8, TwoAdapters),
+            (16, TwoAdapters),
+            (32, TwoAdapters),
+            (33, TwoAdapters),
+            (64, TwoAdapters),
+            (24, Distinct),
+            (64, Distinct),
+            (1, Base),
+            (33, Base),
+            (64, Base),
         ]
     };
-    for &(bs, with_adapters) in batches {
+    for &(bs, rows) in batches {
         let seqs: Vec<Seq> = (0..bs)
             .map(|i| {
                 let toks = (0..1 + rng.below(16))
                     .map(|_| rng.below(c.vocab_size) as u32)
                     .collect();
-                let a = (with_adapters && i % 3 != 0).then(|| adapters[i % 2].clone());
+                let a = match rows {
+                    Base => None,
+                    TwoAdapters => (i % 3 != 0).then(|| adapters[i % 2].clone()),
+                    Distinct => Some(distinct[i].clone()),
+                };
                 (toks, a)
             })
             .collect();
@@ -2168,10 +2198,10 @@ fn decode_gemm_model_checks(gpu: &Arc<Gpu>, quick: bool) {
         let what = format!(
             "decode GEMMs in a {layers}-layer model of the 8B widths ({}), bf16, bs={bs:2}{}, {} steps",
             groups.join(", "),
-            if with_adapters {
-                ""
-            } else {
-                " base rows only (gate/up + silu_mul)"
+            match rows {
+                TwoAdapters => "",
+                Distinct => " distinct adapters",
+                Base => " base rows only (gate/up + silu_mul)",
             },
             steps - 1
         );
@@ -2187,7 +2217,7 @@ fn decode_gemm_model_checks(gpu: &Arc<Gpu>, quick: bool) {
         let (bucket, launches) = graphs.range(bs..).next().map_or((0, 0), |(&b, &n)| (b, n));
         let (h, qd, kvd, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let shapes = [(qd + 2 * kvd, h), (h, qd), (2 * inter, h), (h, inter)];
-        // The LM head (17000 rows: whole 128-row tiles on an H100, the last one ragged) too.
+        // The LM head (28600 rows: whole 128-row tiles on an H100, the last one ragged) too.
         let head =
             loraplane_kernels::decode_gemm_logits_for_model("bf16", (bucket, c.vocab_size, h), gpu.sms);
         let want_launches = layers
