@@ -244,8 +244,9 @@ pub fn decode_gemm_plan(
 }
 
 /// The decode GEMM a model step runs for this projection shape, or None where cuBLAS is faster:
-/// one block a whole tile over the whole k range, 128-row tiles where they fill the GPU, 64-row
-/// tiles where those fill 70% of it, and up to [`DECODE_GEMM_SPLIT_MAX_ROWS`] rows 64-row tiles split
+/// whole tiles over the whole k range: 128-row tiles where they fill the GPU (several a block
+/// where that runs them in one wave, [`one_wave_tiles_per_block`]), 64-row tiles where those
+/// fill 70% of it, and up to [`DECODE_GEMM_SPLIT_MAX_ROWS`] rows 64-row tiles split
 /// over clusters of 2 where those fill 70% of it in one wave. On the H100 (`bench_gpu --gemms`
 /// with LORAPLANE_DG_SWEEP) equal shares of the units with partial tiles added by the last
 /// block cost 4-12 us more per GEMM than whole tiles, and fewer tiles than that leave too few
